@@ -1,0 +1,43 @@
+# Sluice developer commands. `make demo` and `make test` set everything up on a fresh clone.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROTO_OUT := services
+PROTOS := $(shell find protos -name '*.proto')
+STAMP := $(VENV)/.sluice-installed
+
+.PHONY: demo test proto lint typecheck check build up bench eval clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m sluice.tools.triton_setup
+	@touch $(STAMP)
+
+# Generated gRPC/protobuf code: never edited by hand, never committed.
+$(PROTO_OUT)/sluice/v1/storefront_pb2.py: $(PROTOS) | $(STAMP)
+	$(PY) -m sluice.tools.protogen
+
+proto: $(STAMP)
+	$(PY) -m sluice.tools.protogen
+
+setup: $(STAMP) $(PROTO_OUT)/sluice/v1/storefront_pb2.py
+
+# Build the embedded default, start Triton and every service, send sample queries.
+demo: setup
+	$(VENV)/bin/sluice demo
+
+# The whole default test suite (CI runs exactly this).
+test: setup
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff format --check services tests
+	$(VENV)/bin/mypy
+	cd protos && ../$(VENV)/bin/buf lint
+
+clean:
+	rm -rf var artifacts

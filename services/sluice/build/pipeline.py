@@ -1,0 +1,213 @@
+"""``sluice build``: from a catalog and an interaction log to served artifacts.
+
+Steps: load (or generate) the data, optionally hold out each user's last
+interactions for evaluation, embed item text with MiniLM, build the BM25 and
+FAISS indexes, count co-occurrence and popularity, train the fine ranker and
+export it into the Triton model repository as a new version, and fit the
+coarse ranker on recall's own candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from sluice.artifacts import MANIFEST, Artifacts, save_cooc, save_users
+from sluice.data.catalog import Catalog
+from sluice.data.interactions import Interactions, load_catalog, load_interactions
+from sluice.data.synthetic import ShopSpec, generate_shop
+from sluice.fine.model import RankerConfig
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_REPOSITORY = ROOT / "model_repository"
+COOC_TOP_K = 100
+
+
+@dataclass
+class BuildOptions:
+    """What to build and where."""
+
+    out: Path
+    data: Path | None = None  # None: the embedded synthetic shop
+    shop: ShopSpec = field(default_factory=ShopSpec)
+    model_repository: Path = DEFAULT_REPOSITORY
+    holdout: int = 0  # drop each user's last n interactions (leave-one-out evaluation)
+    seed: int = 0
+    epochs: int = 200
+    train_budget_s: float = 1080.0
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    coarse_users: int = 3000
+    cache_dir: Path = ROOT / "var" / "cache"
+    progress: bool = True
+
+
+class _Steps:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.console.print(f"[bold cyan]▶[/] {name} …")
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        self.timings[name] = round(dt, 2)
+        self.console.print(f"[green]✓[/] {name} [dim]({dt:.1f} s)[/]")
+
+
+def load_dataset(options: BuildOptions) -> tuple[Catalog, Interactions, str]:
+    if options.data is None:
+        catalog, interactions = generate_shop(options.shop)
+        return (
+            catalog,
+            interactions,
+            f"synthetic(items={options.shop.num_items}, seed={options.shop.seed})",
+        )
+    catalog = load_catalog(options.data)
+    return catalog, load_interactions(options.data, catalog), str(options.data)
+
+
+def next_version(repository: Path, model: str = "fine_ranker") -> int:
+    folder = repository / model
+    versions = (
+        [int(p.name) for p in folder.glob("[0-9]*") if p.name.isdigit()] if folder.exists() else []
+    )
+    return max(versions, default=0) + 1
+
+
+def export_ranker(model_dir_writer: Callable[[Path], None], repository: Path) -> tuple[Path, int]:
+    """Write a new fine_ranker version into a Triton model repository."""
+    template = DEFAULT_REPOSITORY / "fine_ranker"
+    target = repository / "fine_ranker"
+    target.mkdir(parents=True, exist_ok=True)
+    if repository.resolve() != DEFAULT_REPOSITORY.resolve():
+        shutil.copy2(template / "config.pbtxt", target / "config.pbtxt")
+        shutil.copytree(template / "configs", target / "configs", dirs_exist_ok=True)
+    version = next_version(repository)
+    version_dir = target / str(version)
+    model_dir_writer(version_dir)
+    shutil.copy2(template / "model.py", version_dir / "model.py")
+    return version_dir, version
+
+
+def build(options: BuildOptions) -> Artifacts:
+    """Run every build step and return the new artifacts."""
+    from sluice.coarse.training import fit_coarse
+    from sluice.eval.baselines import CoocModel
+    from sluice.eval.offline import pseudo_query_table, text_table
+    from sluice.fine.train import train_ranker
+    from sluice.recall.ann_index import AnnIndex, build_index
+    from sluice.recall.lexical import LexicalIndex
+
+    console = Console(stderr=True)
+    steps = _Steps(console)
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    rng_seed = options.seed
+
+    with steps.step("load data"):
+        catalog, interactions, source = load_dataset(options)
+        held = interactions.drop_last(options.holdout)
+        sequences = held.sequences()
+        console.print(
+            f"  {len(catalog):,} items, {interactions.num_users:,} users, "
+            f"{len(interactions):,} interactions ({len(held):,} after holding out {options.holdout})"
+        )
+        catalog.save(out)
+
+    with steps.step("embed item text (all-MiniLM-L6-v2)"):
+        table = text_table(catalog, cache_dir=options.cache_dir, progress=options.progress)
+        text_vectors = np.ascontiguousarray(table[1:])
+        np.save(out / "text_vectors.npy", text_vectors)
+
+    with steps.step("lexical index (BM25)"):
+        LexicalIndex.build(catalog.titles, catalog.descriptions or None).save(out / "lexical")
+
+    with steps.step("popularity and co-occurrence"):
+        popularity = np.bincount(held.item_rows, minlength=len(catalog)).astype(np.float32)
+        np.save(out / "popularity.npy", popularity)
+        cooc = CoocModel.fit(sequences, len(catalog))
+        top_rows, top_scores = cooc.topk(COOC_TOP_K)
+        save_cooc(out / "cooc.npz", cooc.matrix, top_rows, top_scores)
+
+    with steps.step("train the fine ranker"):
+        valid = [s for s in sequences if len(s) >= 3]
+        train_seqs = [s[:-1] for s in sequences]
+        pseudo = pseudo_query_table(
+            catalog,
+            per_item=2,
+            seed=rng_seed,
+            cache_dir=options.cache_dir,
+            progress=options.progress,
+        )
+        ranker = train_ranker(
+            train_seqs,
+            len(catalog),
+            table,
+            options.ranker,
+            epochs=options.epochs,
+            seed=rng_seed,
+            valid_sequences=valid,
+            progress=options.progress,
+            time_budget_s=options.train_budget_s,
+            pseudo_queries=pseudo,
+        )
+        info = dict(getattr(ranker, "train_info", {}))
+        version_dir, version = export_ranker(ranker.save, options.model_repository)
+        console.print(f"  exported {version_dir} {info}")
+
+    with steps.step("item vectors and FAISS indexes"):
+        import torch
+
+        with torch.inference_mode():
+            vectors = ranker.all_item_vectors()[1:].float().numpy()
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+        behaviour_vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        np.save(out / "behaviour_vectors.npy", behaviour_vectors)
+        AnnIndex(build_index(behaviour_vectors, "auto")).save(out / "behaviour.faiss")
+        AnnIndex(build_index(text_vectors, "auto")).save(out / "text.faiss")
+
+    with steps.step("users' histories"):
+        user_hist = [catalog.item_ids[s] for s in sequences]
+        save_users(out / "users.npz", held.user_ids, user_hist)
+
+    manifest = {
+        "version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+        "dataset": source,
+        "holdout": options.holdout,
+        "seed": rng_seed,
+        "num_items": len(catalog),
+        "num_users": interactions.num_users,
+        "num_interactions": len(held),
+        "fine_ranker": {
+            "repository": str(options.model_repository.resolve()),
+            "version": version,
+            "config": asdict(options.ranker),
+            "train": info,
+        },
+        "timings_s": steps.timings,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    artifacts = Artifacts(out)
+
+    with steps.step("fit the coarse ranker on recall candidates"):
+        weights = fit_coarse(
+            artifacts, sequences, options.coarse_users, seed=rng_seed, pseudo=pseudo
+        )
+        weights.save(out / "coarse.json")
+    manifest["timings_s"] = steps.timings
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    console.print(f"[bold green]built[/] {out} (fine_ranker version {version})")
+    return Artifacts(out)

@@ -1,0 +1,198 @@
+"""The ``sluice`` command: build, serve, up, demo, search, recommend, eval, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from sluice.config import DEFAULT_ARTIFACTS, ROOT
+
+
+def _build(args: argparse.Namespace) -> int:
+    from sluice.build.pipeline import BuildOptions, build
+    from sluice.data.synthetic import ShopSpec
+    from sluice.fine.model import RankerConfig
+
+    ranker = RankerConfig()
+    options = BuildOptions(
+        out=Path(args.out),
+        data=Path(args.data) if args.data else None,
+        shop=ShopSpec(num_items=args.items, num_users=args.users, seed=args.seed),
+        model_repository=Path(args.model_repository),
+        holdout=args.holdout,
+        seed=args.seed,
+        epochs=args.epochs,
+        ranker=ranker,
+    )
+    build(options)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sluice.serve import serve
+
+    serve(args.service)
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> object:
+    from sluice.launch import Cluster
+
+    return Cluster(
+        artifacts=Path(args.artifacts),
+        log_dir=ROOT / "var" / "logs",
+        event_log_dir=ROOT / "var" / "events",
+        fine_backend=args.fine_backend,
+        triton_gpu=args.gpu,
+    )
+
+
+def _up(args: argparse.Namespace) -> int:
+    from sluice.launch import Cluster
+
+    cluster = _cluster(args)
+    assert isinstance(cluster, Cluster)
+    print("starting Triton and the services (logs in var/logs/) …", flush=True)
+    cluster.start(progress=True)
+    print(
+        f"Sluice is up: storefront API at {cluster.gateway_address} (Ctrl-C stops it)", flush=True
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from sluice.artifacts import Artifacts
+    from sluice.client import StorefrontClient, render
+    from sluice.launch import Cluster
+
+    console = Console()
+    artifacts = Path(args.artifacts)
+    if not (artifacts / "manifest.json").exists() or args.rebuild:
+        console.rule("build the embedded default shop")
+        _build(
+            argparse.Namespace(
+                out=str(artifacts),
+                data=None,
+                items=args.items,
+                users=args.users,
+                seed=0,
+                model_repository=str(ROOT / "model_repository"),
+                holdout=0,
+                epochs=200,
+            )
+        )
+    console.rule("start Triton and the services")
+    cluster = _cluster(args)
+    assert isinstance(cluster, Cluster)
+    cluster.start(progress=True)
+    try:
+        a = Artifacts(artifacts)
+        users, histories = a.users()
+        user = users[0]
+        client = StorefrontClient(cluster.gateway_address)
+        console.rule("sample queries")
+        recent = ", ".join(a.catalog.titles[a.catalog.row(i)][:40] for i in histories[0][-3:])
+        render(f"Recommend for {user} (recently: {recent})", client.recommend(user, 10), console)
+        render("Recommend for a new user (cold start)", client.recommend("someone-new", 5), console)
+        for query in ("trail running shoes", "noise cancelling headphones", "espresso"):
+            render(f"Search {query!r} for {user}", client.search(query, user, 8), console)
+        anchor = int(histories[0][-1])
+        render(
+            f"Similar to {a.catalog.titles[a.catalog.row(anchor)]!r}",
+            client.recommend(user, 5, anchor),
+            console,
+        )
+        client.close()
+    finally:
+        cluster.stop()
+    console.print("[bold green]demo done[/]; `sluice up` keeps the services running.")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from sluice.client import StorefrontClient, render
+
+    client = StorefrontClient(args.address)
+    console = Console()
+    if args.command == "search":
+        render(
+            f"Search {args.query!r}", client.search(args.query, args.user, args.page_size), console
+        )
+    else:
+        render(
+            f"Recommend for {args.user}",
+            client.recommend(args.user, args.page_size, args.similar_to),
+            console,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="train models and write versioned artifacts")
+    b.add_argument(
+        "--data", help="dataset directory (amazon-beauty layout); default: generated shop"
+    )
+    b.add_argument("--out", default=str(DEFAULT_ARTIFACTS))
+    b.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    b.add_argument("--items", type=int, default=5000, help="generated shop: items")
+    b.add_argument("--users", type=int, default=3000, help="generated shop: users")
+    b.add_argument("--holdout", type=int, default=0, help="drop each user's last n interactions")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--epochs", type=int, default=200)
+    b.set_defaults(fn=_build)
+
+    s = sub.add_parser("serve", help="run one service")
+    s.add_argument("service", choices=("recall", "coarse", "fine", "rerank", "gateway"))
+    s.set_defaults(fn=_serve)
+
+    for name, fn, help_text in (
+        ("up", _up, "start Triton and every service"),
+        ("demo", _demo, "build if needed, start everything, send sample queries"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
+        p.add_argument("--fine-backend", choices=("triton", "torch"), default="triton")
+        p.add_argument("--gpu", action="store_true", help="Triton with the KIND_GPU config")
+        if name == "demo":
+            p.add_argument("--rebuild", action="store_true")
+            p.add_argument("--items", type=int, default=5000)
+            p.add_argument("--users", type=int, default=3000)
+        p.set_defaults(fn=fn)
+
+    for name in ("search", "recommend"):
+        q = sub.add_parser(name, help=f"send a {name} request to a running gateway")
+        if name == "search":
+            q.add_argument("query")
+        q.add_argument("--user", default="")
+        q.add_argument("--page-size", type=int, default=10)
+        q.add_argument("--similar-to", type=int, default=0)
+        q.add_argument("--address", default="127.0.0.1:50051")
+        q.set_defaults(fn=_query)
+
+    args = parser.parse_args(argv)
+    result: int = args.fn(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

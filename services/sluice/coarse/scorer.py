@@ -1,0 +1,170 @@
+"""Coarse ranking: a linear scorer over features computed for all candidates at once.
+
+Features are cheap, vectorized look-ups against precomputed item tables
+(learned item vectors, MiniLM text vectors, BM25, co-occurrence, popularity,
+category affinity). Weights are fitted by logistic regression at build time
+on recall's own candidates, separately for recommendation and search.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+
+from sluice.artifacts import Artifacts
+from sluice.data.catalog import Catalog
+from sluice.domain import Candidates, RankContext, Source
+from sluice.recall.lexical import LexicalIndex
+
+FEATURES = (
+    "recall_score",
+    "src_ann",
+    "src_lexical",
+    "src_cooc",
+    "src_popularity",
+    "behaviour_sim",
+    "history_text_sim",
+    "query_text_sim",
+    "bm25",
+    "log_popularity",
+    "cooc",
+    "category_affinity",
+    "has_history",
+)
+
+
+@dataclass
+class FeatureTables:
+    """Item tables the features read."""
+
+    catalog: Catalog
+    behaviour_vectors: np.ndarray
+    text_vectors: np.ndarray
+    lexical: LexicalIndex
+    cooc: sparse.csr_matrix  # [n, n] row -> following items
+    popularity: np.ndarray
+    history_window: int = 20
+    recency_decay: float = 0.85
+
+    @classmethod
+    def from_artifacts(cls, a: Artifacts) -> FeatureTables:
+        return cls(
+            catalog=a.catalog,
+            behaviour_vectors=a.behaviour_vectors,
+            text_vectors=a.text_vectors,
+            lexical=LexicalIndex.load(a.root / "lexical"),
+            cooc=a.cooc[0],
+            popularity=a.popularity,
+        )
+
+    def features(self, ctx: RankContext, cands: Candidates) -> np.ndarray:
+        """Feature matrix [len(cands), len(FEATURES)], float32."""
+        cat = self.catalog
+        rows = cat.rows(cands.item_ids)
+        rows = np.where(rows >= 0, rows, 0)
+        n = len(rows)
+        x = np.zeros((n, len(FEATURES)), dtype=np.float32)
+        if n == 0:
+            return x
+        x[:, 0] = cands.scores * 60.0  # RRF scores are ~1/60; bring to unit scale
+        for j, src in enumerate(
+            (Source.ANN, Source.LEXICAL, Source.CO_OCCURRENCE, Source.POPULARITY)
+        ):
+            x[:, 1 + j] = cands.sources == src
+        hist = cat.rows(ctx.history_item_ids)
+        hist = hist[hist >= 0][-self.history_window :]
+        if ctx.context_item_id and cat.row(ctx.context_item_id) >= 0:
+            hist = np.array([cat.row(ctx.context_item_id)], dtype=np.int64)
+        if len(hist):
+            ages = np.arange(len(hist))[::-1]
+            w = (self.recency_decay**ages).astype(np.float32)
+            w /= w.sum()
+            user = w @ self.behaviour_vectors[hist]
+            user /= max(float(np.linalg.norm(user)), 1e-9)
+            x[:, 5] = self.behaviour_vectors[rows] @ user
+            htext = w @ self.text_vectors[hist]
+            htext /= max(float(np.linalg.norm(htext)), 1e-9)
+            x[:, 6] = self.text_vectors[rows] @ htext
+            co = np.asarray(self.cooc[hist].T @ w).ravel()
+            x[:, 10] = co[rows]
+            hcats = cat.category_codes[hist]
+            share = np.bincount(hcats, weights=w, minlength=len(cat.categories))
+            x[:, 11] = share[cat.category_codes[rows]]
+            x[:, 12] = 1.0
+        if ctx.query_embedding is not None:
+            x[:, 7] = self.text_vectors[rows] @ ctx.query_embedding
+        if ctx.query:
+            bm = self.lexical.scores(ctx.query)
+            top = float(bm.max()) if len(bm) else 0.0
+            if top > 0:
+                x[:, 8] = bm[rows] / top
+        x[:, 9] = np.log1p(self.popularity[rows])
+        return x
+
+
+@dataclass
+class LinearWeights:
+    """One weight vector for recommendation and one for search."""
+
+    recommend: np.ndarray
+    search: np.ndarray
+
+    def save(self, path: Path) -> None:
+        path.write_text(
+            json.dumps(
+                {
+                    "features": list(FEATURES),
+                    "recommend": self.recommend.tolist(),
+                    "search": self.search.tolist(),
+                },
+                indent=1,
+            )
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> LinearWeights:
+        data = json.loads(path.read_text())
+        if tuple(data["features"]) != FEATURES:
+            raise ValueError(f"{path} was trained on other features: {data['features']}")
+        return cls(
+            np.asarray(data["recommend"], np.float32), np.asarray(data["search"], np.float32)
+        )
+
+    @classmethod
+    def default(cls) -> LinearWeights:
+        """Hand-set weights used before any training (and in tests)."""
+        rec = np.zeros(len(FEATURES), np.float32)
+        rec[[0, 5, 6, 10, 11]] = [1.0, 2.0, 1.0, 2.0, 1.0]
+        search = np.zeros(len(FEATURES), np.float32)
+        search[[0, 7, 8, 9]] = [1.0, 3.0, 3.0, 0.1]
+        return cls(rec, search)
+
+
+class CoarseRanker:
+    """Scores every candidate with one matrix-vector product and keeps the best."""
+
+    def __init__(self, tables: FeatureTables, weights: LinearWeights) -> None:
+        self.tables = tables
+        self.weights = weights
+
+    def rank(self, ctx: RankContext, cands: Candidates, keep: int) -> Candidates:
+        if len(cands) == 0:
+            return cands
+        x = self.tables.features(ctx, cands)
+        w = self.weights.search if ctx.is_search else self.weights.recommend
+        return cands.with_scores(x @ w).top(keep)
+
+
+def fit_weights(x: np.ndarray, y: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Logistic-regression weights (no intercept: it does not change the order)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if y.sum() == 0 or y.sum() == len(y):
+        raise ValueError("coarse training data needs both positives and negatives")
+    model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=500, random_state=seed)
+    model.fit(x, y)
+    return np.asarray(model.coef_[0], dtype=np.float32)

@@ -1,0 +1,86 @@
+"""Typed, validated settings: one class per service, read from ``SLUICE_<SERVICE>_*``.
+
+Every service process reads its settings here and nowhere else, e.g.
+``SLUICE_RECALL_PORT=50061`` or ``SLUICE_GATEWAY_DEADLINE_MS=150``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_ARTIFACTS = ROOT / "artifacts" / "default"
+
+
+class ServiceSettings(BaseSettings):
+    """Fields every service has."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    artifacts: Path = DEFAULT_ARTIFACTS
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics; 0 disables")
+    workers: int = Field(16, ge=1, le=256, description="gRPC handler threads")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    torch_threads: int = Field(1, ge=1, le=64)
+
+
+class RecallSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_RECALL_")
+    port: int = 50061
+    max_candidates: int = Field(2000, ge=1, description="largest budget a caller may ask for")
+    use_gpu: bool | None = Field(None, description="FAISS on GPU; None: when faiss sees a GPU")
+
+
+class CoarseSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_COARSE_")
+    port: int = 50062
+    max_candidates: int = Field(4000, ge=1)
+
+
+class FineSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_FINE_")
+    port: int = 50063
+    backend: Literal["triton", "torch"] = "triton"
+    triton_url: str = "127.0.0.1:8001"
+    model_name: str = "fine_ranker"
+    max_candidates: int = Field(1024, ge=1)
+
+
+class RerankSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_RERANK_")
+    port: int = 50064
+    diversity_lambda: float = Field(0.85, ge=0.0, le=1.0)
+    max_per_brand: int = Field(4, ge=0)
+    max_candidates: int = Field(4000, ge=1)
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_GATEWAY_")
+    port: int = 50051
+    recall_addr: str = "127.0.0.1:50061"
+    coarse_addr: str = "127.0.0.1:50062"
+    fine_addr: str = "127.0.0.1:50063"
+    rerank_addr: str = "127.0.0.1:50064"
+    deadline_ms: int = Field(250, ge=1, description="used when the caller sets no deadline")
+    min_deadline_ms: int = Field(5, ge=1, description="below this nothing is attempted")
+    recall_candidates: int = Field(1000, ge=10)
+    coarse_candidates: int = Field(200, ge=10)
+    fine_candidates: int = Field(200, ge=1)
+    max_page_size: int = Field(100, ge=1)
+    max_query_chars: int = Field(512, ge=1)
+    max_track_events: int = Field(1000, ge=1)
+    state: Literal["embedded", "redis"] = "embedded"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    event_log_dir: Path = ROOT / "var" / "events"
+
+    @model_validator(mode="after")
+    def _budgets(self) -> GatewaySettings:
+        if self.coarse_candidates > self.recall_candidates:
+            raise ValueError("coarse_candidates must not exceed recall_candidates")
+        return self

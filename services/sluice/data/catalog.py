@@ -1,0 +1,154 @@
+"""The item catalog: ids, text and filterable attributes as column arrays.
+
+Row ``r`` (0-based) of every column is one item. Models use the *dense index*
+``r + 1`` and reserve 0 for padding; :meth:`Catalog.rows` maps external item
+ids to rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+UNKNOWN = "unknown"
+STRING_ATTRIBUTES = ("category", "brand")
+NUMERIC_ATTRIBUTES = ("price_cents",)
+BOOL_ATTRIBUTES = ("in_stock",)
+FILTERABLE = STRING_ATTRIBUTES + NUMERIC_ATTRIBUTES + BOOL_ATTRIBUTES
+
+
+@dataclass
+class Catalog:
+    """Column store of the catalog."""
+
+    item_ids: np.ndarray  # int64 [n]
+    titles: list[str]
+    category_codes: np.ndarray  # int32 [n] into categories
+    categories: list[str]
+    brand_codes: np.ndarray  # int32 [n] into brands
+    brands: list[str]
+    price_cents: np.ndarray  # int64 [n]
+    in_stock: np.ndarray  # bool [n]
+    descriptions: list[str] = field(default_factory=list)
+    _row_of: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.item_ids)
+        for name in ("category_codes", "brand_codes", "price_cents", "in_stock"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"catalog column {name} has {len(getattr(self, name))} rows, not {n}"
+                )
+        if len(self.titles) != n:
+            raise ValueError("catalog titles do not match item ids")
+        self._row_of = {int(i): r for r, i in enumerate(self.item_ids.tolist())}
+        if len(self._row_of) != n:
+            raise ValueError("catalog item ids are not unique")
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def rows(self, item_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows of the given external ids; -1 for ids not in the catalog."""
+        get = self._row_of.get
+        return np.fromiter((get(int(i), -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+
+    def row(self, item_id: int) -> int:
+        return self._row_of.get(int(item_id), -1)
+
+    def contains(self, item_id: int) -> bool:
+        return int(item_id) in self._row_of
+
+    def text(self, row: int) -> str:
+        """Text that represents an item for embedding and lexical match."""
+        parts = [self.titles[row]]
+        if self.descriptions and self.descriptions[row]:
+            parts.append(self.descriptions[row])
+        return ". ".join(parts)
+
+    def category_of(self, row: int) -> str:
+        return self.categories[self.category_codes[row]]
+
+    def brand_of(self, row: int) -> str:
+        return self.brands[self.brand_codes[row]]
+
+    # -- persistence -------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            directory / "catalog.npz",
+            item_ids=self.item_ids,
+            category_codes=self.category_codes,
+            brand_codes=self.brand_codes,
+            price_cents=self.price_cents,
+            in_stock=self.in_stock,
+        )
+        with open(directory / "catalog_text.json", "w") as fh:
+            json.dump(
+                {
+                    "titles": self.titles,
+                    "descriptions": self.descriptions,
+                    "categories": self.categories,
+                    "brands": self.brands,
+                },
+                fh,
+            )
+
+    @classmethod
+    def load(cls, directory: Path) -> Catalog:
+        arrays = np.load(directory / "catalog.npz")
+        with open(directory / "catalog_text.json") as fh:
+            text = json.load(fh)
+        return cls(
+            item_ids=arrays["item_ids"],
+            titles=text["titles"],
+            category_codes=arrays["category_codes"],
+            categories=text["categories"],
+            brand_codes=arrays["brand_codes"],
+            brands=text["brands"],
+            price_cents=arrays["price_cents"],
+            in_stock=arrays["in_stock"],
+            descriptions=text.get("descriptions") or [],
+        )
+
+    @classmethod
+    def from_columns(
+        cls,
+        item_ids: Sequence[int],
+        titles: Sequence[str],
+        categories: Sequence[str] | None = None,
+        brands: Sequence[str] | None = None,
+        price_cents: Sequence[int] | None = None,
+        in_stock: Sequence[bool] | None = None,
+        descriptions: Sequence[str] | None = None,
+    ) -> Catalog:
+        n = len(item_ids)
+        cat_vocab, cat_codes = _encode(categories or [UNKNOWN] * n)
+        brand_vocab, brand_codes = _encode(brands or [UNKNOWN] * n)
+        return cls(
+            item_ids=np.asarray(item_ids, dtype=np.int64),
+            titles=list(titles),
+            category_codes=cat_codes,
+            categories=cat_vocab,
+            brand_codes=brand_codes,
+            brands=brand_vocab,
+            price_cents=np.asarray(
+                price_cents if price_cents is not None else [0] * n, dtype=np.int64
+            ),
+            in_stock=np.asarray(in_stock if in_stock is not None else [True] * n, dtype=bool),
+            descriptions=list(descriptions) if descriptions else [],
+        )
+
+
+def _encode(values: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    vocab: dict[str, int] = {}
+    codes = np.fromiter(
+        (vocab.setdefault(v or UNKNOWN, len(vocab)) for v in values),
+        dtype=np.int32,
+        count=len(values),
+    )
+    return list(vocab), codes

@@ -1,0 +1,105 @@
+"""Attribute filters, validated against the catalog and compiled to a row mask."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sluice.core.errors import InvalidArgument
+from sluice.data.catalog import (
+    BOOL_ATTRIBUTES,
+    FILTERABLE,
+    NUMERIC_ATTRIBUTES,
+    STRING_ATTRIBUTES,
+    Catalog,
+)
+
+
+@dataclass(frozen=True)
+class AttributeFilter:
+    """Keep items whose attribute ``field`` satisfies every given condition."""
+
+    field: str
+    any_of: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    equals: bool | None = None
+
+
+@dataclass
+class FilterSet:
+    """Validated filters and the catalog rows they allow (None: all rows)."""
+
+    filters: tuple[AttributeFilter, ...] = ()
+    mask: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.mask is not None
+
+    def allows_rows(self, rows: np.ndarray) -> np.ndarray:
+        if self.mask is None:
+            return rows >= 0
+        ok = rows >= 0
+        out = np.zeros(len(rows), dtype=bool)
+        out[ok] = self.mask[rows[ok]]
+        return out
+
+
+def validate(filters: Sequence[AttributeFilter], prefix: str = "filters") -> None:
+    """Raise INVALID_ARGUMENT naming the offending field of a malformed filter."""
+    for i, f in enumerate(filters):
+        where = f"{prefix}[{i}]"
+        if f.field not in FILTERABLE:
+            raise InvalidArgument(
+                f"unknown filter field {f.field!r}; known fields: {', '.join(FILTERABLE)}",
+                field_path=f"{where}.field",
+            )
+        if f.field in STRING_ATTRIBUTES:
+            if not f.any_of:
+                raise InvalidArgument(
+                    f"filter on {f.field!r} needs any_of values", field_path=f"{where}.any_of"
+                )
+            if f.min is not None or f.max is not None or f.equals is not None:
+                raise InvalidArgument(
+                    f"{f.field!r} is a string attribute: use any_of only", field_path=where
+                )
+        elif f.field in NUMERIC_ATTRIBUTES:
+            if f.min is None and f.max is None:
+                raise InvalidArgument(
+                    f"filter on {f.field!r} needs min and/or max", field_path=f"{where}.min"
+                )
+            if f.min is not None and f.max is not None and f.min > f.max:
+                raise InvalidArgument("min is above max", field_path=f"{where}.min")
+            if f.any_of or f.equals is not None:
+                raise InvalidArgument(f"{f.field!r} is numeric: use min/max only", field_path=where)
+        elif f.field in BOOL_ATTRIBUTES:
+            if f.equals is None:
+                raise InvalidArgument(
+                    f"filter on {f.field!r} needs equals", field_path=f"{where}.equals"
+                )
+
+
+def compile_filters(catalog: Catalog, filters: Sequence[AttributeFilter]) -> FilterSet:
+    """Validate the filters and compute the mask of catalog rows they keep."""
+    validate(filters)
+    if not filters:
+        return FilterSet()
+    mask = np.ones(len(catalog), dtype=bool)
+    for f in filters:
+        if f.field == "category":
+            wanted = [catalog.categories.index(v) for v in f.any_of if v in catalog.categories]
+            mask &= np.isin(catalog.category_codes, wanted)
+        elif f.field == "brand":
+            wanted = [catalog.brands.index(v) for v in f.any_of if v in catalog.brands]
+            mask &= np.isin(catalog.brand_codes, wanted)
+        elif f.field == "price_cents":
+            if f.min is not None:
+                mask &= catalog.price_cents >= f.min
+            if f.max is not None:
+                mask &= catalog.price_cents <= f.max
+        elif f.field == "in_stock":
+            mask &= catalog.in_stock == bool(f.equals)
+    return FilterSet(tuple(filters), mask)

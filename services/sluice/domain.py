@@ -1,0 +1,92 @@
+"""Domain types shared by the stages, free of gRPC and protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+from sluice.data.filters import AttributeFilter
+
+
+class Source(IntEnum):
+    """Recall source; numbers match ``sluice.common.v1.CandidateSource``."""
+
+    UNSPECIFIED = 0
+    ANN = 1
+    LEXICAL = 2
+    CO_OCCURRENCE = 3
+    POPULARITY = 4
+
+
+class StageName(IntEnum):
+    """Cascade stage; numbers match ``sluice.common.v1.Stage``."""
+
+    UNSPECIFIED = 0
+    RECALL = 1
+    COARSE_RANK = 2
+    FINE_RANK = 3
+    RERANK = 4
+
+
+@dataclass
+class Candidates:
+    """A candidate set as parallel arrays, best first unless stated otherwise."""
+
+    item_ids: np.ndarray  # int64 [n]
+    scores: np.ndarray  # float32 [n]
+    sources: np.ndarray  # int8 [n], Source values
+
+    def __post_init__(self) -> None:
+        self.item_ids = np.asarray(self.item_ids, dtype=np.int64)
+        self.scores = np.asarray(self.scores, dtype=np.float32)
+        self.sources = np.asarray(self.sources, dtype=np.int8)
+        if not len(self.item_ids) == len(self.scores) == len(self.sources):
+            raise ValueError("candidate arrays differ in length")
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @classmethod
+    def empty(cls) -> Candidates:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int8))
+
+    def take(self, index: np.ndarray) -> Candidates:
+        return Candidates(self.item_ids[index], self.scores[index], self.sources[index])
+
+    def with_scores(self, scores: np.ndarray) -> Candidates:
+        return Candidates(self.item_ids, scores, self.sources)
+
+    def top(self, k: int) -> Candidates:
+        """The ``k`` best by score, best first (stable for ties)."""
+        order = np.argsort(-self.scores, kind="stable")[: max(k, 0)]
+        return self.take(order)
+
+
+@dataclass
+class RankContext:
+    """What every stage may read about the request."""
+
+    query: str = ""
+    query_embedding: np.ndarray | None = None  # float32 [384], L2-normalised
+    history_item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    context_item_id: int = 0
+    filters: tuple[AttributeFilter, ...] = ()
+    exclude_item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def is_search(self) -> bool:
+        return bool(self.query)
+
+
+@dataclass
+class StageReport:
+    """What one stage did for one request."""
+
+    stage: StageName
+    candidates_in: int = 0
+    candidates_out: int = 0
+    duration_us: int = 0
+    degraded: bool = False
+    degraded_reason: str = ""

@@ -1,0 +1,334 @@
+"""The gateway's domain logic: run the cascade under the caller's deadline.
+
+The stages sit behind :class:`Stages`, implemented over gRPC
+(:mod:`sluice.gateway.stages`) or in process, so this logic (validation,
+deadline split, degradation, pagination) is tested without gRPC.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from sluice.core.errors import DeadlineExceeded, InvalidArgument, SluiceError, Unavailable
+from sluice.data.catalog import Catalog
+from sluice.data.filters import AttributeFilter, validate
+from sluice.domain import Candidates, RankContext, StageName, StageReport
+
+log = logging.getLogger(__name__)
+
+# Share of the remaining deadline each stage may use (recomputed before each call).
+STAGE_SHARE: Mapping[StageName, float] = {
+    StageName.RECALL: 0.30,
+    StageName.COARSE_RANK: 0.15,
+    StageName.FINE_RANK: 0.40,
+    StageName.RERANK: 0.15,
+}
+
+
+class Stages(Protocol):
+    """The four stages as the gateway calls them."""
+
+    def recall(
+        self, ctx: RankContext, max_candidates: int, timeout_s: float
+    ) -> tuple[Candidates, StageReport]: ...
+
+    def coarse(
+        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
+    ) -> tuple[Candidates, StageReport]: ...
+
+    def fine(
+        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
+    ) -> tuple[Candidates, StageReport]: ...
+
+    def rerank(
+        self, ctx: RankContext, cands: Candidates, offset: int, page_size: int, timeout_s: float
+    ) -> tuple[Candidates, int, StageReport]: ...
+
+
+class UserContext(Protocol):
+    """What the gateway knows about a user: history and items never to show."""
+
+    def history(self, user_id: str, limit: int) -> np.ndarray: ...
+
+    def suppressed(self, user_id: str) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    default_deadline_ms: int = 250
+    min_deadline_ms: int = 5
+    recall_candidates: int = 1000
+    coarse_candidates: int = 200
+    fine_candidates: int = 200
+    max_page_size: int = 100
+    max_query_chars: int = 512
+    history_len: int = 50
+
+
+@dataclass
+class PageResult:
+    """A ranked page with what each stage scored and did."""
+
+    candidates: Candidates
+    titles: list[str]
+    stage_scores: dict[StageName, np.ndarray]
+    reports: list[StageReport]
+    next_page_token: str
+    total_size: int
+    duration_us: int
+
+
+@dataclass
+class _Request:
+    kind: str
+    user_id: str
+    query: str = ""
+    surface: int = 0
+    context_item_id: int = 0
+    filters: tuple[AttributeFilter, ...] = ()
+    page_size: int = 10
+    page_token: str = ""
+
+    def fingerprint(self) -> str:
+        key = json.dumps(
+            [
+                self.kind,
+                self.user_id,
+                self.query,
+                self.surface,
+                self.context_item_id,
+                repr(self.filters),
+            ]
+        )
+        return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def encode_page_token(offset: int, fingerprint: str) -> str:
+    raw = json.dumps({"o": offset, "f": fingerprint}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, fingerprint: str) -> int:
+    if not token:
+        return 0
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        offset, fp = int(data["o"]), str(data["f"])
+    except (ValueError, KeyError, TypeError, binascii.Error, json.JSONDecodeError) as err:
+        raise InvalidArgument("malformed page token", field_path="page_token") from err
+    if fp != fingerprint or offset < 0:
+        raise InvalidArgument("page token belongs to a different request", field_path="page_token")
+    return offset
+
+
+class QueryEncoder:
+    """MiniLM query embeddings with a small LRU cache."""
+
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], size: int = 4096) -> None:
+        self._encode = encode
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._size = size
+
+    def __call__(self, query: str) -> np.ndarray:
+        key = " ".join(query.lower().split())
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        vec = np.asarray(self._encode([key])[0], dtype=np.float32)
+        self._cache[key] = vec
+        if len(self._cache) > self._size:
+            self._cache.popitem(last=False)
+        return vec
+
+
+@dataclass
+class Gateway:
+    """Search and Recommend over the cascade."""
+
+    stages: Stages
+    catalog: Catalog
+    users: UserContext
+    encode_query: Callable[[str], np.ndarray]
+    limits: GatewayLimits = field(default_factory=GatewayLimits)
+
+    # -- entry points ---------------------------------------------------------------
+    def search(
+        self,
+        query: str,
+        user_id: str,
+        filters: tuple[AttributeFilter, ...],
+        page_size: int,
+        page_token: str,
+        deadline_s: float | None,
+    ) -> PageResult:
+        if not query.strip():
+            raise InvalidArgument("query must not be empty", field_path="query")
+        if len(query) > self.limits.max_query_chars:
+            raise InvalidArgument(
+                f"query is longer than {self.limits.max_query_chars} characters", field_path="query"
+            )
+        req = _Request(
+            "search",
+            user_id,
+            query=query.strip(),
+            filters=filters,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._run(req, deadline_s)
+
+    def recommend(
+        self,
+        user_id: str,
+        surface: int,
+        context_item_id: int,
+        filters: tuple[AttributeFilter, ...],
+        page_size: int,
+        page_token: str,
+        deadline_s: float | None,
+    ) -> PageResult:
+        similar = surface == 2
+        if similar and not context_item_id:
+            raise InvalidArgument(
+                "SURFACE_SIMILAR_ITEMS needs context_item_id", field_path="context_item_id"
+            )
+        if context_item_id and not self.catalog.contains(context_item_id):
+            raise InvalidArgument(
+                f"item {context_item_id} is not in the catalog", field_path="context_item_id"
+            )
+        req = _Request(
+            "recommend",
+            user_id,
+            surface=surface,
+            context_item_id=context_item_id,
+            filters=filters,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return self._run(req, deadline_s)
+
+    # -- the cascade ------------------------------------------------------------------
+    def _run(self, req: _Request, deadline_s: float | None) -> PageResult:
+        start = time.perf_counter()
+        if req.page_size <= 0 or req.page_size > self.limits.max_page_size:
+            raise InvalidArgument(
+                f"page_size must be between 1 and {self.limits.max_page_size}",
+                field_path="page_size",
+            )
+        validate(req.filters)
+        offset = decode_page_token(req.page_token, req.fingerprint())
+        budget_s = deadline_s if deadline_s is not None else self.limits.default_deadline_ms / 1000
+        if budget_s * 1000 < self.limits.min_deadline_ms:
+            raise DeadlineExceeded(
+                f"a deadline of {budget_s * 1000:.1f} ms is too short to rank anything; "
+                f"allow at least {self.limits.min_deadline_ms} ms"
+            )
+        deadline = start + budget_s
+
+        history = (
+            self.users.history(req.user_id, self.limits.history_len)
+            if req.user_id
+            else np.zeros(0, np.int64)
+        )
+        suppressed = self.users.suppressed(req.user_id) if req.user_id else np.zeros(0, np.int64)
+        exclude = suppressed if req.kind == "search" else np.union1d(history, suppressed)
+        if req.context_item_id:
+            exclude = np.union1d(exclude, [req.context_item_id])
+        ctx = RankContext(
+            query=req.query,
+            query_embedding=self.encode_query(req.query) if req.query else None,
+            history_item_ids=history,
+            context_item_id=req.context_item_id,
+            filters=req.filters,
+            exclude_item_ids=exclude.astype(np.int64),
+        )
+        reports: list[StageReport] = []
+        scores: dict[StageName, dict[int, float]] = {}
+
+        def timeout(stage: StageName) -> float:
+            remaining = deadline - time.perf_counter()
+            later = [s for s in STAGE_SHARE if s >= stage]
+            share = STAGE_SHARE[stage] / sum(STAGE_SHARE[s] for s in later)
+            if remaining * 1000 < self.limits.min_deadline_ms * share:
+                raise DeadlineExceeded(f"deadline reached before {stage.name.lower()}")
+            return remaining * share if stage is not StageName.RERANK else remaining
+
+        def remember(stage: StageName, c: Candidates) -> None:
+            scores[stage] = dict(zip(c.item_ids.tolist(), c.scores.tolist(), strict=True))
+
+        # recall: without candidates there is nothing to degrade to
+        cands, report = self.stages.recall(
+            ctx, self.limits.recall_candidates, timeout(StageName.RECALL)
+        )
+        reports.append(report)
+        remember(StageName.RECALL, cands)
+
+        needed = offset + req.page_size
+        try:
+            cands, report = self.stages.coarse(
+                ctx,
+                cands,
+                max(self.limits.coarse_candidates, needed),
+                timeout(StageName.COARSE_RANK),
+            )
+        except (Unavailable, DeadlineExceeded) as err:
+            cands = cands.top(max(self.limits.coarse_candidates, needed))
+            report = _degraded(StageName.COARSE_RANK, len(cands), err)
+        reports.append(report)
+        remember(StageName.COARSE_RANK, cands)
+
+        try:
+            cands, report = self.stages.fine(
+                ctx, cands, max(self.limits.fine_candidates, needed), timeout(StageName.FINE_RANK)
+            )
+            remember(StageName.FINE_RANK, cands)
+        except (Unavailable, DeadlineExceeded) as err:
+            report = _degraded(StageName.FINE_RANK, len(cands), err)
+        reports.append(report)
+
+        try:
+            page, total, report = self.stages.rerank(
+                ctx, cands, offset, req.page_size, timeout(StageName.RERANK)
+            )
+        except (Unavailable, DeadlineExceeded) as err:
+            total = len(cands)
+            page = cands.top(total).take(np.arange(offset, min(total, needed)))
+            report = _degraded(StageName.RERANK, len(cands), err)
+        reports.append(report)
+
+        rows = self.catalog.rows(page.item_ids)
+        titles = [self.catalog.titles[r] if r >= 0 else "" for r in rows.tolist()]
+        stage_scores = {
+            stage: np.array(
+                [table.get(i, np.nan) for i in page.item_ids.tolist()], dtype=np.float32
+            )
+            for stage, table in scores.items()
+        }
+        next_token = encode_page_token(needed, req.fingerprint()) if needed < total else ""
+        return PageResult(
+            candidates=page,
+            titles=titles,
+            stage_scores=stage_scores,
+            reports=reports,
+            next_page_token=next_token,
+            total_size=total,
+            duration_us=int((time.perf_counter() - start) * 1e6),
+        )
+
+
+def _degraded(stage: StageName, n: int, err: SluiceError) -> StageReport:
+    log.warning("stage degraded", extra={"stage_name": stage.name, "error": err.message})
+    return StageReport(stage, n, n, 0, degraded=True, degraded_reason=err.message)

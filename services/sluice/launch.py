@@ -1,0 +1,256 @@
+"""Start Triton and every service as separate processes, wait on their health.
+
+Used by ``sluice up`` / ``sluice demo`` and by the integration tests, so the
+tests exercise exactly what an operator runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sluice.artifacts import Artifacts
+from sluice.tools.triton_setup import backend_dir, install_stub, triton_env, tritonserver_binary
+
+STAGES = ("recall", "coarse", "fine", "rerank")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Ports:
+    gateway: int = 50051
+    recall: int = 50061
+    coarse: int = 50062
+    fine: int = 50063
+    rerank: int = 50064
+    triton_http: int = 8000
+    triton_grpc: int = 8001
+    triton_metrics: int = 8002
+    metrics: dict[str, int] = field(
+        default_factory=lambda: {
+            "gateway": 9151,
+            "recall": 9161,
+            "coarse": 9162,
+            "fine": 9163,
+            "rerank": 9164,
+        }
+    )
+
+    @classmethod
+    def random(cls) -> Ports:
+        return cls(
+            gateway=free_port(),
+            recall=free_port(),
+            coarse=free_port(),
+            fine=free_port(),
+            rerank=free_port(),
+            triton_http=free_port(),
+            triton_grpc=free_port(),
+            triton_metrics=free_port(),
+            metrics={name: free_port() for name in ("gateway", *STAGES)},
+        )
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+@dataclass
+class Cluster:
+    """A running Sluice deployment on this machine."""
+
+    artifacts: Path
+    ports: Ports = field(default_factory=Ports)
+    log_dir: Path = Path("var/logs")
+    event_log_dir: Path = Path("var/events")
+    fine_backend: str = "triton"
+    state: str = "embedded"
+    redis_url: str = ""
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    triton_gpu: bool = False
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self, timeout_s: float = 180.0, progress: bool = False) -> Cluster:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout_s
+        try:
+            if self.fine_backend == "triton":
+                self._start_triton()
+            for name in STAGES:
+                self._start_service(name)
+            if self.fine_backend == "triton":
+                self._wait_triton(deadline)
+                if progress:
+                    print(f"  triton    grpc 127.0.0.1:{self.ports.triton_grpc}  ready", flush=True)
+            for name in STAGES:
+                self._wait_health(name, getattr(self.ports, name), deadline)
+                if progress:
+                    print(
+                        f"  {name:<9} grpc 127.0.0.1:{getattr(self.ports, name)}  serving",
+                        flush=True,
+                    )
+            self._start_service("gateway")
+            self._wait_health("gateway", self.ports.gateway, deadline)
+            if progress:
+                print(f"  gateway   grpc 127.0.0.1:{self.ports.gateway}  serving", flush=True)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for name in ["gateway", *STAGES, "triton"]:
+            proc = self.processes.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace_s
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self.ports.gateway}"
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_dir / f"{name}.log"
+        return (
+            "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+            if path.exists()
+            else ""
+        )
+
+    # -- processes ---------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        out = open(self.log_dir / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def _start_triton(self) -> None:
+        install_stub()
+        repo = Artifacts(self.artifacts).model_repository
+        argv = [
+            str(tritonserver_binary()),
+            f"--model-repository={repo}",
+            f"--backend-directory={backend_dir()}",
+            f"--grpc-port={self.ports.triton_grpc}",
+            f"--http-port={self.ports.triton_http}",
+            f"--metrics-port={self.ports.triton_metrics}",
+            "--allow-metrics=true",
+            "--log-verbose=0",
+            "--exit-timeout-secs=10",
+        ]
+        if self.triton_gpu:
+            argv.append("--model-config-name=gpu")
+        self._spawn("triton", argv, triton_env())
+
+    def _service_env(self, name: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        p = self.ports
+        prefix = f"SLUICE_{name.upper()}_"
+        env[prefix + "ARTIFACTS"] = str(self.artifacts.resolve())
+        env[prefix + "PORT"] = str(getattr(p, name))
+        env[prefix + "METRICS_PORT"] = str(p.metrics[name])
+        if name == "fine":
+            env[prefix + "BACKEND"] = self.fine_backend
+            env[prefix + "TRITON_URL"] = f"127.0.0.1:{p.triton_grpc}"
+        if name == "gateway":
+            env[prefix + "RECALL_ADDR"] = f"127.0.0.1:{p.recall}"
+            env[prefix + "COARSE_ADDR"] = f"127.0.0.1:{p.coarse}"
+            env[prefix + "FINE_ADDR"] = f"127.0.0.1:{p.fine}"
+            env[prefix + "RERANK_ADDR"] = f"127.0.0.1:{p.rerank}"
+            env[prefix + "EVENT_LOG_DIR"] = str(self.event_log_dir.resolve())
+            env[prefix + "STATE"] = self.state
+            if self.redis_url:
+                env[prefix + "REDIS_URL"] = self.redis_url
+        return env
+
+    def _start_service(self, name: str) -> None:
+        self._spawn(
+            name, [sys.executable, "-m", "sluice.cli", "serve", name], self._service_env(name)
+        )
+
+    def restart(self, name: str, kill: bool = False) -> None:
+        """Stop one process (SIGKILL when ``kill``) and start it again, healthy."""
+        proc = self.processes[name]
+        if kill:
+            proc.kill()
+        else:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        self._start_service(name)
+        self._wait_health(name, getattr(self.ports, name), time.monotonic() + 120)
+
+    # -- readiness ---------------------------------------------------------------
+    def _check_alive(self, name: str) -> None:
+        proc = self.processes[name]
+        if proc.poll() is not None:
+            raise StartupError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+
+    def _wait_health(self, name: str, port: int, deadline: float) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive(name)
+                try:
+                    resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise StartupError(f"{name} not serving in time:\n{self.log_tail(name)}")
+                # health has no push for "became SERVING" through Check; Watch would block
+                # on a channel that is not up yet, so poll with a short back-off.
+                time.sleep(0.2)
+
+    def _wait_triton(self, deadline: float) -> None:
+        url = f"http://127.0.0.1:{self.ports.triton_http}/v2/models/fine_ranker/ready"
+        while True:
+            self._check_alive("triton")
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise StartupError(f"triton not ready in time:\n{self.log_tail('triton')}")
+            time.sleep(0.2)
+
+    def triton_metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.ports.triton_metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=5.0) as resp:
+            return str(resp.read().decode())
+
+
+def have_tritonserver() -> bool:
+    return tritonserver_binary().exists() and shutil.which("python3") is not None

@@ -1,0 +1,250 @@
+"""Recall: several candidate sources merged under per-source quotas.
+
+Sources (each returns catalog rows, best first, already filtered):
+
+* ``ANN`` — FAISS over learned item vectors with a user vector (recency-
+  weighted history) for recommendation, or over MiniLM text vectors with the
+  query embedding for search.
+* ``LEXICAL`` — BM25 over item text (search only).
+* ``CO_OCCURRENCE`` — items that follow the user's recent items in other
+  shoppers' sequences.
+* ``POPULARITY`` — the fallback for cold starts and thin sources.
+
+Filters become a row mask that every source applies *inside* its search
+(FAISS ID selectors, BM25 weight masks, masked popularity), so a filter never
+eats into the candidate budget. Each source first fills its quota; leftover
+budget goes to the other sources' next best; the merged list is ordered by
+reciprocal-rank fusion over the sources that found each item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from sluice.artifacts import Artifacts
+from sluice.data.catalog import Catalog
+from sluice.data.filters import compile_filters
+from sluice.domain import Candidates, RankContext, Source
+from sluice.recall.ann_index import AnnIndex
+from sluice.recall.lexical import LexicalIndex
+
+RRF_K = 60.0
+
+
+class PopularitySource(Protocol):
+    """Rows ordered by popularity (static counts or live trending)."""
+
+    def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray: ...
+
+
+@dataclass
+class StaticPopularity:
+    """Popularity counted at build time."""
+
+    scores: np.ndarray  # float [n]
+    order: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.order = np.argsort(-self.scores, kind="stable")
+
+    def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray:
+        order = self.order if allowed is None else self.order[allowed[self.order]]
+        return order[:k]
+
+
+@dataclass
+class RecallAssets:
+    """Everything recall reads, loaded once per process."""
+
+    catalog: Catalog
+    behaviour_vectors: np.ndarray  # float32 [n, d], L2-normalised
+    behaviour_index: AnnIndex
+    text_vectors: np.ndarray  # float32 [n, 384], L2-normalised
+    text_index: AnnIndex
+    lexical: LexicalIndex
+    cooc_rows: np.ndarray  # int64 [n, k], -1 padded
+    cooc_scores: np.ndarray  # float32 [n, k]
+    popularity: PopularitySource
+
+    @classmethod
+    def from_artifacts(
+        cls, a: Artifacts, popularity: PopularitySource | None = None, use_gpu: bool | None = None
+    ) -> RecallAssets:
+        _, top_rows, top_scores = a.cooc
+        return cls(
+            catalog=a.catalog,
+            behaviour_vectors=a.behaviour_vectors,
+            behaviour_index=AnnIndex.load(a.root / "behaviour.faiss", use_gpu=use_gpu),
+            text_vectors=a.text_vectors,
+            text_index=AnnIndex.load(a.root / "text.faiss", use_gpu=use_gpu),
+            lexical=LexicalIndex.load(a.root / "lexical"),
+            cooc_rows=top_rows,
+            cooc_scores=top_scores,
+            popularity=popularity or StaticPopularity(a.popularity),
+        )
+
+
+@dataclass
+class RecallConfig:
+    """Budget split between sources and how history is weighted."""
+
+    recommend_quotas: Mapping[Source, float] = field(
+        default_factory=lambda: {Source.CO_OCCURRENCE: 0.4, Source.ANN: 0.4, Source.POPULARITY: 0.2}
+    )
+    search_quotas: Mapping[Source, float] = field(
+        default_factory=lambda: {Source.LEXICAL: 0.5, Source.ANN: 0.4, Source.POPULARITY: 0.1}
+    )
+    history_window: int = 20
+    recency_decay: float = 0.85
+
+
+@dataclass
+class RecallResult:
+    candidates: Candidates
+    source_counts: dict[str, int]
+
+
+class Recaller:
+    """Pure recall logic; the servicer only converts protos."""
+
+    def __init__(self, assets: RecallAssets, config: RecallConfig | None = None) -> None:
+        self.assets = assets
+        self.config = config or RecallConfig()
+
+    # -- public --------------------------------------------------------------
+    def recall(self, ctx: RankContext, max_candidates: int) -> RecallResult:
+        catalog = self.assets.catalog
+        filt = compile_filters(catalog, ctx.filters)
+        allowed = filt.mask.copy() if filt.mask is not None else None
+        excluded = catalog.rows(ctx.exclude_item_ids)
+        excluded = excluded[excluded >= 0]
+        if len(excluded):
+            if allowed is None:
+                allowed = np.ones(len(catalog), dtype=bool)
+            allowed[excluded] = False
+        history = catalog.rows(ctx.history_item_ids)
+        history = history[history >= 0][-self.config.history_window :]
+
+        lists: dict[Source, tuple[np.ndarray, np.ndarray]] = {}
+        if ctx.is_search:
+            quotas = self.config.search_quotas
+            lists[Source.LEXICAL] = self.assets.lexical.search(ctx.query, max_candidates, allowed)
+            if ctx.query_embedding is not None:
+                lists[Source.ANN] = self._ann(
+                    self.assets.text_index, ctx.query_embedding, max_candidates, allowed
+                )
+        else:
+            quotas = self.config.recommend_quotas
+            anchor = catalog.row(ctx.context_item_id) if ctx.context_item_id else -1
+            seeds, weights = self._seeds(history, anchor)
+            if len(seeds):
+                user_vec = weights @ self.assets.behaviour_vectors[seeds]
+                lists[Source.ANN] = self._ann(
+                    self.assets.behaviour_index, user_vec, max_candidates, allowed
+                )
+                lists[Source.CO_OCCURRENCE] = self._cooc(seeds, weights, max_candidates, allowed)
+        pop_rows = self.assets.popularity.top_rows(max_candidates, allowed)
+        lists[Source.POPULARITY] = (pop_rows, np.zeros(len(pop_rows), np.float32))
+        return self._merge(lists, quotas, max_candidates)
+
+    # -- sources ---------------------------------------------------------------
+    def _seeds(self, history: np.ndarray, anchor: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows that stand for the user, most recent weighted highest."""
+        if anchor >= 0:
+            return np.array([anchor], dtype=np.int64), np.ones(1, dtype=np.float32)
+        if len(history) == 0:
+            return history, np.zeros(0, dtype=np.float32)
+        ages = np.arange(len(history))[::-1]
+        weights = (self.config.recency_decay**ages).astype(np.float32)
+        return history, weights / weights.sum()
+
+    @staticmethod
+    def _ann(
+        index: AnnIndex, vector: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        norm = float(np.linalg.norm(q))
+        if norm == 0.0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        q = q / norm
+        if allowed is None:
+            scores, rows = index.search(q, k)
+        else:
+            scores, rows = index.search_filtered(q, k, np.flatnonzero(allowed))
+        keep = rows[0] >= 0
+        return rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
+
+    def _cooc(
+        self, seeds: np.ndarray, weights: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        neigh = self.assets.cooc_rows[seeds]
+        score = self.assets.cooc_scores[seeds] * weights[:, None]
+        flat_rows, flat_scores = neigh.ravel(), score.ravel()
+        valid = flat_rows >= 0
+        if allowed is not None:
+            valid &= allowed[np.maximum(flat_rows, 0)]
+        flat_rows, flat_scores = flat_rows[valid], flat_scores[valid]
+        if len(flat_rows) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        uniq, inverse = np.unique(flat_rows, return_inverse=True)
+        total = np.bincount(inverse, weights=flat_scores).astype(np.float32)
+        order = np.argsort(-total, kind="stable")[:k]
+        return uniq[order].astype(np.int64), total[order]
+
+    # -- merge -----------------------------------------------------------------
+    def _merge(
+        self,
+        lists: dict[Source, tuple[np.ndarray, np.ndarray]],
+        quotas: Mapping[Source, float],
+        budget: int,
+    ) -> RecallResult:
+        chosen: dict[int, Source] = {}
+        cursor = {s: 0 for s in lists}
+        ordered = [s for s in quotas if s in lists] + [s for s in lists if s not in quotas]
+        for source in ordered:
+            rows = lists[source][0]
+            take = int(round(quotas.get(source, 0.0) * budget))
+            i = 0
+            while i < len(rows) and take > 0 and len(chosen) < budget:
+                r = int(rows[i])
+                if r not in chosen:
+                    chosen[r] = source
+                    take -= 1
+                i += 1
+            cursor[source] = i
+        active = [s for s in ordered if cursor[s] < len(lists[s][0])]
+        while len(chosen) < budget and active:
+            for source in list(active):
+                rows = lists[source][0]
+                i = cursor[source]
+                while i < len(rows) and int(rows[i]) in chosen:
+                    i += 1
+                if i < len(rows):
+                    chosen[int(rows[i])] = source
+                    i += 1
+                cursor[source] = i
+                if i >= len(rows):
+                    active.remove(source)
+                if len(chosen) >= budget:
+                    break
+
+        rows = np.fromiter(chosen.keys(), dtype=np.int64, count=len(chosen))
+        sources = np.fromiter((int(s) for s in chosen.values()), dtype=np.int8, count=len(chosen))
+        fused = np.zeros(len(rows), dtype=np.float32)
+        position = {r: i for i, r in enumerate(rows.tolist())}
+        for source_rows, _ in lists.values():
+            for rank, r in enumerate(source_rows.tolist()):
+                i = position.get(r)
+                if i is not None:
+                    fused[i] += 1.0 / (RRF_K + rank)
+        order = np.argsort(-fused, kind="stable")
+        counts: dict[str, int] = {}
+        for s in sources.tolist():
+            name = Source(s).name.lower()
+            counts[name] = counts.get(name, 0) + 1
+        item_ids = self.assets.catalog.item_ids[rows[order]]
+        return RecallResult(Candidates(item_ids, fused[order], sources[order]), counts)

@@ -1,0 +1,70 @@
+"""Recall gRPC service: converts protos, calls :class:`Recaller`."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from sluice.artifacts import Artifacts
+from sluice.config import RecallSettings
+from sluice.convert import (
+    candidates_to_proto,
+    check_budget,
+    context_from_stage_request,
+    report_to_proto,
+)
+from sluice.core.errors import Unavailable
+from sluice.core.server import ServiceSpec
+from sluice.domain import RankContext, StageName, StageReport
+from sluice.recall.engine import Recaller, RecallAssets
+from sluice.recall.v1 import recall_pb2, recall_pb2_grpc
+
+
+class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
+    def __init__(self, settings: RecallSettings) -> None:
+        self.settings = settings
+        self.recaller: Recaller | None = None
+
+    def Recall(  # noqa: N802 - gRPC method name
+        self, request: recall_pb2.RecallRequest, context: grpc.ServicerContext
+    ) -> recall_pb2.RecallResponse:
+        if self.recaller is None:
+            raise Unavailable("recall is warming up")
+        budget = check_budget(
+            request.max_candidates, "max_candidates", self.settings.max_candidates
+        )
+        ctx = context_from_stage_request(request)
+        t0 = time.perf_counter()
+        result = self.recaller.recall(ctx, budget or 1000)
+        report = StageReport(
+            StageName.RECALL,
+            candidates_in=len(self.recaller.assets.catalog),
+            candidates_out=len(result.candidates),
+            duration_us=int((time.perf_counter() - t0) * 1e6),
+        )
+        return recall_pb2.RecallResponse(
+            candidates=candidates_to_proto(result.candidates),
+            source_counts=result.source_counts,
+            report=report_to_proto(report),
+        )
+
+
+def spec(settings: RecallSettings) -> ServiceSpec:
+    servicer = RecallServicer(settings)
+
+    def register(server: grpc.Server) -> list[str]:
+        recall_pb2_grpc.add_RecallServiceServicer_to_server(servicer, server)
+        return [recall_pb2.DESCRIPTOR.services_by_name["RecallService"].full_name]
+
+    def warmup() -> None:
+        assets = RecallAssets.from_artifacts(
+            Artifacts(settings.artifacts), use_gpu=settings.use_gpu
+        )
+        recaller = Recaller(assets)
+        some = assets.catalog.item_ids[:5]
+        recaller.recall(RankContext(history_item_ids=some), 100)
+        recaller.recall(RankContext(query=assets.catalog.titles[0]), 100)
+        servicer.recaller = recaller
+
+    return ServiceSpec("recall", register, warmup)

@@ -1,0 +1,115 @@
+"""Re-ranking: business rules, dedupe, per-brand caps, MMR diversity, pagination."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from sluice.data.catalog import Catalog
+from sluice.data.filters import compile_filters
+from sluice.domain import Candidates, RankContext
+
+_VARIANT = re.compile(r"\s+-\s+[^-]*$")
+
+
+def title_key(title: str) -> str:
+    """Normalised title without a trailing " - variant", for near-duplicate removal."""
+    return " ".join(_VARIANT.sub("", title).lower().split())
+
+
+@dataclass
+class RerankConfig:
+    diversity_lambda: float = 0.85  # 1.0 = relevance only
+    max_per_brand: int = 4  # per page window; 0 disables the cap
+    require_in_stock: bool = True
+    window: int = 100  # MMR looks this far down the relevance list
+
+
+@dataclass
+class Page:
+    candidates: Candidates
+    total_size: int
+
+
+class Reranker:
+    """Orders the fine-ranked list into the requested page."""
+
+    def __init__(
+        self, catalog: Catalog, item_vectors: np.ndarray, config: RerankConfig | None = None
+    ):
+        self.catalog = catalog
+        self.vectors = item_vectors
+        self.config = config or RerankConfig()
+        self._keys = [title_key(t) for t in catalog.titles]
+
+    def rerank(
+        self,
+        ctx: RankContext,
+        cands: Candidates,
+        offset: int,
+        page_size: int,
+        diversity_lambda: float | None = None,
+    ) -> Page:
+        eligible = self._eligible(ctx, cands)
+        ordered = self._mmr(eligible, offset + page_size, diversity_lambda)
+        return Page(
+            ordered.take(np.arange(offset, min(offset + page_size, len(ordered)))), len(eligible)
+        )
+
+    def _eligible(self, ctx: RankContext, cands: Candidates) -> Candidates:
+        """Apply filters, stock, exclusions and dedupe; keep the relevance order."""
+        cands = cands.top(len(cands))
+        rows = self.catalog.rows(cands.item_ids)
+        keep = compile_filters(self.catalog, ctx.filters).allows_rows(rows)
+        if self.config.require_in_stock:
+            keep &= np.where(rows >= 0, self.catalog.in_stock[np.maximum(rows, 0)], False)
+        if len(ctx.exclude_item_ids):
+            keep &= ~np.isin(cands.item_ids, ctx.exclude_item_ids)
+        seen_ids: set[int] = set()
+        seen_titles: set[str] = set()
+        for i in np.flatnonzero(keep).tolist():
+            item, key = int(cands.item_ids[i]), self._keys[rows[i]]
+            if item in seen_ids or key in seen_titles:
+                keep[i] = False
+                continue
+            seen_ids.add(item)
+            seen_titles.add(key)
+        return cands.take(np.flatnonzero(keep))
+
+    def _mmr(self, cands: Candidates, needed: int, lam: float | None) -> Candidates:
+        """Greedy maximal marginal relevance with a per-brand cap, over the first ``needed``."""
+        lam = self.config.diversity_lambda if lam is None else float(lam)
+        n = len(cands)
+        if n == 0:
+            return cands
+        limit = min(n, max(needed, 0) + self.config.window)
+        head = cands.take(np.arange(limit))
+        rows = self.catalog.rows(head.item_ids)
+        vecs = self.vectors[rows]
+        rel = head.scores.astype(np.float64)
+        span = rel.max() - rel.min()
+        rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
+        brands = self.catalog.brand_codes[rows]
+        cap = self.config.max_per_brand
+        brand_count = np.zeros(len(self.catalog.brands), dtype=np.int64)
+        chosen: list[int] = []
+        max_sim = np.full(limit, -np.inf)
+        free = np.ones(limit, dtype=bool)
+        target = min(needed, limit)
+        while len(chosen) < target and free.any():
+            sim_term = np.where(np.isfinite(max_sim), max_sim, 0.0)
+            value = lam * rel - (1.0 - lam) * sim_term
+            if cap:
+                over = brand_count[brands] >= cap
+                value = np.where(over, value - 10.0, value)  # capped brands go last, not away
+            value = np.where(free, value, -np.inf)
+            pick = int(np.argmax(value))
+            chosen.append(pick)
+            free[pick] = False
+            brand_count[brands[pick]] += 1
+            max_sim = np.maximum(max_sim, vecs @ vecs[pick])
+        rest = np.concatenate([np.flatnonzero(free), np.arange(limit, n)])
+        order = np.concatenate([np.asarray(chosen, dtype=np.int64), rest.astype(np.int64)])
+        return cands.take(order)

@@ -1,0 +1,193 @@
+"""The whole cascade over real gRPC, with the fine ranker on a real Triton server."""
+
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from sluice.artifacts import Artifacts
+from sluice.client import StorefrontClient
+from sluice.common.v1 import common_pb2
+from sluice.launch import Cluster
+from sluice.v1 import storefront_pb2
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(cluster: Cluster) -> StorefrontClient:
+    return StorefrontClient(cluster.gateway_address)
+
+
+@pytest.fixture(scope="module")
+def known_user(tiny_artifacts: Artifacts) -> tuple[str, np.ndarray]:
+    ids, histories = tiny_artifacts.users()
+    best = max(range(len(ids)), key=lambda i: len(histories[i]))
+    return ids[best], histories[best]
+
+
+def field_violations(err: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "error carries no google.rpc.Status"
+    fields = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            br = error_details_pb2.BadRequest()
+            detail.Unpack(br)
+            fields += [v.field for v in br.field_violations]
+    return fields
+
+
+def test_recommend_runs_every_stage(client: StorefrontClient, known_user: tuple[str, np.ndarray]) -> None:
+    user, history = known_user
+    resp = client.recommend(user, page_size=10, timeout_s=5)
+    page = resp.page
+    assert len(page.item_ids) == 10
+    assert len(set(page.item_ids)) == 10
+    assert not set(page.item_ids) & set(history.tolist()), "recommended an item the user already has"
+    assert [s.stage for s in resp.stages] == [
+        common_pb2.STAGE_RECALL, common_pb2.STAGE_COARSE_RANK, common_pb2.STAGE_FINE_RANK,
+        common_pb2.STAGE_RERANK,
+    ]
+    assert not any(s.degraded for s in resp.stages)
+    recall, coarse, fine, rerank = resp.stages
+    assert recall.candidates_out > coarse.candidates_out >= 10
+    assert fine.candidates_in == coarse.candidates_out
+    assert all(s.duration_us > 0 for s in resp.stages)
+    assert len(page.fine_scores) == 10 and all(np.isfinite(page.fine_scores))
+    assert all(t for t in page.titles)
+
+
+def test_search_respects_filters(client: StorefrontClient, tiny_artifacts: Artifacts) -> None:
+    catalog = tiny_artifacts.catalog
+    category = catalog.categories[int(np.bincount(catalog.category_codes).argmax())]
+    filters = [
+        common_pb2.AttributeFilter(field="category", any_of=[category]),
+        common_pb2.AttributeFilter(field="price_cents", max=float(np.median(catalog.price_cents))),
+    ]
+    query = catalog.titles[int(np.flatnonzero(catalog.category_codes == catalog.categories.index(category))[0])]
+    resp = client.search(" ".join(query.split()[2:5]), page_size=8, filters=filters, timeout_s=5)
+    assert len(resp.page.item_ids) > 0
+    for item in resp.page.item_ids:
+        row = catalog.row(item)
+        assert catalog.category_of(row) == category
+        assert catalog.price_cents[row] <= np.median(catalog.price_cents)
+        assert catalog.in_stock[row]
+
+
+def test_search_finds_the_named_product(client: StorefrontClient, tiny_artifacts: Artifacts) -> None:
+    catalog = tiny_artifacts.catalog
+    row = int(np.flatnonzero(catalog.in_stock)[7])
+    resp = client.search(catalog.titles[row], page_size=10, timeout_s=5)
+    titles = list(resp.page.titles)
+    assert catalog.titles[row] in titles[:3]
+
+
+def test_cold_start_user_gets_popular_items(client: StorefrontClient) -> None:
+    resp = client.recommend("never-seen-before", page_size=5, timeout_s=5)
+    assert len(resp.page.item_ids) == 5
+    assert set(resp.page.sources) == {common_pb2.CANDIDATE_SOURCE_POPULARITY}
+
+
+def test_pages_chain_without_overlap(client: StorefrontClient, known_user: tuple[str, np.ndarray]) -> None:
+    user, _ = known_user
+    first = client.recommend(user, page_size=5, timeout_s=5)
+    assert first.next_page_token
+    second = client.recommend(user, page_size=5, page_token=first.next_page_token, timeout_s=5)
+    assert len(second.page.item_ids) == 5
+    assert not set(first.page.item_ids) & set(second.page.item_ids)
+
+
+def test_similar_items_surface(client: StorefrontClient, tiny_artifacts: Artifacts) -> None:
+    anchor = int(tiny_artifacts.catalog.item_ids[0])
+    resp = client.recommend("", page_size=5, context_item_id=anchor, timeout_s=5)
+    assert len(resp.page.item_ids) == 5 and anchor not in resp.page.item_ids
+
+
+BAD_REQUESTS = [
+    ("search", {"query": "", "page_size": 5}, "query"),
+    ("search", {"query": "x" * 600, "page_size": 5}, "query"),
+    ("search", {"query": "shoes", "page_size": 0}, "page_size"),
+    ("search", {"query": "shoes", "page_size": 101}, "page_size"),
+    ("search", {"query": "shoes", "page_size": 5,
+                "filters": [common_pb2.AttributeFilter(field="colour", any_of=["red"])]}, "filters[0].field"),
+    ("search", {"query": "shoes", "page_size": 5, "page_token": "garbage!"}, "page_token"),
+    ("recommend", {"user_id": "u", "page_size": 5, "surface": storefront_pb2.SURFACE_SIMILAR_ITEMS},
+     "context_item_id"),
+    ("recommend", {"user_id": "u", "page_size": 5, "context_item_id": 999_999_999}, "context_item_id"),
+]
+
+
+@pytest.mark.parametrize(("rpc", "fields", "offending"), BAD_REQUESTS)
+def test_bad_input_is_invalid_argument(
+    cluster: Cluster, client: StorefrontClient, rpc: str, fields: dict[str, object], offending: str
+) -> None:
+    if rpc == "search":
+        call, req = client.stub.Search, storefront_pb2.SearchRequest(**fields)  # type: ignore[arg-type]
+    else:
+        call, req = client.stub.Recommend, storefront_pb2.RecommendRequest(**fields)  # type: ignore[arg-type]
+    with pytest.raises(grpc.RpcError) as err:
+        call(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert offending in field_violations(err.value)
+    assert all(p.poll() is None for p in cluster.processes.values())
+
+
+def test_too_short_deadline_is_deadline_exceeded(cluster: Cluster, client: StorefrontClient) -> None:
+    req = storefront_pb2.RecommendRequest(user_id="u", page_size=5)
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Recommend(req, timeout=0.003)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # the gateway survives and answers the next request
+    assert len(client.recommend("u", page_size=3, timeout_s=5).page.item_ids) == 3
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for m in re.finditer(rf'^{name}{{[^}}]*model="fine_ranker"[^}}]*}} ([0-9.e+]+)$', text, re.M):
+        total += float(m.group(1))
+    return total
+
+
+def test_triton_dynamic_batching_merges_concurrent_requests(
+    cluster: Cluster, client: StorefrontClient, tiny_artifacts: Artifacts
+) -> None:
+    before = cluster.triton_metrics()
+    req0, exec0 = _metric(before, "nv_inference_request_success"), _metric(before, "nv_inference_exec_count")
+    users, _ = tiny_artifacts.users()
+    n = 48
+    gate = threading.Barrier(16)
+
+    def one(i: int) -> int:
+        if i < 16:
+            gate.wait()
+        return len(client.recommend(users[i % len(users)], page_size=5, timeout_s=10).page.item_ids)
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(k == 5 for k in pool.map(one, range(n)))
+    after = cluster.triton_metrics()
+    requests = _metric(after, "nv_inference_request_success") - req0
+    executions = _metric(after, "nv_inference_exec_count") - exec0
+    assert requests >= n, "the fine ranker did not run on Triton for every request"
+    assert executions < requests, f"no batching: {executions} executions for {requests} requests"
+
+
+def test_fine_ranker_outage_degrades_instead_of_failing(
+    cluster: Cluster, client: StorefrontClient, known_user: tuple[str, np.ndarray]
+) -> None:
+    """Runs last in this module: it stops Triton."""
+    proc = cluster.processes["triton"]
+    proc.kill()
+    proc.wait()
+    resp = client.recommend(known_user[0], page_size=5, timeout_s=5)
+    assert len(resp.page.item_ids) == 5
+    fine = resp.stages[2]
+    assert fine.degraded and fine.degraded_reason
+    assert not resp.stages[0].degraded

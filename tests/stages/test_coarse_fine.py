@@ -1,0 +1,60 @@
+import numpy as np
+
+from sluice.artifacts import Artifacts
+from sluice.coarse.scorer import FEATURES, CoarseRanker, FeatureTables, LinearWeights
+from sluice.domain import Candidates, RankContext
+from sluice.fine.scorer import CANDIDATES_PER_ROW, FineStage, TorchBackend
+from sluice.gateway.stages import LocalStages
+from sluice.recall.engine import Recaller
+
+
+def test_coarse_keeps_the_best_scored(local_stages: LocalStages, recaller: Recaller,
+                                      tiny_artifacts: Artifacts) -> None:
+    _, histories = tiny_artifacts.users()
+    ctx = RankContext(history_item_ids=histories[2])
+    cands = recaller.recall(ctx, 500).candidates
+    ranker = local_stages.coarse_ranker
+    kept = ranker.rank(ctx, cands, 100)
+    assert len(kept) == 100
+    x = ranker.tables.features(ctx, cands)
+    assert x.shape == (500, len(FEATURES)) and np.isfinite(x).all()
+    full = x @ ranker.weights.recommend
+    assert np.isclose(kept.scores.min(), np.sort(full)[-100], rtol=1e-5)
+
+
+def test_coarse_weights_were_fitted(tiny_artifacts: Artifacts) -> None:
+    fitted = LinearWeights.load(tiny_artifacts.root / "coarse.json")
+    assert not np.allclose(fitted.recommend, LinearWeights.default().recommend)
+
+
+def test_coarse_feature_behaviour_similarity_follows_history(tiny_artifacts: Artifacts) -> None:
+    tables = FeatureTables.from_artifacts(tiny_artifacts)
+    catalog = tiny_artifacts.catalog
+    item = catalog.item_ids[10]
+    ctx = RankContext(history_item_ids=np.array([item]))
+    x = tables.features(ctx, Candidates(catalog.item_ids[:50], np.zeros(50), np.zeros(50)))
+    assert int(np.argmax(x[:, FEATURES.index("behaviour_sim")])) == 10
+
+
+def test_fine_stage_pads_and_splits_rows(tiny_artifacts: Artifacts) -> None:
+    stage = FineStage(tiny_artifacts.catalog, TorchBackend(tiny_artifacts.ranker_dir))
+    ids = tiny_artifacts.catalog.item_ids[: CANDIDATES_PER_ROW + 44]
+    cands = Candidates(ids, np.zeros(len(ids)), np.zeros(len(ids)))
+    ctx = RankContext(history_item_ids=ids[:3])
+    hist, cand, q, has_q = stage.tensors(ctx, cands)
+    assert cand.shape == (2, CANDIDATES_PER_ROW) and hist.shape[0] == 2
+    assert (hist[:, -3:] == tiny_artifacts.catalog.rows(ids[:3]) + 1).all() and (hist[:, :-3] == 0).all()
+    assert not has_q.any()
+    ranked = stage.rank(ctx, cands)
+    assert sorted(ranked.item_ids.tolist()) == sorted(ids.tolist())
+    assert np.all(np.diff(ranked.scores) <= 0)
+    # the score of an item does not depend on which row or company it is scored in
+    alone = stage.rank(ctx, cands.take(np.array([290])))
+    assert np.isclose(alone.scores[0], ranked.scores[ranked.item_ids.tolist().index(ids[290])], atol=1e-4)
+
+
+def test_fine_stage_unknown_items_rank_last(tiny_artifacts: Artifacts) -> None:
+    stage = FineStage(tiny_artifacts.catalog, TorchBackend(tiny_artifacts.ranker_dir))
+    ids = np.append(tiny_artifacts.catalog.item_ids[:5], 987654321)
+    ranked = stage.rank(RankContext(), Candidates(ids, np.zeros(6), np.zeros(6)))
+    assert ranked.item_ids[-1] == 987654321
