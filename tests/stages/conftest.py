@@ -5,6 +5,7 @@ import pytest
 from sluice.artifacts import Artifacts
 from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
 from sluice.embed.text import MiniLMEncoder
+from sluice.fine.fusion import FusionWeights
 from sluice.fine.scorer import FineStage, TorchBackend
 from sluice.gateway.stages import LocalStages
 from sluice.recall.engine import Recaller, RecallAssets
@@ -27,6 +28,6 @@ def local_stages(tiny_artifacts: Artifacts, recaller: Recaller) -> LocalStages:
     return LocalStages(
         recaller,
         CoarseRanker(FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")),
-        FineStage(a.catalog, TorchBackend(a.ranker_dir)),
+        FineStage(a.catalog, TorchBackend(a.ranker_dir), FusionWeights.load(a.root / "fusion.json")),
         Reranker(a.catalog, a.text_vectors),
     )

@@ -103,7 +103,8 @@ def export_ranker(model_dir_writer: Callable[[Path], None], repository: Path) ->
 
 def build(options: BuildOptions) -> Artifacts:
     """Run every build step and return the new artifacts."""
-    from sluice.coarse.training import fit_coarse
+    from sluice.coarse.training import fit_coarse, training_contexts
+    from sluice.fine.fusion_training import fit_fusion
     from sluice.eval.baselines import CoocModel
     from sluice.eval.offline import pseudo_query_table, text_table
     from sluice.fine.train import train_ranker
@@ -203,10 +204,16 @@ def build(options: BuildOptions) -> Artifacts:
     artifacts = Artifacts(out)
 
     with steps.step("fit the coarse ranker on recall candidates"):
-        weights = fit_coarse(
-            artifacts, sequences, options.coarse_users, seed=rng_seed, pseudo=pseudo
+        rec, search = training_contexts(artifacts, sequences, options.coarse_users, rng_seed, pseudo)
+        fit_coarse(artifacts, rec, search, seed=rng_seed).save(out / "coarse.json")
+
+    with steps.step("fit the fine/coarse score fusion on other held-out requests"):
+        rec, search = training_contexts(
+            artifacts, sequences, min(options.coarse_users // 2, 500), rng_seed + 1, pseudo
         )
-        weights.save(out / "coarse.json")
+        fusion = fit_fusion(artifacts, rec, search)
+        fusion.save(out / "fusion.json")
+        console.print(f"  fusion beta: recommend {fusion.recommend}, search {fusion.search}")
     manifest["timings_s"] = steps.timings
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     console.print(f"[bold green]built[/] {out} (fine_ranker version {version})")

@@ -44,50 +44,59 @@ def _sample(
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
 
 
-def fit_coarse(
+def training_contexts(
     artifacts: Artifacts,
     sequences: Sequence[np.ndarray],
-    num_users: int,
-    seed: int = 0,
-    pseudo: np.ndarray | None = None,
-) -> LinearWeights:
-    """Weights for recommendation and search; defaults where there is no signal."""
+    num_requests: int,
+    seed: int,
+    pseudo: np.ndarray | None,
+) -> tuple[list[tuple[RankContext, int]], list[tuple[RankContext, int]]]:
+    """Held-out (context, target item id) pairs for recommendation and for search.
+
+    Recommendation: a user's last training item is the target and the rest the
+    history (the ranker never trained on that target). Search: a pseudo-query
+    made of a few words of an item's title targets that item.
+    """
     from sluice.fine.train import pseudo_query_texts
 
     rng = np.random.default_rng(seed)
     catalog = artifacts.catalog
+    recommend: list[tuple[RankContext, int]] = []
+    users = [i for i, s in enumerate(sequences) if len(s) >= 2]
+    if users:
+        for u in rng.choice(users, min(num_requests, len(users)), replace=False).tolist():
+            seq = sequences[u]
+            hist = catalog.item_ids[seq[:-1]]
+            target = int(catalog.item_ids[seq[-1]])
+            recommend.append((RankContext(history_item_ids=hist, exclude_item_ids=hist), target))
+    search: list[tuple[RankContext, int]] = []
+    if pseudo is not None:
+        per_item = pseudo.shape[1]
+        texts = pseudo_query_texts(catalog.titles, per_item, seed)
+        for r in rng.choice(len(catalog), min(num_requests, len(catalog)), replace=False).tolist():
+            v = int(rng.integers(per_item))
+            ctx = RankContext(query=texts[r * per_item + v], query_embedding=pseudo[r + 1, v])
+            search.append((ctx, int(catalog.item_ids[r])))
+    return recommend, search
+
+
+def fit_coarse(
+    artifacts: Artifacts,
+    recommend: Sequence[tuple[RankContext, int]],
+    search: Sequence[tuple[RankContext, int]],
+    seed: int = 0,
+) -> LinearWeights:
+    """Weights for recommendation and search; the defaults where there is no signal."""
+    rng = np.random.default_rng(seed)
     recaller = Recaller(RecallAssets.from_artifacts(artifacts))
     tables = FeatureTables.from_artifacts(artifacts)
     weights = LinearWeights.default()
-
-    users = [i for i, s in enumerate(sequences) if len(s) >= 2]
-    if users:
-        chosen = rng.choice(users, min(num_users, len(users)), replace=False)
-        contexts = []
-        for u in chosen.tolist():
-            seq = sequences[u]
-            hist = catalog.item_ids[seq[:-1]]
-            contexts.append(
-                (
-                    RankContext(history_item_ids=hist, exclude_item_ids=hist),
-                    int(catalog.item_ids[seq[-1]]),
-                )
-            )
-        x, y = _sample(recaller, tables, contexts, rng, "coarse: recommend")
+    if recommend:
+        x, y = _sample(recaller, tables, recommend, rng, "coarse: recommend")
         if 0 < y.sum() < len(y):
             weights.recommend = fit_weights(x, y, seed)
-
-    if pseudo is not None:
-        rows = rng.choice(len(catalog), min(num_users, len(catalog)), replace=False)
-        texts = pseudo_query_texts(catalog.titles, pseudo.shape[1], seed)
-        contexts = [
-            (
-                RankContext(query=texts[r * pseudo.shape[1]], query_embedding=pseudo[r + 1, 0]),
-                int(catalog.item_ids[r]),
-            )
-            for r in rows.tolist()
-        ]
-        x, y = _sample(recaller, tables, contexts, rng, "coarse: search")
+    if search:
+        x, y = _sample(recaller, tables, search, rng, "coarse: search")
         if 0 < y.sum() < len(y):
             weights.search = fit_weights(x, y, seed)
     return weights

@@ -19,6 +19,7 @@ from sluice.core.errors import DeadlineExceeded, Unavailable
 from sluice.data.catalog import Catalog
 from sluice.domain import Candidates, RankContext
 from sluice.embed.text import TEXT_DIM
+from sluice.fine.fusion import FusionWeights, fuse
 
 HISTORY_LEN = 50
 CANDIDATES_PER_ROW = 256
@@ -133,9 +134,12 @@ class TritonBackend:
 class FineStage:
     """Pure stage logic around a backend."""
 
-    def __init__(self, catalog: Catalog, backend: RankerBackend) -> None:
+    def __init__(
+        self, catalog: Catalog, backend: RankerBackend, fusion: FusionWeights | None = None
+    ) -> None:
         self.catalog = catalog
         self.backend = backend
+        self.fusion = fusion or FusionWeights()
 
     def tensors(
         self, ctx: RankContext, cands: Candidates
@@ -162,9 +166,16 @@ class FineStage:
     ) -> Candidates:
         if len(cands) == 0:
             return cands
+        fine = self.model_scores(ctx, cands, timeout_s)
+        fused = fuse(fine, cands.scores, self.fusion.beta(ctx.is_search))
+        known = self.catalog.rows(cands.item_ids) >= 0
+        ranked = cands.with_scores(np.where(known, fused, np.float32(-1e9)))
+        return ranked.top(keep if keep > 0 else len(cands))
+
+    def model_scores(
+        self, ctx: RankContext, cands: Candidates, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """The transformer's raw score of each candidate, in input order."""
         history, cand, query, has_query = self.tensors(ctx, cands)
         scores = self.backend.score(history, cand, query, has_query, timeout_s=timeout_s)
-        flat = scores.reshape(-1)[: len(cands)].astype(np.float32)
-        flat = np.where(cand.reshape(-1)[: len(cands)] > 0, flat, np.float32(-1e9))
-        ranked = cands.with_scores(flat)
-        return ranked.top(keep if keep > 0 else len(cands))
+        return scores.reshape(-1)[: len(cands)].astype(np.float32)

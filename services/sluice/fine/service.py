@@ -18,6 +18,7 @@ from sluice.convert import (
 from sluice.core.errors import InvalidArgument, Unavailable
 from sluice.core.server import ServiceSpec
 from sluice.domain import Candidates, RankContext, StageName, StageReport
+from sluice.fine.fusion import FusionWeights
 from sluice.fine.scorer import FineStage, RankerBackend, TorchBackend, TritonBackend
 from sluice.fine.v1 import fine_pb2, fine_pb2_grpc
 
@@ -68,7 +69,8 @@ def spec(settings: FineSettings) -> ServiceSpec:
 
     def warmup() -> None:
         artifacts = Artifacts(settings.artifacts)
-        stage = FineStage(artifacts.catalog, make_backend(settings, artifacts))
+        fusion = FusionWeights.load(artifacts.root / "fusion.json")
+        stage = FineStage(artifacts.catalog, make_backend(settings, artifacts), fusion)
         ids = artifacts.catalog.item_ids[:20]
         for _ in range(3):  # first Triton executions are slow
             stage.rank(

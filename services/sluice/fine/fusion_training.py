@@ -1,0 +1,46 @@
+"""Fit the fine/coarse fusion weights by running the cascade in process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sluice.artifacts import Artifacts
+from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
+from sluice.domain import RankContext
+from sluice.fine.fusion import FusionWeights, fit_beta
+from sluice.fine.scorer import FineStage, TorchBackend
+from sluice.recall.engine import Recaller, RecallAssets
+
+RECALL_BUDGET = 1000
+COARSE_KEEP = 200
+
+
+def fit_fusion(
+    artifacts: Artifacts,
+    recommend: Sequence[tuple[RankContext, int]],
+    search: Sequence[tuple[RankContext, int]],
+) -> FusionWeights:
+    recaller = Recaller(RecallAssets.from_artifacts(artifacts))
+    coarse = CoarseRanker(
+        FeatureTables.from_artifacts(artifacts), LinearWeights.load(artifacts.root / "coarse.json")
+    )
+    fine = FineStage(artifacts.catalog, TorchBackend(artifacts.ranker_dir))
+
+    def samples(
+        contexts: Sequence[tuple[RankContext, int]], desc: str
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        out = []
+        for ctx, target in tqdm(contexts, desc=desc, leave=False):
+            cands = coarse.rank(ctx, recaller.recall(ctx, RECALL_BUDGET).candidates, COARSE_KEEP)
+            hit = cands.item_ids == target
+            if hit.any():
+                out.append((fine.model_scores(ctx, cands), cands.scores, hit))
+        return out
+
+    return FusionWeights(
+        recommend=fit_beta(samples(recommend, "fusion: recommend")),
+        search=fit_beta(samples(search, "fusion: search")),
+    )
