@@ -97,7 +97,8 @@ def render(
         )
     console.print(table)
     stages = "  ".join(
-        f"{common_pb2.Stage.Name(s.stage).removeprefix('STAGE_').lower()}: {s.candidates_in}→{s.candidates_out} "
+        f"{common_pb2.Stage.Name(s.stage).removeprefix('STAGE_').lower()}: "
+        f"{s.candidates_in}→{s.candidates_out} "
         f"{s.duration_us / 1000:.1f} ms{' (degraded)' if s.degraded else ''}"
         for s in resp.stages
     )

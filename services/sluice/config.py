@@ -35,6 +35,16 @@ class RecallSettings(ServiceSettings):
     port: int = 50061
     max_candidates: int = Field(2000, ge=1, description="largest budget a caller may ask for")
     use_gpu: bool | None = Field(None, description="FAISS on GPU; None: when faiss sees a GPU")
+    state: Literal["embedded", "redis"] = Field(
+        "embedded", description="redis: blend live popularity from the shared state store"
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    live_popularity_refresh_s: float = Field(
+        1.0, gt=0.0, le=60.0, description="how often live popularity is read from the store"
+    )
+    live_popularity_weight: float = Field(
+        0.7, ge=0.0, le=1.0, description="most weight live popularity gets over build-time counts"
+    )
 
 
 class CoarseSettings(ServiceSettings):
@@ -75,6 +85,12 @@ class GatewaySettings(ServiceSettings):
     max_page_size: int = Field(100, ge=1)
     max_query_chars: int = Field(512, ge=1)
     max_track_events: int = Field(1000, ge=1)
+    track_max_in_flight: int = Field(
+        10_000,
+        ge=1000,
+        description="events reserved for logging but not yet durable; beyond it Track answers "
+        "RESOURCE_EXHAUSTED with a retry delay",
+    )
     state: Literal["embedded", "redis"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
     event_log_dir: Path = ROOT / "var" / "events"

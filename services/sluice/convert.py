@@ -93,7 +93,7 @@ def context_from_stage_request(req: object) -> RankContext:
 
 def report_to_proto(r: StageReport) -> common_pb2.StageReport:
     return common_pb2.StageReport(
-        stage=int(r.stage),
+        stage=common_pb2.Stage.Name(int(r.stage)),
         candidates_in=r.candidates_in,
         candidates_out=r.candidates_out,
         duration_us=r.duration_us,

@@ -150,8 +150,10 @@ class Cluster:
 
     # -- processes ---------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        out = open(self.log_dir / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own descriptor
+            self.processes[name] = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env
+            )
 
     def _start_triton(self) -> None:
         install_stub()
@@ -190,6 +192,11 @@ class Cluster:
             env[prefix + "EVENT_LOG_DIR"] = str(self.event_log_dir.resolve())
             env[prefix + "STATE"] = self.state
             if self.redis_url:
+                env[prefix + "REDIS_URL"] = self.redis_url
+        if name == "recall":
+            # with a shared (redis) store, recall blends live popularity into its popularity
+            env[prefix + "STATE"] = self.state
+            if self.state == "redis" and self.redis_url:
                 env[prefix + "REDIS_URL"] = self.redis_url
         return env
 

@@ -10,7 +10,9 @@ from sluice.launch import Cluster, Ports
 
 
 @pytest.fixture(scope="package")
-def cluster(tiny_artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    tiny_artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     """Triton and all five services as separate processes on free ports."""
     base: Path = tmp_path_factory.mktemp("cluster")
     c = Cluster(

@@ -45,19 +45,25 @@ def field_violations(err: grpc.RpcError) -> list[str]:
     return fields
 
 
-def test_recommend_runs_every_stage(client: StorefrontClient, known_user: tuple[str, np.ndarray]) -> None:
+def test_recommend_runs_every_stage(
+    client: StorefrontClient, known_user: tuple[str, np.ndarray]
+) -> None:
     user, history = known_user
     resp = client.recommend(user, page_size=10, timeout_s=5)
     page = resp.page
     assert len(page.item_ids) == 10
     assert len(set(page.item_ids)) == 10
-    assert not set(page.item_ids) & set(history.tolist()), "recommended an item the user already has"
+    assert not set(page.item_ids) & set(history.tolist()), (
+        "recommended an item the user already has"
+    )
     assert [s.stage for s in resp.stages] == [
-        common_pb2.STAGE_RECALL, common_pb2.STAGE_COARSE_RANK, common_pb2.STAGE_FINE_RANK,
+        common_pb2.STAGE_RECALL,
+        common_pb2.STAGE_COARSE_RANK,
+        common_pb2.STAGE_FINE_RANK,
         common_pb2.STAGE_RERANK,
     ]
     assert not any(s.degraded for s in resp.stages)
-    recall, coarse, fine, rerank = resp.stages
+    recall, coarse, fine, _ = resp.stages
     assert recall.candidates_out > coarse.candidates_out >= 10
     assert fine.candidates_in == coarse.candidates_out
     assert all(s.duration_us > 0 for s in resp.stages)
@@ -72,7 +78,9 @@ def test_search_respects_filters(client: StorefrontClient, tiny_artifacts: Artif
         common_pb2.AttributeFilter(field="category", any_of=[category]),
         common_pb2.AttributeFilter(field="price_cents", max=float(np.median(catalog.price_cents))),
     ]
-    query = catalog.titles[int(np.flatnonzero(catalog.category_codes == catalog.categories.index(category))[0])]
+    query = catalog.titles[
+        int(np.flatnonzero(catalog.category_codes == catalog.categories.index(category))[0])
+    ]
     resp = client.search(" ".join(query.split()[2:5]), page_size=8, filters=filters, timeout_s=5)
     assert len(resp.page.item_ids) > 0
     for item in resp.page.item_ids:
@@ -82,7 +90,9 @@ def test_search_respects_filters(client: StorefrontClient, tiny_artifacts: Artif
         assert catalog.in_stock[row]
 
 
-def test_search_finds_the_named_product(client: StorefrontClient, tiny_artifacts: Artifacts) -> None:
+def test_search_finds_the_named_product(
+    client: StorefrontClient, tiny_artifacts: Artifacts
+) -> None:
     catalog = tiny_artifacts.catalog
     row = int(np.flatnonzero(catalog.in_stock)[7])
     resp = client.search(catalog.titles[row], page_size=10, timeout_s=5)
@@ -96,7 +106,9 @@ def test_cold_start_user_gets_popular_items(client: StorefrontClient) -> None:
     assert set(resp.page.sources) == {common_pb2.CANDIDATE_SOURCE_POPULARITY}
 
 
-def test_pages_chain_without_overlap(client: StorefrontClient, known_user: tuple[str, np.ndarray]) -> None:
+def test_pages_chain_without_overlap(
+    client: StorefrontClient, known_user: tuple[str, np.ndarray]
+) -> None:
     user, _ = known_user
     first = client.recommend(user, page_size=5, timeout_s=5)
     assert first.next_page_token
@@ -116,12 +128,26 @@ BAD_REQUESTS = [
     ("search", {"query": "x" * 600, "page_size": 5}, "query"),
     ("search", {"query": "shoes", "page_size": 0}, "page_size"),
     ("search", {"query": "shoes", "page_size": 101}, "page_size"),
-    ("search", {"query": "shoes", "page_size": 5,
-                "filters": [common_pb2.AttributeFilter(field="colour", any_of=["red"])]}, "filters[0].field"),
+    (
+        "search",
+        {
+            "query": "shoes",
+            "page_size": 5,
+            "filters": [common_pb2.AttributeFilter(field="colour", any_of=["red"])],
+        },
+        "filters[0].field",
+    ),
     ("search", {"query": "shoes", "page_size": 5, "page_token": "garbage!"}, "page_token"),
-    ("recommend", {"user_id": "u", "page_size": 5, "surface": storefront_pb2.SURFACE_SIMILAR_ITEMS},
-     "context_item_id"),
-    ("recommend", {"user_id": "u", "page_size": 5, "context_item_id": 999_999_999}, "context_item_id"),
+    (
+        "recommend",
+        {"user_id": "u", "page_size": 5, "surface": storefront_pb2.SURFACE_SIMILAR_ITEMS},
+        "context_item_id",
+    ),
+    (
+        "recommend",
+        {"user_id": "u", "page_size": 5, "context_item_id": 999_999_999},
+        "context_item_id",
+    ),
 ]
 
 
@@ -140,7 +166,9 @@ def test_bad_input_is_invalid_argument(
     assert all(p.poll() is None for p in cluster.processes.values())
 
 
-def test_too_short_deadline_is_deadline_exceeded(cluster: Cluster, client: StorefrontClient) -> None:
+def test_too_short_deadline_is_deadline_exceeded(
+    cluster: Cluster, client: StorefrontClient
+) -> None:
     req = storefront_pb2.RecommendRequest(user_id="u", page_size=5)
     with pytest.raises(grpc.RpcError) as err:
         client.stub.Recommend(req, timeout=0.003)
@@ -160,7 +188,10 @@ def test_triton_dynamic_batching_merges_concurrent_requests(
     cluster: Cluster, client: StorefrontClient, tiny_artifacts: Artifacts
 ) -> None:
     before = cluster.triton_metrics()
-    req0, exec0 = _metric(before, "nv_inference_request_success"), _metric(before, "nv_inference_exec_count")
+    req0, exec0 = (
+        _metric(before, "nv_inference_request_success"),
+        _metric(before, "nv_inference_exec_count"),
+    )
     users, _ = tiny_artifacts.users()
     n = 48
     gate = threading.Barrier(16)

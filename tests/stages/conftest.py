@@ -8,7 +8,7 @@ from sluice.embed.text import MiniLMEncoder
 from sluice.fine.fusion import FusionWeights
 from sluice.fine.scorer import FineStage, TorchBackend
 from sluice.gateway.stages import LocalStages
-from sluice.recall.engine import Recaller, RecallAssets
+from sluice.recall.engine import RecallAssets, Recaller
 from sluice.rerank.engine import Reranker
 
 
@@ -28,6 +28,8 @@ def local_stages(tiny_artifacts: Artifacts, recaller: Recaller) -> LocalStages:
     return LocalStages(
         recaller,
         CoarseRanker(FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")),
-        FineStage(a.catalog, TorchBackend(a.ranker_dir), FusionWeights.load(a.root / "fusion.json")),
+        FineStage(
+            a.catalog, TorchBackend(a.ranker_dir), FusionWeights.load(a.root / "fusion.json")
+        ),
         Reranker(a.catalog, a.text_vectors),
     )

@@ -1,15 +1,16 @@
 import numpy as np
 
 from sluice.artifacts import Artifacts
-from sluice.coarse.scorer import FEATURES, CoarseRanker, FeatureTables, LinearWeights
+from sluice.coarse.scorer import FEATURES, FeatureTables, LinearWeights
 from sluice.domain import Candidates, RankContext
 from sluice.fine.scorer import CANDIDATES_PER_ROW, FineStage, TorchBackend
 from sluice.gateway.stages import LocalStages
 from sluice.recall.engine import Recaller
 
 
-def test_coarse_keeps_the_best_scored(local_stages: LocalStages, recaller: Recaller,
-                                      tiny_artifacts: Artifacts) -> None:
+def test_coarse_keeps_the_best_scored(
+    local_stages: LocalStages, recaller: Recaller, tiny_artifacts: Artifacts
+) -> None:
     _, histories = tiny_artifacts.users()
     ctx = RankContext(history_item_ids=histories[2])
     cands = recaller.recall(ctx, 500).candidates
@@ -41,16 +42,20 @@ def test_fine_stage_pads_and_splits_rows(tiny_artifacts: Artifacts) -> None:
     ids = tiny_artifacts.catalog.item_ids[: CANDIDATES_PER_ROW + 44]
     cands = Candidates(ids, np.zeros(len(ids)), np.zeros(len(ids)))
     ctx = RankContext(history_item_ids=ids[:3])
-    hist, cand, q, has_q = stage.tensors(ctx, cands)
+    hist, cand, _, has_q = stage.tensors(ctx, cands)
     assert cand.shape == (2, CANDIDATES_PER_ROW) and hist.shape[0] == 2
-    assert (hist[:, -3:] == tiny_artifacts.catalog.rows(ids[:3]) + 1).all() and (hist[:, :-3] == 0).all()
+    assert (hist[:, -3:] == tiny_artifacts.catalog.rows(ids[:3]) + 1).all() and (
+        hist[:, :-3] == 0
+    ).all()
     assert not has_q.any()
     ranked = stage.rank(ctx, cands)
     assert sorted(ranked.item_ids.tolist()) == sorted(ids.tolist())
     assert np.all(np.diff(ranked.scores) <= 0)
     # the score of an item does not depend on which row or company it is scored in
     alone = stage.rank(ctx, cands.take(np.array([290])))
-    assert np.isclose(alone.scores[0], ranked.scores[ranked.item_ids.tolist().index(ids[290])], atol=1e-4)
+    assert np.isclose(
+        alone.scores[0], ranked.scores[ranked.item_ids.tolist().index(ids[290])], atol=1e-4
+    )
 
 
 def test_fine_stage_unknown_items_rank_last(tiny_artifacts: Artifacts) -> None:

@@ -32,7 +32,8 @@ def test_filters_combine_with_and(catalog: Catalog) -> None:
 
 def test_in_stock_and_brand(catalog: Catalog) -> None:
     fs = compile_filters(
-        catalog, [AttributeFilter("in_stock", equals=True), AttributeFilter("brand", any_of=("zed",))]
+        catalog,
+        [AttributeFilter("in_stock", equals=True), AttributeFilter("brand", any_of=("zed",))],
     )
     assert catalog.item_ids[fs.mask].tolist() == [13]
 

@@ -17,16 +17,23 @@ from sluice.state.store import InMemoryStateStore
 class FineDown(LocalStages):
     """The real stages, except that the fine ranker is unreachable."""
 
-    def fine(self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
-             ) -> tuple[Candidates, StageReport]:
+    def fine(
+        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
+    ) -> tuple[Candidates, StageReport]:
         raise Unavailable("triton is down")
 
 
 @pytest.fixture(scope="module")
-def gateway(local_stages: LocalStages, tiny_artifacts: Artifacts, encoder: MiniLMEncoder) -> Gateway:
+def gateway(
+    local_stages: LocalStages, tiny_artifacts: Artifacts, encoder: MiniLMEncoder
+) -> Gateway:
     store = InMemoryStateStore(item_attributes(tiny_artifacts.catalog))
-    return Gateway(local_stages, tiny_artifacts.catalog, UserHistory.from_artifacts(tiny_artifacts, store),
-                   QueryEncoder(encoder.encode))
+    return Gateway(
+        local_stages,
+        tiny_artifacts.catalog,
+        UserHistory.from_artifacts(tiny_artifacts, store),
+        QueryEncoder(encoder.encode),
+    )
 
 
 def test_recommend_page_and_reports(gateway: Gateway, tiny_artifacts: Artifacts) -> None:
@@ -35,7 +42,11 @@ def test_recommend_page_and_reports(gateway: Gateway, tiny_artifacts: Artifacts)
     assert len(result.candidates) == 10
     assert [r.stage for r in result.reports] == list(StageName)[1:]
     assert not np.isin(result.candidates.item_ids, histories[0]).any()
-    assert set(result.stage_scores) == {StageName.RECALL, StageName.COARSE_RANK, StageName.FINE_RANK}
+    assert set(result.stage_scores) == {
+        StageName.RECALL,
+        StageName.COARSE_RANK,
+        StageName.FINE_RANK,
+    }
     assert result.next_page_token
 
 
@@ -55,8 +66,12 @@ def test_validation(gateway: Gateway) -> None:
         (lambda: gateway.search("  ", "", (), 5, "", 1.0), "query"),
         (lambda: gateway.search("q" * 513, "", (), 5, "", 1.0), "query"),
         (lambda: gateway.search("shoes", "", (), 0, "", 1.0), "page_size"),
-        (lambda: gateway.recommend("u", 1, 0, (AttributeFilter("weight", any_of=("1",)),), 5, "", 1.0),
-         "filters[0].field"),
+        (
+            lambda: gateway.recommend(
+                "u", 1, 0, (AttributeFilter("weight", any_of=("1",)),), 5, "", 1.0
+            ),
+            "filters[0].field",
+        ),
         (lambda: gateway.recommend("u", 2, 0, (), 5, "", 1.0), "context_item_id"),
     ]
     for call, field in cases:
@@ -70,12 +85,18 @@ def test_deadline_too_short(gateway: Gateway) -> None:
         gateway.recommend("u", 1, 0, (), 5, "", 0.001)
 
 
-def test_fine_outage_degrades(local_stages: LocalStages, tiny_artifacts: Artifacts, encoder: MiniLMEncoder) -> None:
+def test_fine_outage_degrades(
+    local_stages: LocalStages, tiny_artifacts: Artifacts, encoder: MiniLMEncoder
+) -> None:
     s = local_stages
     down = FineDown(s.recaller, s.coarse_ranker, s.fine_stage, s.reranker)
     store = InMemoryStateStore()
-    gw = Gateway(down, tiny_artifacts.catalog, UserHistory.from_artifacts(tiny_artifacts, store),
-                 QueryEncoder(encoder.encode))
+    gw = Gateway(
+        down,
+        tiny_artifacts.catalog,
+        UserHistory.from_artifacts(tiny_artifacts, store),
+        QueryEncoder(encoder.encode),
+    )
     users, _ = tiny_artifacts.users()
     result = gw.recommend(users[3], 1, 0, (), 8, "", 1.0)
     assert len(result.candidates) == 8

@@ -8,7 +8,9 @@ from sluice.embed.text import MiniLMEncoder
 from sluice.recall.engine import Recaller
 
 
-def test_recommend_merges_sources_within_budget(recaller: Recaller, tiny_artifacts: Artifacts) -> None:
+def test_recommend_merges_sources_within_budget(
+    recaller: Recaller, tiny_artifacts: Artifacts
+) -> None:
     _, histories = tiny_artifacts.users()
     hist = histories[0]
     result = recaller.recall(RankContext(history_item_ids=hist, exclude_item_ids=hist), 300)
@@ -34,7 +36,9 @@ def test_filters_never_shrink_the_budget(recaller: Recaller, tiny_artifacts: Art
     category = catalog.categories[0]
     in_category = int((catalog.category_codes == 0).sum())
     _, histories = tiny_artifacts.users()
-    ctx = RankContext(history_item_ids=histories[1], filters=(AttributeFilter("category", any_of=(category,)),))
+    ctx = RankContext(
+        history_item_ids=histories[1], filters=(AttributeFilter("category", any_of=(category,)),)
+    )
     c = recaller.recall(ctx, 1000).candidates
     assert len(c) == in_category  # every allowed item, none other
     assert all(catalog.category_of(r) == category for r in catalog.rows(c.item_ids))

@@ -57,8 +57,9 @@ def test_brand_cap_and_dedupe_by_title_and_id() -> None:
 def test_pages_do_not_overlap_and_respect_filters() -> None:
     catalog, vecs = make()
     rr = Reranker(catalog, vecs, RerankConfig(diversity_lambda=0.7))
-    ctx = RankContext(filters=(AttributeFilter("brand", any_of=("b0", "b2")),),
-                      exclude_item_ids=np.array([102]))
+    ctx = RankContext(
+        filters=(AttributeFilter("brand", any_of=("b0", "b2")),), exclude_item_ids=np.array([102])
+    )
     full = cands(list(range(100, 112)))
     p1 = rr.rerank(ctx, full, 0, 3).candidates.item_ids.tolist()
     p2 = rr.rerank(ctx, full, 3, 3).candidates.item_ids.tolist()
@@ -67,7 +68,8 @@ def test_pages_do_not_overlap_and_respect_filters() -> None:
     assert 102 not in p1 + p2
 
 
-@pytest.mark.parametrize(("title", "key"), [("Acme Pro Shoe - Blue", "acme pro shoe"),
-                                            ("Plain  Title", "plain title")])
+@pytest.mark.parametrize(
+    ("title", "key"), [("Acme Pro Shoe - Blue", "acme pro shoe"), ("Plain  Title", "plain title")]
+)
 def test_title_key(title: str, key: str) -> None:
     assert title_key(title) == key

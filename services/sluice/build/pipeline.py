@@ -104,9 +104,9 @@ def export_ranker(model_dir_writer: Callable[[Path], None], repository: Path) ->
 def build(options: BuildOptions) -> Artifacts:
     """Run every build step and return the new artifacts."""
     from sluice.coarse.training import fit_coarse, training_contexts
-    from sluice.fine.fusion_training import fit_fusion
     from sluice.eval.baselines import CoocModel
     from sluice.eval.offline import pseudo_query_table, text_table
+    from sluice.fine.fusion_training import fit_fusion
     from sluice.fine.train import train_ranker
     from sluice.recall.ann_index import AnnIndex, build_index
     from sluice.recall.lexical import LexicalIndex
@@ -124,7 +124,8 @@ def build(options: BuildOptions) -> Artifacts:
         sequences = held.sequences()
         console.print(
             f"  {len(catalog):,} items, {interactions.num_users:,} users, "
-            f"{len(interactions):,} interactions ({len(held):,} after holding out {options.holdout})"
+            f"{len(interactions):,} interactions "
+            f"({len(held):,} after holding out {options.holdout})"
         )
         catalog.save(out)
 
@@ -204,7 +205,9 @@ def build(options: BuildOptions) -> Artifacts:
     artifacts = Artifacts(out)
 
     with steps.step("fit the coarse ranker on recall candidates"):
-        rec, search = training_contexts(artifacts, sequences, options.coarse_users, rng_seed, pseudo)
+        rec, search = training_contexts(
+            artifacts, sequences, options.coarse_users, rng_seed, pseudo
+        )
         fit_coarse(artifacts, rec, search, seed=rng_seed).save(out / "coarse.json")
 
     with steps.step("fit the fine/coarse score fusion on other held-out requests"):

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from sluice.artifacts import Artifacts
 from sluice.coarse.scorer import FeatureTables, LinearWeights, fit_weights
 from sluice.domain import RankContext
-from sluice.recall.engine import Recaller, RecallAssets
+from sluice.recall.engine import RecallAssets, Recaller
 
 NEGATIVES_PER_REQUEST = 40
 RECALL_BUDGET = 1000

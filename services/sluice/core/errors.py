@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "sluice.dev"
@@ -30,7 +31,7 @@ class SluiceError(Exception):
     def __post_init__(self) -> None:
         super().__init__(self.message)
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         info = error_details_pb2.ErrorInfo(
             reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
         )
@@ -55,7 +56,7 @@ class InvalidArgument(SluiceError):
     reason: str = "INVALID_ARGUMENT"
     code = grpc.StatusCode.INVALID_ARGUMENT
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=self.field_path, description=self.message
         )
@@ -94,7 +95,7 @@ class ResourceExhausted(SluiceError):
     reason: str = "OVERLOADED"
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def details(self) -> list[object]:
+    def details(self) -> list[Message]:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(self.retry_delay_ms)
         return [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]

@@ -75,11 +75,10 @@ def validate(filters: Sequence[AttributeFilter], prefix: str = "filters") -> Non
                 raise InvalidArgument("min is above max", field_path=f"{where}.min")
             if f.any_of or f.equals is not None:
                 raise InvalidArgument(f"{f.field!r} is numeric: use min/max only", field_path=where)
-        elif f.field in BOOL_ATTRIBUTES:
-            if f.equals is None:
-                raise InvalidArgument(
-                    f"filter on {f.field!r} needs equals", field_path=f"{where}.equals"
-                )
+        elif f.field in BOOL_ATTRIBUTES and f.equals is None:
+            raise InvalidArgument(
+                f"filter on {f.field!r} needs equals", field_path=f"{where}.equals"
+            )
 
 
 def compile_filters(catalog: Catalog, filters: Sequence[AttributeFilter]) -> FilterSet:

@@ -177,7 +177,7 @@ def generate_shop(spec: ShopSpec) -> tuple[Catalog, Interactions]:
     for i, (c, b) in enumerate(zip(item_cat.tolist(), item_brand.tolist(), strict=True)):
         noun = str(rng.choice(DEPARTMENTS[categories[c][0]][categories[c][1]]))
         titles.append(f"{brands[b]} {rng.choice(DESCRIPTORS)} {noun} - {rng.choice(VARIANTS)}")
-        prices[i] = int(round(base_price[c] * rng.lognormal(0.0, 0.35) * 100))
+        prices[i] = round(base_price[c] * rng.lognormal(0.0, 0.35) * 100)
     in_stock = rng.random(spec.num_items) > 0.08
     quality = rng.pareto(1.6, size=spec.num_items) + 1.0  # long-tailed item appeal
 

@@ -12,7 +12,7 @@ from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
 from sluice.domain import RankContext
 from sluice.fine.fusion import FusionWeights, fit_beta
 from sluice.fine.scorer import FineStage, TorchBackend
-from sluice.recall.engine import Recaller, RecallAssets
+from sluice.recall.engine import RecallAssets, Recaller
 
 RECALL_BUDGET = 1000
 COARSE_KEEP = 200

@@ -140,7 +140,12 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         catalog = artifacts.catalog
         store = make_store(settings, item_attributes(catalog))
         event_log = EventLog(settings.event_log_dir)
-        ingestor = Ingestor(event_log, store, known_item=catalog.contains)
+        ingestor = Ingestor(
+            event_log,
+            store,
+            known_item=catalog.contains,
+            max_in_flight=settings.track_max_in_flight,
+        )
         recovered = ingestor.recover()
         log.info("event log replayed", extra={"events": recovered})
         resources.extend([event_log.close, store.close])

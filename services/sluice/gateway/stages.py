@@ -8,7 +8,6 @@ from typing import TypeVar
 
 import grpc
 
-
 from sluice.coarse.scorer import CoarseRanker
 from sluice.coarse.v1 import coarse_pb2, coarse_pb2_grpc
 from sluice.convert import (

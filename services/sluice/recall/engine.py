@@ -203,11 +203,11 @@ class Recaller:
         budget: int,
     ) -> RecallResult:
         chosen: dict[int, Source] = {}
-        cursor = {s: 0 for s in lists}
+        cursor = dict.fromkeys(lists, 0)
         ordered = [s for s in quotas if s in lists] + [s for s in lists if s not in quotas]
         for source in ordered:
             rows = lists[source][0]
-            take = int(round(quotas.get(source, 0.0) * budget))
+            take = round(quotas.get(source, 0.0) * budget)
             i = 0
             while i < len(rows) and take > 0 and len(chosen) < budget:
                 r = int(rows[i])
@@ -235,12 +235,12 @@ class Recaller:
         rows = np.fromiter(chosen.keys(), dtype=np.int64, count=len(chosen))
         sources = np.fromiter((int(s) for s in chosen.values()), dtype=np.int8, count=len(chosen))
         fused = np.zeros(len(rows), dtype=np.float32)
-        position = {r: i for i, r in enumerate(rows.tolist())}
+        position: dict[int, int] = {r: i for i, r in enumerate(rows.tolist())}
         for source_rows, _ in lists.values():
             for rank, r in enumerate(source_rows.tolist()):
-                i = position.get(r)
-                if i is not None:
-                    fused[i] += 1.0 / (RRF_K + rank)
+                at = position.get(r)
+                if at is not None:
+                    fused[at] += 1.0 / (RRF_K + rank)
         order = np.argsort(-fused, kind="stable")
         counts: dict[str, int] = {}
         for s in sources.tolist():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -17,8 +19,12 @@ from sluice.convert import (
 from sluice.core.errors import Unavailable
 from sluice.core.server import ServiceSpec
 from sluice.domain import RankContext, StageName, StageReport
-from sluice.recall.engine import Recaller, RecallAssets
+from sluice.recall.engine import RecallAssets, Recaller
+from sluice.recall.live_popularity import BlendConfig, LivePopularity
 from sluice.recall.v1 import recall_pb2, recall_pb2_grpc
+from sluice.state.store import RedisStateStore
+
+log = logging.getLogger(__name__)
 
 
 class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
@@ -57,9 +63,15 @@ def spec(settings: RecallSettings) -> ServiceSpec:
         recall_pb2_grpc.add_RecallServiceServicer_to_server(servicer, server)
         return [recall_pb2.DESCRIPTOR.services_by_name["RecallService"].full_name]
 
+    resources: list[Callable[[], None]] = []
+
     def warmup() -> None:
+        artifacts = Artifacts(settings.artifacts)
+        popularity = live_popularity(settings, artifacts)
+        if popularity is not None:
+            resources.append(popularity.close)
         assets = RecallAssets.from_artifacts(
-            Artifacts(settings.artifacts), use_gpu=settings.use_gpu
+            artifacts, popularity=popularity, use_gpu=settings.use_gpu
         )
         recaller = Recaller(assets)
         some = assets.catalog.item_ids[:5]
@@ -67,4 +79,26 @@ def spec(settings: RecallSettings) -> ServiceSpec:
         recaller.recall(RankContext(query=assets.catalog.titles[0]), 100)
         servicer.recaller = recaller
 
-    return ServiceSpec("recall", register, warmup)
+    def shutdown() -> None:
+        for close in reversed(resources):
+            close()
+
+    return ServiceSpec("recall", register, warmup, shutdown)
+
+
+def live_popularity(settings: RecallSettings, artifacts: Artifacts) -> LivePopularity | None:
+    """With a shared (Redis) state store: popularity that follows live events."""
+    if settings.state != "redis":
+        return None
+    store = RedisStateStore.from_url(settings.redis_url)
+    config = BlendConfig(
+        max_live_weight=settings.live_popularity_weight,
+        refresh_s=settings.live_popularity_refresh_s,
+    )
+    popularity = LivePopularity(artifacts.popularity, artifacts.catalog.item_ids, store, config)
+    popularity.start()
+    log.info(
+        "live popularity on",
+        extra={"redis_url": settings.redis_url, "live_items": popularity.snapshot.live_items},
+    )
+    return popularity
