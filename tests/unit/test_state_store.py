@@ -1,0 +1,311 @@
+"""The same behaviour tests against the in-memory store and a real Redis."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import socket
+import threading
+from collections.abc import Callable
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from sluice.core.errors import Unavailable
+from sluice.events.model import Event, EventType
+from sluice.state.store import (
+    InMemoryStateStore,
+    OnlineStateStore,
+    RedisStateStore,
+    StateConfig,
+    UserState,
+    Window,
+)
+
+T0 = 1_700_000_000_000
+HOUR = 3_600_000
+ATTRS: dict[int, tuple[str, str]] = {
+    1: ("shoes", "acme"),
+    2: ("shoes", "zed"),
+    3: ("hats", "acme"),
+    4: ("hats", ""),
+    5: ("", ""),
+    6: ("socks", "zed"),
+}
+
+MakeStore = Callable[..., OnlineStateStore]
+_prefixes = itertools.count()
+
+
+def ev(eid: str, user: str, item: int, kind: EventType = EventType.VIEW, ts: int = T0) -> Event:
+    return Event(eid, user, item, kind, ts)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_store(request: pytest.FixtureRequest) -> MakeStore:
+    client: redis.Redis | None = None
+    if request.param == "redis":
+        client = request.getfixturevalue("redis_client")
+
+    def make(
+        config: StateConfig | None = None, attributes: dict[int, tuple[str, str]] | None = None
+    ) -> OnlineStateStore:
+        attrs = ATTRS if attributes is None else attributes
+        if client is None:
+            return InMemoryStateStore(attrs, config=config)
+        return RedisStateStore(client, attrs, config=config, prefix=f"t{next(_prefixes)}:")
+
+    return make
+
+
+def test_apply_is_idempotent_by_event_id(make_store: MakeStore) -> None:
+    s = make_store()
+    assert s.apply([ev("a", "u", 1), ev("b", "u", 2), ev("a", "u", 3)]) == [True, True, False]
+    assert s.apply([ev("a", "u", 1), ev("c", "u", 3)]) == [False, True]
+    assert s.apply([]) == []
+    assert s.seen("a")
+    assert not s.seen("zz")
+    assert s.seen_many(["a", "zz", "c"]) == [True, False, True]
+    assert s.seen_many([]) == []
+    assert s.history("u") == [1, 2, 3]
+
+
+def test_history_is_most_recent_last_and_capped(make_store: MakeStore) -> None:
+    s = make_store(StateConfig(history_cap=3))
+    s.apply([ev(f"a{i}", "u", i) for i in range(1, 6)])  # capped within one batch
+    assert s.history("u") == [3, 4, 5]
+    s.apply([ev("b1", "u", 6)])
+    s.apply([ev("b2", "u", 1)])
+    assert s.history("u") == [5, 6, 1]
+    assert s.history("u", limit=2) == [6, 1]
+    assert s.history("nobody") == []
+
+
+def test_only_purchases_are_suppressed(make_store: MakeStore) -> None:
+    s = make_store()
+    s.apply(
+        [
+            ev("a", "u", 1, EventType.VIEW),
+            ev("b", "u", 2, EventType.PURCHASE),
+            ev("c", "u", 3, EventType.ADD_TO_CART),
+            ev("d", "u", 4, EventType.CLICK),
+            ev("e", "v", 5, EventType.PURCHASE),
+        ]
+    )
+    assert s.suppressed("u") == frozenset({2})
+    assert s.suppressed("v") == frozenset({5})
+    assert s.suppressed("nobody") == frozenset()
+
+
+def test_affinities_weight_events_by_type(make_store: MakeStore) -> None:
+    s = make_store()
+    s.apply(
+        [
+            ev("a", "u", 1, EventType.VIEW),  # shoes/acme +1
+            ev("b", "u", 2, EventType.CLICK),  # shoes/zed +2
+            ev("c", "u", 3, EventType.ADD_TO_CART),  # hats/acme +4
+            ev("d", "u", 4, EventType.PURCHASE),  # hats/- +8
+            ev("e", "u", 5, EventType.PURCHASE),  # no attributes
+            ev("f", "u", 99, EventType.PURCHASE),  # unknown item
+        ]
+    )
+    assert s.category_affinities("u") == [("hats", pytest.approx(12.0)), ("shoes", 3.0)]
+    assert s.brand_affinities("u") == [("acme", pytest.approx(5.0)), ("zed", 2.0)]
+    assert s.category_affinities("u", k=1) == [("hats", pytest.approx(12.0))]
+    assert s.category_affinities("nobody") == []
+    assert s.history("u") == [1, 2, 3, 4, 5, 99]
+
+
+def test_affinities_decay_by_half_life(make_store: MakeStore) -> None:
+    s = make_store(StateConfig(affinity_half_life_ms=HOUR))
+    s.apply([ev("a", "u", 3, EventType.PURCHASE, T0)])  # hats 8
+    s.apply([ev("b", "u", 1, EventType.VIEW, T0 + 2 * HOUR)])  # shoes 1, hats now 8/4
+    assert s.category_affinities("u") == [
+        ("hats", pytest.approx(2.0, rel=1e-12)),
+        ("shoes", pytest.approx(1.0, rel=1e-12)),
+    ]
+    # an older event arriving late counts with its decayed weight
+    s.apply([ev("c", "u", 6, EventType.VIEW, T0 + HOUR)])
+    assert dict(s.category_affinities("u"))["socks"] == pytest.approx(0.5, rel=1e-12)
+
+
+def test_scores_survive_rescaling_and_tiny_ones_are_pruned(make_store: MakeStore) -> None:
+    second = 1000
+    config = StateConfig(
+        affinity_half_life_ms=second,
+        popularity_short_half_life_ms=second,
+        popularity_long_half_life_ms=2 * second,
+    )
+    s = make_store(config)
+    s.apply([ev("a", "u", 6, EventType.PURCHASE, T0)])  # socks 8
+    s.apply([ev("b", "u", 1, EventType.VIEW, T0 + 33 * second)])  # > 32 half-lives: rescale
+    s.apply([ev("c", "u", 3, EventType.VIEW, T0 + 34 * second)])
+    assert s.category_affinities("u") == [
+        ("hats", pytest.approx(1.0, rel=1e-12)),
+        ("shoes", pytest.approx(0.5, rel=1e-12)),
+    ]  # socks (8 * 2**-34) was pruned
+    assert s.top_popular(10, window="short") == [
+        (3, pytest.approx(1.0, rel=1e-12)),
+        (1, pytest.approx(0.5, rel=1e-12)),
+    ]
+    assert s.top_popular(10) == [  # 17 long half-lives: not rescaled, nothing pruned
+        (3, pytest.approx(1.0, rel=1e-12)),
+        (1, pytest.approx(2**-0.5, rel=1e-12)),
+        (6, pytest.approx(8 * 2**-17, rel=1e-12)),
+    ]
+
+
+def test_user_state_reads_everything_at_once(make_store: MakeStore) -> None:
+    s = make_store()
+    s.apply(
+        [
+            ev("a", "u", 1, EventType.VIEW, T0),
+            ev("b", "u", 3, EventType.PURCHASE, T0 + 10),
+            ev("c", "u", 2, EventType.CLICK, T0 + 5),
+        ]
+    )
+    state = s.user_state("u", history_limit=2, top_k=1)
+    assert state.user_id == "u"
+    assert state.history == [3, 2]
+    assert state.categories == [("hats", pytest.approx(8.0, rel=1e-6))]
+    assert state.brands == [("acme", pytest.approx(9.0, rel=1e-6))]
+    assert state.suppressed == frozenset({3})
+    assert state.last_event_ms == T0 + 10
+    assert s.user_state("u").history == [1, 3, 2]
+    assert s.user_state("nobody") == UserState("nobody")
+
+
+def test_popularity_is_weighted_and_windowed(make_store: MakeStore) -> None:
+    s = make_store(
+        StateConfig(popularity_short_half_life_ms=HOUR, popularity_long_half_life_ms=24 * HOUR)
+    )
+    s.apply([ev("a", "u", 1, EventType.PURCHASE, T0)])
+    s.apply([ev(f"v{i}", f"u{i}", 2, EventType.VIEW, T0 + 2 * HOUR) for i in range(3)])
+    assert s.top_popular(5, window="short") == [
+        (2, pytest.approx(3.0, rel=1e-12)),
+        (1, pytest.approx(2.0, rel=1e-12)),  # 8 after two short half-lives
+    ]
+    assert s.top_popular(5) == [
+        (1, pytest.approx(8 * 2 ** (-2 / 24), rel=1e-12)),
+        (2, pytest.approx(3.0, rel=1e-12)),
+    ]
+    assert s.top_popular(1) == [(1, pytest.approx(8 * 2 ** (-2 / 24), rel=1e-12))]
+    assert s.top_popular(0) == []
+
+
+def test_popularity_ties_break_like_redis(make_store: MakeStore) -> None:
+    s = make_store()
+    s.apply([ev("a", "u", 10), ev("b", "u", 9), ev("c", "u", 100)])
+    assert [item for item, _ in s.top_popular(3)] == [9, 100, 10]  # member string, descending
+
+
+def test_trending_prefers_a_recent_burst(make_store: MakeStore) -> None:
+    s = make_store()
+    # item 1: one view an hour for a day; item 2: a burst in the last hour; item 3: old news
+    s.apply([ev(f"s{h}", "u", 1, EventType.VIEW, T0 + h * HOUR) for h in range(24)])
+    s.apply([ev("old", "u", 3, EventType.PURCHASE, T0)])
+    s.apply([ev(f"b{i}", f"u{i}", 2, EventType.VIEW, T0 + 23 * HOUR + i) for i in range(6)])
+    top = s.trending(3)
+    assert [item for item, _ in top] == [2, 1, 3]
+    assert top[0][1] > 1.0 > top[2][1]
+    assert s.trending(0) == []
+    assert make_store().trending(5) == []
+    assert make_store().top_popular(5) == []
+
+
+def test_non_ascii_ids_and_attributes(make_store: MakeStore) -> None:
+    s = make_store(attributes={7: ("Schuhe/ß", "ブランド")})
+    assert s.apply([ev("évé-😀", "用户-ü", 7, EventType.CLICK)]) == [True]
+    assert s.seen("évé-😀")
+    assert s.history("用户-ü") == [7]
+    assert s.category_affinities("用户-ü") == [("Schuhe/ß", pytest.approx(2.0))]
+    assert s.brand_affinities("用户-ü") == [("ブランド", pytest.approx(2.0))]
+
+
+def test_concurrent_apply(make_store: MakeStore) -> None:
+    s = make_store(StateConfig(history_cap=10_000))
+    n_threads, per_thread = 4, 250
+
+    def work(t: int) -> None:
+        for b in range(0, per_thread, 25):
+            s.apply([ev(f"{t}-{i}", "u", 1 + i % 6) for i in range(b, b + 25)])
+            s.apply([ev(f"{t}-{b}", "u", 1)])  # duplicate of one just applied
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(s.history("u")) == n_threads * per_thread
+    assert sum(score for _, score in s.top_popular(10)) == pytest.approx(n_threads * per_thread)
+
+
+def test_redis_seen_ids_expire(redis_client: redis.Redis) -> None:
+    s = RedisStateStore(redis_client, ATTRS, config=StateConfig(dedupe_ttl_s=123), prefix="x:")
+    s.apply([ev("a", "u", 1)])
+    assert 0 < redis_client.ttl("x:seen:a") <= 123
+
+
+def test_both_stores_agree_on_a_random_stream(redis_client: redis.Redis) -> None:
+    config = StateConfig(
+        history_cap=20,
+        affinity_half_life_ms=20_000,
+        popularity_short_half_life_ms=5_000,
+        popularity_long_half_life_ms=60_000,
+        trending_candidates=1000,
+    )
+    rng = random.Random(11)
+    attrs = {i: (f"c{i % 7}", f"b{i % 5}" if i % 3 else "") for i in range(1, 60)}
+    memory = InMemoryStateStore(attrs, config=config)
+    red = RedisStateStore(redis_client, attrs, config=config, prefix="eq:")
+    events = []
+    ts = T0
+    for n in range(3000):
+        ts += rng.choice([0, 1, 7, 150, 900])
+        if n in (1000, 2000):
+            ts += 40 * 60_000  # long gaps force rescales
+        jitter = -rng.randint(0, 30_000) if rng.random() < 0.1 else 0  # late events
+        eid = f"e{rng.randint(0, 3500)}"  # some duplicates
+        events.append(
+            Event(
+                eid,
+                f"u{rng.randint(0, 30)}",
+                rng.randint(1, 70),
+                rng.choice(list(EventType)),
+                ts + jitter,
+            )
+        )
+    i = 0
+    while i < len(events):
+        size = rng.randint(1, 120)
+        assert memory.apply(events[i : i + size]) == red.apply(events[i : i + size])
+        i += size
+
+    for u in range(31):
+        a, b = memory.user_state(f"u{u}", top_k=100), red.user_state(f"u{u}", top_k=100)
+        assert a.history == b.history
+        assert a.suppressed == b.suppressed
+        assert a.last_event_ms == b.last_event_ms
+        assert dict(a.categories) == pytest.approx(dict(b.categories), rel=1e-9, abs=1e-12)
+        assert dict(a.brands) == pytest.approx(dict(b.brands), rel=1e-9, abs=1e-12)
+    windows: tuple[Window, ...] = ("short", "long")
+    for window in windows:
+        pop_a, pop_b = memory.top_popular(100, window=window), red.top_popular(100, window=window)
+        assert dict(pop_a) == pytest.approx(dict(pop_b), rel=1e-9, abs=1e-12)
+    trend_a, trend_b = memory.trending(100), red.trending(100)
+    assert dict(trend_a) == pytest.approx(dict(trend_b), rel=1e-9)
+    assert [s for _, s in trend_a] == sorted((s for _, s in trend_a), reverse=True)
+
+
+def test_unreachable_redis_is_unavailable() -> None:
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = redis.Redis(port=port, retry=Retry(NoBackoff(), 0))
+    store = RedisStateStore(client, ATTRS)
+    with pytest.raises(Unavailable):
+        store.apply([ev("a", "u", 1)])
+    with pytest.raises(Unavailable):
+        store.user_state("u")
