@@ -35,6 +35,8 @@ class Catalog:
     in_stock: np.ndarray  # bool [n]
     descriptions: list[str] = field(default_factory=list)
     _row_of: dict[int, int] = field(default_factory=dict, repr=False)
+    _id_order: np.ndarray = field(init=False, repr=False)
+    _sorted_ids: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -48,14 +50,20 @@ class Catalog:
         self._row_of = {int(i): r for r, i in enumerate(self.item_ids.tolist())}
         if len(self._row_of) != n:
             raise ValueError("catalog item ids are not unique")
+        self._id_order = np.argsort(self.item_ids, kind="stable")
+        self._sorted_ids = self.item_ids[self._id_order]
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
     def rows(self, item_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows of the given external ids; -1 for ids not in the catalog."""
-        get = self._row_of.get
-        return np.fromiter((get(int(i), -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if len(self._sorted_ids) == 0 or len(ids) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        found = self._sorted_ids[pos] == ids
+        return np.where(found, self._id_order[pos], -1).astype(np.int64)
 
     def row(self, item_id: int) -> int:
         return self._row_of.get(int(item_id), -1)

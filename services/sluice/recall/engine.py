@@ -202,49 +202,58 @@ class Recaller:
         quotas: Mapping[Source, float],
         budget: int,
     ) -> RecallResult:
-        chosen: dict[int, Source] = {}
-        cursor = dict.fromkeys(lists, 0)
+        """Quota phase, then round-robin fill, then reciprocal-rank fusion; all vectorized."""
         ordered = [s for s in quotas if s in lists] + [s for s in lists if s not in quotas]
+        picked_rows: list[np.ndarray] = []
+        picked_src: list[np.ndarray] = []
+        leftovers: list[tuple[Source, np.ndarray]] = []
+        taken = np.zeros(0, dtype=np.int64)  # sorted rows chosen so far
         for source in ordered:
             rows = lists[source][0]
-            take = round(quotas.get(source, 0.0) * budget)
-            i = 0
-            while i < len(rows) and take > 0 and len(chosen) < budget:
-                r = int(rows[i])
-                if r not in chosen:
-                    chosen[r] = source
-                    take -= 1
-                i += 1
-            cursor[source] = i
-        active = [s for s in ordered if cursor[s] < len(lists[s][0])]
-        while len(chosen) < budget and active:
-            for source in list(active):
-                rows = lists[source][0]
-                i = cursor[source]
-                while i < len(rows) and int(rows[i]) in chosen:
-                    i += 1
-                if i < len(rows):
-                    chosen[int(rows[i])] = source
-                    i += 1
-                cursor[source] = i
-                if i >= len(rows):
-                    active.remove(source)
-                if len(chosen) >= budget:
-                    break
+            fresh = rows[~_member(rows, taken)]
+            take = min(round(quotas.get(source, 0.0) * budget), budget - len(taken), len(fresh))
+            picked_rows.append(fresh[:take])
+            picked_src.append(np.full(take, int(source), dtype=np.int8))
+            taken = np.union1d(taken, fresh[:take])
+            leftovers.append((source, fresh[take:]))
+        room = budget - len(taken)
+        if room > 0:
+            # round-robin over the sources' remaining lists: round i holds each source's i-th
+            rows = np.concatenate([r for _, r in leftovers])
+            rounds = np.concatenate([np.arange(len(r)) for _, r in leftovers])
+            src = np.concatenate([np.full(len(r), int(s), np.int8) for s, r in leftovers])
+            order = np.lexsort((np.arange(len(rows)), rounds))
+            rows, src = rows[order], src[order]
+            keep = ~_member(rows, taken)
+            rows, src = rows[keep], src[keep]
+            _, first = np.unique(rows, return_index=True)
+            first.sort()
+            picked_rows.append(rows[first][:room])
+            picked_src.append(src[first][:room])
+        rows = np.concatenate(picked_rows)
+        sources = np.concatenate(picked_src)
 
-        rows = np.fromiter(chosen.keys(), dtype=np.int64, count=len(chosen))
-        sources = np.fromiter((int(s) for s in chosen.values()), dtype=np.int8, count=len(chosen))
-        fused = np.zeros(len(rows), dtype=np.float32)
-        position: dict[int, int] = {r: i for i, r in enumerate(rows.tolist())}
+        fused = np.zeros(len(rows), dtype=np.float64)
+        sorter = np.argsort(rows)
         for source_rows, _ in lists.values():
-            for rank, r in enumerate(source_rows.tolist()):
-                at = position.get(r)
-                if at is not None:
-                    fused[at] += 1.0 / (RRF_K + rank)
+            pos = np.searchsorted(rows, source_rows, sorter=sorter)
+            pos = np.minimum(pos, len(rows) - 1)
+            hit = rows[sorter[pos]] == source_rows if len(rows) else np.zeros(0, bool)
+            np.add.at(fused, sorter[pos[hit]], 1.0 / (RRF_K + np.flatnonzero(hit)))
         order = np.argsort(-fused, kind="stable")
-        counts: dict[str, int] = {}
-        for s in sources.tolist():
-            name = Source(s).name.lower()
-            counts[name] = counts.get(name, 0) + 1
+        counts = {
+            Source(int(s)).name.lower(): int(n)
+            for s, n in zip(*np.unique(sources, return_counts=True), strict=True)
+        }
         item_ids = self.assets.catalog.item_ids[rows[order]]
-        return RecallResult(Candidates(item_ids, fused[order], sources[order]), counts)
+        return RecallResult(
+            Candidates(item_ids, fused[order].astype(np.float32), sources[order]), counts
+        )
+
+
+def _member(rows: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Which of ``rows`` are in the sorted array ``sorted_set``."""
+    if len(sorted_set) == 0 or len(rows) == 0:
+        return np.zeros(len(rows), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_set, rows), len(sorted_set) - 1)
+    return sorted_set[pos] == rows
