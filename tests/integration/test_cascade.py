@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -222,3 +223,16 @@ def test_fine_ranker_outage_degrades_instead_of_failing(
     fine = resp.stages[2]
     assert fine.degraded and fine.degraded_reason
     assert not resp.stages[0].degraded
+
+
+def test_sigterm_drains_a_service_and_the_gateway_degrades(
+    cluster: Cluster, client: StorefrontClient
+) -> None:
+    """Runs after the Triton outage: SIGTERM re-ranking; it exits cleanly, answers degrade."""
+    proc = cluster.processes["rerank"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert '"msg": "stopped"' in cluster.log_tail("rerank", 5)
+    resp = client.recommend("u", page_size=4, timeout_s=5)
+    assert len(resp.page.item_ids) == 4
+    assert resp.stages[3].degraded

@@ -144,18 +144,24 @@ class RunningService:
         self.spec.shutdown()
         log.info("stopped")
 
+    def warm(self) -> None:
+        """Run the service's warm-up; health turns SERVING when it returns."""
+        self.spec.warmup()
+        self.set_serving(True)
+        log.info("serving")
+
     def wait(self) -> None:
         self.server.wait_for_termination()
 
 
-def start(
+def bind(
     spec: ServiceSpec,
     host: str,
     port: int,
     metrics_port: int = 0,
     max_workers: int = 16,
 ) -> RunningService:
-    """Start a service: NOT_SERVING until its warm-up returns."""
+    """Start listening with health NOT_SERVING; :meth:`RunningService.warm` makes it SERVING."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=spec.name),
         interceptors=[_Interceptor()],
@@ -184,9 +190,19 @@ def start(
     if metrics_port:
         start_http_server(metrics_port, addr=host)
     log.info("listening", extra={"port": bound, "metrics_port": metrics_port})
-    spec.warmup()
-    running.set_serving(True)
-    log.info("serving")
+    return running
+
+
+def start(
+    spec: ServiceSpec,
+    host: str,
+    port: int,
+    metrics_port: int = 0,
+    max_workers: int = 16,
+) -> RunningService:
+    """Bind, warm up, then report SERVING."""
+    running = bind(spec, host, port, metrics_port, max_workers)
+    running.warm()
     return running
 
 

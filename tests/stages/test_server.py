@@ -1,0 +1,127 @@
+"""The shared bootstrap: health gating, error mapping, request ids, metrics, drain."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from sluice.common.v1 import common_pb2
+from sluice.config import RerankSettings
+from sluice.core.server import RPC_TOTAL, RunningService, ServiceSpec, bind
+from sluice.data.catalog import Catalog
+from sluice.rerank.engine import Reranker
+from sluice.rerank.service import RerankServicer
+from sluice.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+
+
+@pytest.fixture
+def service() -> Iterator[tuple[RunningService, threading.Event, RerankServicer]]:
+    """A real rerank service on a free port whose warm-up waits for the test."""
+    release = threading.Event()
+    servicer = RerankServicer(RerankSettings())
+    catalog = Catalog.from_columns([1, 2, 3], ["a", "b", "c"])
+
+    def register(server: grpc.Server) -> list[str]:
+        rerank_pb2_grpc.add_RerankServiceServicer_to_server(servicer, server)
+        return [rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name]
+
+    def warmup() -> None:
+        assert release.wait(30)
+        servicer.reranker = Reranker(catalog, np.eye(3, dtype=np.float32))
+
+    svc = bind(ServiceSpec("rerank", register, warmup), "127.0.0.1", 0)
+    yield svc, release, servicer
+    release.set()
+    svc.stop(0.5)
+
+
+def health_status(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+
+def rerank(port: int, req: rerank_pb2.RerankRequest, rid: str = "") -> rerank_pb2.RerankResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = rerank_pb2_grpc.RerankServiceStub(ch)
+        meta = (("x-request-id", rid),) if rid else ()
+        resp, call = stub.Rerank.with_call(req, timeout=5, metadata=meta)
+        rerank.last_metadata = dict(call.initial_metadata())  # type: ignore[attr-defined]
+        return resp  # type: ignore[no-any-return]
+
+
+GOOD = rerank_pb2.RerankRequest(
+    candidates=common_pb2.Candidates(item_ids=[1, 2, 3], scores=[3, 2, 1], sources=[1, 1, 1]),
+    page_size=2,
+)
+
+
+def test_not_serving_and_unavailable_until_warm(service: tuple) -> None:
+    svc, release, _ = service
+    assert health_status(svc.port) == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        rerank(svc.port, GOOD)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    warmer = threading.Thread(target=svc.warm)
+    warmer.start()
+    release.set()
+    warmer.join(30)
+    assert health_status(svc.port) == health_pb2.HealthCheckResponse.SERVING
+    assert list(rerank(svc.port, GOOD).candidates.item_ids) == [1, 2]
+
+
+def test_domain_errors_become_statuses_with_details(service: tuple) -> None:
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    bad = rerank_pb2.RerankRequest(candidates=GOOD.candidates, page_size=0)
+    before = RPC_TOTAL.labels(
+        "sluice.rerank.v1.RerankService", "Rerank", "INVALID_ARGUMENT"
+    )._value.get()
+    with pytest.raises(grpc.RpcError) as err:
+        rerank(svc.port, bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(err.value)
+    kinds = {d.type_url.rsplit("/", 1)[-1] for d in status.details}
+    assert kinds == {"google.rpc.ErrorInfo", "google.rpc.BadRequest"}
+    br = error_details_pb2.BadRequest()
+    next(d for d in status.details if d.Is(br.DESCRIPTOR)).Unpack(br)
+    assert [v.field for v in br.field_violations] == ["page_size"]
+    after = RPC_TOTAL.labels(
+        "sluice.rerank.v1.RerankService", "Rerank", "INVALID_ARGUMENT"
+    )._value.get()
+    assert after == before + 1
+    # mismatched packed arrays are the caller's fault too, never INTERNAL
+    ragged = rerank_pb2.RerankRequest(
+        candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[1.0]), page_size=1
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        rerank(svc.port, ragged)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_request_id_is_echoed_or_minted(service: tuple) -> None:
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    rerank(svc.port, GOOD, rid="abc123")
+    assert rerank.last_metadata["x-request-id"] == "abc123"  # type: ignore[attr-defined]
+    rerank(svc.port, GOOD)
+    assert len(rerank.last_metadata["x-request-id"]) == 16  # type: ignore[attr-defined]
+
+
+def test_stop_drains_and_reports_not_serving(service: tuple) -> None:
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    svc.stop(0.5)
+    with pytest.raises(grpc.RpcError) as err:
+        rerank(svc.port, GOOD)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
