@@ -113,7 +113,8 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
         for r in results:
             EVENTS.labels(r.status.name.lower()).inc()
         return storefront_pb2.TrackResponse(
-            statuses=[int(r.status) for r in results], errors=[r.error for r in results]
+            statuses=[storefront_pb2.EventStatus.Name(r.status) for r in results],
+            errors=[r.error for r in results],
         )
 
 
