@@ -38,7 +38,7 @@ def gateway(
 
 def test_recommend_page_and_reports(gateway: Gateway, tiny_artifacts: Artifacts) -> None:
     users, histories = tiny_artifacts.users()
-    result = gateway.recommend(users[0], 1, 0, (), 10, "", 1.0)
+    result = gateway.recommend(users[0], 1, 0, (), 10, "", 30.0)
     assert len(result.candidates) == 10
     assert [r.stage for r in result.reports] == list(StageName)[1:]
     assert not np.isin(result.candidates.item_ids, histories[0]).any()
@@ -55,24 +55,24 @@ def test_page_tokens_are_bound_to_the_request(gateway: Gateway) -> None:
     assert decode_page_token(token, "abc") == 10
     with pytest.raises(InvalidArgument):
         decode_page_token(token, "other")
-    first = gateway.search("running shoes", "", (), 5, "", 1.0)
+    first = gateway.search("running shoes", "", (), 5, "", 30.0)
     with pytest.raises(InvalidArgument) as err:
-        gateway.search("yoga", "", (), 5, first.next_page_token, 1.0)
+        gateway.search("yoga", "", (), 5, first.next_page_token, 30.0)
     assert err.value.field_path == "page_token"
 
 
 def test_validation(gateway: Gateway) -> None:
     cases = [
-        (lambda: gateway.search("  ", "", (), 5, "", 1.0), "query"),
-        (lambda: gateway.search("q" * 513, "", (), 5, "", 1.0), "query"),
-        (lambda: gateway.search("shoes", "", (), 0, "", 1.0), "page_size"),
+        (lambda: gateway.search("  ", "", (), 5, "", 30.0), "query"),
+        (lambda: gateway.search("q" * 513, "", (), 5, "", 30.0), "query"),
+        (lambda: gateway.search("shoes", "", (), 0, "", 30.0), "page_size"),
         (
             lambda: gateway.recommend(
                 "u", 1, 0, (AttributeFilter("weight", any_of=("1",)),), 5, "", 1.0
             ),
             "filters[0].field",
         ),
-        (lambda: gateway.recommend("u", 2, 0, (), 5, "", 1.0), "context_item_id"),
+        (lambda: gateway.recommend("u", 2, 0, (), 5, "", 30.0), "context_item_id"),
     ]
     for call, field in cases:
         with pytest.raises(InvalidArgument) as err:
@@ -98,7 +98,7 @@ def test_fine_outage_degrades(
         QueryEncoder(encoder.encode),
     )
     users, _ = tiny_artifacts.users()
-    result = gw.recommend(users[3], 1, 0, (), 8, "", 1.0)
+    result = gw.recommend(users[3], 1, 0, (), 8, "", 30.0)
     assert len(result.candidates) == 8
     fine = result.reports[2]
     assert fine.degraded and "triton" in fine.degraded_reason
