@@ -189,6 +189,29 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--address", default="127.0.0.1:50051")
         q.set_defaults(fn=_query)
 
+    bn = sub.add_parser("bench", help="serving benchmarks: load, scale, compare, flops")
+    from sluice.bench.__main__ import build_parser as bench_parser
+    from sluice.bench.__main__ import run as bench_run
+
+    bench_parser(bn)
+    bench_argv = list(argv if argv is not None else sys.argv[1:])[1:]
+    bn.set_defaults(fn=lambda a: bench_run(a, bench_argv))
+
+    ev = sub.add_parser(
+        "eval",
+        help="quality: `sluice eval {recommend,search} --data DIR` (served cascade, baselines)",
+        add_help=False,
+    )
+    ev.add_argument("-h", "--help", dest="eval_help", action="store_true")
+    ev.add_argument("eval_args", nargs=argparse.REMAINDER)
+
+    def _eval(a: argparse.Namespace) -> int:
+        from sluice.eval.__main__ import main as eval_main
+
+        return eval_main(["--help"] if a.eval_help else a.eval_args)
+
+    ev.set_defaults(fn=_eval)
+
     args = parser.parse_args(argv)
     result: int = args.fn(args)
     return result

@@ -24,6 +24,7 @@ from rich.console import Console
 from sluice.artifacts import MANIFEST, Artifacts, save_cooc, save_users
 from sluice.data.catalog import Catalog
 from sluice.data.interactions import Interactions, load_catalog, load_interactions
+from sluice.data.products import is_search_only, load_products
 from sluice.data.synthetic import ShopSpec, generate_shop
 from sluice.fine.model import RankerConfig
 
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_REPOSITORY = ROOT / "model_repository"
 COOC_TOP_K = 100
+# Without interactions the transformer has no behaviour to learn from: it is exported
+# untrained (Triton still serves the stage) and the fine stage's fused score is the
+# coarse score (z(fine) + beta * z(coarse) with a beta so large the fine score only
+# breaks exact ties).
+NO_BEHAVIOUR_FUSION_BETA = 1e6
 
 
 @dataclass
@@ -67,6 +73,8 @@ class _Steps:
 
 
 def load_dataset(options: BuildOptions) -> tuple[Catalog, Interactions, str]:
+    """The catalog and interaction log: generated, the amazon-beauty layout, or a
+    search-only products catalog (crowdflower-search layout, no interactions)."""
     if options.data is None:
         catalog, interactions = generate_shop(options.shop)
         return (
@@ -74,8 +82,50 @@ def load_dataset(options: BuildOptions) -> tuple[Catalog, Interactions, str]:
             interactions,
             f"synthetic(items={options.shop.num_items}, seed={options.shop.seed})",
         )
+    if is_search_only(options.data):
+        return load_products(options.data), no_interactions(), str(options.data)
     catalog = load_catalog(options.data)
     return catalog, load_interactions(options.data, catalog), str(options.data)
+
+
+def no_interactions() -> Interactions:
+    return Interactions(
+        user_ids=[],
+        user_index=np.zeros(0, np.int32),
+        item_rows=np.zeros(0, np.int64),
+        timestamps=np.zeros(0, np.int64),
+    )
+
+
+def has_judgments(data: Path | None) -> bool:
+    from sluice.data.products import QRELS, QUERIES
+
+    return data is not None and (data / QUERIES).exists() and (data / QRELS).exists()
+
+
+def fit_search_on_judgments(artifacts: Artifacts, data: Path, console: Console) -> np.ndarray:
+    """Search weights of the coarse ranker fitted on a dataset's judged queries.
+
+    A pairwise logistic regression over the few ``SEARCH_FEATURES`` of the
+    cascade's own recall candidates (``sluice eval search`` reports its k-fold
+    cross-validation, the estimate for unseen queries).
+    """
+    from sluice.coarse.scorer import FEATURES, SEARCH_FEATURES
+    from sluice.data.products import load_queries
+    from sluice.eval.search import collect_samples, fit_pairwise, query_encoder, sample_ndcg
+
+    queries = load_queries(data)
+    samples = collect_samples(artifacts, queries, query_encoder())
+    columns = [FEATURES.index(f) for f in SEARCH_FEATURES]
+    w = fit_pairwise(samples, columns)
+    weights = np.zeros(len(FEATURES), np.float32)
+    weights[columns] = w
+    console.print(
+        f"  search weights fitted on {len(queries)} judged queries: "
+        + ", ".join(f"{f} {v:+.3f}" for f, v in zip(SEARCH_FEATURES, w, strict=True))
+        + f" (in-sample NDCG@10 {sample_ndcg(samples, w, columns):.4f})"
+    )
+    return weights
 
 
 def next_version(repository: Path, model: str = "fine_ranker") -> int:
@@ -106,6 +156,7 @@ def build(options: BuildOptions) -> Artifacts:
     from sluice.coarse.training import fit_coarse, training_contexts
     from sluice.eval.baselines import CoocModel
     from sluice.eval.offline import pseudo_query_table, text_table
+    from sluice.fine.fusion import FusionWeights
     from sluice.fine.fusion_training import fit_fusion
     from sluice.fine.train import train_ranker
     from sluice.recall.ann_index import AnnIndex, build_index
@@ -144,6 +195,7 @@ def build(options: BuildOptions) -> Artifacts:
         top_rows, top_scores = cooc.topk(COOC_TOP_K)
         save_cooc(out / "cooc.npz", cooc.matrix, top_rows, top_scores)
 
+    search_only = len(held) == 0
     with steps.step("train the fine ranker"):
         valid = [s for s in sequences if len(s) >= 3]
         train_seqs = [s[:-1] for s in sequences]
@@ -154,19 +206,29 @@ def build(options: BuildOptions) -> Artifacts:
             cache_dir=options.cache_dir,
             progress=options.progress,
         )
-        ranker = train_ranker(
-            train_seqs,
-            len(catalog),
-            table,
-            options.ranker,
-            epochs=options.epochs,
-            seed=rng_seed,
-            valid_sequences=valid,
-            progress=options.progress,
-            time_budget_s=options.train_budget_s,
-            pseudo_queries=pseudo,
-        )
-        info = dict(getattr(ranker, "train_info", {}))
+        if search_only:
+            import torch
+
+            from sluice.fine.model import FineRanker
+
+            torch.manual_seed(rng_seed)
+            ranker = FineRanker(len(catalog), table, options.ranker).eval()
+            info: dict[str, object] = {"untrained": "no interactions; coarse score decides"}
+            console.print("  no interactions: the ranker is exported untrained (see fusion)")
+        else:
+            ranker = train_ranker(
+                train_seqs,
+                len(catalog),
+                table,
+                options.ranker,
+                epochs=options.epochs,
+                seed=rng_seed,
+                valid_sequences=valid,
+                progress=options.progress,
+                time_budget_s=options.train_budget_s,
+                pseudo_queries=pseudo,
+            )
+            info = dict(getattr(ranker, "train_info", {}))
         version_dir, version = export_ranker(ranker.save, options.model_repository)
         console.print(f"  exported {version_dir} {info}")
 
@@ -175,6 +237,8 @@ def build(options: BuildOptions) -> Artifacts:
 
         with torch.inference_mode():
             vectors = ranker.all_item_vectors()[1:].float().numpy()
+        if search_only:  # no behaviour: similar items by text
+            vectors = text_vectors.copy()
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
         behaviour_vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         np.save(out / "behaviour_vectors.npy", behaviour_vectors)
@@ -208,13 +272,19 @@ def build(options: BuildOptions) -> Artifacts:
         rec, search = training_contexts(
             artifacts, sequences, options.coarse_users, rng_seed, pseudo
         )
-        fit_coarse(artifacts, rec, search, seed=rng_seed).save(out / "coarse.json")
+        weights = fit_coarse(artifacts, rec, search, seed=rng_seed)
+        if options.data is not None and has_judgments(options.data):
+            weights.search = fit_search_on_judgments(artifacts, options.data, console)
+        weights.save(out / "coarse.json")
 
     with steps.step("fit the fine/coarse score fusion on other held-out requests"):
-        rec, search = training_contexts(
-            artifacts, sequences, min(options.coarse_users // 2, 500), rng_seed + 1, pseudo
-        )
-        fusion = fit_fusion(artifacts, rec, search)
+        if search_only:
+            fusion = FusionWeights(NO_BEHAVIOUR_FUSION_BETA, NO_BEHAVIOUR_FUSION_BETA)
+        else:
+            rec, search = training_contexts(
+                artifacts, sequences, min(options.coarse_users // 2, 500), rng_seed + 1, pseudo
+            )
+            fusion = fit_fusion(artifacts, rec, search)
         fusion.save(out / "fusion.json")
         console.print(f"  fusion beta: recommend {fusion.recommend}, search {fusion.search}")
     manifest["timings_s"] = steps.timings

@@ -4,6 +4,14 @@ Features are cheap, vectorized look-ups against precomputed item tables
 (learned item vectors, MiniLM text vectors, BM25, co-occurrence, popularity,
 category affinity). Weights are fitted by logistic regression at build time
 on recall's own candidates, separately for recommendation and search.
+
+Search also has field-level features besides the document BM25 (title twice
+plus description) and the MiniLM similarity to the item text: BM25 against
+titles alone and the share of the query's terms found in the title. For a
+search-only catalog with judged queries the build fits the search weights on
+the judgments over the few ``SEARCH_FEATURES``
+(:func:`sluice.eval.search.fit_pairwise`; ``sluice eval search`` reports the
+k-fold cross-validation).
 """
 
 from __future__ import annotations
@@ -34,7 +42,15 @@ FEATURES = (
     "cooc",
     "category_affinity",
     "has_history",
+    # search: field-level features
+    "bm25_title",
+    "title_coverage",
 )
+
+# What the search weights fitted on judged queries read: a small model on purpose. On
+# crowdflower-search, 5-fold CV preferred it to the 5- and 7-feature variants that added
+# title BM25, MiniLM of titles alone and within-request ranks (docs/quality.md).
+SEARCH_FEATURES = ("bm25", "query_text_sim", "title_coverage")
 
 
 @dataclass
@@ -98,12 +114,27 @@ class FeatureTables:
         if ctx.query_embedding is not None:
             x[:, 7] = self.text_vectors[rows] @ ctx.query_embedding
         if ctx.query:
-            bm = self.lexical.scores(ctx.query)
-            top = float(bm.max()) if len(bm) else 0.0
-            if top > 0:
-                x[:, 8] = bm[rows] / top
+            self._search_features(ctx.query, rows, x)
         x[:, 9] = np.log1p(self.popularity[rows])
         return x
+
+    def _search_features(self, query: str, rows: np.ndarray, x: np.ndarray) -> None:
+        """BM25 of the document and of the title (each over the query's best match) and the
+        share of the query's distinct terms found in the title."""
+        bm = self.lexical.scores(query)
+        top = float(bm.max()) if len(bm) else 0.0
+        if top > 0:
+            x[:, 8] = bm[rows] / top
+        title = self.lexical.title_scores(query)
+        top = float(title.max()) if len(title) else 0.0
+        if top > 0:
+            x[:, 13] = title[rows] / top
+        terms = sorted(set(self.lexical.tokens(query)))
+        if terms:
+            found = np.zeros(len(rows), np.float32)
+            for term in terms:
+                found += self.lexical.title_scores(term)[rows] > 0
+            x[:, 14] = found / len(terms)
 
 
 @dataclass
@@ -127,12 +158,19 @@ class LinearWeights:
 
     @classmethod
     def load(cls, path: Path) -> LinearWeights:
+        """Weights by feature name; features a file predates get weight 0."""
         data = json.loads(path.read_text())
-        if tuple(data["features"]) != FEATURES:
-            raise ValueError(f"{path} was trained on other features: {data['features']}")
-        return cls(
-            np.asarray(data["recommend"], np.float32), np.asarray(data["search"], np.float32)
-        )
+        names = list(data["features"])
+        unknown = [n for n in names if n not in FEATURES]
+        if unknown:
+            raise ValueError(f"{path} was trained on features this scorer lacks: {unknown}")
+
+        def by_name(values: list[float]) -> np.ndarray:
+            out = np.zeros(len(FEATURES), np.float32)
+            out[[FEATURES.index(n) for n in names]] = values
+            return out
+
+        return cls(by_name(data["recommend"]), by_name(data["search"]))
 
     @classmethod
     def default(cls) -> LinearWeights:

@@ -1,4 +1,11 @@
-"""Lexical match: a BM25 inverted index (bm25s, sparse matrices) over item text."""
+"""Lexical match: BM25 inverted indexes (bm25s, sparse matrices) over item text.
+
+The main index scores the item document (the title counted twice plus the
+description); a second index over titles alone gives the coarse ranker a
+field-level signal (a match in the title says more than one in a long
+description). Tokens are lower-cased words, English-stemmed unless an index
+is built with ``stem=False`` (plain BM25, the usual reference setting).
+"""
 
 from __future__ import annotations
 
@@ -13,26 +20,55 @@ import Stemmer
 
 _TOKEN = re.compile(r"(?u)\b\w+\b")
 _stemmer = Stemmer.Stemmer("english")
+TITLE_DIR = "title"
 
 
-def tokenize(text: str) -> list[str]:
-    """Lower-case word tokens, English-stemmed (shared by indexing and queries)."""
+def tokenize(text: str, stem: bool = True) -> list[str]:
+    """Lower-case word tokens, English-stemmed unless ``stem=False`` (indexing and queries)."""
     words = _TOKEN.findall(text.lower())
+    if not stem:
+        return [str(w) for w in words]
     return [str(w) for w in _stemmer.stemWords(words)]
 
 
-def document_text(title: str, description: str = "", title_weight: int = 2) -> list[str]:
+def document_text(
+    title: str, description: str = "", title_weight: int = 2, stem: bool = True
+) -> list[str]:
     """Tokens of an item document: the title counted ``title_weight`` times plus the description."""
-    return tokenize(title) * title_weight + (tokenize(description) if description else [])
+    return tokenize(title, stem) * title_weight + (
+        tokenize(description, stem) if description else []
+    )
+
+
+def _bm25(corpus: list[list[str]], k1: float, b: float) -> bm25s.BM25:
+    bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
+    bm25.index(corpus, show_progress=False)
+    return bm25
+
+
+def _scores(bm25: bm25s.BM25, tokens: list[str], size: int) -> np.ndarray:
+    vocab: dict[str, int] = bm25.vocab_dict
+    known = [t for t in tokens if t in vocab]
+    if not known:
+        return np.zeros(size, dtype=np.float32)
+    return np.asarray(bm25.get_scores(known), dtype=np.float32)
 
 
 class LexicalIndex:
-    """BM25 over item documents; rows are catalog rows."""
+    """BM25 over item documents (and over titles alone); rows are catalog rows."""
 
-    def __init__(self, bm25: bm25s.BM25, size: int) -> None:
+    def __init__(
+        self,
+        bm25: bm25s.BM25,
+        size: int,
+        stem: bool = True,
+        title_bm25: bm25s.BM25 | None = None,
+    ) -> None:
         self._bm25 = bm25
         self._vocab: dict[str, int] = bm25.vocab_dict
+        self._title = title_bm25
         self.size = size
+        self.stem = stem
 
     @classmethod
     def build(
@@ -41,19 +77,28 @@ class LexicalIndex:
         descriptions: Sequence[str] | None = None,
         k1: float = 1.2,
         b: float = 0.75,
+        stem: bool = True,
+        title_index: bool = True,
     ) -> LexicalIndex:
         descs = descriptions or [""] * len(titles)
-        corpus = [document_text(t, d) for t, d in zip(titles, descs, strict=True)]
-        bm25 = bm25s.BM25(k1=k1, b=b, method="lucene")
-        bm25.index(corpus, show_progress=False)
-        return cls(bm25, len(titles))
+        corpus = [document_text(t, d, stem=stem) for t, d in zip(titles, descs, strict=True)]
+        title_bm25 = None
+        if title_index:
+            title_bm25 = _bm25([tokenize(t, stem) or ["\x00"] for t in titles], k1, b)
+        return cls(_bm25(corpus, k1, b), len(titles), stem, title_bm25)
+
+    def tokens(self, query: str) -> list[str]:
+        return tokenize(query, self.stem)
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every row for the query (0 where no term matches)."""
-        tokens = [t for t in tokenize(query) if t in self._vocab]
-        if not tokens:
-            return np.zeros(self.size, dtype=np.float32)
-        return np.asarray(self._bm25.get_scores(tokens), dtype=np.float32)
+        return _scores(self._bm25, self.tokens(query), self.size)
+
+    def title_scores(self, query: str) -> np.ndarray:
+        """BM25 of the query against titles alone (the document scores without a title index)."""
+        if self._title is None:
+            return self.scores(query)
+        return _scores(self._title, self.tokens(query), self.size)
 
     def search(
         self, query: str, k: int, mask: np.ndarray | None = None
@@ -71,10 +116,16 @@ class LexicalIndex:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._bm25.save(str(directory), show_progress=False)
-        (directory / "size.json").write_text(json.dumps({"size": self.size}))
+        if self._title is not None:
+            self._title.save(str(directory / TITLE_DIR), show_progress=False)
+        meta = {"size": self.size, "stem": self.stem, "title_index": self._title is not None}
+        (directory / "size.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, directory: Path) -> LexicalIndex:
         bm25 = bm25s.BM25.load(str(directory), show_progress=False)
-        size = json.loads((directory / "size.json").read_text())["size"]
-        return cls(bm25, size)
+        meta = json.loads((directory / "size.json").read_text())
+        title = None
+        if meta.get("title_index") and (directory / TITLE_DIR).exists():
+            title = bm25s.BM25.load(str(directory / TITLE_DIR), show_progress=False)
+        return cls(bm25, int(meta["size"]), bool(meta.get("stem", True)), title)

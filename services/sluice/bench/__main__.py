@@ -1,0 +1,51 @@
+"""``python -m sluice.bench`` / ``sluice bench``: the serving benchmarks.
+
+    sluice bench load     --start --artifacts DIR [--rates 10,20,50]  open-loop Poisson load
+    sluice bench scale    --artifacts DIR[,DIR…]                      p99/RSS vs catalog and budgets
+    sluice bench compare  grpc|batching|perf-analyzer --artifacts DIR side-by-side ratios
+    sluice bench flops    --artifacts DIR                             matmul peak vs the ranker
+
+The ANN index comparison is ``python -m sluice.bench.ann`` (its own module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from sluice.bench import compare, flops, load
+
+    ap = parser or argparse.ArgumentParser(prog="sluice bench", description=__doc__)
+    sub = ap.add_subparsers(dest="bench", required=True)
+    lp = sub.add_parser("load", help="open-loop Poisson load against the gateway")
+    load.add_load_args(lp)
+    lp.set_defaults(bench_fn=load.load_main)
+    sp = sub.add_parser("scale", help="p99, RSS and build time vs catalog size and budgets")
+    compare.add_scale_args(sp)
+    sp.set_defaults(bench_fn=compare.scale_main)
+    cp = sub.add_parser("compare", help="gRPC vs in-process; dynamic batching; perf_analyzer")
+    compare.add_compare_args(cp)
+    cp.set_defaults(bench_fn=compare.compare_main)
+    fp = sub.add_parser("flops", help="matmul FLOP/s vs the fine ranker's achieved FLOP/s")
+    flops.add_flops_args(fp)
+    fp.set_defaults(bench_fn=flops.flops_main)
+    return ap
+
+
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result: int = args.bench_fn(args, argv)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args, argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

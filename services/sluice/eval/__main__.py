@@ -1,0 +1,108 @@
+"""``python -m sluice.eval {recommend,search} --data DIR``: quality of the served cascade.
+
+* ``recommend`` — leave-one-out by time on an interaction dataset (amazon-beauty
+  layout): the holdout build, the offline models in process, every test
+  user's Recommend through the served gateway, and per-stage recall
+  (:mod:`sluice.eval.served`).
+* ``search`` — labelled queries on a product corpus (crowdflower-search
+  layout): BM25 and dense baselines, the k-fold CV of the learned coarse
+  combination, and every query's Search through the served gateway
+  (:mod:`sluice.eval.search`).
+
+Builds are cached under ``var/eval/<dataset>/`` and reused; ``--rebuild``
+forces a new one. Reports go to ``var/eval/<dataset>/*-report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="sluice eval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="task", required=True)
+
+    r = sub.add_parser("recommend", help="leave-one-out: offline, served, per stage")
+    r.add_argument("--data", type=Path, required=True, help="dataset directory")
+    r.add_argument("--rebuild", action="store_true", help="build again even if cached")
+    r.add_argument("--users", type=int, default=0, help="a seeded sample of test users (0: all)")
+    r.add_argument("--stage-users", type=int, default=0, help="per-stage sample (0: as served)")
+    r.add_argument("--threads", type=int, default=8, help="client threads for the served run")
+    r.add_argument("--skip-offline", action="store_true")
+    r.add_argument("--skip-sasrec", action="store_true", help="skip the ids-only baseline")
+    r.add_argument("--sasrec-budget", type=float, default=900.0, help="SASRec training seconds")
+    r.add_argument("--skip-served", action="store_true")
+    r.add_argument("--skip-stages", action="store_true")
+    r.add_argument(
+        "--train-budget",
+        type=float,
+        default=None,
+        help="ranker training seconds for a new build (default: the build's, 1080)",
+    )
+    r.add_argument("--out", type=Path, help="evaluation folder (default var/eval/<dataset>)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-progress", action="store_true")
+
+    s = sub.add_parser("search", help="labelled queries: baselines, CV, served Search")
+    s.add_argument("--data", type=Path, required=True, help="dataset directory")
+    s.add_argument("--rebuild", action="store_true", help="build again even if cached")
+    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--repeats", type=int, default=3, help="CV repeats with reshuffled folds")
+    s.add_argument("--skip-cv", action="store_true")
+    s.add_argument("--skip-served", action="store_true")
+    s.add_argument("--threads", type=int, default=4, help="client threads for the served run")
+    s.add_argument("--out", type=Path, help="evaluation folder (default var/eval/<dataset>)")
+    s.add_argument("--no-progress", action="store_true")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    if args.task == "recommend":
+        from sluice.eval.served import RecommendOptions, run_recommend
+
+        run_recommend(
+            RecommendOptions(
+                data=args.data,
+                rebuild=args.rebuild,
+                users=args.users,
+                stage_users=args.stage_users,
+                threads=args.threads,
+                offline=not args.skip_offline,
+                sasrec=not args.skip_sasrec,
+                sasrec_budget_s=args.sasrec_budget,
+                served=not args.skip_served,
+                stages=not args.skip_stages,
+                seed=args.seed,
+                progress=not args.no_progress,
+                root=args.out,
+                build_kwargs=(
+                    {} if args.train_budget is None else {"train_budget_s": args.train_budget}
+                ),
+            )
+        )
+    else:
+        from sluice.eval.search import SearchOptions, run_search
+
+        run_search(
+            SearchOptions(
+                data=args.data,
+                rebuild=args.rebuild,
+                served=not args.skip_served,
+                cv=not args.skip_cv,
+                folds=args.folds,
+                repeats=args.repeats,
+                threads=args.threads,
+                progress=not args.no_progress,
+                root=args.out,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

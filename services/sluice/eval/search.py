@@ -1,0 +1,493 @@
+"""Search quality on labelled queries: served Search, BM25 baselines, the learned combination.
+
+``python -m sluice.eval search --data ../shared/data/crowdflower-search`` (or
+``sluice eval search ...``).
+
+Protocol (the one of ``crowdflower-search/README``): retrieve from the WHOLE
+corpus; NDCG@10 with gain ``2^grade - 1`` where unjudged products count as
+grade 0, the ideal ranking built from all of the query's judgments; the mean
+over queries.
+
+What is measured, all by the same NDCG code:
+
+* **BM25 baselines** over the whole corpus, title counted twice plus the
+  description, k1 1.2, b 0.75: plain lower-cased word tokens (the reference
+  0.720 of the dataset's README) and the project's tokenizer (English stems).
+* **dense** — all-MiniLM-L6-v2 cosine between the query and the item text.
+* **coarse combination, k-fold CV** — the cascade's own recall candidates and
+  coarse features (:mod:`sluice.coarse.scorer`) for every query; the search
+  weights are fitted on the training folds' judgments (pairwise logistic
+  regression over a handful of features) and scored on the held-out fold.
+  This estimates how the learned combination generalizes to unseen queries.
+* **served** — the build (weights fitted on every labelled query) behind the
+  real gateway: every query's ``Search`` (page size 10) over gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sluice.artifacts import Artifacts
+from sluice.config import ROOT
+from sluice.data.catalog import Catalog
+from sluice.data.products import LabelledQueries, load_queries
+from sluice.eval.served import EVAL_ROOT, ensure_build, eval_dir, fan_out
+
+K = 10
+CACHE = ROOT / "var" / "cache"
+
+
+# -- the metric -----------------------------------------------------------------------------
+def ndcg_at_k(
+    ranked_item_ids: Sequence[int] | np.ndarray, judged: Mapping[int, int], k: int = K
+) -> float:
+    """NDCG@k with gain ``2^grade - 1``; unjudged items are grade 0; 0 when nothing is relevant."""
+    dcg = sum(
+        (2.0 ** judged.get(int(item), 0) - 1.0) / math.log2(rank + 2)
+        for rank, item in enumerate(list(ranked_item_ids)[:k])
+    )
+    ideal = sorted((2.0**g - 1.0 for g in judged.values()), reverse=True)[:k]
+    idcg = sum(g / math.log2(rank + 2) for rank, g in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def mean_ndcg(
+    rankings: Sequence[Sequence[int] | np.ndarray], queries: LabelledQueries, k: int = K
+) -> float:
+    """Mean NDCG@k over the queries (rankings are item ids, one list per query)."""
+    values = [ndcg_at_k(r, j, k) for r, j in zip(rankings, queries.judgments, strict=True)]
+    return float(np.mean(values)) if values else 0.0
+
+
+# -- whole-corpus baselines ----------------------------------------------------------------
+def bm25_rankings(
+    catalog: Catalog, queries: LabelledQueries, *, stem: bool, k: int = K
+) -> list[np.ndarray]:
+    """BM25 (k1 1.2, b 0.75) over title twice + description, the project's lexical index."""
+    from sluice.recall.lexical import LexicalIndex
+
+    index = LexicalIndex.build(catalog.titles, catalog.descriptions or None, stem=stem)
+    return [catalog.item_ids[index.search(q, k)[0]] for q in queries.texts]
+
+
+def dense_rankings(
+    catalog: Catalog, item_vectors: np.ndarray, query_vectors: np.ndarray, k: int = K
+) -> list[np.ndarray]:
+    """MiniLM cosine between each query and every item."""
+    scores = query_vectors @ item_vectors.T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [catalog.item_ids[row] for row in top]
+
+
+# -- the cascade's coarse features for the labelled queries ------------------------------
+@dataclass
+class QuerySample:
+    """One labelled query's recall candidates: their coarse features and grades."""
+
+    item_ids: np.ndarray  # int64 [n], recall order
+    features: np.ndarray  # float32 [n, len(FEATURES)]
+    grades: np.ndarray  # int64 [n], unjudged = 0
+    judged: dict[int, int]
+
+
+def query_encoder() -> Callable[[str], np.ndarray]:
+    """The gateway's query encoder (MiniLM, lower-cased, cached)."""
+    from sluice.embed.text import MiniLMEncoder
+    from sluice.gateway.pipeline import QueryEncoder
+
+    return QueryEncoder(MiniLMEncoder().encode)
+
+
+def collect_samples(
+    artifacts: Artifacts,
+    queries: LabelledQueries,
+    encode: Callable[[str], np.ndarray],
+    recall_budget: int = 1000,
+) -> list[QuerySample]:
+    """Recall each query as the gateway would (no user) and compute the coarse features."""
+    from sluice.coarse.scorer import FeatureTables
+    from sluice.recall.engine import RecallAssets, Recaller
+
+    recaller = Recaller(RecallAssets.from_artifacts(artifacts))
+    tables = FeatureTables.from_artifacts(artifacts)
+    return samples_from(recaller, tables, queries, encode, recall_budget)
+
+
+def samples_from(
+    recaller: Any,
+    tables: Any,
+    queries: LabelledQueries,
+    encode: Callable[[str], np.ndarray],
+    recall_budget: int = 1000,
+) -> list[QuerySample]:
+    """:func:`collect_samples` over given recall assets and feature tables."""
+    from sluice.domain import RankContext
+
+    out = []
+    for text, judged in zip(queries.texts, queries.judgments, strict=True):
+        query = text.strip()
+        ctx = RankContext(query=query, query_embedding=encode(query))
+        cands = recaller.recall(ctx, recall_budget).candidates
+        grades = np.array([judged.get(int(i), 0) for i in cands.item_ids], dtype=np.int64)
+        out.append(QuerySample(cands.item_ids, tables.features(ctx, cands), grades, judged))
+    return out
+
+
+def title_table(catalog: Catalog, cache_dir: Path, progress: bool = False) -> np.ndarray:
+    """MiniLM embeddings of titles alone ``[n, 384]``, cached (fast beside descriptions)."""
+    import hashlib
+
+    digest = hashlib.sha1("\n".join(catalog.titles).encode()).hexdigest()[:12]
+    path = cache_dir / f"title-only-{len(catalog)}-{digest}.npy"
+    if path.exists():
+        cached: np.ndarray = np.load(path)
+        return cached
+    from sluice.embed.text import MiniLMEncoder
+
+    vectors = MiniLMEncoder().encode(catalog.titles, progress=progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+def in_process_search_cascade(
+    catalog: Catalog,
+    queries: LabelledQueries,
+    encode: Callable[[str], np.ndarray],
+    cache_dir: Path,
+) -> list[QuerySample]:
+    """Recall + coarse features for a search-only catalog without a full build.
+
+    The item text vectors are MiniLM of the titles alone (fast to compute and
+    cached), the lexical index the project's; no behaviour, no popularity.
+    Used by the regression floor, where embedding every description is too slow.
+    """
+    from scipy import sparse
+
+    from sluice.coarse.scorer import FeatureTables
+    from sluice.recall.ann_index import AnnIndex, build_index
+    from sluice.recall.engine import RecallAssets, Recaller, StaticPopularity
+    from sluice.recall.lexical import LexicalIndex
+
+    n = len(catalog)
+    vectors = np.ascontiguousarray(title_table(catalog, cache_dir, progress=False))
+    index = AnnIndex(build_index(vectors, "flat"))
+    lexical = LexicalIndex.build(catalog.titles, catalog.descriptions or None)
+    popularity = np.zeros(n, np.float32)
+    assets = RecallAssets(
+        catalog=catalog,
+        behaviour_vectors=vectors,
+        behaviour_index=index,
+        text_vectors=vectors,
+        text_index=index,
+        lexical=lexical,
+        cooc_rows=np.full((n, 1), -1, np.int64),
+        cooc_scores=np.zeros((n, 1), np.float32),
+        popularity=StaticPopularity(popularity),
+    )
+    tables = FeatureTables(
+        catalog=catalog,
+        behaviour_vectors=vectors,
+        text_vectors=vectors,
+        lexical=lexical,
+        cooc=sparse.csr_matrix((n, n), dtype=np.float32),
+        popularity=popularity,
+    )
+    return samples_from(Recaller(assets), tables, queries, encode)
+
+
+def pairwise_data(
+    samples: Sequence[QuerySample],
+    columns: Sequence[int],
+    pairs_per_query: int = 3000,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Feature differences of (better, worse) pairs within each query, both orientations.
+
+    A pair's weight is its gain difference ``|2^g_a - 2^g_b|`` (a grade-3
+    product over an unjudged one matters more than grade 2 over grade 1);
+    each query gets the same total weight, so queries with many judgments do
+    not dominate.
+    """
+    rng = np.random.default_rng(seed)
+    xs, ys, ws = [], [], []
+    for s in samples:
+        g = s.grades
+        if g.max(initial=0) == 0:
+            continue
+        a = rng.integers(len(g), size=pairs_per_query * 4)
+        b = rng.integers(len(g), size=pairs_per_query * 4)
+        keep = g[a] > g[b]
+        a, b = a[keep][:pairs_per_query], b[keep][:pairs_per_query]
+        if len(a) == 0:
+            continue
+        x = s.features[a][:, columns] - s.features[b][:, columns]
+        w = (2.0 ** g[a] - 2.0 ** g[b]).astype(np.float64)
+        w = w / w.sum()
+        xs += [x, -x]
+        ys += [np.ones(len(a)), np.zeros(len(a))]
+        ws += [w, w]
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ws)
+
+
+def fit_pairwise(
+    samples: Sequence[QuerySample], columns: Sequence[int], c: float = 1.0, seed: int = 0
+) -> np.ndarray:
+    """Linear weights over ``columns`` by pairwise logistic regression (no intercept)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y, w = pairwise_data(samples, columns, seed=seed)
+    model = LogisticRegression(C=c, fit_intercept=False, max_iter=2000)
+    model.fit(x, y, sample_weight=w * len(samples))
+    return np.asarray(model.coef_[0], dtype=np.float32)
+
+
+def rank_sample(s: QuerySample, weights: np.ndarray, columns: Sequence[int], k: int = K) -> list:
+    score = s.features[:, columns] @ weights
+    return s.item_ids[np.argsort(-score, kind="stable")[:k]].tolist()
+
+
+def sample_ndcg(
+    samples: Sequence[QuerySample], weights: np.ndarray, columns: Sequence[int]
+) -> float:
+    return float(np.mean([ndcg_at_k(rank_sample(s, weights, columns), s.judged) for s in samples]))
+
+
+def cross_validate(
+    samples: Sequence[QuerySample],
+    columns: Sequence[int],
+    folds: int = 5,
+    repeats: int = 3,
+    seed: int = 0,
+    c: float = 1.0,
+) -> dict[str, Any]:
+    """k-fold CV over queries (repeated with reshuffled folds): NDCG@10 of held-out folds."""
+    per_repeat = []
+    fold_values = []
+    n = len(samples)
+    for r in range(repeats):
+        order = np.random.default_rng(seed + r).permutation(n)
+        held = np.zeros(n)
+        for f in range(folds):
+            test = order[f::folds]
+            train = np.setdiff1d(order, test)
+            w = fit_pairwise([samples[i] for i in train], columns, c=c, seed=seed)
+            values = [
+                ndcg_at_k(rank_sample(samples[i], w, columns), samples[i].judged) for i in test
+            ]
+            held[test] = values
+            fold_values.append(float(np.mean(values)))
+        per_repeat.append(float(held.mean()))
+    return {
+        "folds": folds,
+        "repeats": repeats,
+        "mean": float(np.mean(per_repeat)),
+        "per_repeat": per_repeat,
+        "fold_std": float(np.std(fold_values)),
+    }
+
+
+def in_process_rankings(
+    artifacts: Artifacts,
+    queries: LabelledQueries,
+    encode: Callable[[str], np.ndarray],
+    diversity_lambda: float | None = None,
+) -> list[list[int]]:
+    """Every query through the gateway logic and the four stages in this process."""
+    from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
+    from sluice.eval.served import in_process_gateway
+    from sluice.fine.fusion import FusionWeights
+    from sluice.fine.scorer import FineStage, TorchBackend
+    from sluice.gateway.stages import LocalStages
+    from sluice.recall.engine import RecallAssets, Recaller
+    from sluice.rerank.engine import RerankConfig, Reranker
+
+    a = artifacts
+    config = RerankConfig()
+    if diversity_lambda is not None:
+        config.diversity_lambda = diversity_lambda
+    stages = LocalStages(
+        Recaller(RecallAssets.from_artifacts(a)),
+        CoarseRanker(FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")),
+        FineStage(
+            a.catalog, TorchBackend(a.ranker_dir), FusionWeights.load(a.root / "fusion.json")
+        ),
+        Reranker(a.catalog, a.text_vectors, config),
+    )
+    gateway = in_process_gateway(a, stages, encode)
+    return [
+        gateway.search(q, "", (), K, "", 30.0).candidates.item_ids.tolist() for q in queries.texts
+    ]
+
+
+# -- served ----------------------------------------------------------------------------------
+def served_search(
+    address: str,
+    queries: LabelledQueries,
+    *,
+    page_size: int = K,
+    threads: int = 4,
+    timeout_s: float = 30.0,
+    progress: bool = False,
+) -> tuple[list[list[int]], int]:
+    """Every query's ``Search`` through the gateway; (item ids per query, degraded responses)."""
+    from sluice.client import StorefrontClient
+
+    client = StorefrontClient(address)
+    degraded = [0] * len(queries)
+
+    def one(i: int) -> list[int]:
+        resp = client.search(queries.texts[i], page_size=page_size, timeout_s=timeout_s)
+        degraded[i] = int(any(s.degraded for s in resp.stages))
+        return list(resp.page.item_ids)
+
+    try:
+        rankings = fan_out(one, len(queries), threads, progress, "served Search")
+    finally:
+        client.close()
+    return rankings, sum(degraded)
+
+
+# -- the whole run ----------------------------------------------------------------------------
+@dataclass
+class SearchOptions:
+    data: Path
+    rebuild: bool = False
+    served: bool = True
+    cv: bool = True
+    folds: int = 5
+    repeats: int = 3
+    threads: int = 4
+    progress: bool = True
+    root: Path | None = None
+    build_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def run_search(opts: SearchOptions) -> dict[str, Any]:
+    from sluice.coarse.scorer import FEATURES, SEARCH_FEATURES
+    from sluice.launch import Cluster, Ports
+
+    base = opts.root or eval_dir(opts.data, EVAL_ROOT)
+    artifacts = ensure_build(
+        opts.data,
+        holdout=0,
+        rebuild=opts.rebuild,
+        root=base,
+        progress=opts.progress,
+        **opts.build_kwargs,
+    )
+    catalog = artifacts.catalog
+    queries = load_queries(opts.data)
+    report: dict[str, Any] = {
+        "dataset": str(opts.data),
+        "queries": len(queries),
+        "judgments": sum(len(j) for j in queries.judgments),
+        "protocol": "whole corpus; NDCG@10, gain 2^grade-1, unjudged = 0; mean over queries",
+    }
+    rows: list[tuple[str, float, str]] = []
+
+    def add(name: str, value: float, note: str = "") -> None:
+        rows.append((name, value, note))
+        print(f"| {name} | {value:.4f} | {note} |", flush=True)
+
+    print(f"\n{opts.data.name}: {len(queries)} queries, {len(catalog)} products")
+    print("| ranking | NDCG@10 | note |\n|---|---|---|")
+    add(
+        "BM25 plain tokens (title x2 + description)",
+        mean_ndcg(bm25_rankings(catalog, queries, stem=False), queries),
+        "the dataset's reference setting (README: 0.720)",
+    )
+    add(
+        "BM25 project tokenizer (English stems)",
+        mean_ndcg(bm25_rankings(catalog, queries, stem=True), queries),
+        "the lexical index recall serves",
+    )
+    encode = query_encoder()
+    qv = np.stack([encode(q.strip()) for q in queries.texts])
+    add(
+        "dense MiniLM (title + description)",
+        mean_ndcg(dense_rankings(catalog, artifacts.text_vectors, qv), queries),
+    )
+    add(
+        "dense MiniLM (title)",
+        mean_ndcg(dense_rankings(catalog, title_table(catalog, CACHE), qv), queries),
+        "the vectors of the regression floor's in-process cascade",
+    )
+
+    samples = collect_samples(artifacts, queries, encode)
+    columns = [FEATURES.index(f) for f in SEARCH_FEATURES]
+    recall_1000 = float(
+        np.mean(
+            [
+                (s.grades > 0).sum() / max(sum(1 for g in s.judged.values() if g > 0), 1)
+                for s in samples
+            ]
+        )
+    )
+    report["recall_relevant@1000"] = recall_1000
+    from sluice.coarse.scorer import LinearWeights
+
+    built = LinearWeights.load(artifacts.root / "coarse.json").search
+    add(
+        "coarse combination as built, in process (no fine/rerank)",
+        float(
+            np.mean(
+                [ndcg_at_k(rank_sample(s, built, range(len(FEATURES))), s.judged) for s in samples]
+            )
+        ),
+        "weights fitted on all labelled queries: in-sample",
+    )
+    if opts.cv:
+        cv = cross_validate(samples, columns, folds=opts.folds, repeats=opts.repeats)
+        report["cv"] = cv
+        add(
+            f"coarse combination, {opts.folds}-fold CV x{opts.repeats} (held-out folds)",
+            cv["mean"],
+            f"fold std {cv['fold_std']:.3f}; features {', '.join(SEARCH_FEATURES)}",
+        )
+    for lam in (None, 1.0):
+        rankings = in_process_rankings(artifacts, queries, encode, diversity_lambda=lam)
+        label = "default diversity" if lam is None else f"diversity_lambda {lam} (MMR off)"
+        add(
+            f"whole cascade in process (LocalStages + Gateway), rerank {label}",
+            mean_ndcg(rankings, queries),
+            "what the rerank stage's MMR diversity costs in NDCG@10",
+        )
+    if opts.served:
+        with tempfile.TemporaryDirectory(prefix="sluice-eval-") as tmp:
+            cluster = Cluster(
+                artifacts=artifacts.root,
+                ports=Ports.random(),
+                log_dir=base / "logs",
+                event_log_dir=Path(tmp) / "events",
+            )
+            print(f"starting Triton and the services (logs in {base / 'logs'}) …", flush=True)
+            cluster.start(timeout_s=600)
+            try:
+                t0 = time.perf_counter()
+                rankings, degraded = served_search(
+                    cluster.gateway_address, queries, threads=opts.threads
+                )
+                seconds = time.perf_counter() - t0
+            finally:
+                cluster.stop()
+        served = mean_ndcg(rankings, queries)
+        report["served"] = {"ndcg10": served, "degraded": degraded, "seconds": seconds}
+        add(
+            "Sluice served Search (gateway over gRPC, page 10)",
+            served,
+            f"degraded {degraded}; weights fitted on these queries (see CV)",
+        )
+    report["rows"] = [{"name": n, "ndcg10": v, "note": note} for n, v, note in rows]
+    (base / "search-report.json").write_text(json.dumps(report, indent=1))
+    print(f"\nreport: {base / 'search-report.json'}")
+    return report
