@@ -843,7 +843,7 @@ def _triton_step(
         meets=bool(
             len(r) > 0
             and errors <= 0.01 * len(r)
-            and done_in >= 0.9 * rate * (window[1] - window[0])
+            and done_in >= 0.9 * len(r)  # answered in the window vs arrivals in it
             and percentile(lat, 50) <= p99_ms
         ),
         mean_batch=tb["mean_batch"],
@@ -854,13 +854,9 @@ def _triton_step(
 
 
 def capacity(steps: Sequence[TritonStep]) -> float:
-    """Highest achieved throughput among steps that keep up, below the first that does not."""
-    best = 0.0
-    for s in sorted(steps, key=lambda s: s.offered_qps):
-        if not s.meets:
-            break
-        best = max(best, s.achieved_qps)
-    return best
+    """Highest achieved throughput among the steps that keep up with their offered load
+    (a noisy miss at a lower rate does not hide a higher rate that kept up)."""
+    return max((s.achieved_qps for s in steps if s.meets), default=0.0)
 
 
 def sustained(steps: Sequence[TritonStep], p99_ms: float) -> float:

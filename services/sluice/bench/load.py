@@ -1187,7 +1187,6 @@ def plot_load(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[Pat
     x = [float(r["offered_qps"]) for r in all_rows]
     ax2.plot(x, x, ":", color="gray", label="offered")
     ax2.plot(x, [float(r["achieved_qps"]) for r in all_rows], marker="o", label="achieved (OK)")
-    ax2.plot(x, [100 - float(r["good_pct"]) if "good_pct" in r else 0 for r in all_rows], alpha=0)
     ax2.set_xlabel("offered load (req/s)")
     ax2.set_ylabel("req/s")
     ax3 = ax2.twinx()
