@@ -3,11 +3,15 @@
 Items are dense indices ``catalog row + 1`` (0 = padding). An item's vector is a
 learned id embedding plus a learned projection of its frozen MiniLM title
 embedding, so rarely seen items still get a meaningful vector. The user vector
-is the transformer output at the most recent history position; a search query
-(MiniLM, 384-d) is projected and added to that position's input, so the same
-model serves recommendation (``has_query=False``) and search. A candidate's
+is the transformer output at the most recent history position. A candidate's
 score is the dot product of the user vector and the item vector, which also
 makes full-catalog softmax training cheap.
+
+Search (``has_query=True``): the query (MiniLM, 384-d) is projected and added
+to the most recent position's input, so the transformer reads it in the context
+of the history, and ``query_scale * cos(query, title)`` is added to the score,
+so the exact semantic match is not squeezed through the ``dim``-wide user
+vector. The same model serves recommendation (``has_query=False``) and search.
 
 Positions are counted from the user's first (non-padding) history item, so the
 amount of left padding never changes a score, and encoding a prefix of a
@@ -49,7 +53,7 @@ class RankerConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     batch_size: int = 128  # sequences per step
-    query_prob: float = 0.2  # share of training positions that get a pseudo-query
+    query_prob: float = 0.1  # share of training positions that get a pseudo-query
     label_smoothing: float = 0.0
     patience: int = 3  # validation checks without improvement before stopping
     eval_every: int = 1  # epochs between validation checks
@@ -146,6 +150,8 @@ class FineRanker(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_len, d)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.query_proj = nn.Linear(cfg.text_dim, d)
+        # weight of the direct query-title cosine added to the score when searching
+        self.query_scale = nn.Parameter(torch.tensor(10.0)) if cfg.use_text else None
         self.emb_ln = nn.LayerNorm(d)
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
@@ -163,6 +169,13 @@ class FineRanker(nn.Module):
             out = text if out is None else out + text
         assert out is not None
         return out * (idx > 0).unsqueeze(-1).to(out.dtype)
+
+    def query_match(self, query_emb: Tensor, idx: Tensor) -> Tensor:
+        """``query_scale * cos(query, title)`` for items ``idx`` ``[B, C]`` (zeros without text)."""
+        if self.query_scale is None:
+            return torch.zeros(idx.shape, dtype=self.pos_emb.weight.dtype, device=idx.device)
+        titles = self.text_emb[idx]
+        return self.query_scale * torch.einsum("bt,bct->bc", query_emb.to(titles.dtype), titles)
 
     def all_item_vectors(self) -> Tensor:
         """``[num_items + 1, D]``; row 0 (padding) is zeros."""
@@ -223,7 +236,10 @@ class FineRanker(nn.Module):
         return self.final_ln(x)
 
     def encode(self, history: Tensor, query_emb: Tensor, has_query: Tensor) -> Tensor:
-        """User vectors ``[B, D]`` from histories ``[B, L]`` (left-padded, most recent last)."""
+        """User vectors ``[B, D]`` from histories ``[B, L]`` (left-padded, most recent last).
+
+        Where ``has_query``, the projected query joins the most recent position.
+        """
         if history.shape[1] == 0:
             history = torch.zeros(history.shape[0], 1, dtype=torch.long, device=history.device)
         return self._hidden(history, query_emb, has_query)[:, -1]
@@ -237,7 +253,25 @@ class FineRanker(nn.Module):
         self.eval()
         try:
             user = self.encode(history, query_emb, has_query)
-            return torch.einsum("bd,bcd->bc", user, self.item_vectors(candidates))
+            out = torch.einsum("bd,bcd->bc", user, self.item_vectors(candidates))
+            if self.query_scale is not None:
+                match = self.query_match(query_emb, candidates)
+                out = out + match * has_query.unsqueeze(1).to(out.dtype)
+            return out
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def score_all(self, history: Tensor, query_emb: Tensor, has_query: Tensor) -> Tensor:
+        """Scores ``[B, num_items + 1]`` of every item (column 0 = padding)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.encode(history, query_emb, has_query) @ self.all_item_vectors().T
+            if self.query_scale is not None and bool(has_query.any()):
+                cos = query_emb.to(self.text_emb.dtype) @ self.text_emb.T
+                out = out + self.query_scale * cos * has_query.unsqueeze(1).to(out.dtype)
+            return out
         finally:
             self.train(was_training)
 
@@ -262,5 +296,7 @@ class FineRanker(nn.Module):
         text = np.load(path / TEXT_FILE) if cfg.use_text else None
         model = cls(int(meta["num_items"]), text, cfg)
         state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        if model.query_scale is not None and "query_scale" not in state:
+            state["query_scale"] = torch.tensor(0.0)  # saved before the query-title term existed
         model.load_state_dict(state)
         return model.to(map_location).eval()

@@ -8,8 +8,10 @@ compute goes to padding.
 
 Search: with probability ``cfg.query_prob`` a training position gets a
 pseudo-query, the MiniLM embedding of a random subset of its target's title
-words (precomputed by :func:`make_pseudo_queries`), added to that position's
-input, so the ``has_query=True`` path learns to use the query.
+words (precomputed by :func:`make_pseudo_queries`): it is added to that
+position's input and its cosine to every title, times the learned
+``query_scale``, to that position's logits, so the ``has_query=True`` path
+learns to use the query.
 """
 
 from __future__ import annotations
@@ -92,7 +94,6 @@ def full_scores(
     query_emb: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Scores ``[B, num_items]`` over catalog rows for histories of catalog rows."""
-    model.eval()
     hist = pad_histories([np.asarray(h, dtype=np.int64) + 1 for h in histories], model.cfg.max_len)
     if query_emb is None:
         q = torch.zeros(len(histories), model.cfg.text_dim)
@@ -100,8 +101,7 @@ def full_scores(
     else:
         q = torch.from_numpy(np.asarray(query_emb, dtype=np.float32))
         has = torch.ones(len(histories), dtype=torch.bool)
-    user = model.encode(hist, q, has)
-    return user @ model.all_item_vectors()[1:].T
+    return model.score_all(hist, q, has)[:, 1:]
 
 
 def _validate(model: FineRanker, valid_sequences: Sequence[np.ndarray]) -> dict[str, float]:
@@ -184,9 +184,13 @@ def train_ranker(
             table = model.all_item_vectors()
             hidden = model._hidden(inputs, q_emb, q_mask, item_table=table)[is_target]
             logits = hidden @ table[1:].T  # every real item; padding is never a class
-            loss = F.cross_entropy(
-                logits, targets[is_target] - 1, label_smoothing=cfg.label_smoothing
-            )
+            labels = targets[is_target] - 1
+            if q_emb is not None and q_mask is not None and model.query_scale is not None:
+                q_rows = q_mask[is_target]  # target rows that have a query, in the same order
+                cos = q_emb[q_mask] @ model.text_emb[1:].T
+                logits = torch.cat([logits[~q_rows], logits[q_rows] + model.query_scale * cos])
+                labels = torch.cat([labels[~q_rows], labels[q_rows]])
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
