@@ -1231,6 +1231,7 @@ def add_scale_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--timeout-ms", type=float, default=1000.0)
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--skip-catalog", action="store_true")
+    ap.add_argument("--append", action="store_true", help="add to the points in --out")
     ap.add_argument(
         "--env",
         action="append",
@@ -1266,6 +1267,7 @@ def _scale_point(
         res = run_load(cluster.gateway_address, users, words, cfg, mon, log=_print)
         loaded = mon.sample()
     point: dict[str, Any] = {
+        "time": time.strftime("%H:%M:%S"),
         "label": label,
         "artifacts": str(artifacts),
         "num_items": manifest.get("num_items"),
@@ -1313,6 +1315,12 @@ def scale_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
     _print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['loadavg']}")
     builds = [Path(p) for p in args.artifacts.split(",") if p]
     points: list[dict[str, Any]] = []
+    commands = [_command(argv)]
+    if args.append and (args.out / "scale.json").exists():
+        previous = json.loads((args.out / "scale.json").read_text())
+        points = previous["points"]
+        commands = [*previous.get("commands", []), *commands]
+        _print(f"appending to {len(points)} points in {args.out}/scale.json")
 
     def save() -> None:
         keys: list[str] = []
@@ -1322,7 +1330,7 @@ def scale_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
         (args.out / "scale.json").write_text(
             json.dumps(
                 {
-                    "command": _command(argv),
+                    "commands": commands,
                     "machine": info,
                     "loadavg_end": os.getloadavg(),
                     "points": points,
