@@ -59,6 +59,9 @@ class FineSettings(ServiceSettings):
     backend: Literal["triton", "torch"] = "triton"
     triton_url: str = "127.0.0.1:8001"
     model_name: str = "fine_ranker"
+    triton_wait_s: float = Field(
+        300.0, gt=0, description="how long warm-up waits for Triton to load the model"
+    )
     max_candidates: int = Field(1024, ge=1)
 
 

@@ -205,6 +205,38 @@ class Cluster:
             name, [sys.executable, "-m", "sluice.cli", "serve", name], self._service_env(name)
         )
 
+    def start_process(self, name: str) -> None:
+        """Start one process on its port without waiting (``triton`` or a service name)."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if name == "triton":
+            self._start_triton()
+        else:
+            self._start_service(name)
+
+    def health(self, name: str) -> int:
+        """One health check of a service: its ``HealthCheckResponse`` status (UNKNOWN if down)."""
+        with grpc.insecure_channel(f"127.0.0.1:{getattr(self.ports, name)}") as channel:
+            try:
+                resp = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=2.0
+                )
+            except grpc.RpcError:
+                return int(health_pb2.HealthCheckResponse.UNKNOWN)
+            return int(resp.status)
+
+    def wait_for_log(self, name: str, text: str, timeout_s: float = 60.0) -> None:
+        """Wait until a process has written ``text`` to its log (it must stay alive)."""
+        path = self.log_dir / f"{name}.log"
+        deadline = time.monotonic() + timeout_s
+        while not (path.exists() and text in path.read_text(errors="replace")):
+            self._check_alive(name)
+            if time.monotonic() > deadline:
+                raise StartupError(f"{name} never logged {text!r}:\n{self.log_tail(name)}")
+            time.sleep(0.1)  # a log file has no change notification worth the dependency
+
+    def wait_serving(self, name: str, timeout_s: float = 120.0) -> None:
+        self._wait_health(name, getattr(self.ports, name), time.monotonic() + timeout_s)
+
     def restart(self, name: str, kill: bool = False) -> None:
         """Stop one process (SIGKILL when ``kill``) and start it again, healthy."""
         proc = self.processes[name]

@@ -9,7 +9,9 @@ evaluation, and the no-gRPC baseline of the benchmark).
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +22,8 @@ from sluice.data.catalog import Catalog
 from sluice.domain import Candidates, RankContext
 from sluice.embed.text import TEXT_DIM
 from sluice.fine.fusion import FusionWeights, fuse
+
+log = logging.getLogger(__name__)
 
 HISTORY_LEN = 50
 CANDIDATES_PER_ROW = 256
@@ -92,6 +96,24 @@ class TritonBackend:
             return bool(self._client.is_model_ready(self.model_name, self.version))
         except Exception:
             return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until Triton serves the model: Triton and its services start side by side."""
+        deadline = time.monotonic() + timeout_s
+        delay_s = 0.05
+        logged = False
+        while not self.ready():
+            if not logged:
+                log.info("waiting for triton", extra={"url": self.url, "model": self.model_name})
+                logged = True
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"triton at {self.url} did not serve {self.model_name} "
+                    f"version {self.version or 'latest'} within {timeout_s:.0f} s"
+                )
+            # Triton has no push notification for "model loaded": poll with back-off
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
 
     def score(
         self,

@@ -70,7 +70,10 @@ def spec(settings: FineSettings) -> ServiceSpec:
     def warmup() -> None:
         artifacts = Artifacts(settings.artifacts)
         fusion = FusionWeights.load(artifacts.root / "fusion.json")
-        stage = FineStage(artifacts.catalog, make_backend(settings, artifacts), fusion)
+        backend = make_backend(settings, artifacts)
+        if isinstance(backend, TritonBackend):
+            backend.wait_ready(settings.triton_wait_s)
+        stage = FineStage(artifacts.catalog, backend, fusion)
         ids = artifacts.catalog.item_ids[:20]
         for _ in range(3):  # first Triton executions are slow
             stage.rank(
