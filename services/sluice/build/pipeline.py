@@ -115,7 +115,7 @@ def fit_search_on_judgments(artifacts: Artifacts, data: Path, console: Console) 
     from sluice.eval.search import collect_samples, fit_pairwise, query_encoder, sample_ndcg
 
     queries = load_queries(data)
-    samples = collect_samples(artifacts, queries, query_encoder())
+    samples = collect_samples(artifacts, queries, query_encoder(queries.texts))
     columns = [FEATURES.index(f) for f in SEARCH_FEATURES]
     w = fit_pairwise(samples, columns)
     weights = np.zeros(len(FEATURES), np.float32)

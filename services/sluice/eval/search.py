@@ -99,12 +99,30 @@ class QuerySample:
     judged: dict[int, int]
 
 
-def query_encoder() -> Callable[[str], np.ndarray]:
-    """The gateway's query encoder (MiniLM, lower-cased, cached)."""
+def query_encoder(known: Sequence[str] = ()) -> Callable[[str], np.ndarray]:
+    """The gateway's query encoder (MiniLM of the lower-cased, space-normalised query).
+
+    ``known`` queries are encoded up front in one batch (one at a time, MiniLM
+    spends most of a loaded CPU on overhead); others go through the gateway's
+    :class:`~sluice.gateway.pipeline.QueryEncoder`.
+    """
     from sluice.embed.text import MiniLMEncoder
     from sluice.gateway.pipeline import QueryEncoder
 
-    return QueryEncoder(MiniLMEncoder().encode)
+    model = MiniLMEncoder()
+    single = QueryEncoder(model.encode)
+
+    def key(query: str) -> str:
+        return " ".join(query.lower().split())  # as QueryEncoder normalises
+
+    keys = list(dict.fromkeys(key(q) for q in known))
+    table = dict(zip(keys, model.encode(keys), strict=True)) if keys else {}
+
+    def encode(query: str) -> np.ndarray:
+        hit = table.get(key(query))
+        return hit if hit is not None else single(query)
+
+    return encode
 
 
 def collect_samples(
@@ -303,26 +321,10 @@ def in_process_rankings(
     diversity_lambda: float | None = None,
 ) -> list[list[int]]:
     """Every query through the gateway logic and the four stages in this process."""
-    from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
-    from sluice.eval.served import in_process_gateway
-    from sluice.fine.fusion import FusionWeights
-    from sluice.fine.scorer import FineStage, TorchBackend
-    from sluice.gateway.stages import LocalStages
-    from sluice.recall.engine import RecallAssets, Recaller
-    from sluice.rerank.engine import RerankConfig, Reranker
+    from sluice.eval.served import in_process_gateway, local_stages
 
     a = artifacts
-    config = RerankConfig()
-    if diversity_lambda is not None:
-        config.diversity_lambda = diversity_lambda
-    stages = LocalStages(
-        Recaller(RecallAssets.from_artifacts(a)),
-        CoarseRanker(FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")),
-        FineStage(
-            a.catalog, TorchBackend(a.ranker_dir), FusionWeights.load(a.root / "fusion.json")
-        ),
-        Reranker(a.catalog, a.text_vectors, config),
-    )
+    stages = local_stages(a, diversity_lambda=diversity_lambda)
     gateway = in_process_gateway(a, stages, encode)
     return [
         gateway.search(q, "", (), K, "", 30.0).candidates.item_ids.tolist() for q in queries.texts
@@ -411,7 +413,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         mean_ndcg(bm25_rankings(catalog, queries, stem=True), queries),
         "the lexical index recall serves",
     )
-    encode = query_encoder()
+    encode = query_encoder(queries.texts)
     qv = np.stack([encode(q.strip()) for q in queries.texts])
     add(
         "dense MiniLM (title + description)",

@@ -108,14 +108,24 @@ def ensure_build(
         progress=progress,
         **build_kwargs,
     )
-    return build(options)
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    artifacts = build(options)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    cost = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(cpu, 1)}
+    (out / "build-cost.json").write_text(json.dumps(cost))
+    print(f"build: {cost['wall_s']:.0f} s wall, {cost['cpu_s']:.0f} CPU-seconds", flush=True)
+    return artifacts
 
 
 def _warn_if_stale(manifest: dict[str, Any]) -> None:
     from sluice.fine.model import RankerConfig
 
     built = manifest.get("fine_ranker", {}).get("config")
-    current = asdict(RankerConfig())
+    current = {k: v for k, v in asdict(RankerConfig()).items() if k != "num_threads"}
     if built is not None and any(built.get(k) != v for k, v in current.items()):
         changed = {k: (built.get(k), v) for k, v in current.items() if built.get(k) != v}
         print(
@@ -532,6 +542,7 @@ class RecommendOptions:
     sasrec_budget_s: float = 900.0
     served: bool = True
     stages: bool = True
+    ablation_users: int = 0  # in-process variants of the cascade on a sample (0: skip)
     seed: int = 0
     progress: bool = True
     root: Path | None = None
@@ -560,13 +571,17 @@ def run_recommend(opts: RecommendOptions) -> dict[str, Any]:
     )
     split = load_split(opts.data, artifacts)
     users = sample_users(split, opts.users, opts.seed)
-    report: dict[str, Any] = {
+    path = base / "recommend-report.json"
+    previous = _load_json(path) or {}
+    same_build = previous.get("build", {}).get("version") == artifacts.manifest.get("version")
+    report: dict[str, Any] = (previous if same_build else {}) | {
         "dataset": str(opts.data),
         "artifacts": str(artifacts.root),
         "build": {
             k: artifacts.manifest.get(k) for k in ("version", "num_items", "num_interactions")
         }
-        | {"fine_ranker": artifacts.manifest.get("fine_ranker")},
+        | {"fine_ranker": artifacts.manifest.get("fine_ranker")}
+        | {"cost": _load_json(artifacts.root / "build-cost.json")},
         "users": len(users),
         "protocol": "leave-one-out by time; full ranking; history excluded; holdout build",
     }
@@ -582,6 +597,8 @@ def run_recommend(opts: RecommendOptions) -> dict[str, Any]:
             progress=opts.progress,
             seed=opts.seed,
         )
+    if opts.ablation_users:
+        report["ablations"] = ablations(split, opts.ablation_users, opts.seed, header)
     if opts.served or opts.stages:
         with tempfile.TemporaryDirectory(prefix="sluice-eval-") as tmp:
             cluster = Cluster(
@@ -599,9 +616,94 @@ def run_recommend(opts: RecommendOptions) -> dict[str, Any]:
                     report["stages"] = _stage_section(cluster, split, users, opts)
             finally:
                 cluster.stop()
-    (base / "recommend-report.json").write_text(json.dumps(report, indent=1, default=float))
-    print(f"\nreport: {base / 'recommend-report.json'}")
+    path.write_text(json.dumps(report, indent=1, default=float))
+    print(f"\nreport: {path}")
     return report
+
+
+def local_stages(
+    artifacts: Artifacts,
+    diversity_lambda: float | None = None,
+    fusion: Any = None,
+) -> Any:
+    """The four stages in this process, loaded like the services load them."""
+    from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
+    from sluice.fine.fusion import FusionWeights
+    from sluice.fine.scorer import FineStage, TorchBackend
+    from sluice.gateway.stages import LocalStages
+    from sluice.recall.engine import RecallAssets, Recaller
+    from sluice.rerank.engine import RerankConfig, Reranker
+
+    a = artifacts
+    config = RerankConfig()
+    if diversity_lambda is not None:
+        config.diversity_lambda = diversity_lambda
+    return LocalStages(
+        Recaller(RecallAssets.from_artifacts(a)),
+        CoarseRanker(FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")),
+        FineStage(
+            a.catalog,
+            TorchBackend(a.ranker_dir),
+            fusion if fusion is not None else FusionWeights.load(a.root / "fusion.json"),
+        ),
+        Reranker(a.catalog, a.text_vectors, config),
+    )
+
+
+class _NoFine:
+    """Stages whose fine stage is skipped (the gateway keeps the coarse order)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def fine(
+        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
+    ) -> tuple[Candidates, StageReport]:
+        from sluice.core.errors import Unavailable
+
+        raise Unavailable("fine stage skipped for the ablation")
+
+
+def ablations(
+    split: RecommendSplit, count: int, seed: int, header: str, threads: int = 2
+) -> dict[str, dict[str, float]]:
+    """The cascade in process on a user sample, as deployed and with one stage changed.
+
+    Tells which stage's ordering helps or hurts: the rerank's MMR diversity,
+    the fine/coarse fusion (the model's score alone), the fine stage itself.
+    """
+    from sluice.fine.fusion import FusionWeights
+
+    a = split.artifacts
+    users = sample_users(split, count, seed + 2)
+    deployed = FusionWeights.load(a.root / "fusion.json")
+    variants: dict[str, Any] = {
+        "as deployed (in process)": local_stages(a),
+        "rerank MMR off (diversity_lambda 1.0)": local_stages(a, diversity_lambda=1.0),
+        "fine score alone (fusion beta 0)": local_stages(
+            a, fusion=FusionWeights(0.0, deployed.search)
+        ),
+        "no fine stage (coarse order, then rerank)": _NoFine(local_stages(a)),
+    }
+    home = 1
+    out: dict[str, dict[str, float]] = {}
+    print(f"\nablations: the cascade in process on {len(users)} sampled test users\n" + header)
+    for name, stages in variants.items():
+        recorder = RecordingStages(stages)
+        gateway = in_process_gateway(a, recorder)
+        requests = [
+            partial(_recommend_request, user=split.user_ids[int(u)], surface=home)
+            for u in users.tolist()
+        ]
+        run = stage_candidates(
+            gateway, recorder, requests, a.catalog, threads=threads, progress=False
+        )
+        out[name] = list_metrics(run.page, split, users)
+        _print_row(name, out[name])
+    return out
 
 
 def _served_section(
