@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -36,8 +37,32 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return ap
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # unwinds through the context managers, which stop the clusters/servers they started
+    raise SystemExit(128 + signum)
+
+
+def _reexec_with_env(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    """``--env KEY=VALUE`` must hold from the start: OpenBLAS and libgomp read their
+    variables once, when numpy/torch load (already the case here). Re-run this command in a
+    fresh interpreter with them set, once."""
+    pairs = [p.partition("=") for p in getattr(args, "env", None) or []]
+    wanted = {k: v for k, sep, v in pairs if sep}
+    if argv is None or not wanted or all(os.environ.get(k) == v for k, v in wanted.items()):
+        return
+    if os.environ.get("SLUICE_BENCH_REEXEC") == "1":
+        return  # never loop
+    os.environ.update(wanted)
+    os.environ["SLUICE_BENCH_REEXEC"] = "1"
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "sluice.bench", *argv])
+
+
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    _reexec_with_env(args, argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)  # also when started in the background
     result: int = args.bench_fn(args, argv)
     return result
 

@@ -155,7 +155,7 @@ class TritonServer:
     http_port: int = 0
     metrics_port: int = 0
 
-    def start(self, timeout_s: float = 300.0) -> TritonServer:
+    def start(self, timeout_s: float = 240.0) -> TritonServer:
         from sluice.launch import free_port
         from sluice.tools.triton_setup import (
             backend_dir,
@@ -215,7 +215,11 @@ class TritonServer:
                 self.proc.wait()
 
     def __enter__(self) -> TritonServer:
-        return self.start()
+        try:
+            return self.start()
+        except RuntimeError as err:  # see started_cluster: a hung stub; one fresh try
+            print(f"  {err}; starting Triton again", flush=True)
+            return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -1305,6 +1309,15 @@ def _scale_point(
         for name, u in res.services[-1].items():
             if isinstance(u, dict):
                 point[f"cpu_{name}_cores"] = u["cpu_cores"]
+                point[f"cpu_ms_per_request_{name}"] = u.get("cpu_ms_per_request")
+        point["cpu_ms_per_request_total"] = round(
+            sum(
+                u.get("cpu_ms_per_request", 0.0)
+                for u in res.services[-1].values()
+                if isinstance(u, dict)
+            ),
+            2,
+        )
     return point
 
 

@@ -936,23 +936,40 @@ def started_cluster(
     gpu: bool = False,
     fine_backend: str = "triton",
     log_dir: Path | None = None,
+    timeout_s: float = 420.0,
+    retries: int = 1,
 ) -> Iterator[Any]:
     """A fresh :class:`~sluice.launch.Cluster` on random ports (events to a temp dir)."""
     from sluice.launch import Cluster, Ports
 
     env = dict(extra_env or {})  # FAISS on GPU: SLUICE_RECALL_USE_GPU=1 in the environment
+    from sluice.launch import StartupError
+
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
-        cluster = Cluster(
-            artifacts=artifacts,
-            ports=Ports.random(),
-            log_dir=log_dir or Path(tmp) / "logs",
-            event_log_dir=Path(tmp) / "events",
-            fine_backend=fine_backend,
-            extra_env=env,
-            triton_gpu=gpu,
-        )
-        t = time.monotonic()
-        cluster.start(timeout_s=900, progress=True)
+        for attempt in range(1 + retries):
+            cluster = Cluster(
+                artifacts=artifacts,
+                ports=Ports.random(),
+                log_dir=log_dir or Path(tmp) / f"logs{attempt}",
+                event_log_dir=Path(tmp) / f"events{attempt}",
+                fine_backend=fine_backend,
+                extra_env=env,
+                triton_gpu=gpu,
+            )
+            t = time.monotonic()
+            try:
+                cluster.start(timeout_s=timeout_s, progress=True)
+                break
+            except StartupError as err:
+                # seen on the busy host: Triton's python backend stub hanging in model
+                # initialisation (idle, no progress); a fresh start gets past it
+                print(
+                    f"  cluster did not start ({str(err).splitlines()[0]}); "
+                    f"attempt {attempt + 1} of {1 + retries}",
+                    flush=True,
+                )
+                if attempt == retries:
+                    raise
         print(f"  cluster up in {time.monotonic() - t:.0f} s", flush=True)
         try:
             yield cluster

@@ -39,10 +39,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--skip-served", action="store_true")
     r.add_argument("--skip-stages", action="store_true")
     r.add_argument(
+        "--ablation-users",
+        type=int,
+        default=0,
+        help="also run in-process variants of the cascade on this many users (0: skip)",
+    )
+    r.add_argument(
         "--train-budget",
         type=float,
         default=None,
         help="ranker training seconds for a new build (default: the build's, 1080)",
+    )
+    r.add_argument(
+        "--train-threads",
+        type=int,
+        default=None,
+        help="torch threads for a new build's ranker training (default: RankerConfig's); "
+        "1 trains faster than 2 on a machine other jobs keep busy",
     )
     r.add_argument("--out", type=Path, help="evaluation folder (default var/eval/<dataset>)")
     r.add_argument("--seed", type=int, default=0)
@@ -77,12 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sasrec_budget_s=args.sasrec_budget,
                 served=not args.skip_served,
                 stages=not args.skip_stages,
+                ablation_users=args.ablation_users,
                 seed=args.seed,
                 progress=not args.no_progress,
                 root=args.out,
-                build_kwargs=(
-                    {} if args.train_budget is None else {"train_budget_s": args.train_budget}
-                ),
+                build_kwargs=_build_kwargs(args),
             )
         )
     else:
@@ -102,6 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     return 0
+
+
+def _build_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if args.train_budget is not None:
+        out["train_budget_s"] = args.train_budget
+    if args.train_threads is not None:
+        from sluice.fine.model import RankerConfig
+
+        out["ranker"] = RankerConfig(num_threads=args.train_threads)
+    return out
 
 
 if __name__ == "__main__":

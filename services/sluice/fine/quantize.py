@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, help="a saved FineRanker; trained if missing")
     parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--time-budget", type=float, default=600.0)
+    parser.add_argument("--time-budget", type=float, default=1100.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=RankerConfig.num_threads)
     parser.add_argument("--repeats", type=int, default=50)
