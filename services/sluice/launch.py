@@ -26,6 +26,11 @@ from sluice.tools.triton_setup import backend_dir, install_stub, triton_env, tri
 
 STAGES = ("recall", "coarse", "fine", "rerank")
 
+# Six processes share the machine's cores and each serves one request per thread: OpenMP
+# threads that spin while waiting for work, and BLAS thread pools, only steal CPU from the
+# process that has work. Set unless the caller's environment says otherwise.
+CPU_SHARING_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -171,10 +176,11 @@ class Cluster:
         ]
         if self.triton_gpu:
             argv.append("--model-config-name=gpu")
-        self._spawn("triton", argv, triton_env())
+        env = triton_env({**CPU_SHARING_ENV, **os.environ, **self.extra_env})
+        self._spawn("triton", argv, env)
 
     def _service_env(self, name: str) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**CPU_SHARING_ENV, **os.environ}
         env.update(self.extra_env)
         p = self.ports
         prefix = f"SLUICE_{name.upper()}_"
