@@ -37,6 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from sluice.config import ROOT
 from sluice.recall.ann_index import (
     DEFAULT_LARGE_KIND,
     AnnIndex,
@@ -47,8 +48,8 @@ from sluice.recall.ann_index import (
 
 log = logging.getLogger(__name__)
 
-ITEMS_TSV = Path("/work/shared/data/amazon-beauty/items.tsv")
-CACHE = Path("/tmp/sluice-cache/beauty_minilm.npy")
+ITEMS_TSV = ROOT.parent / "shared" / "data" / "amazon-beauty" / "items.tsv"
+CACHE = ROOT / "var" / "cache" / "beauty_minilm.npy"
 K = 100
 SIGMA = 0.3
 N_NEIGHBOURS = 10

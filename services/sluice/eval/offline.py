@@ -1,6 +1,6 @@
 """Offline evaluation: leave-one-out, full ranking, every model side by side.
 
-``python -m sluice.eval.offline --data /work/shared/data/amazon-beauty``
+``python -m sluice.eval.offline --data ../shared/data/amazon-beauty``
 
 Models are fitted on the training sequences (all but each user's last two
 items), early-stopped on the validation targets, and scored on the test
