@@ -13,7 +13,7 @@ from sluice.config import DEFAULT_ARTIFACTS, ROOT
 
 
 def _build(args: argparse.Namespace) -> int:
-    from sluice.build.pipeline import BuildOptions, build
+    from sluice.build.pipeline import BuildOptions, build, refit
     from sluice.data.synthetic import ShopSpec
     from sluice.fine.model import RankerConfig
 
@@ -28,7 +28,7 @@ def _build(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         ranker=ranker,
     )
-    build(options)
+    (refit if args.refit else build)(options)
     return 0
 
 
@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--holdout", type=int, default=0, help="drop each user's last n interactions")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--epochs", type=int, default=200)
+    b.add_argument(
+        "--refit",
+        action="store_true",
+        help="only fit the coarse weights and the fusion of the build in --out again",
+    )
     b.set_defaults(fn=_build)
 
     s = sub.add_parser("serve", help="run one service")

@@ -31,7 +31,6 @@ from sluice.fine.model import RankerConfig
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_REPOSITORY = ROOT / "model_repository"
-COOC_TOP_K = 100
 # Without interactions the transformer has no behaviour to learn from: it is exported
 # untrained (Triton still serves the stage) and the fine stage's fused score is the
 # coarse score (z(fine) + beta * z(coarse) with a beta so large the fine score only
@@ -151,13 +150,93 @@ def export_ranker(model_dir_writer: Callable[[Path], None], repository: Path) ->
     return version_dir, version
 
 
-def build(options: BuildOptions) -> Artifacts:
-    """Run every build step and return the new artifacts."""
-    from sluice.coarse.training import fit_coarse, training_contexts
-    from sluice.eval.baselines import CoocModel
-    from sluice.eval.offline import pseudo_query_table, text_table
+def fit_cascade(
+    artifacts: Artifacts,
+    sequences: list[np.ndarray],
+    pseudo: np.ndarray | None,
+    *,
+    coarse_users: int,
+    seed: int,
+    judgments: Path | None,
+    steps: _Steps,
+    console: Console,
+) -> None:
+    """Fit the coarse weights and the fine/coarse fusion of a build (its last two steps).
+
+    Both fit on held-out requests (each user's last item as the target) against recall and
+    coarse features recounted without those targets (:class:`FittingView`).
+    """
+    from sluice.coarse.training import FittingView, fit_coarse, training_contexts
     from sluice.fine.fusion import FusionWeights
     from sluice.fine.fusion_training import fit_fusion
+
+    out = artifacts.root
+    search_only = not any(len(s) for s in sequences)
+    view = FittingView.without_last_items(artifacts, sequences)
+    with steps.step("fit the coarse ranker on recall candidates"):
+        rec, search = training_contexts(artifacts, sequences, coarse_users, seed, pseudo)
+        weights = fit_coarse(view, rec, search, seed=seed)
+        if judgments is not None:
+            weights.search = fit_search_on_judgments(artifacts, judgments, console)
+        weights.save(out / "coarse.json")
+
+    with steps.step("fit the fine/coarse score fusion on other held-out requests"):
+        if search_only:
+            fusion = FusionWeights(NO_BEHAVIOUR_FUSION_BETA, NO_BEHAVIOUR_FUSION_BETA)
+        else:
+            rec, search = training_contexts(
+                artifacts, sequences, min(coarse_users // 2, 500), seed + 1, pseudo
+            )
+            fusion = fit_fusion(artifacts, view, rec, search)
+        fusion.save(out / "fusion.json")
+        console.print(f"  fusion beta: recommend {fusion.recommend}, search {fusion.search}")
+
+
+def refit(options: BuildOptions) -> Artifacts:
+    """Fit the coarse weights and the fusion of the build at ``options.out`` again.
+
+    For a change to the coarse features or to how they are fitted: the ranker, the vectors
+    and the indexes stay; the data is read again to rebuild the same held-out requests.
+    """
+    from sluice.eval.offline import pseudo_query_table
+
+    console = Console(stderr=True)
+    steps = _Steps(console)
+    artifacts = Artifacts(options.out)
+    with steps.step("load data"):
+        catalog, interactions, _ = load_dataset(options)
+        held = interactions.drop_last(options.holdout)
+        built = artifacts.manifest
+        if (built.get("num_items"), built.get("num_interactions"), built.get("holdout")) != (
+            len(catalog),
+            len(held),
+            options.holdout,
+        ):
+            raise ValueError(f"{options.out} was built from other data or another holdout")
+        pseudo = pseudo_query_table(
+            catalog, per_item=2, seed=options.seed, cache_dir=options.cache_dir, progress=False
+        )
+    fit_cascade(
+        artifacts,
+        held.sequences(),
+        pseudo,
+        coarse_users=options.coarse_users,
+        seed=options.seed,
+        judgments=options.data
+        if options.data is not None and has_judgments(options.data)
+        else None,
+        steps=steps,
+        console=console,
+    )
+    console.print(f"[bold green]refitted[/] {options.out}")
+    return Artifacts(options.out)
+
+
+def build(options: BuildOptions) -> Artifacts:
+    """Run every build step and return the new artifacts."""
+    from sluice.coarse.training import COOC_TOP_K
+    from sluice.eval.baselines import CoocModel
+    from sluice.eval.offline import pseudo_query_table, text_table
     from sluice.fine.train import train_ranker
     from sluice.recall.ann_index import AnnIndex, build_index
     from sluice.recall.lexical import LexicalIndex
@@ -268,25 +347,18 @@ def build(options: BuildOptions) -> Artifacts:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     artifacts = Artifacts(out)
 
-    with steps.step("fit the coarse ranker on recall candidates"):
-        rec, search = training_contexts(
-            artifacts, sequences, options.coarse_users, rng_seed, pseudo
-        )
-        weights = fit_coarse(artifacts, rec, search, seed=rng_seed)
-        if options.data is not None and has_judgments(options.data):
-            weights.search = fit_search_on_judgments(artifacts, options.data, console)
-        weights.save(out / "coarse.json")
-
-    with steps.step("fit the fine/coarse score fusion on other held-out requests"):
-        if search_only:
-            fusion = FusionWeights(NO_BEHAVIOUR_FUSION_BETA, NO_BEHAVIOUR_FUSION_BETA)
-        else:
-            rec, search = training_contexts(
-                artifacts, sequences, min(options.coarse_users // 2, 500), rng_seed + 1, pseudo
-            )
-            fusion = fit_fusion(artifacts, rec, search)
-        fusion.save(out / "fusion.json")
-        console.print(f"  fusion beta: recommend {fusion.recommend}, search {fusion.search}")
+    fit_cascade(
+        artifacts,
+        sequences,
+        pseudo,
+        coarse_users=options.coarse_users,
+        seed=rng_seed,
+        judgments=options.data
+        if options.data is not None and has_judgments(options.data)
+        else None,
+        steps=steps,
+        console=console,
+    )
     manifest["timings_s"] = steps.timings
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     console.print(f"[bold green]built[/] {out} (fine_ranker version {version})")

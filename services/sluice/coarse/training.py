@@ -8,6 +8,7 @@ an item's title) labelled with that item. Negatives are subsampled per request.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -15,7 +16,48 @@ from tqdm.auto import tqdm
 from sluice.artifacts import Artifacts
 from sluice.coarse.scorer import FeatureTables, LinearWeights, fit_weights
 from sluice.domain import RankContext
-from sluice.recall.engine import RecallAssets, Recaller
+from sluice.recall.engine import RecallAssets, Recaller, StaticPopularity
+
+COOC_TOP_K = 100  # co-occurrence neighbours kept per item for recall
+
+
+@dataclass
+class FittingView:
+    """Recall assets and coarse feature tables to fit on: counts without the fitting targets.
+
+    Fitting requests target each user's last item (:func:`training_contexts`). The served
+    tables count that very interaction, so popularity and co-occurrence would see the answer:
+    the fitted weights would trust them far more than they deserve when serving, where the
+    next item is never in the counts yet. This view recounts both without each user's last
+    item; everything else (vectors, lexical index) is the build's own.
+    """
+
+    recall: RecallAssets
+    tables: FeatureTables
+
+    @classmethod
+    def without_last_items(
+        cls, artifacts: Artifacts, sequences: Sequence[np.ndarray]
+    ) -> FittingView:
+        from sluice.eval.baselines import CoocModel
+
+        n = len(artifacts.catalog)
+        before = [s[:-1] for s in sequences]
+        rows = np.concatenate(before) if before else np.zeros(0, dtype=np.int64)
+        popularity = np.bincount(rows, minlength=n).astype(np.float32)
+        cooc = CoocModel.fit(before, n)
+        top_rows, top_scores = cooc.topk(COOC_TOP_K)
+        recall = replace(
+            RecallAssets.from_artifacts(artifacts),
+            cooc_rows=top_rows,
+            cooc_scores=top_scores,
+            popularity=StaticPopularity(popularity),
+        )
+        tables = replace(
+            FeatureTables.from_artifacts(artifacts), cooc=cooc.matrix, popularity=popularity
+        )
+        return cls(recall, tables)
+
 
 NEGATIVES_PER_REQUEST = 40
 RECALL_BUDGET = 1000
@@ -81,15 +123,15 @@ def training_contexts(
 
 
 def fit_coarse(
-    artifacts: Artifacts,
+    view: FittingView,
     recommend: Sequence[tuple[RankContext, int]],
     search: Sequence[tuple[RankContext, int]],
     seed: int = 0,
 ) -> LinearWeights:
     """Weights for recommendation and search; the defaults where there is no signal."""
     rng = np.random.default_rng(seed)
-    recaller = Recaller(RecallAssets.from_artifacts(artifacts))
-    tables = FeatureTables.from_artifacts(artifacts)
+    recaller = Recaller(view.recall)
+    tables = view.tables
     weights = LinearWeights.default()
     if recommend:
         x, y = _sample(recaller, tables, recommend, rng, "coarse: recommend")

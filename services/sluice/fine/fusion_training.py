@@ -8,11 +8,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sluice.artifacts import Artifacts
-from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
+from sluice.coarse.scorer import CoarseRanker, LinearWeights
+from sluice.coarse.training import FittingView
 from sluice.domain import RankContext
 from sluice.fine.fusion import FusionWeights, fit_beta
 from sluice.fine.scorer import FineStage, TorchBackend
-from sluice.recall.engine import RecallAssets, Recaller
+from sluice.recall.engine import Recaller
 
 RECALL_BUDGET = 1000
 COARSE_KEEP = 200
@@ -20,13 +21,13 @@ COARSE_KEEP = 200
 
 def fit_fusion(
     artifacts: Artifacts,
+    view: FittingView,
     recommend: Sequence[tuple[RankContext, int]],
     search: Sequence[tuple[RankContext, int]],
 ) -> FusionWeights:
-    recaller = Recaller(RecallAssets.from_artifacts(artifacts))
-    coarse = CoarseRanker(
-        FeatureTables.from_artifacts(artifacts), LinearWeights.load(artifacts.root / "coarse.json")
-    )
+    """Fusion weights on requests whose targets the view's counts do not include."""
+    recaller = Recaller(view.recall)
+    coarse = CoarseRanker(view.tables, LinearWeights.load(artifacts.root / "coarse.json"))
     fine = FineStage(artifacts.catalog, TorchBackend(artifacts.ranker_dir))
 
     def samples(

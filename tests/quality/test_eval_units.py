@@ -1,0 +1,79 @@
+"""Small checks of the evaluation code itself (no data, no builds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sluice.data.products import (
+    is_search_only,
+    load_products,
+    load_queries,
+    product_id_of,
+    product_number,
+)
+from sluice.eval.search import QuerySample, cross_validate, fit_pairwise, ndcg_at_k
+from sluice.eval.served import biggest_loss, hit_rate
+
+
+def test_ndcg_graded_gain_and_unjudged_zero() -> None:
+    judged = {1: 3, 2: 1, 3: 0}
+    ideal = (7 + 1 / math.log2(3)) / 1.0
+    assert ndcg_at_k([1, 2], judged) == pytest.approx(1.0)
+    assert ndcg_at_k([2, 1], judged) == pytest.approx((1 + 7 / math.log2(3)) / ideal)
+    assert ndcg_at_k([9, 1], judged) == pytest.approx((7 / math.log2(3)) / ideal)  # 9 unjudged
+    assert ndcg_at_k([], judged) == 0.0
+    assert ndcg_at_k([1], {1: 0}) == 0.0  # nothing relevant: 0, not NaN
+    assert ndcg_at_k(list(range(20)), {15: 3}, k=10) == 0.0
+
+
+def test_products_layout(tmp_path: Path) -> None:
+    rows = [
+        {"product_id": "p00002", "title": "Red  Pillow", "description": "soft"},
+        {"product_id": "p00010", "title": "Blue lamp", "description": ""},
+    ]
+    (tmp_path / "products.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"query_id": "q1", "query": "pillow"}))
+    (tmp_path / "qrels.tsv").write_text("q1 0 p00002 3\nq1 0 p00010 0\nq9 0 p00002 1\n")
+    assert is_search_only(tmp_path)
+    catalog = load_products(tmp_path)
+    assert catalog.item_ids.tolist() == [2, 10]
+    assert catalog.titles[0] == "Red Pillow"
+    assert catalog.descriptions == ["soft", ""]
+    queries = load_queries(tmp_path)
+    assert queries.texts == ["pillow"]
+    assert queries.judgments == [{2: 3, 10: 0}]
+    assert product_number("p00001") == 1
+    assert product_id_of(1) == "p00001"
+
+
+def test_pairwise_fit_recovers_the_useful_feature() -> None:
+    rng = np.random.default_rng(0)
+    samples = []
+    for q in range(30):
+        n = 60
+        grades = rng.integers(0, 4, n)
+        x = np.zeros((n, 3), np.float32)
+        x[:, 0] = grades + rng.normal(0, 0.5, n)  # informative
+        x[:, 1] = rng.normal(0, 1, n)  # noise
+        ids = np.arange(n) + 1000 * q
+        judged = {int(i): int(g) for i, g in zip(ids, grades, strict=True)}
+        samples.append(QuerySample(ids, x, grades.astype(np.int64), judged))
+    w = fit_pairwise(samples, [0, 1])
+    assert w[0] > 5 * abs(w[1])
+    cv = cross_validate(samples, [0, 1], folds=3, repeats=1)
+    assert cv["mean"] > 0.9
+
+
+def test_stage_recall_helpers() -> None:
+    lists = [np.array([5, 6, 7]), np.array([1, 2]), np.array([], dtype=np.int64)]
+    assert hit_rate(lists, np.array([6, 9, 1]), 2) == pytest.approx(1 / 3)
+    worst, losses = biggest_loss(
+        {"recall@1000": 0.8, "coarse@200": 0.7, "fine@10": 0.1, "page@10": 0.09}
+    )
+    assert worst.startswith("fine")
+    assert losses["recall (catalog → 1000)"] == pytest.approx(0.2)
