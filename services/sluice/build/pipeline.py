@@ -23,7 +23,7 @@ from rich.console import Console
 
 from sluice.artifacts import MANIFEST, Artifacts, save_cooc, save_users
 from sluice.data.catalog import Catalog
-from sluice.data.interactions import Interactions, load_catalog, load_interactions
+from sluice.data.interactions import Interactions, load_data
 from sluice.data.products import is_search_only, load_products
 from sluice.data.synthetic import ShopSpec, generate_shop
 from sluice.fine.model import RankerConfig
@@ -72,8 +72,11 @@ class _Steps:
 
 
 def load_dataset(options: BuildOptions) -> tuple[Catalog, Interactions, str]:
-    """The catalog and interaction log: generated, the amazon-beauty layout, or a
-    search-only products catalog (crowdflower-search layout, no interactions)."""
+    """The catalog and interaction log: generated, the amazon-beauty layout, the
+    UniSRec/RecBole layout (amazon-scientific: ``P.text``, ``P.item2index``,
+    ``P.user2index``, ``P.{train,valid,test}.inter``; no timestamps), or a
+    search-only products catalog (crowdflower-search layout, no interactions).
+    :func:`sluice.data.interactions.load_data` picks between the first two."""
     if options.data is None:
         catalog, interactions = generate_shop(options.shop)
         return (
@@ -83,8 +86,8 @@ def load_dataset(options: BuildOptions) -> tuple[Catalog, Interactions, str]:
         )
     if is_search_only(options.data):
         return load_products(options.data), no_interactions(), str(options.data)
-    catalog = load_catalog(options.data)
-    return catalog, load_interactions(options.data, catalog), str(options.data)
+    catalog, interactions = load_data(options.data)
+    return catalog, interactions, str(options.data)
 
 
 def no_interactions() -> Interactions:

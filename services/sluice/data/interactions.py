@@ -8,6 +8,9 @@ Layout of a dataset directory (the one of ``../shared/data/amazon-beauty``):
 * ``interactions.tsv.gz`` (or ``interactions.tsv``) — tab-separated with a
   header; columns ``user_id``, ``item_id``, ``timestamp`` (unix seconds). A
   user's rows are in time order; ties keep the file order.
+
+A directory in the UniSRec/RecBole layout (``../shared/data/amazon-scientific``)
+is read by :mod:`sluice.data.recbole`; :func:`load_data` picks the layout.
 """
 
 from __future__ import annotations
@@ -122,6 +125,23 @@ def load_interactions(directory: Path, catalog: Catalog) -> Interactions:
         item_rows=rows[known],
         timestamps=np.asarray(stamps, dtype=np.int64)[known],
     )
+
+
+def load_data(directory: Path, catalog: Catalog | None = None) -> tuple[Catalog, Interactions]:
+    """The catalog and interaction log of a dataset directory, in either layout.
+
+    The one place that picks the layout: the RecBole one when
+    :func:`sluice.data.recbole.is_recbole` says so, else the one above. With
+    ``catalog`` given (the built catalog, for evaluation) only the log is read,
+    against it, so the build and the eval see the same interactions.
+    """
+    from sluice.data.recbole import is_recbole, load_recbole_catalog, load_recbole_interactions
+
+    if is_recbole(directory):
+        catalog = catalog if catalog is not None else load_recbole_catalog(directory)
+        return catalog, load_recbole_interactions(directory, catalog)
+    catalog = catalog if catalog is not None else load_catalog(directory)
+    return catalog, load_interactions(directory, catalog)
 
 
 def write_dataset(directory: Path, catalog: Catalog, interactions: Interactions) -> None:

@@ -158,10 +158,9 @@ class RecommendSplit:
 
 def load_split(data: Path, artifacts: Artifacts) -> RecommendSplit:
     """Leave-one-out over the full log, checked against what the holdout build saw."""
-    from sluice.data.interactions import load_interactions
+    from sluice.data.interactions import load_data
 
-    catalog = artifacts.catalog
-    interactions = load_interactions(data, catalog)
+    _, interactions = load_data(data, artifacts.catalog)
     train, valid, test = leave_one_out(interactions)
     histories = [np.append(t, v) if v >= 0 else t[:0] for t, v in zip(train, valid, strict=True)]
     split = RecommendSplit(artifacts, interactions.user_ids, train, valid, test, histories)
