@@ -297,5 +297,19 @@ class Cluster:
             return str(resp.read().decode())
 
 
+def stop_clusters_on_signals() -> None:
+    """Turn SIGTERM/SIGINT into ``SystemExit`` in a command that starts a :class:`Cluster`.
+
+    The exception unwinds through the ``with``/``finally`` blocks that stop the cluster, so
+    killing a benchmark or an evaluation never leaves Triton and the services running.
+    """
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)  # also when started in the background
+
+
 def have_tritonserver() -> bool:
     return tritonserver_binary().exists() and shutil.which("python3") is not None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -37,11 +36,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return ap
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    # unwinds through the context managers, which stop the clusters/servers they started
-    raise SystemExit(128 + signum)
-
-
 def _reexec_with_env(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     """``--env KEY=VALUE`` must hold from the start: OpenBLAS and libgomp read their
     variables once, when numpy/torch load (already the case here). Re-run this command in a
@@ -61,8 +55,9 @@ def _reexec_with_env(args: argparse.Namespace, argv: Sequence[str] | None) -> No
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     _reexec_with_env(args, argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    signal.signal(signal.SIGINT, _exit_on_signal)  # also when started in the background
+    from sluice.launch import stop_clusters_on_signals
+
+    stop_clusters_on_signals()
     result: int = args.bench_fn(args, argv)
     return result
 

@@ -24,6 +24,9 @@ from pathlib import Path
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sluice.launch import stop_clusters_on_signals
+
+    stop_clusters_on_signals()
     parser = argparse.ArgumentParser(prog="sluice eval", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="task", required=True)
 
