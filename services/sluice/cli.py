@@ -93,6 +93,7 @@ def _demo(args: argparse.Namespace) -> int:
                 model_repository=str(ROOT / "model_repository"),
                 holdout=0,
                 epochs=200,
+                refit=False,
             )
         )
     console.rule("start Triton and the services")
