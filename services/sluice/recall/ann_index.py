@@ -12,7 +12,7 @@ the structure:
   (``IVF{nlist},RaBitQ6``): 0.21 of flat's memory at d=384.
 * ``auto``          ``flat`` below :data:`AUTO_FLAT_MAX` vectors, else :data:`DEFAULT_LARGE_KIND`.
 
-The choice and its measurements are in ``docs/benchmarks-ann.md`` (``python -m sluice.bench.ann``).
+The choice and its measurements are in ``docs/benchmarks.md`` (``python -m sluice.bench.ann``).
 Rows are the 0-based positions of the vectors passed to :func:`build_index`; mapping rows to
 item ids is the caller's job.
 """
