@@ -147,3 +147,30 @@ def test_compressed_variants_score_like_fp32() -> None:
         assert out.shape == ref.shape
         corr = torch.corrcoef(torch.stack([out.flatten(), ref.flatten()]))[0, 1]
         assert corr > 0.95
+
+
+def test_served_item_table_matches_projecting_per_request_and_follows_weight_changes() -> None:
+    model = _model()
+    hist = torch.tensor([[0, 3, 4, 5], [1, 2, 3, 4]])
+    cands = torch.tensor([[1, 2, 3, 0], [7, 8, 9, 10]])
+    q = torch.from_numpy(_text()[[6, 11]])
+    has = torch.tensor([True, False])
+
+    def direct() -> torch.Tensor:  # the per-request projection the table replaces
+        with torch.no_grad():
+            user = model._hidden(hist, q, has)[:, -1]
+            out = torch.einsum("bd,bcd->bc", user, model.item_vectors(cands))
+            return out + model.query_match(q, cands) * has.unsqueeze(1).float()
+
+    assert torch.allclose(model.score(hist, cands, q, has), direct(), atol=1e-5)
+    first = model.score(hist, cands, q, has)
+
+    # a training step changes the weights: the table must not serve stale vectors
+    model.train()
+    with torch.no_grad():
+        assert model.text_proj is not None
+        model.text_proj.weight.copy_(torch.randn_like(model.text_proj.weight))
+    model.eval()
+    after = model.score(hist, cands, q, has)
+    assert not torch.allclose(after, first)
+    assert torch.allclose(after, direct(), atol=1e-5)

@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,6 +158,31 @@ class FineRanker(nn.Module):
         self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.dropout) for _ in range(cfg.layers))
         self.final_ln = nn.LayerNorm(d)
         self.train_info: dict[str, float] = {}  # filled by training, not saved
+        self._served_table: Tensor | None = None  # all_item_vectors() while serving
+
+    # -- the item table while serving -----------------------------------------
+    def train(self, mode: bool = True) -> FineRanker:
+        if mode or self.training:  # weights may change, or just did: recompute when serving
+            self._served_table = None
+        return super().train(mode)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FineRanker:
+        self._served_table = None  # .to(device/dtype) makes a computed table stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def served_item_table(self) -> Tensor:
+        """:meth:`all_item_vectors`, computed once while the model is in eval mode.
+
+        Every request gathers its candidates' and history's vectors from it instead of
+        projecting their 384-d text vectors again: per request that saves a gather of
+        ``C x 384`` floats and a ``C x 384 x D`` matmul. Recomputed after training or a move.
+        """
+        if self.training:
+            return self.all_item_vectors()
+        if self._served_table is None:
+            with torch.no_grad():
+                self._served_table = self.all_item_vectors()
+        return self._served_table
 
     # -- item side ----------------------------------------------------------
     def item_vectors(self, idx: Tensor) -> Tensor:
@@ -235,14 +261,20 @@ class FineRanker(nn.Module):
             x = block(x, mask)
         return self.final_ln(x)
 
-    def encode(self, history: Tensor, query_emb: Tensor, has_query: Tensor) -> Tensor:
+    def encode(
+        self,
+        history: Tensor,
+        query_emb: Tensor,
+        has_query: Tensor,
+        item_table: Tensor | None = None,
+    ) -> Tensor:
         """User vectors ``[B, D]`` from histories ``[B, L]`` (left-padded, most recent last).
 
         Where ``has_query``, the projected query joins the most recent position.
         """
         if history.shape[1] == 0:
             history = torch.zeros(history.shape[0], 1, dtype=torch.long, device=history.device)
-        return self._hidden(history, query_emb, has_query)[:, -1]
+        return self._hidden(history, query_emb, has_query, item_table=item_table)[:, -1]
 
     @torch.no_grad()
     def score(
@@ -252,9 +284,10 @@ class FineRanker(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            user = self.encode(history, query_emb, has_query)
-            out = torch.einsum("bd,bcd->bc", user, self.item_vectors(candidates))
-            if self.query_scale is not None:
+            table = self.served_item_table()
+            user = self.encode(history, query_emb, has_query, item_table=table)
+            out = torch.einsum("bd,bcd->bc", user, F.embedding(candidates, table))
+            if self.query_scale is not None and bool(has_query.any()):
                 match = self.query_match(query_emb, candidates)
                 out = out + match * has_query.unsqueeze(1).to(out.dtype)
             return out
@@ -267,7 +300,8 @@ class FineRanker(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = self.encode(history, query_emb, has_query) @ self.all_item_vectors().T
+            table = self.served_item_table()
+            out = self.encode(history, query_emb, has_query, item_table=table) @ table.T
             if self.query_scale is not None and bool(has_query.any()):
                 cos = query_emb.to(self.text_emb.dtype) @ self.text_emb.T
                 out = out + self.query_scale * cos * has_query.unsqueeze(1).to(out.dtype)
