@@ -79,6 +79,15 @@ class RankContext:
     def is_search(self) -> bool:
         return bool(self.query)
 
+    @property
+    def is_anonymous(self) -> bool:
+        """No query, no history, no anchor item: nothing personal for a model to read.
+
+        Such a request (a newcomer's home page) is served by popularity: the ranking
+        stages keep recall's order, which follows live popularity when the state is shared.
+        """
+        return not self.query and not len(self.history_item_ids) and not self.context_item_id
+
 
 @dataclass
 class StageReport:

@@ -63,3 +63,21 @@ def test_fine_stage_unknown_items_rank_last(tiny_artifacts: Artifacts) -> None:
     ids = np.append(tiny_artifacts.catalog.item_ids[:5], 987654321)
     ranked = stage.rank(RankContext(), Candidates(ids, np.zeros(6), np.zeros(6)))
     assert ranked.item_ids[-1] == 987654321
+
+
+def test_an_anonymous_request_keeps_recalls_popularity_order(
+    local_stages: LocalStages, recaller: Recaller, tiny_artifacts: Artifacts
+) -> None:
+    """No query, history or anchor: coarse and fine keep recall's (popularity) order, which
+    follows live popularity when the state is shared; with history, the models re-rank."""
+    anonymous = RankContext()
+    cands = recaller.recall(anonymous, 300).candidates
+    expected = cands.top(50).item_ids.tolist()
+    coarse = local_stages.coarse_ranker.rank(anonymous, cands, 50)
+    assert coarse.item_ids.tolist() == expected
+    fine = local_stages.fine_stage.rank(anonymous, coarse, 20)
+    assert fine.item_ids.tolist() == expected[:20]
+
+    _, histories = tiny_artifacts.users()
+    known = RankContext(history_item_ids=histories[2])
+    assert local_stages.coarse_ranker.rank(known, cands, 50).item_ids.tolist() != expected

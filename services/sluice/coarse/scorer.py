@@ -192,6 +192,8 @@ class CoarseRanker:
     def rank(self, ctx: RankContext, cands: Candidates, keep: int) -> Candidates:
         if len(cands) == 0:
             return cands
+        if ctx.is_anonymous:  # popularity decides; the features hold only build-time counts
+            return cands.top(keep)
         x = self.tables.features(ctx, cands)
         w = self.weights.search if ctx.is_search else self.weights.recommend
         return cands.with_scores(x @ w).top(keep)

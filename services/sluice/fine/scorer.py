@@ -188,6 +188,8 @@ class FineStage:
     ) -> Candidates:
         if len(cands) == 0:
             return cands
+        if ctx.is_anonymous:  # the transformer would read nothing: keep the incoming order
+            return cands.top(keep if keep > 0 else len(cands))
         fine = self.model_scores(ctx, cands, timeout_s)
         fused = fuse(fine, cands.scores, self.fusion.beta(ctx.is_search))
         known = self.catalog.rows(cands.item_ids) >= 0
