@@ -105,6 +105,11 @@ def has_judgments(data: Path | None) -> bool:
     return data is not None and (data / QUERIES).exists() and (data / QRELS).exists()
 
 
+def _judgments(options: BuildOptions) -> Path | None:
+    """The dataset directory when it carries judged queries (search weights fit on them)."""
+    return options.data if options.data is not None and has_judgments(options.data) else None
+
+
 def fit_search_on_judgments(artifacts: Artifacts, data: Path, console: Console) -> np.ndarray:
     """Search weights of the coarse ranker fitted on a dataset's judged queries.
 
@@ -225,9 +230,7 @@ def refit(options: BuildOptions) -> Artifacts:
         pseudo,
         coarse_users=options.coarse_users,
         seed=options.seed,
-        judgments=options.data
-        if options.data is not None and has_judgments(options.data)
-        else None,
+        judgments=_judgments(options),
         steps=steps,
         console=console,
     )
@@ -356,9 +359,7 @@ def build(options: BuildOptions) -> Artifacts:
         pseudo,
         coarse_users=options.coarse_users,
         seed=rng_seed,
-        judgments=options.data
-        if options.data is not None and has_judgments(options.data)
-        else None,
+        judgments=_judgments(options),
         steps=steps,
         console=console,
     )
