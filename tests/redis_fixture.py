@@ -7,7 +7,6 @@ Fixtures: ``redis_server`` (session; ``.host``, ``.port``, ``.url``) and
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from sluice.launch import free_port
 
 _READY = "Ready to accept connections"
 
@@ -31,18 +32,12 @@ class RedisServer:
         return f"redis://{self.host}:{self.port}/0"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_redis(directory: Path, attempts: int = 5) -> RedisServer:
     """Start redis-server in ``directory``; return once it accepts connections."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     last_output = ""
     for _ in range(attempts):
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [
                 binary,

@@ -7,6 +7,7 @@ tests exercise exactly what an operator runs.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,10 +33,42 @@ STAGES = ("recall", "coarse", "fine", "rerank")
 CPU_SHARING_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_NUM_THREADS": "1"}
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux; else 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that are free now, below the ephemeral range.
+
+    A port the kernel picks for ``bind(0)`` lies in the ephemeral range, where any outgoing
+    connection (a gRPC client, Redis) may take it in the seconds before the service that
+    was given it binds: a flaky "address already in use". Ports below that range are only
+    ever taken by an explicit bind.
+    """
+    low, high = 10_000, _ephemeral_low()
+    if high - low < 1000:
+        low, high = 1024, 65535
+    rng = random.SystemRandom()
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = rng.randrange(low, high)
+        if port in chosen:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    return chosen
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 @dataclass
@@ -60,16 +93,18 @@ class Ports:
 
     @classmethod
     def random(cls) -> Ports:
+        names = ("gateway", *STAGES)
+        ports = free_ports(8 + len(names))  # distinct: no two servers share one
         return cls(
-            gateway=free_port(),
-            recall=free_port(),
-            coarse=free_port(),
-            fine=free_port(),
-            rerank=free_port(),
-            triton_http=free_port(),
-            triton_grpc=free_port(),
-            triton_metrics=free_port(),
-            metrics={name: free_port() for name in ("gateway", *STAGES)},
+            gateway=ports[0],
+            recall=ports[1],
+            coarse=ports[2],
+            fine=ports[3],
+            rerank=ports[4],
+            triton_http=ports[5],
+            triton_grpc=ports[6],
+            triton_metrics=ports[7],
+            metrics=dict(zip(names, ports[8:], strict=True)),
         )
 
 

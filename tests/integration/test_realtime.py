@@ -32,7 +32,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from sluice.artifacts import Artifacts
-from sluice.launch import Cluster, Ports, free_port
+from sluice.launch import Cluster, Ports, free_ports
 from sluice.state.store import RedisStateStore
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
 from tests.redis_fixture import RedisServer
@@ -181,10 +181,11 @@ def embedded_cluster(
     small machine. Only the gateway is in ``processes``: ``stop`` stops just that one.
     """
     base = tmp_path_factory.mktemp("rt-embedded")
+    gateway_port, metrics_port = free_ports(2)
     ports = dataclasses.replace(
         redis_cluster.ports,
-        gateway=free_port(),
-        metrics={**redis_cluster.ports.metrics, "gateway": free_port()},
+        gateway=gateway_port,
+        metrics={**redis_cluster.ports.metrics, "gateway": metrics_port},
     )
     cluster = Cluster(
         artifacts=redis_cluster.artifacts,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -125,3 +126,17 @@ def test_stop_drains_and_reports_not_serving(service: tuple) -> None:
     with pytest.raises(grpc.RpcError) as err:
         rerank(svc.port, GOOD)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    from pathlib import Path
+
+    from sluice.launch import free_ports
+
+    ports = free_ports(40)
+    assert len(set(ports)) == 40
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(p < low for p in ports)
+    for p in ports[:5]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))

@@ -156,7 +156,7 @@ class TritonServer:
     metrics_port: int = 0
 
     def start(self, timeout_s: float = 240.0) -> TritonServer:
-        from sluice.launch import free_port
+        from sluice.launch import free_ports
         from sluice.tools.triton_setup import (
             backend_dir,
             install_stub,
@@ -165,7 +165,7 @@ class TritonServer:
         )
 
         install_stub()
-        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
         argv = [
             str(tritonserver_binary()),
             f"--model-repository={self.repository}",
