@@ -482,48 +482,15 @@ def local_gateway(artifacts: Path, torch_threads: int = 1) -> Any:
     import torch
 
     from sluice.artifacts import Artifacts
-    from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
-    from sluice.config import GatewaySettings, RerankSettings
     from sluice.embed.text import MiniLMEncoder
-    from sluice.fine.fusion import FusionWeights
-    from sluice.fine.scorer import FineStage, TorchBackend
-    from sluice.gateway.pipeline import Gateway, GatewayLimits, QueryEncoder
-    from sluice.gateway.stages import LocalStages
-    from sluice.gateway.users import UserHistory, item_attributes
-    from sluice.recall.engine import RecallAssets, Recaller
-    from sluice.rerank.engine import RerankConfig, Reranker
-    from sluice.state.store import InMemoryStateStore
+    from sluice.eval.served import in_process_gateway, local_stages
+    from sluice.gateway.pipeline import QueryEncoder
 
     torch.set_num_threads(torch_threads)
     a = Artifacts(artifacts)
-    gs, rs = GatewaySettings(), RerankSettings()
-    stages = LocalStages(
-        Recaller(RecallAssets.from_artifacts(a)),
-        CoarseRanker(FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")),
-        FineStage(
-            a.catalog,
-            TorchBackend(a.ranker_dir, threads=torch_threads),
-            FusionWeights.load(a.root / "fusion.json"),
-        ),
-        Reranker(a.catalog, a.text_vectors, RerankConfig(rs.diversity_lambda, rs.max_per_brand)),
-    )
-    store = InMemoryStateStore(item_attributes(a.catalog))
-    limits = GatewayLimits(
-        default_deadline_ms=gs.deadline_ms,
-        min_deadline_ms=gs.min_deadline_ms,
-        recall_candidates=gs.recall_candidates,
-        coarse_candidates=gs.coarse_candidates,
-        fine_candidates=gs.fine_candidates,
-        max_page_size=gs.max_page_size,
-        max_query_chars=gs.max_query_chars,
-    )
     encoder = MiniLMEncoder(threads=torch_threads)
-    gw = Gateway(
-        stages,
-        a.catalog,
-        UserHistory.from_artifacts(a, store),
-        QueryEncoder(encoder.encode),
-        limits,
+    gw = in_process_gateway(
+        a, local_stages(a, torch_threads=torch_threads), QueryEncoder(encoder.encode)
     )
     gw.encode_query("warm up")
     return gw

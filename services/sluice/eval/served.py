@@ -350,16 +350,7 @@ def in_process_gateway(artifacts: Artifacts, stages: Any, encode_query: Any = No
     from sluice.gateway.users import UserHistory, item_attributes
     from sluice.state.store import InMemoryStateStore
 
-    settings = GatewaySettings()
-    limits = GatewayLimits(
-        default_deadline_ms=settings.deadline_ms,
-        min_deadline_ms=settings.min_deadline_ms,
-        recall_candidates=settings.recall_candidates,
-        coarse_candidates=settings.coarse_candidates,
-        fine_candidates=settings.fine_candidates,
-        max_page_size=settings.max_page_size,
-        max_query_chars=settings.max_query_chars,
-    )
+    limits = GatewayLimits.from_settings(GatewaySettings())
     store = InMemoryStateStore(item_attributes(artifacts.catalog))
     users = UserHistory.from_artifacts(artifacts, store)
     encoder = encode_query or (lambda q: np.zeros(384, np.float32))
@@ -624,9 +615,11 @@ def local_stages(
     artifacts: Artifacts,
     diversity_lambda: float | None = None,
     fusion: Any = None,
+    torch_threads: int | None = None,
 ) -> Any:
     """The four stages in this process, loaded like the services load them."""
     from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
+    from sluice.config import RerankSettings
     from sluice.fine.fusion import FusionWeights
     from sluice.fine.scorer import FineStage, TorchBackend
     from sluice.gateway.stages import LocalStages
@@ -634,7 +627,8 @@ def local_stages(
     from sluice.rerank.engine import RerankConfig, Reranker
 
     a = artifacts
-    config = RerankConfig()
+    rs = RerankSettings()
+    config = RerankConfig(rs.diversity_lambda, rs.max_per_brand)
     if diversity_lambda is not None:
         config.diversity_lambda = diversity_lambda
     return LocalStages(
@@ -642,7 +636,7 @@ def local_stages(
         CoarseRanker(FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")),
         FineStage(
             a.catalog,
-            TorchBackend(a.ranker_dir),
+            TorchBackend(a.ranker_dir, threads=torch_threads),
             fusion if fusion is not None else FusionWeights.load(a.root / "fusion.json"),
         ),
         Reranker(a.catalog, a.text_vectors, config),

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from sluice.core.errors import DeadlineExceeded, InvalidArgument, SluiceError, U
 from sluice.data.catalog import Catalog
 from sluice.data.filters import AttributeFilter, validate
 from sluice.domain import Candidates, RankContext, StageName, StageReport
+
+if TYPE_CHECKING:
+    from sluice.config import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,18 @@ class GatewayLimits:
     max_page_size: int = 100
     max_query_chars: int = 512
     history_len: int = 50
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> GatewayLimits:
+        return cls(
+            default_deadline_ms=settings.deadline_ms,
+            min_deadline_ms=settings.min_deadline_ms,
+            recall_candidates=settings.recall_candidates,
+            coarse_candidates=settings.coarse_candidates,
+            fine_candidates=settings.fine_candidates,
+            max_page_size=settings.max_page_size,
+            max_query_chars=settings.max_query_chars,
+        )
 
 
 @dataclass

@@ -155,15 +155,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             settings.recall_addr, settings.coarse_addr, settings.fine_addr, settings.rerank_addr
         )
         resources.append(stages.close)
-        limits = GatewayLimits(
-            default_deadline_ms=settings.deadline_ms,
-            min_deadline_ms=settings.min_deadline_ms,
-            recall_candidates=settings.recall_candidates,
-            coarse_candidates=settings.coarse_candidates,
-            fine_candidates=settings.fine_candidates,
-            max_page_size=settings.max_page_size,
-            max_query_chars=settings.max_query_chars,
-        )
+        limits = GatewayLimits.from_settings(settings)
         gateway = Gateway(
             stages,
             catalog,
