@@ -5,6 +5,7 @@ An artifact directory holds::
     manifest.json         version, dataset, sizes, the fine ranker's model version
     catalog.npz, catalog_text.json
     text_vectors.npy      MiniLM item text embeddings [n, 384]
+    text_encoder.onnx     MiniLM exported for ONNX Runtime: the gateway's query encoder
     behaviour_vectors.npy learned item vectors of the fine ranker [n, d]
     text.faiss, behaviour.faiss
     lexical/              BM25 index

@@ -482,13 +482,13 @@ def local_gateway(artifacts: Path, torch_threads: int = 1) -> Any:
     import torch
 
     from sluice.artifacts import Artifacts
-    from sluice.embed.text import MiniLMEncoder
+    from sluice.embed.onnx import query_encoder
     from sluice.eval.served import in_process_gateway, local_stages
     from sluice.gateway.pipeline import QueryEncoder
 
     torch.set_num_threads(torch_threads)
     a = Artifacts(artifacts)
-    encoder = MiniLMEncoder(threads=torch_threads)
+    encoder = query_encoder(artifacts, threads=torch_threads)
     gw = in_process_gateway(
         a, local_stages(a, torch_threads=torch_threads), QueryEncoder(encoder.encode)
     )

@@ -241,6 +241,7 @@ def refit(options: BuildOptions) -> Artifacts:
 def build(options: BuildOptions) -> Artifacts:
     """Run every build step and return the new artifacts."""
     from sluice.coarse.training import COOC_TOP_K
+    from sluice.embed.onnx import ONNX_FILE, export_onnx
     from sluice.eval.baselines import CoocModel
     from sluice.eval.offline import pseudo_query_table, text_table
     from sluice.fine.train import train_ranker
@@ -269,6 +270,9 @@ def build(options: BuildOptions) -> Artifacts:
         table = text_table(catalog, cache_dir=options.cache_dir, progress=options.progress)
         text_vectors = np.ascontiguousarray(table[1:])
         np.save(out / "text_vectors.npy", text_vectors)
+
+    with steps.step("export the query encoder (ONNX)"):
+        export_onnx(out / ONNX_FILE)
 
     with steps.step("lexical index (BM25)"):
         LexicalIndex.build(catalog.titles, catalog.descriptions or None).save(out / "lexical")

@@ -135,7 +135,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         return [storefront_pb2.DESCRIPTOR.services_by_name["StorefrontService"].full_name]
 
     def warmup() -> None:
-        from sluice.embed.text import MiniLMEncoder
+        from sluice.embed.onnx import query_encoder
 
         artifacts = Artifacts(settings.artifacts)
         catalog = artifacts.catalog
@@ -150,7 +150,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         recovered = ingestor.recover()
         log.info("event log replayed", extra={"events": recovered})
         resources.extend([event_log.close, store.close])
-        encoder = MiniLMEncoder(threads=settings.torch_threads)
+        encoder = query_encoder(settings.artifacts, threads=settings.torch_threads)
         stages = GrpcStages(
             settings.recall_addr, settings.coarse_addr, settings.fine_addr, settings.rerank_addr
         )

@@ -1,0 +1,40 @@
+"""The gateway's ONNX query encoder gives sentence-transformers' vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sluice.artifacts import Artifacts
+from sluice.embed.onnx import ONNX_FILE, OnnxMiniLMEncoder, query_encoder
+from sluice.embed.text import MiniLMEncoder
+
+
+def test_build_exports_an_encoder_that_matches_sentence_transformers(
+    tiny_artifacts: Artifacts, encoder: MiniLMEncoder
+) -> None:
+    onnx = query_encoder(tiny_artifacts.root)
+    assert isinstance(onnx, OnnxMiniLMEncoder)
+    texts = [
+        "trail running shoes",
+        "Red LIPSTICK, matte",
+        "",
+        "x",
+        # longer than the model's 256-token limit: both truncate the same way
+        " ".join(["moisturizer"] * 400),
+        *tiny_artifacts.catalog.titles[:50],
+    ]
+    a = onnx.encode(texts, batch_size=8)  # several batches, sorted by length inside
+    b = encoder.encode(texts)
+    assert a.shape == b.shape == (len(texts), 384)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() > 0.9999
+    # rows come back in input order, not in the length-sorted order they were run in
+    single = np.stack([onnx.encode([t])[0] for t in texts[:6]])
+    np.testing.assert_allclose(single, a[:6], atol=1e-5)
+    assert onnx.encode([]).shape == (0, 384)
+
+
+def test_artifacts_without_the_export_fall_back(tmp_path, tiny_artifacts: Artifacts) -> None:
+    assert (tiny_artifacts.root / ONNX_FILE).exists()
+    assert isinstance(query_encoder(tmp_path), MiniLMEncoder)
