@@ -48,6 +48,7 @@ def _cluster(args: argparse.Namespace) -> object:
         event_log_dir=ROOT / "var" / "events",
         fine_backend=args.fine_backend,
         triton_gpu=args.gpu,
+        stages=args.stages,
     )
 
 
@@ -179,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
         p.add_argument("--fine-backend", choices=("triton", "torch"), default="triton")
         p.add_argument("--gpu", action="store_true", help="Triton with the KIND_GPU config")
+        p.add_argument(
+            "--stages",
+            choices=("grpc", "local"),
+            default="grpc",
+            help="local: one gateway process runs the four stages beside Triton",
+        )
         if name == "demo":
             p.add_argument("--rebuild", action="store_true")
             p.add_argument("--items", type=int, default=5000)

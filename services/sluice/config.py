@@ -28,6 +28,12 @@ class ServiceSettings(BaseSettings):
     workers: int = Field(16, ge=1, le=256, description="gRPC handler threads")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     torch_threads: int = Field(1, ge=1, le=64)
+    blas_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="numpy's BLAS threads: a stage's matrices are small and the cores shared",
+    )
 
 
 class RecallSettings(ServiceSettings):
@@ -97,6 +103,12 @@ class GatewaySettings(ServiceSettings):
     state: Literal["embedded", "redis"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
     event_log_dir: Path = ROOT / "var" / "events"
+    stages: Literal["grpc", "local"] = Field(
+        "grpc",
+        description="grpc: call the recall, coarse, fine and rerank services; local: run their "
+        "stage logic in this process (a one-machine deployment), read their SLUICE_<STAGE>_* "
+        "settings, and call Triton for the fine ranker directly",
+    )
 
     @model_validator(mode="after")
     def _budgets(self) -> GatewaySettings:

@@ -125,6 +125,8 @@ class Cluster:
     redis_url: str = ""
     extra_env: Mapping[str, str] = field(default_factory=dict)
     triton_gpu: bool = False
+    stages: str = "grpc"
+    """"local": only Triton and the gateway, which runs the stages in its process."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -132,15 +134,16 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout_s
         try:
+            stage_services = STAGES if self.stages == "grpc" else ()
             if self.fine_backend == "triton":
                 self._start_triton()
-            for name in STAGES:
+            for name in stage_services:
                 self._start_service(name)
             if self.fine_backend == "triton":
                 self._wait_triton(deadline)
                 if progress:
                     print(f"  triton    grpc 127.0.0.1:{self.ports.triton_grpc}  ready", flush=True)
-            for name in STAGES:
+            for name in stage_services:
                 self._wait_health(name, getattr(self.ports, name), deadline)
                 if progress:
                     print(
@@ -222,10 +225,11 @@ class Cluster:
         env[prefix + "ARTIFACTS"] = str(self.artifacts.resolve())
         env[prefix + "PORT"] = str(getattr(p, name))
         env[prefix + "METRICS_PORT"] = str(p.metrics[name])
-        if name == "fine":
-            env[prefix + "BACKEND"] = self.fine_backend
-            env[prefix + "TRITON_URL"] = f"127.0.0.1:{p.triton_grpc}"
+        if name == "fine" or (name == "gateway" and self.stages == "local"):
+            env["SLUICE_FINE_BACKEND"] = self.fine_backend
+            env["SLUICE_FINE_TRITON_URL"] = f"127.0.0.1:{p.triton_grpc}"
         if name == "gateway":
+            env[prefix + "STAGES"] = self.stages
             env[prefix + "RECALL_ADDR"] = f"127.0.0.1:{p.recall}"
             env[prefix + "COARSE_ADDR"] = f"127.0.0.1:{p.coarse}"
             env[prefix + "FINE_ADDR"] = f"127.0.0.1:{p.fine}"

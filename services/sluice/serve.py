@@ -43,8 +43,10 @@ def serve(name: str) -> None:
     assert isinstance(settings, ServiceSettings)
     slog.configure(name, settings.log_level)
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(settings.torch_threads)
+    threadpool_limits(limits=settings.blas_threads, user_api="blas")
     serve_forever(
         make_spec(settings), settings.host, settings.port, settings.metrics_port, settings.workers
     )

@@ -54,7 +54,7 @@ def rerank(port: int, req: rerank_pb2.RerankRequest, rid: str = "") -> rerank_pb
         stub = rerank_pb2_grpc.RerankServiceStub(ch)
         meta = (("x-request-id", rid),) if rid else ()
         resp, call = stub.Rerank.with_call(req, timeout=5, metadata=meta)
-        rerank.last_metadata = dict(call.initial_metadata())  # type: ignore[attr-defined]
+        rerank.last_metadata = dict(call.trailing_metadata())  # type: ignore[attr-defined]
         return resp  # type: ignore[no-any-return]
 
 
@@ -89,6 +89,7 @@ def test_domain_errors_become_statuses_with_details(service: tuple) -> None:
     with pytest.raises(grpc.RpcError) as err:
         rerank(svc.port, bad)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(dict(err.value.trailing_metadata())["x-request-id"]) == 16  # errors carry it too
     status = rpc_status.from_call(err.value)
     kinds = {d.type_url.rsplit("/", 1)[-1] for d in status.details}
     assert kinds == {"google.rpc.ErrorInfo", "google.rpc.BadRequest"}

@@ -480,6 +480,7 @@ def _isfloat(v: str) -> bool:
 def local_gateway(artifacts: Path, torch_threads: int = 1) -> Any:
     """The gateway with the same stage objects in this process (no gRPC, TorchBackend)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     from sluice.artifacts import Artifacts
     from sluice.embed.onnx import query_encoder
@@ -487,6 +488,7 @@ def local_gateway(artifacts: Path, torch_threads: int = 1) -> Any:
     from sluice.gateway.pipeline import QueryEncoder
 
     torch.set_num_threads(torch_threads)
+    threadpool_limits(limits=1, user_api="blas")  # as the services run (ServiceSettings)
     a = Artifacts(artifacts)
     encoder = query_encoder(artifacts, threads=torch_threads)
     gw = in_process_gateway(

@@ -937,6 +937,7 @@ def started_cluster(
     fine_backend: str = "triton",
     log_dir: Path | None = None,
     timeout_s: float = 420.0,
+    stages: str = "grpc",
     retries: int = 1,
 ) -> Iterator[Any]:
     """A fresh :class:`~sluice.launch.Cluster` on random ports (events to a temp dir)."""
@@ -955,6 +956,7 @@ def started_cluster(
                 fine_backend=fine_backend,
                 extra_env=env,
                 triton_gpu=gpu,
+                stages=stages,
             )
             t = time.monotonic()
             try:
@@ -1318,6 +1320,12 @@ def add_load_args(ap: argparse.ArgumentParser) -> None:
         help="Triton with the KIND_GPU config (FAISS on GPU: set SLUICE_RECALL_USE_GPU=1)",
     )
     ap.add_argument("--fine-backend", choices=("triton", "torch"), default="triton")
+    ap.add_argument(
+        "--stages",
+        choices=("grpc", "local"),
+        default="grpc",
+        help="local: one gateway process runs the stages (only Triton beside it)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench" / "load")
     ap.add_argument("--figures", type=Path, default=None, help="also copy the PNGs here")
     ap.add_argument("--tag", default="load", help="label in the CSV and figure names")
@@ -1362,7 +1370,9 @@ def load_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
         if args.start:
             print("starting Triton and the services …", flush=True)
             cluster = stack.enter_context(
-                started_cluster(args.artifacts, env, args.gpu, args.fine_backend)
+                started_cluster(
+                    args.artifacts, env, args.gpu, args.fine_backend, stages=args.stages
+                )
             )
             address = cluster.gateway_address
             monitor = ServiceMonitor(cluster_pids(cluster))

@@ -50,6 +50,17 @@ class CoarseServicer(coarse_pb2_grpc.CoarseRankServiceServicer):
         )
 
 
+def load_coarse_ranker(settings: CoarseSettings) -> CoarseRanker:
+    """The ranker as the service runs it, warmed up."""
+    artifacts = Artifacts(settings.artifacts)
+    weights_path = artifacts.root / "coarse.json"
+    weights = LinearWeights.load(weights_path) if weights_path.exists() else LinearWeights.default()
+    ranker = CoarseRanker(FeatureTables.from_artifacts(artifacts), weights)
+    ids = artifacts.catalog.item_ids[:50]
+    ranker.rank(RankContext(history_item_ids=ids[:3]), Candidates(ids, ids * 0.0, ids * 0), 10)
+    return ranker
+
+
 def spec(settings: CoarseSettings) -> ServiceSpec:
     servicer = CoarseServicer(settings)
 
@@ -58,14 +69,6 @@ def spec(settings: CoarseSettings) -> ServiceSpec:
         return [coarse_pb2.DESCRIPTOR.services_by_name["CoarseRankService"].full_name]
 
     def warmup() -> None:
-        artifacts = Artifacts(settings.artifacts)
-        weights_path = artifacts.root / "coarse.json"
-        weights = (
-            LinearWeights.load(weights_path) if weights_path.exists() else LinearWeights.default()
-        )
-        ranker = CoarseRanker(FeatureTables.from_artifacts(artifacts), weights)
-        ids = artifacts.catalog.item_ids[:50]
-        ranker.rank(RankContext(history_item_ids=ids[:3]), Candidates(ids, ids * 0.0, ids * 0), 10)
-        servicer.ranker = ranker
+        servicer.ranker = load_coarse_ranker(settings)
 
     return ServiceSpec("coarse", register, warmup)

@@ -67,6 +67,7 @@ def export_onnx(path: Path) -> Path:
     tmp = path.with_suffix(".onnx.tmp")
     with warnings.catch_warnings():  # the tracer's notes on HF's attention code, not errors
         warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)  # the TorchScript exporter
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             _Pooled().eval(),

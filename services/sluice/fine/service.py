@@ -60,6 +60,20 @@ def make_backend(settings: FineSettings, artifacts: Artifacts) -> RankerBackend:
     return TritonBackend(settings.triton_url, settings.model_name, artifacts.ranker_version)
 
 
+def load_fine_stage(settings: FineSettings) -> FineStage:
+    """The stage as the service runs it, warmed up (waits for Triton to serve the model)."""
+    artifacts = Artifacts(settings.artifacts)
+    fusion = FusionWeights.load(artifacts.root / "fusion.json")
+    backend = make_backend(settings, artifacts)
+    if isinstance(backend, TritonBackend):
+        backend.wait_ready(settings.triton_wait_s)
+    stage = FineStage(artifacts.catalog, backend, fusion)
+    ids = artifacts.catalog.item_ids[:20]
+    for _ in range(3):  # first Triton executions are slow
+        stage.rank(RankContext(history_item_ids=ids[:5]), Candidates(ids, ids * 0.0, ids * 0), 10)
+    return stage
+
+
 def spec(settings: FineSettings) -> ServiceSpec:
     servicer = FineServicer(settings)
 
@@ -68,17 +82,6 @@ def spec(settings: FineSettings) -> ServiceSpec:
         return [fine_pb2.DESCRIPTOR.services_by_name["FineRankService"].full_name]
 
     def warmup() -> None:
-        artifacts = Artifacts(settings.artifacts)
-        fusion = FusionWeights.load(artifacts.root / "fusion.json")
-        backend = make_backend(settings, artifacts)
-        if isinstance(backend, TritonBackend):
-            backend.wait_ready(settings.triton_wait_s)
-        stage = FineStage(artifacts.catalog, backend, fusion)
-        ids = artifacts.catalog.item_ids[:20]
-        for _ in range(3):  # first Triton executions are slow
-            stage.rank(
-                RankContext(history_item_ids=ids[:5]), Candidates(ids, ids * 0.0, ids * 0), 10
-            )
-        servicer.stage = stage
+        servicer.stage = load_fine_stage(settings)
 
     return ServiceSpec("fine", register, warmup)

@@ -18,7 +18,7 @@ from sluice.events.ingest import Ingestor
 from sluice.events.log import EventLog
 from sluice.events.model import Event
 from sluice.gateway.pipeline import Gateway, GatewayLimits, PageResult, QueryEncoder
-from sluice.gateway.stages import GrpcStages
+from sluice.gateway.stages import GrpcStages, LocalStages
 from sluice.gateway.users import UserHistory, item_attributes
 from sluice.state.store import InMemoryStateStore, OnlineStateStore, RedisStateStore
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
@@ -126,6 +126,35 @@ def make_store(
     return InMemoryStateStore(attributes)
 
 
+def make_stages(
+    settings: GatewaySettings, closers: list[Callable[[], None]]
+) -> GrpcStages | LocalStages:
+    """The four stages: their services over gRPC, or (``stages=local``) their logic loaded into
+    this process exactly as each service loads it, from the same artifacts."""
+    if settings.stages == "grpc":
+        grpc_stages = GrpcStages(
+            settings.recall_addr, settings.coarse_addr, settings.fine_addr, settings.rerank_addr
+        )
+        closers.append(grpc_stages.close)
+        return grpc_stages
+    from sluice.coarse.service import load_coarse_ranker
+    from sluice.config import CoarseSettings, FineSettings, RecallSettings, RerankSettings
+    from sluice.fine.service import load_fine_stage
+    from sluice.recall.service import load_recaller
+    from sluice.rerank.service import load_reranker
+
+    art = settings.artifacts
+    recall_settings = RecallSettings(
+        artifacts=art, state=settings.state, redis_url=settings.redis_url
+    )
+    return LocalStages(
+        load_recaller(recall_settings, closers),
+        load_coarse_ranker(CoarseSettings(artifacts=art)),
+        load_fine_stage(FineSettings(artifacts=art)),
+        load_reranker(RerankSettings(artifacts=art)),
+    )
+
+
 def spec(settings: GatewaySettings) -> ServiceSpec:
     servicer = StorefrontServicer(settings)
     resources: list[Callable[[], None]] = []
@@ -151,10 +180,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         log.info("event log replayed", extra={"events": recovered})
         resources.extend([event_log.close, store.close])
         encoder = query_encoder(settings.artifacts, threads=settings.torch_threads)
-        stages = GrpcStages(
-            settings.recall_addr, settings.coarse_addr, settings.fine_addr, settings.rerank_addr
-        )
-        resources.append(stages.close)
+        stages = make_stages(settings, resources)
         limits = GatewayLimits.from_settings(settings)
         gateway = Gateway(
             stages,

@@ -56,6 +56,20 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         )
 
 
+def load_recaller(settings: RecallSettings, closers: list[Callable[[], None]]) -> Recaller:
+    """Recall as the service runs it, warmed up; what must be closed goes to ``closers``."""
+    artifacts = Artifacts(settings.artifacts)
+    popularity = live_popularity(settings, artifacts)
+    if popularity is not None:
+        closers.append(popularity.close)
+    assets = RecallAssets.from_artifacts(artifacts, popularity=popularity, use_gpu=settings.use_gpu)
+    recaller = Recaller(assets)
+    some = assets.catalog.item_ids[:5]
+    recaller.recall(RankContext(history_item_ids=some), 100)
+    recaller.recall(RankContext(query=assets.catalog.titles[0]), 100)
+    return recaller
+
+
 def spec(settings: RecallSettings) -> ServiceSpec:
     servicer = RecallServicer(settings)
 
@@ -66,18 +80,7 @@ def spec(settings: RecallSettings) -> ServiceSpec:
     resources: list[Callable[[], None]] = []
 
     def warmup() -> None:
-        artifacts = Artifacts(settings.artifacts)
-        popularity = live_popularity(settings, artifacts)
-        if popularity is not None:
-            resources.append(popularity.close)
-        assets = RecallAssets.from_artifacts(
-            artifacts, popularity=popularity, use_gpu=settings.use_gpu
-        )
-        recaller = Recaller(assets)
-        some = assets.catalog.item_ids[:5]
-        recaller.recall(RankContext(history_item_ids=some), 100)
-        recaller.recall(RankContext(query=assets.catalog.titles[0]), 100)
-        servicer.recaller = recaller
+        servicer.recaller = load_recaller(settings, resources)
 
     def shutdown() -> None:
         for close in reversed(resources):

@@ -61,6 +61,16 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
         )
 
 
+def load_reranker(settings: RerankSettings) -> Reranker:
+    """The re-ranker as the service runs it, warmed up."""
+    artifacts = Artifacts(settings.artifacts)
+    config = RerankConfig(settings.diversity_lambda, settings.max_per_brand)
+    reranker = Reranker(artifacts.catalog, artifacts.text_vectors, config)
+    ids = artifacts.catalog.item_ids[:30]
+    reranker.rerank(RankContext(), Candidates(ids, ids * 1.0, ids * 0), 0, 10)
+    return reranker
+
+
 def spec(settings: RerankSettings) -> ServiceSpec:
     servicer = RerankServicer(settings)
 
@@ -69,11 +79,6 @@ def spec(settings: RerankSettings) -> ServiceSpec:
         return [rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name]
 
     def warmup() -> None:
-        artifacts = Artifacts(settings.artifacts)
-        config = RerankConfig(settings.diversity_lambda, settings.max_per_brand)
-        reranker = Reranker(artifacts.catalog, artifacts.text_vectors, config)
-        ids = artifacts.catalog.item_ids[:30]
-        reranker.rerank(RankContext(), Candidates(ids, ids * 1.0, ids * 0), 0, 10)
-        servicer.reranker = reranker
+        servicer.reranker = load_reranker(settings)
 
     return ServiceSpec("rerank", register, warmup)
