@@ -8,7 +8,13 @@ from sluice.core.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from sluice.data.filters import AttributeFilter
 from sluice.domain import Candidates, RankContext, StageName, StageReport
 from sluice.embed.text import MiniLMEncoder
-from sluice.gateway.pipeline import Gateway, QueryEncoder, decode_page_token, encode_page_token
+from sluice.gateway.pipeline import (
+    Gateway,
+    QueryEncoder,
+    _scores_of,
+    decode_page_token,
+    encode_page_token,
+)
 from sluice.gateway.stages import LocalStages
 from sluice.gateway.users import UserHistory, item_attributes
 from sluice.state.store import InMemoryStateStore
@@ -47,7 +53,19 @@ def test_recommend_page_and_reports(gateway: Gateway, tiny_artifacts: Artifacts)
         StageName.COARSE_RANK,
         StageName.FINE_RANK,
     }
+    for stage_scores in result.stage_scores.values():  # every page item passed every stage
+        assert stage_scores.shape == (10,)
+        assert np.isfinite(stage_scores).all()
     assert result.next_page_token
+
+
+def test_stage_scores_are_looked_up_by_item() -> None:
+    cands = Candidates(np.array([30, 10, 20]), np.array([0.3, 0.1, 0.2]), np.zeros(3))
+    got = _scores_of(cands, np.array([20, 99, 30, 10], np.int64))
+    np.testing.assert_array_equal(got[[0, 2, 3]], np.array([0.2, 0.3, 0.1], np.float32))
+    assert np.isnan(got[1])
+    empty = Candidates(np.zeros(0), np.zeros(0), np.zeros(0))
+    assert np.isnan(_scores_of(empty, np.array([1], np.int64))).all()
 
 
 def test_page_tokens_are_bound_to_the_request(gateway: Gateway) -> None:

@@ -129,6 +129,19 @@ class _Request:
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+def _scores_of(cands: Candidates, item_ids: np.ndarray) -> np.ndarray:
+    """Each item's score in ``cands`` (NaN where the stage did not return it)."""
+    out = np.full(len(item_ids), np.nan, dtype=np.float32)
+    if len(cands) == 0 or len(item_ids) == 0:
+        return out
+    order = np.argsort(cands.item_ids, kind="stable")
+    known = cands.item_ids[order]
+    pos = np.minimum(np.searchsorted(known, item_ids), len(known) - 1)
+    hit = known[pos] == item_ids
+    out[hit] = cands.scores[order[pos[hit]]]
+    return out
+
+
 def encode_page_token(offset: int, fingerprint: str) -> str:
     raw = json.dumps({"o": offset, "f": fingerprint}).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -271,7 +284,7 @@ class Gateway:
             exclude_item_ids=exclude.astype(np.int64),
         )
         reports: list[StageReport] = []
-        scores: dict[StageName, dict[int, float]] = {}
+        scores: dict[StageName, Candidates] = {}
 
         def timeout(stage: StageName) -> float:
             remaining = deadline - time.perf_counter()
@@ -282,7 +295,7 @@ class Gateway:
             return remaining * share if stage is not StageName.RERANK else remaining
 
         def remember(stage: StageName, c: Candidates) -> None:
-            scores[stage] = dict(zip(c.item_ids.tolist(), c.scores.tolist(), strict=True))
+            scores[stage] = c
 
         # recall: without candidates there is nothing to degrade to
         cands, report = self.stages.recall(
@@ -326,12 +339,7 @@ class Gateway:
 
         rows = self.catalog.rows(page.item_ids)
         titles = [self.catalog.titles[r] if r >= 0 else "" for r in rows.tolist()]
-        stage_scores = {
-            stage: np.array(
-                [table.get(i, np.nan) for i in page.item_ids.tolist()], dtype=np.float32
-            )
-            for stage, table in scores.items()
-        }
+        stage_scores = {stage: _scores_of(c, page.item_ids) for stage, c in scores.items()}
         next_token = encode_page_token(needed, req.fingerprint()) if needed < total else ""
         return PageResult(
             candidates=page,
