@@ -5,7 +5,7 @@ from sluice.artifacts import Artifacts
 from sluice.data.filters import AttributeFilter
 from sluice.domain import RankContext, Source
 from sluice.embed.text import MiniLMEncoder
-from sluice.recall.engine import Recaller
+from sluice.recall.engine import Recaller, first_allowed
 
 
 def test_recommend_merges_sources_within_budget(
@@ -58,3 +58,14 @@ def test_search_uses_lexical_and_ann(
 @pytest.mark.parametrize("budget", [1, 10, 77])
 def test_exact_budget(recaller: Recaller, budget: int) -> None:
     assert len(recaller.recall(RankContext(), budget).candidates) == budget
+
+
+@pytest.mark.parametrize("keep_share", [1.0, 0.999, 0.5, 0.01, 0.0])
+def test_first_allowed_matches_filtering_the_whole_order(keep_share: float) -> None:
+    rng = np.random.default_rng(7)
+    order = rng.permutation(5000)
+    allowed = rng.random(5000) < keep_share
+    for k in (1, 10, 1000, 6000):
+        expected = order[allowed[order]][:k]
+        np.testing.assert_array_equal(first_allowed(order, k, allowed), expected)
+    np.testing.assert_array_equal(first_allowed(order, 10, None), order[:10])

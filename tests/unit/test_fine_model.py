@@ -118,6 +118,18 @@ def test_eval_mode_is_deterministic() -> None:
     )
 
 
+def test_scoring_a_training_model_uses_eval_mode_and_restores_it() -> None:
+    model = _model(dropout=0.5)
+    hist, cands = torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 6]])
+    served = model.eval().score(hist, cands, *_no_query(1))
+    model.train()
+    assert torch.equal(model.score(hist, cands, *_no_query(1)), served)  # no dropout
+    assert model.training
+    assert all(m.training for m in model.modules())
+    torch.testing.assert_close(model.score_all(hist, *_no_query(1))[:, 4:7], served)
+    assert model.training
+
+
 def test_train_ranker_learns_a_sequential_pattern() -> None:
     """Item k is always followed by item k + 1 (catalog rows, cyclic)."""
     num_items = 30

@@ -4,6 +4,7 @@
     sluice bench scale    --artifacts DIR[,DIR…]                      p99/RSS vs catalog and budgets
     sluice bench compare  grpc|batching|perf-analyzer --artifacts DIR side-by-side ratios
     sluice bench flops    --artifacts DIR                             matmul peak vs the ranker
+    sluice bench encoder  --artifacts DIR                             query encoder: torch vs ONNX
 
 The ANN index comparison is ``python -m sluice.bench.ann`` (its own module).
 """
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from sluice.bench import compare, flops, load
+    from sluice.bench import compare, encoder, flops, load
 
     ap = parser or argparse.ArgumentParser(prog="sluice bench", description=__doc__)
     sub = ap.add_subparsers(dest="bench", required=True)
@@ -33,6 +34,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     fp = sub.add_parser("flops", help="matmul FLOP/s vs the fine ranker's achieved FLOP/s")
     flops.add_flops_args(fp)
     fp.set_defaults(bench_fn=flops.flops_main)
+    ep = sub.add_parser("encoder", help="query encoding: sentence-transformers vs ONNX Runtime")
+    encoder.add_encoder_args(ep)
+    ep.set_defaults(bench_fn=encoder.encoder_main)
     return ap
 
 

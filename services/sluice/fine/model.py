@@ -282,7 +282,8 @@ class FineRanker(nn.Module):
     ) -> Tensor:
         """Scores ``[B, C]`` of candidates ``[B, C]`` (dense indices; 0 = padding, score 0)."""
         was_training = self.training
-        self.eval()
+        if was_training:  # eval() walks every submodule: not on each served request
+            self.eval()
         try:
             table = self.served_item_table()
             user = self.encode(history, query_emb, has_query, item_table=table)
@@ -292,13 +293,15 @@ class FineRanker(nn.Module):
                 out = out + match * has_query.unsqueeze(1).to(out.dtype)
             return out
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train(True)
 
     @torch.no_grad()
     def score_all(self, history: Tensor, query_emb: Tensor, has_query: Tensor) -> Tensor:
         """Scores ``[B, num_items + 1]`` of every item (column 0 = padding)."""
         was_training = self.training
-        self.eval()
+        if was_training:  # eval() walks every submodule: not on each served request
+            self.eval()
         try:
             table = self.served_item_table()
             out = self.encode(history, query_emb, has_query, item_table=table) @ table.T
@@ -307,7 +310,8 @@ class FineRanker(nn.Module):
                 out = out + self.query_scale * cos * has_query.unsqueeze(1).to(out.dtype)
             return out
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train(True)
 
     # -- persistence ----------------------------------------------------------
     def save(self, directory: str | Path) -> None:

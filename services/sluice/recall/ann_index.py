@@ -225,12 +225,11 @@ def _kind_of(index: faiss.Index) -> str:
     return type(idx).__name__
 
 
-def _selector(allowed: np.ndarray, ntotal: int) -> tuple[Any, np.ndarray | None]:
-    """A faiss selector over ``allowed`` rows; the bitmap (if any) must outlive the selector."""
-    if len(allowed) * 256 < ntotal:  # a hash set is smaller than a bitmap of ntotal bits
-        return faiss.IDSelectorBatch(allowed), None
-    mask = np.zeros(ntotal, dtype=bool)
-    mask[allowed] = True
+def _selector(mask: np.ndarray, count: int) -> tuple[Any, np.ndarray | None]:
+    """A faiss selector over the rows ``mask`` allows (``count`` of them); the bitmap (if any)
+    must outlive the selector."""
+    if count * 256 < len(mask):  # a hash set is smaller than a bitmap of ntotal bits
+        return faiss.IDSelectorBatch(np.flatnonzero(mask)), None
     bitmap = np.packbits(mask, bitorder="little")  # bit i of byte j is row 8j+i
     return faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)), bitmap
 
@@ -356,22 +355,26 @@ class AnnIndex:
         if k <= 0:
             raise ValueError("k must be positive")
         allowed_rows = np.asarray(allowed_rows)
-        if allowed_rows.dtype == np.bool_:  # a row mask
+        if allowed_rows.dtype == np.bool_:  # a row mask: used as it is (no sort of ntotal ids)
             if allowed_rows.shape != (self.ntotal,):
                 raise ValueError("a boolean allowed_rows mask must have ntotal entries")
-            allowed_rows = np.flatnonzero(allowed_rows)
-        allowed = np.unique(allowed_rows.astype(np.int64, copy=False))
-        if len(allowed) and (allowed[0] < 0 or allowed[-1] >= self.ntotal):
-            raise ValueError("allowed_rows must be row numbers in [0, ntotal)")
+            mask = allowed_rows
+        else:
+            rows_in = allowed_rows.astype(np.int64, copy=False).reshape(-1)
+            if len(rows_in) and (rows_in.min() < 0 or rows_in.max() >= self.ntotal):
+                raise ValueError("allowed_rows must be row numbers in [0, ntotal)")
+            mask = np.zeros(self.ntotal, dtype=bool)
+            mask[rows_in] = True
+        count = int(np.count_nonzero(mask))
         nq = len(q)
-        if len(allowed) == 0 or nq == 0:
+        if count == 0 or nq == 0:
             return (
                 np.full((nq, k), -np.inf, dtype=np.float32),
                 np.full((nq, k), -1, dtype=np.int64),
             )
-        sel, _bitmap = _selector(allowed, self.ntotal)
-        frac = len(allowed) / max(1, self.ntotal)
-        want = min(k, len(allowed))
+        sel, _bitmap = _selector(mask, count)
+        frac = count / max(1, self.ntotal)
+        want = min(k, count)
         if frac < EXHAUSTIVE_BELOW:
             scores, rows = self._exhaustive(q, k, sel)
         else:
@@ -381,7 +384,7 @@ class AnnIndex:
                 s2, r2 = self._exhaustive(q[short], k, sel)
                 scores[short], rows[short] = s2, r2
         del _bitmap  # kept alive until here: IDSelectorBitmap does not copy it
-        bad = (rows >= 0) & ~np.isin(rows, allowed)
+        bad = (rows >= 0) & ~mask[np.maximum(rows, 0)]
         if bad.any():  # never expected; keep the contract even if a faiss path ignores `sel`
             log.error("filtered search returned %d disallowed rows; dropping them", int(bad.sum()))
             rows[bad], scores[bad] = -1, -np.inf

@@ -52,8 +52,21 @@ class StaticPopularity:
         self.order = np.argsort(-self.scores, kind="stable")
 
     def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray:
-        order = self.order if allowed is None else self.order[allowed[self.order]]
+        return first_allowed(self.order, k, allowed)
+
+
+def first_allowed(order: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
+    """The first ``k`` rows of ``order`` that the row mask ``allowed`` lets through.
+
+    Looks at a short head of the order first: with a few exclusions (the usual case) that is
+    enough, and the whole catalog is never gathered."""
+    if allowed is None:
         return order[:k]
+    head = order[: 2 * k + 64]
+    picked = head[allowed[head]]
+    if len(picked) >= k or len(head) == len(order):
+        return picked[:k]
+    return order[allowed[order]][:k]
 
 
 @dataclass
@@ -174,7 +187,7 @@ class Recaller:
         if allowed is None:
             scores, rows = index.search(q, k)
         else:
-            scores, rows = index.search_filtered(q, k, np.flatnonzero(allowed))
+            scores, rows = index.search_filtered(q, k, allowed)
         keep = rows[0] >= 0
         return rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
 

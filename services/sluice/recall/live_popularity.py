@@ -36,6 +36,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from sluice.core.errors import Unavailable
+from sluice.recall.engine import first_allowed
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,7 @@ class LivePopularity:
     # -- PopularitySource ------------------------------------------------------
     def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray:
         order = self._snapshot.order  # one reference read: never a half-built order
-        if allowed is not None:
-            order = order[allowed[order]]
-        return order[:k]
+        return first_allowed(order, k, allowed)
 
     @property
     def snapshot(self) -> Snapshot:
