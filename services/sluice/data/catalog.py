@@ -37,6 +37,7 @@ class Catalog:
     _row_of: dict[int, int] = field(default_factory=dict, repr=False)
     _id_order: np.ndarray = field(init=False, repr=False)
     _sorted_ids: np.ndarray = field(init=False, repr=False)
+    _dense_rows: np.ndarray | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -52,6 +53,10 @@ class Catalog:
             raise ValueError("catalog item ids are not unique")
         self._id_order = np.argsort(self.item_ids, kind="stable")
         self._sorted_ids = self.item_ids[self._id_order]
+        # ids are usually compact: then a table indexed by id answers rows() without a search
+        if n and self._sorted_ids[0] >= 0 and self._sorted_ids[-1] < 4 * n + 1024:
+            self._dense_rows = np.full(int(self._sorted_ids[-1]) + 1, -1, dtype=np.int64)
+            self._dense_rows[self.item_ids] = np.arange(n, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -61,6 +66,10 @@ class Catalog:
         ids = np.asarray(item_ids, dtype=np.int64)
         if len(self._sorted_ids) == 0 or len(ids) == 0:
             return np.full(len(ids), -1, dtype=np.int64)
+        if self._dense_rows is not None:
+            table = self._dense_rows
+            inside = (ids >= 0) & (ids < len(table))
+            return np.where(inside, table[np.where(inside, ids, 0)], -1)
         pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
         found = self._sorted_ids[pos] == ids
         return np.where(found, self._id_order[pos], -1).astype(np.int64)
