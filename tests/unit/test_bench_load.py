@@ -341,3 +341,21 @@ def test_perf_analyzer_text_fallback() -> None:
     assert got["p50 latency"] == 16524 and got["p99 latency"] == 36387
     assert got["Avg latency"] == 17544
     assert parse_perf_analyzer_text("nothing") == {}
+
+
+def test_hop_floor_prices_six_null_round_trips_against_the_local_median() -> None:
+    from sluice.bench.compare import CASCADE_HOPS, hop_floor
+
+    summary = {
+        "table": [
+            {"kind": "all", "variant": "local", "p50_ms": 6.0},
+            {"kind": "all", "variant": "grpc_triton", "p50_ms": 15.0},
+            {"kind": "search", "variant": "local", "p50_ms": 11.0},
+        ]
+    }
+    floor = hop_floor([0.4, 0.5, 0.6, 0.5, 9.0], summary)
+    assert CASCADE_HOPS == 6
+    assert floor["p50_ms"] == 0.5
+    assert floor["floor_ms"] == 3.0
+    assert floor["floor_ratio"] == 1.5  # (6 + 3) / 6
+    assert floor["p99_ms"] > 8.0

@@ -543,6 +543,7 @@ def compare_grpc(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     )
     backends = [b for b in args.grpc_fine.split(",") if b]
     variants: dict[str, Any] = {}
+    channels: list[Any] = []
     with contextlib.ExitStack() as stack:
         for backend in backends:
             _print(f"starting a cluster with the fine ranker on {backend} …")
@@ -550,6 +551,7 @@ def compare_grpc(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 started_cluster(args.artifacts, fine_backend=backend, gpu=args.gpu)
             )
             ch = stack.enter_context(grpc.insecure_channel(cluster.gateway_address))
+            channels.append(ch)
             variants[f"grpc_{backend}"] = storefront_pb2_grpc.StorefrontServiceStub(ch)
         _print("loading the same stages in this process (TorchBackend) …")
         gw = local_gateway(args.artifacts, args.torch_threads)
@@ -589,6 +591,7 @@ def compare_grpc(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 )
             if (i + 1) % 50 == 0:
                 _print(f"  {i + 1}/{len(specs)} (load {os.getloadavg()[0]:.1f})")
+        null_ms = null_round_trips(channels[0], args.requests) if channels else []
         load1 = os.getloadavg()[0]
     fields = [
         "i",
@@ -617,6 +620,8 @@ def compare_grpc(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             "torch_threads_local": args.torch_threads,
         }
     )
+    if null_ms:
+        summary["null_rpc"] = hop_floor(null_ms, summary)
     (out / "grpc_vs_local.json").write_text(json.dumps(summary, indent=2, default=str))
     write_csv(out / "grpc_vs_local.csv", summary["table"], list(summary["table"][0]))
     figs = plot_grpc(rows, names, out, f"{info['cpu']}, load {load0:.1f}→{load1:.1f}")
@@ -628,8 +633,54 @@ def compare_grpc(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             f"p99 x{r['p99_ratio']:.3f}  (target median ≤ x1.20: "
             f"{'MET' if r['median_ratio'] <= 1.2 else 'NOT MET'})"
         )
+    if "null_rpc" in summary:
+        f = summary["null_rpc"]
+        _print(
+            f"floor: a null gRPC round trip (Health/Check, same server bootstrap) takes "
+            f"p50 {f['p50_ms']:.3f} ms; the cascade makes {f['hops']} of them (client to "
+            f"gateway, four stages, fine to Triton): {f['floor_ms']:.2f} ms on top of the "
+            f"in-process median of {f['local_median_ms']:.2f} ms, so no Python gRPC split "
+            f"can beat x{f['floor_ratio']:.2f} here"
+        )
     _print(f"wrote {out}")
     return 0
+
+
+CASCADE_HOPS = 6  # client -> gateway, gateway -> recall/coarse/fine/rerank, fine -> Triton
+
+
+def null_round_trips(channel: Any, n: int) -> list[float]:
+    """Wall ms of ``n`` sequential health checks: the framework's cost of one hop, no work."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    req = health_pb2.HealthCheckRequest()
+    for _ in range(20):
+        stub.Check(req, timeout=5)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        stub.Check(req, timeout=5)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def hop_floor(null_ms: Sequence[float], summary: dict[str, Any]) -> dict[str, Any]:
+    """The least a split of CASCADE_HOPS Python gRPC hops can add to the in-process median."""
+    p50 = float(np.median(null_ms))
+    local = next(
+        r["p50_ms"] for r in summary["table"] if r["kind"] == "all" and r["variant"] == "local"
+    )
+    floor = CASCADE_HOPS * p50
+    return {
+        "n": len(null_ms),
+        "p50_ms": round(p50, 3),
+        "p99_ms": round(float(np.percentile(null_ms, 99)), 3),
+        "hops": CASCADE_HOPS,
+        "floor_ms": round(floor, 3),
+        "local_median_ms": local,
+        "floor_ratio": round((local + floor) / local, 3) if local else float("nan"),
+    }
 
 
 def summarize_grpc(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
