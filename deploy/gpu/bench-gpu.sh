@@ -70,6 +70,11 @@ log "load at the 50 req/s target"
 $SLUICE bench load --start --gpu --artifacts "$ARTIFACTS" --rates 50 --duration 60 \
   --out "$OUT/load50" --figures "$FIG" --tag gpu-load50
 
+log "load, one-machine layout (the gateway runs the stages; Triton on the GPU)"
+$SLUICE bench load --start --gpu --stages local --artifacts "$ARTIFACTS" --start-rate 50 \
+  --step 50 --max-rate 2000 --duration 20 --clients 4 --out "$OUT/load-local" \
+  --figures "$FIG" --tag gpu-load-local
+
 log "gRPC cascade vs in process (the in-process ranker stays on CPU torch unless torch sees CUDA)"
 $SLUICE bench compare grpc --gpu --artifacts "$ARTIFACTS" --requests 500 \
   --out "$OUT/compare" --figures "$FIG"
