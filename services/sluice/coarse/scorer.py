@@ -95,6 +95,9 @@ class FeatureTables:
         hist = hist[hist >= 0][-self.history_window :]
         if ctx.context_item_id and cat.row(ctx.context_item_id) >= 0:
             hist = np.array([cat.row(ctx.context_item_id)], dtype=np.int64)
+        # one gather of the candidates' text vectors serves both text features (a random gather
+        # from the catalog's table is the expensive part, not the product)
+        text = self.text_vectors[rows] if len(hist) or ctx.query_embedding is not None else None
         if len(hist):
             ages = np.arange(len(hist))[::-1]
             w = (self.recency_decay**ages).astype(np.float32)
@@ -104,7 +107,7 @@ class FeatureTables:
             x[:, 5] = self.behaviour_vectors[rows] @ user
             htext = w @ self.text_vectors[hist]
             htext /= max(float(np.linalg.norm(htext)), 1e-9)
-            x[:, 6] = self.text_vectors[rows] @ htext
+            x[:, 6] = text @ htext
             co = np.asarray(self.cooc[hist].T @ w).ravel()
             x[:, 10] = co[rows]
             hcats = cat.category_codes[hist]
@@ -112,7 +115,7 @@ class FeatureTables:
             x[:, 11] = share[cat.category_codes[rows]]
             x[:, 12] = 1.0
         if ctx.query_embedding is not None:
-            x[:, 7] = self.text_vectors[rows] @ ctx.query_embedding
+            x[:, 7] = text @ ctx.query_embedding
         if ctx.query:
             self._search_features(ctx.query, rows, x)
         x[:, 9] = np.log1p(self.popularity[rows])
