@@ -7,13 +7,25 @@ Every service process reads its settings here and nowhere else, e.g.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ARTIFACTS = ROOT / "artifacts" / "default"
+
+
+def _cpu_bound_workers() -> Any:
+    """The ``workers`` field of a service whose handlers are CPU-bound Python."""
+    return Field(
+        4,
+        ge=1,
+        le=256,
+        description="gRPC handler threads. The work is CPU-bound Python: a few threads serve "
+        "requests in order, where many would time-slice the GIL and stretch every request "
+        "(docs/benchmarks.md: p99 2 to 3 times lower with 2 to 4 threads than with 16)",
+    )
 
 
 class ServiceSettings(BaseSettings):
@@ -35,10 +47,15 @@ class ServiceSettings(BaseSettings):
         description="numpy's BLAS threads: a stage's matrices are small and the cores shared",
     )
 
+    def server_workers(self) -> int:
+        """The gRPC handler threads this service runs with."""
+        return self.workers
+
 
 class RecallSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_RECALL_")
     port: int = 50061
+    workers: int = _cpu_bound_workers()
     max_candidates: int = Field(2000, ge=1, description="largest budget a caller may ask for")
     use_gpu: bool | None = Field(None, description="FAISS on GPU; None: when faiss sees a GPU")
     state: Literal["embedded", "redis"] = Field(
@@ -56,6 +73,7 @@ class RecallSettings(ServiceSettings):
 class CoarseSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_COARSE_")
     port: int = 50062
+    workers: int = _cpu_bound_workers()
     max_candidates: int = Field(4000, ge=1)
 
 
@@ -74,6 +92,7 @@ class FineSettings(ServiceSettings):
 class RerankSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_RERANK_")
     port: int = 50064
+    workers: int = _cpu_bound_workers()
     diversity_lambda: float = Field(0.85, ge=0.0, le=1.0)
     max_per_brand: int = Field(4, ge=0)
     max_candidates: int = Field(4000, ge=1)
@@ -103,12 +122,18 @@ class GatewaySettings(ServiceSettings):
     state: Literal["embedded", "redis"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
     event_log_dir: Path = ROOT / "var" / "events"
+    local_workers: int = _cpu_bound_workers()
+    """The handler threads with ``stages=local`` (``workers`` applies with ``grpc``, where the
+    gateway mostly waits on the stages)."""
     stages: Literal["grpc", "local"] = Field(
         "grpc",
         description="grpc: call the recall, coarse, fine and rerank services; local: run their "
         "stage logic in this process (a one-machine deployment), read their SLUICE_<STAGE>_* "
         "settings, and call Triton for the fine ranker directly",
     )
+
+    def server_workers(self) -> int:
+        return self.local_workers if self.stages == "local" else self.workers
 
     @model_validator(mode="after")
     def _budgets(self) -> GatewaySettings:

@@ -48,5 +48,9 @@ def serve(name: str) -> None:
     torch.set_num_threads(settings.torch_threads)
     threadpool_limits(limits=settings.blas_threads, user_api="blas")
     serve_forever(
-        make_spec(settings), settings.host, settings.port, settings.metrics_port, settings.workers
+        make_spec(settings),
+        settings.host,
+        settings.port,
+        settings.metrics_port,
+        settings.server_workers(),
     )

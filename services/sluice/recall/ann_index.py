@@ -348,7 +348,7 @@ class AnnIndex:
 
         The candidate budget (nprobe / efSearch) grows with the filter's selectivity, so a
         filter does not shrink the number of allowed candidates examined; small allowed sets
-        are scanned directly. Every query gets ``min(k, len(allowed_rows))`` results.
+        are scanned directly. Every query gets ``min(k, number of allowed rows)`` results.
         Runs on the CPU index (GPU faiss ignores ID selectors).
         """
         q = _as_matrix(queries, self.d)
