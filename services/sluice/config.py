@@ -24,7 +24,7 @@ def _cpu_bound_workers() -> Any:
         le=256,
         description="gRPC handler threads. The work is CPU-bound Python: a few threads serve "
         "requests in order, where many would time-slice the GIL and stretch every request "
-        "(docs/benchmarks.md: p99 2 to 3 times lower with 2 to 4 threads than with 16)",
+        "(docs/benchmarks.md: p99 1.2 to 3.4 times lower with 2 to 4 threads than with 16)",
     )
 
 
