@@ -9,18 +9,23 @@ from sluice.artifacts import Artifacts
 from sluice.launch import Cluster, Ports
 
 
+def running_cluster(artifacts: Artifacts, base: Path, stages: str = "grpc") -> Iterator[Cluster]:
+    """A started cluster on free ports with its logs and events under ``base``; stopped after."""
+    c = Cluster(
+        artifacts=artifacts.root,
+        ports=Ports.random(),
+        log_dir=base / "logs",
+        event_log_dir=base / "events",
+        stages=stages,
+    )
+    c.start(timeout_s=240)
+    yield c
+    c.stop()
+
+
 @pytest.fixture(scope="package")
 def cluster(
     tiny_artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """Triton and all five services as separate processes on free ports."""
-    base: Path = tmp_path_factory.mktemp("cluster")
-    c = Cluster(
-        artifacts=tiny_artifacts.root,
-        ports=Ports.random(),
-        log_dir=base / "logs",
-        event_log_dir=base / "events",
-    )
-    c.start(timeout_s=240)
-    yield c
-    c.stop()
+    yield from running_cluster(tiny_artifacts, tmp_path_factory.mktemp("cluster"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,8 @@ from sluice.client import StorefrontClient
 from sluice.embed.onnx import query_encoder
 from sluice.eval.served import in_process_gateway, local_stages
 from sluice.gateway.pipeline import QueryEncoder
-from sluice.launch import Cluster, Ports
+from sluice.launch import Cluster
+from tests.integration.conftest import running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -22,17 +22,7 @@ pytestmark = pytest.mark.integration
 def colocated(
     tiny_artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    base: Path = tmp_path_factory.mktemp("colocated")
-    c = Cluster(
-        artifacts=tiny_artifacts.root,
-        ports=Ports.random(),
-        log_dir=base / "logs",
-        event_log_dir=base / "events",
-        stages="local",
-    )
-    c.start(timeout_s=240)
-    yield c
-    c.stop()
+    yield from running_cluster(tiny_artifacts, tmp_path_factory.mktemp("colocated"), "local")
 
 
 def test_local_stages_answer_as_the_stage_logic_does(

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sluice.bench.load import ROOT, command_line, machine_info, percentile, title_words
+from sluice.bench.load import (
+    ROOT,
+    command_line,
+    machine_info,
+    make_requests,
+    percentile,
+    title_words,
+)
 
 
 def add_encoder_args(ap: argparse.ArgumentParser) -> None:
@@ -31,18 +38,6 @@ def add_encoder_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench" / "encoder")
-
-
-def _queries(titles: Sequence[str], n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    usable = [w for w in title_words(titles) if w]
-    out = []
-    for _ in range(n):
-        words = usable[int(rng.integers(0, len(usable)))]
-        k = int(rng.integers(1, min(3, len(words)) + 1))
-        s = int(rng.integers(0, len(words) - k + 1))
-        out.append(" ".join(words[s : s + k]))
-    return out
 
 
 def encoder_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
@@ -64,7 +59,11 @@ def encoder_main(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
             "sentence-transformers": MiniLMEncoder(device="cpu", threads=args.threads),
             "onnxruntime": OnnxMiniLMEncoder(path, threads=args.threads),
         }
-        queries = _queries(titles, args.queries, args.seed)
+        # the load benchmark's Search queries (search_share 1.0; no users needed)
+        drawn = make_requests(
+            args.queries, 1.0, [], title_words(titles), np.random.default_rng(args.seed)
+        )
+        queries = [r.query for r in drawn]
         for enc in encoders.values():  # warm both
             for q in queries[:20]:
                 enc.encode([q])
