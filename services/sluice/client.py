@@ -1,13 +1,17 @@
-"""A small storefront client: send Search / Recommend and print a readable table."""
+"""A small storefront client: send Search / Recommend, and print a readable table (``render``,
+which needs the ``tools`` extra)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
-from rich.console import Console
-from rich.table import Table
 
 from sluice.common.v1 import common_pb2
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 SOURCE_NAMES = {1: "ann", 2: "lexical", 3: "cooc", 4: "popular"}
 
@@ -68,6 +72,9 @@ def render(
     resp: storefront_pb2.SearchResponse | storefront_pb2.RecommendResponse,
     console: Console,
 ) -> None:
+    """Print a page as a table (``rich``, from the ``tools`` extra)."""
+    from rich.table import Table
+
     page = resp.page
     table = Table(title=title, title_justify="left", show_lines=False)
     for col, kw in (

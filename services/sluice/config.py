@@ -44,7 +44,8 @@ class ServiceSettings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="numpy's BLAS threads: a stage's matrices are small and the cores shared",
+        description="BLAS (numpy) and OpenMP (FAISS) threads: a stage's matrices are small and "
+        "the cores shared",
     )
 
     def server_workers(self) -> int:
@@ -52,7 +53,20 @@ class ServiceSettings(BaseSettings):
         return self.workers
 
 
-class RecallSettings(ServiceSettings):
+class StageSettings(ServiceSettings):
+    """Fields every stage service has."""
+
+    max_candidates: int = Field(
+        4000,
+        ge=1,
+        description="largest max_candidates a caller may ask for, and most candidates in",
+    )
+    deadline_ms: int = Field(
+        1000, ge=1, description="the budget of a call whose caller set no deadline"
+    )
+
+
+class RecallSettings(StageSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_RECALL_")
     port: int = 50061
     workers: int = _cpu_bound_workers()
@@ -70,14 +84,13 @@ class RecallSettings(ServiceSettings):
     )
 
 
-class CoarseSettings(ServiceSettings):
+class CoarseSettings(StageSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_COARSE_")
     port: int = 50062
     workers: int = _cpu_bound_workers()
-    max_candidates: int = Field(4000, ge=1)
 
 
-class FineSettings(ServiceSettings):
+class FineSettings(StageSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_FINE_")
     port: int = 50063
     backend: Literal["triton", "torch"] = "triton"
@@ -89,13 +102,12 @@ class FineSettings(ServiceSettings):
     max_candidates: int = Field(1024, ge=1)
 
 
-class RerankSettings(ServiceSettings):
+class RerankSettings(StageSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_RERANK_")
     port: int = 50064
     workers: int = _cpu_bound_workers()
     diversity_lambda: float = Field(0.85, ge=0.0, le=1.0)
     max_per_brand: int = Field(4, ge=0)
-    max_candidates: int = Field(4000, ge=1)
 
 
 class GatewaySettings(ServiceSettings):

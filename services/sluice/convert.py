@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from sluice.common.v1 import common_pb2
 from sluice.core.errors import InvalidArgument
-from sluice.data.filters import AttributeFilter, validate
-from sluice.domain import Candidates, RankContext, StageReport
+from sluice.data.filters import MAX_FILTER_VALUES, MAX_FILTERS, AttributeFilter, validate
+from sluice.domain import Candidates, RankContext, RequestKind, StageName, StageReport, Surface
 from sluice.embed.text import TEXT_DIM
+
+# The limits sluice.common.v1.RankContext states; every stage enforces them.
+MAX_QUERY_CHARS = 2048
+MAX_HISTORY = 1000
+MAX_EXCLUSIONS = 10_000
 
 
 def candidates_from_proto(msg: common_pb2.Candidates, field: str = "candidates") -> Candidates:
@@ -39,6 +45,7 @@ def candidates_to_proto(c: Candidates) -> common_pb2.Candidates:
 def filters_from_proto(
     filters: Iterable[common_pb2.AttributeFilter], prefix: str = "filters"
 ) -> tuple[AttributeFilter, ...]:
+    """The storefront API's first filter form (``AttributeFilter``), validated."""
     out = tuple(
         AttributeFilter(
             field=f.field,
@@ -53,41 +60,118 @@ def filters_from_proto(
     return out
 
 
-def filters_to_proto(filters: Iterable[AttributeFilter]) -> list[common_pb2.AttributeFilter]:
+def item_filters_from_proto(
+    filters: Sequence[common_pb2.ItemFilter], prefix: str = "item_filters"
+) -> tuple[AttributeFilter, ...]:
+    """Typed filters (``ItemFilter``, one condition per filter), validated."""
+    if len(filters) > MAX_FILTERS:
+        raise InvalidArgument(f"at most {MAX_FILTERS} filters", field_path=prefix)
+    out = []
+    for i, f in enumerate(filters):
+        where = f"{prefix}[{i}]"
+        case = f.WhichOneof("condition")
+        if case is None:
+            raise InvalidArgument(
+                "set one condition: category, brand, price_cents or in_stock", field_path=where
+            )
+        if case in ("category", "brand"):
+            values = tuple(getattr(f, case).values)
+            if not values or len(values) > MAX_FILTER_VALUES:
+                raise InvalidArgument(
+                    f"needs 1 to {MAX_FILTER_VALUES} values", field_path=f"{where}.{case}.values"
+                )
+            out.append(AttributeFilter(case, any_of=values))
+        elif case == "price_cents":
+            r = f.price_cents
+            low = float(r.min) if r.HasField("min") else None
+            high = float(r.max) if r.HasField("max") else None
+            if low is None and high is None:
+                raise InvalidArgument("set min and/or max", field_path=f"{where}.price_cents")
+            if low is not None and high is not None and low > high:
+                raise InvalidArgument("min is above max", field_path=f"{where}.price_cents.min")
+            out.append(AttributeFilter(case, min=low, max=high))
+        else:
+            out.append(AttributeFilter(case, equals=f.in_stock))
+    validate(out, prefix)
+    return tuple(out)
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def item_filters_to_proto(filters: Iterable[AttributeFilter]) -> list[common_pb2.ItemFilter]:
+    """Validated filters in the typed form the stages read.
+
+    Price bounds become integers without changing what passes: prices are whole cents, so
+    an inclusive lower bound rounds up and an upper bound rounds down."""
     out = []
     for f in filters:
-        msg = common_pb2.AttributeFilter(field=f.field, any_of=list(f.any_of))
-        if f.min is not None:
-            msg.min = f.min
-        if f.max is not None:
-            msg.max = f.max
-        if f.equals is not None:
-            msg.equals = f.equals
+        if f.field in ("category", "brand"):
+            msg = common_pb2.ItemFilter()
+            getattr(msg, f.field).values.extend(f.any_of)
+        elif f.field == "price_cents":
+            rng = common_pb2.Int64Range()
+            if f.min is not None:
+                rng.min = int(min(max(math.ceil(f.min), _INT64[0]), _INT64[1]))
+            if f.max is not None:
+                rng.max = int(min(max(math.floor(f.max), _INT64[0]), _INT64[1]))
+            msg = common_pb2.ItemFilter(price_cents=rng)
+        else:
+            msg = common_pb2.ItemFilter(in_stock=bool(f.equals))
         out.append(msg)
     return out
 
 
 def query_embedding_from_proto(
-    values: Iterable[float], field: str = "query_embedding"
+    values: Sequence[float], field: str = "query_embedding"
 ) -> np.ndarray | None:
-    vec = np.asarray(list(values), dtype=np.float32)
-    if len(vec) == 0:
+    if len(values) == 0:
         return None
-    if len(vec) != TEXT_DIM:
-        raise InvalidArgument(f"expected {TEXT_DIM} values, got {len(vec)}", field_path=field)
+    if len(values) != TEXT_DIM:
+        raise InvalidArgument(f"expected {TEXT_DIM} values, got {len(values)}", field_path=field)
+    vec = np.asarray(values, dtype=np.float32)
+    if not np.isfinite(vec).all():
+        raise InvalidArgument("values must be finite", field_path=field)
     return vec
 
 
-def context_from_stage_request(req: object) -> RankContext:
-    """RankContext from any stage request (fields absent on a message are skipped)."""
-    get = getattr
+def _ids(values: Sequence[int], field: str, limit: int) -> np.ndarray:
+    if len(values) > limit:
+        raise InvalidArgument(f"at most {limit} ids", field_path=field)
+    return np.asarray(values, dtype=np.int64)
+
+
+def context_from_proto(msg: common_pb2.RankContext, field: str = "context") -> RankContext:
+    """A stage request's context, checked against the limits the proto states."""
+    if len(msg.query) > MAX_QUERY_CHARS:
+        raise InvalidArgument(f"at most {MAX_QUERY_CHARS} characters", field_path=f"{field}.query")
+    try:
+        kind, surface = RequestKind(msg.kind), Surface(msg.surface)
+    except ValueError as err:
+        raise InvalidArgument(f"unknown enum value: {err}", field_path=f"{field}.kind") from err
     return RankContext(
-        query=get(req, "query", ""),
-        query_embedding=query_embedding_from_proto(get(req, "query_embedding", ())),
-        history_item_ids=np.asarray(list(get(req, "history_item_ids", ())), dtype=np.int64),
-        context_item_id=int(get(req, "context_item_id", 0)),
-        filters=filters_from_proto(get(req, "filters", ())),
-        exclude_item_ids=np.asarray(list(get(req, "exclude_item_ids", ())), dtype=np.int64),
+        kind=kind,
+        surface=surface,
+        query=msg.query,
+        query_embedding=query_embedding_from_proto(msg.query_embedding, f"{field}.query_embedding"),
+        history_item_ids=_ids(msg.history_item_ids, f"{field}.history_item_ids", MAX_HISTORY),
+        context_item_id=int(msg.context_item_id),
+        filters=item_filters_from_proto(msg.filters, f"{field}.filters"),
+        exclude_item_ids=_ids(msg.exclude_item_ids, f"{field}.exclude_item_ids", MAX_EXCLUSIONS),
+    )
+
+
+def context_to_proto(ctx: RankContext) -> common_pb2.RankContext:
+    emb = ctx.query_embedding
+    return common_pb2.RankContext(
+        kind=common_pb2.RequestKind.Name(int(ctx.kind)),
+        surface=common_pb2.Surface.Name(int(ctx.surface)),
+        query=ctx.query,
+        query_embedding=emb.tolist() if emb is not None else (),
+        history_item_ids=ctx.history_item_ids.tolist(),
+        context_item_id=ctx.context_item_id,
+        exclude_item_ids=ctx.exclude_item_ids.tolist(),
+        filters=item_filters_to_proto(ctx.filters),
     )
 
 
@@ -103,8 +187,6 @@ def report_to_proto(r: StageReport) -> common_pb2.StageReport:
 
 
 def report_from_proto(m: common_pb2.StageReport) -> StageReport:
-    from sluice.domain import StageName
-
     return StageReport(
         stage=StageName(m.stage),
         candidates_in=m.candidates_in,
@@ -115,7 +197,7 @@ def report_from_proto(m: common_pb2.StageReport) -> StageReport:
     )
 
 
-def check_budget(value: int, field: str, maximum: int) -> int:
-    if value < 0 or value > maximum:
-        raise InvalidArgument(f"must be between 0 and {maximum}, got {value}", field_path=field)
+def check_range(value: int, field: str, low: int, high: int) -> int:
+    if value < low or value > high:
+        raise InvalidArgument(f"must be between {low} and {high}, got {value}", field_path=field)
     return value

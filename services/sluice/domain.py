@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -20,6 +21,26 @@ class Source(IntEnum):
     POPULARITY = 4
 
 
+class RequestKind(IntEnum):
+    """What a request is for; numbers match ``sluice.common.v1.RequestKind``."""
+
+    UNSPECIFIED = 0
+    SEARCH = 1
+    RECOMMEND = 2
+
+
+class Surface(IntEnum):
+    """Recommendation surface; numbers match ``sluice.v1.Surface`` (and the common one)."""
+
+    UNSPECIFIED = 0
+    HOME = 1
+    SIMILAR_ITEMS = 2
+
+
+# Reciprocal-rank fusion constant: recall scores an item 1 / (RRF_K + rank) per source.
+RRF_K = 60.0
+
+
 class StageName(IntEnum):
     """Cascade stage; numbers match ``sluice.common.v1.Stage``."""
 
@@ -28,6 +49,11 @@ class StageName(IntEnum):
     COARSE_RANK = 2
     FINE_RANK = 3
     RERANK = 4
+
+    @property
+    def label(self) -> str:
+        """The stage's folder and service name: recall, coarse, fine, rerank."""
+        return self.name.lower().removesuffix("_rank")
 
 
 @dataclass
@@ -58,6 +84,10 @@ class Candidates:
     def with_scores(self, scores: np.ndarray) -> Candidates:
         return Candidates(self.item_ids, scores, self.sources)
 
+    def window(self, offset: int, size: int) -> Candidates:
+        """Positions ``offset`` to ``offset + size`` (a page), in order."""
+        return self.take(np.arange(min(offset, len(self)), min(offset + size, len(self))))
+
     def top(self, k: int) -> Candidates:
         """The ``k`` best by score, best first (stable for ties)."""
         order = np.argsort(-self.scores, kind="stable")[: max(k, 0)]
@@ -66,8 +96,10 @@ class Candidates:
 
 @dataclass
 class RankContext:
-    """What every stage may read about the request."""
+    """What every stage may read about the request (``sluice.common.v1.RankContext``)."""
 
+    kind: RequestKind = RequestKind.UNSPECIFIED
+    surface: Surface = Surface.UNSPECIFIED
     query: str = ""
     query_embedding: np.ndarray | None = None  # float32 [384], L2-normalised
     history_item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -87,6 +119,30 @@ class RankContext:
         stages keep recall's order, which follows live popularity when the state is shared.
         """
         return not self.query and not len(self.history_item_ids) and not self.context_item_id
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one stage call may spend: how many candidates to return, by when.
+
+    ``offset`` places a page in the final order (the re-ranking stage returns candidates
+    ``offset`` to ``offset + max_candidates``); the other stages return the best
+    ``max_candidates`` and ignore it.
+    """
+
+    max_candidates: int
+    deadline: float | None = None  # time.monotonic() by which to answer; None: no deadline
+    offset: int = 0
+
+    @classmethod
+    def within(cls, max_candidates: int, timeout_s: float | None, offset: int = 0) -> Budget:
+        """A budget that ends ``timeout_s`` from now (never, for None)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        return cls(max_candidates, deadline, offset)
+
+    def remaining_s(self) -> float | None:
+        """Seconds left before the deadline (never below 0), or None without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
 
 @dataclass

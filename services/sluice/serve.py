@@ -2,55 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from threadpoolctl import threadpool_limits
 
-from pydantic_settings import BaseSettings
-
-from sluice.config import (
-    CoarseSettings,
-    FineSettings,
-    GatewaySettings,
-    RecallSettings,
-    RerankSettings,
-    ServiceSettings,
-)
+from sluice.config import GatewaySettings, ServiceSettings
 from sluice.core import logging as slog
 from sluice.core.server import ServiceSpec, serve_forever
-
-
-def _factories() -> dict[str, tuple[type[ServiceSettings], Callable[..., ServiceSpec]]]:
-    from sluice.coarse import service as coarse
-    from sluice.fine import service as fine
-    from sluice.gateway import service as gateway
-    from sluice.recall import service as recall
-    from sluice.rerank import service as rerank
-
-    return {
-        "recall": (RecallSettings, recall.spec),
-        "coarse": (CoarseSettings, coarse.spec),
-        "fine": (FineSettings, fine.spec),
-        "rerank": (RerankSettings, rerank.spec),
-        "gateway": (GatewaySettings, gateway.spec),
-    }
-
+from sluice.wiring import BY_NAME, stage_spec
 
 SERVICES = ("recall", "coarse", "fine", "rerank", "gateway")
 
 
-def serve(name: str) -> None:
-    settings_cls, make_spec = _factories()[name]
-    settings: BaseSettings = settings_cls()
-    assert isinstance(settings, ServiceSettings)
-    slog.configure(name, settings.log_level)
-    import torch
-    from threadpoolctl import threadpool_limits
+def service_spec(name: str) -> tuple[ServiceSettings, ServiceSpec]:
+    """The service ``name`` with its settings read from the environment."""
+    if name == "gateway":
+        from sluice.gateway import service as gateway
 
-    torch.set_num_threads(settings.torch_threads)
-    threadpool_limits(limits=settings.blas_threads, user_api="blas")
+        settings = GatewaySettings()
+        return settings, gateway.spec(settings)
+    entry = BY_NAME[name]
+    stage_settings = entry.settings()
+    return stage_settings, stage_spec(entry, stage_settings)
+
+
+def serve(name: str) -> None:
+    settings, spec = service_spec(name)
+    slog.configure(name, settings.log_level)
+    # BLAS (numpy) and OpenMP (FAISS) pools; torch, where a stage loads it, takes torch_threads
+    threadpool_limits(limits=settings.blas_threads)
     serve_forever(
-        make_spec(settings),
-        settings.host,
-        settings.port,
-        settings.metrics_port,
-        settings.server_workers(),
+        spec, settings.host, settings.port, settings.metrics_port, settings.server_workers()
     )

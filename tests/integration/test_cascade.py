@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -209,30 +208,3 @@ def test_triton_dynamic_batching_merges_concurrent_requests(
     executions = _metric(after, "nv_inference_exec_count") - exec0
     assert requests >= n, "the fine ranker did not run on Triton for every request"
     assert executions < requests, f"no batching: {executions} executions for {requests} requests"
-
-
-def test_fine_ranker_outage_degrades_instead_of_failing(
-    cluster: Cluster, client: StorefrontClient, known_user: tuple[str, np.ndarray]
-) -> None:
-    """Runs last in this module: it stops Triton."""
-    proc = cluster.processes["triton"]
-    proc.kill()
-    proc.wait()
-    resp = client.recommend(known_user[0], page_size=5, timeout_s=5)
-    assert len(resp.page.item_ids) == 5
-    fine = resp.stages[2]
-    assert fine.degraded and fine.degraded_reason
-    assert not resp.stages[0].degraded
-
-
-def test_sigterm_drains_a_service_and_the_gateway_degrades(
-    cluster: Cluster, client: StorefrontClient
-) -> None:
-    """Runs after the Triton outage: SIGTERM re-ranking; it exits cleanly, answers degrade."""
-    proc = cluster.processes["rerank"]
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    assert '"msg": "stopped"' in cluster.log_tail("rerank", 5)
-    resp = client.recommend("u", page_size=4, timeout_s=5)
-    assert len(resp.page.item_ids) == 4
-    assert resp.stages[3].degraded

@@ -137,7 +137,7 @@ def test_recommend_floor(beauty_build: tuple[Path, Artifacts]) -> None:
     gateway = in_process_gateway(a, recorder)
 
     def request(user: str):  # type: ignore[no-untyped-def]
-        return lambda g: g.recommend(user, 1, 0, (), PAGE, "", 30.0)
+        return lambda g: g.recommend(user_id=user, page_size=PAGE, deadline_s=30.0)
 
     run = stage_candidates(
         gateway,
@@ -184,7 +184,7 @@ def test_bm25_floor(crowdflower: Path) -> None:
 
 
 def test_search_combination_floor(crowdflower: Path) -> None:
-    from sluice.coarse.scorer import FEATURES, SEARCH_FEATURES
+    from sluice.coarse.engine import FEATURES, SEARCH_FEATURES
     from sluice.data.products import load_products, load_queries
     from sluice.eval.search import cross_validate, in_process_search_cascade, query_encoder
 

@@ -1,15 +1,15 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from sluice.artifacts import Artifacts
-from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
+from sluice.domain import StageName
 from sluice.embed.text import MiniLMEncoder
-from sluice.fine.fusion import FusionWeights
-from sluice.fine.scorer import FineStage, TorchBackend
-from sluice.gateway.stages import LocalStages
-from sluice.recall.engine import RecallAssets, Recaller
-from sluice.rerank.engine import Reranker
+from sluice.gateway.stages import LocalStage
+from sluice.recall.engine import RecallEngine
+from sluice.wiring import load_engines
 
 
 @pytest.fixture(scope="session")
@@ -18,18 +18,17 @@ def encoder() -> MiniLMEncoder:
 
 
 @pytest.fixture(scope="session")
-def recaller(tiny_artifacts: Artifacts) -> Recaller:
-    return Recaller(RecallAssets.from_artifacts(tiny_artifacts))
+def engines(tiny_artifacts: Artifacts) -> dict[StageName, Any]:
+    """Every stage's engine, loaded through the services' wiring (the ranker in process)."""
+    return load_engines(tiny_artifacts.root, [], {"fine": {"backend": "torch"}})
 
 
 @pytest.fixture(scope="session")
-def local_stages(tiny_artifacts: Artifacts, recaller: Recaller) -> LocalStages:
-    a = tiny_artifacts
-    return LocalStages(
-        recaller,
-        CoarseRanker(FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")),
-        FineStage(
-            a.catalog, TorchBackend(a.ranker_dir), FusionWeights.load(a.root / "fusion.json")
-        ),
-        Reranker(a.catalog, a.text_vectors),
-    )
+def recaller(engines: dict[StageName, Any]) -> RecallEngine:
+    engine: RecallEngine = engines[StageName.RECALL]
+    return engine
+
+
+@pytest.fixture(scope="session")
+def local_stages(engines: dict[StageName, Any]) -> dict[StageName, LocalStage]:
+    return {stage: LocalStage(stage, engine) for stage, engine in engines.items()}

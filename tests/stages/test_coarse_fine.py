@@ -1,21 +1,23 @@
+from typing import Any
+
 import numpy as np
 
 from sluice.artifacts import Artifacts
-from sluice.coarse.scorer import FEATURES, FeatureTables, LinearWeights
-from sluice.domain import Candidates, RankContext
-from sluice.fine.scorer import CANDIDATES_PER_ROW, FineStage, TorchBackend
-from sluice.gateway.stages import LocalStages
-from sluice.recall.engine import Recaller
+from sluice.coarse.engine import FEATURES, CoarseEngine, FeatureTables, LinearWeights
+from sluice.domain import Budget, Candidates, RankContext, StageName
+from sluice.fine.backend import CANDIDATES_PER_ROW, TorchBackend
+from sluice.fine.engine import FineEngine
+from sluice.recall.engine import RecallEngine
 
 
 def test_coarse_keeps_the_best_scored(
-    local_stages: LocalStages, recaller: Recaller, tiny_artifacts: Artifacts
+    engines: dict[StageName, Any], recaller: RecallEngine, tiny_artifacts: Artifacts
 ) -> None:
     _, histories = tiny_artifacts.users()
     ctx = RankContext(history_item_ids=histories[2])
-    cands = recaller.recall(ctx, 500).candidates
-    ranker = local_stages.coarse_ranker
-    kept = ranker.rank(ctx, cands, 100)
+    cands = recaller.retrieve(ctx, Budget(500))
+    ranker: CoarseEngine = engines[StageName.COARSE_RANK]
+    kept = ranker.rank(ctx, cands, Budget(100))
     assert len(kept) == 100
     x = ranker.tables.features(ctx, cands)
     assert x.shape == (500, len(FEATURES)) and np.isfinite(x).all()
@@ -38,7 +40,7 @@ def test_coarse_feature_behaviour_similarity_follows_history(tiny_artifacts: Art
 
 
 def test_fine_stage_pads_and_splits_rows(tiny_artifacts: Artifacts) -> None:
-    stage = FineStage(tiny_artifacts.catalog, TorchBackend(tiny_artifacts.ranker_dir))
+    stage = FineEngine(tiny_artifacts.catalog, TorchBackend(tiny_artifacts.ranker_dir))
     ids = tiny_artifacts.catalog.item_ids[: CANDIDATES_PER_ROW + 44]
     cands = Candidates(ids, np.zeros(len(ids)), np.zeros(len(ids)))
     ctx = RankContext(history_item_ids=ids[:3])
@@ -48,36 +50,39 @@ def test_fine_stage_pads_and_splits_rows(tiny_artifacts: Artifacts) -> None:
         hist[:, :-3] == 0
     ).all()
     assert not has_q.any()
-    ranked = stage.rank(ctx, cands)
+    ranked = stage.rank(ctx, cands, Budget(len(cands)))
     assert sorted(ranked.item_ids.tolist()) == sorted(ids.tolist())
     assert np.all(np.diff(ranked.scores) <= 0)
     # the score of an item does not depend on which row or company it is scored in
-    alone = stage.rank(ctx, cands.take(np.array([290])))
+    alone = stage.rank(ctx, cands.take(np.array([290])), Budget(1))
     assert np.isclose(
         alone.scores[0], ranked.scores[ranked.item_ids.tolist().index(ids[290])], atol=1e-4
     )
 
 
 def test_fine_stage_unknown_items_rank_last(tiny_artifacts: Artifacts) -> None:
-    stage = FineStage(tiny_artifacts.catalog, TorchBackend(tiny_artifacts.ranker_dir))
+    stage = FineEngine(tiny_artifacts.catalog, TorchBackend(tiny_artifacts.ranker_dir))
     ids = np.append(tiny_artifacts.catalog.item_ids[:5], 987654321)
-    ranked = stage.rank(RankContext(), Candidates(ids, np.zeros(6), np.zeros(6)))
+    ranked = stage.rank(
+        RankContext(history_item_ids=ids[:1]), Candidates(ids, np.zeros(6), np.zeros(6)), Budget(6)
+    )
     assert ranked.item_ids[-1] == 987654321
 
 
 def test_an_anonymous_request_keeps_recalls_popularity_order(
-    local_stages: LocalStages, recaller: Recaller, tiny_artifacts: Artifacts
+    engines: dict[StageName, Any], recaller: RecallEngine, tiny_artifacts: Artifacts
 ) -> None:
     """No query, history or anchor: coarse and fine keep recall's (popularity) order, which
     follows live popularity when the state is shared; with history, the models re-rank."""
     anonymous = RankContext()
-    cands = recaller.recall(anonymous, 300).candidates
+    cands = recaller.retrieve(anonymous, Budget(300))
     expected = cands.top(50).item_ids.tolist()
-    coarse = local_stages.coarse_ranker.rank(anonymous, cands, 50)
+    coarse_engine = engines[StageName.COARSE_RANK]
+    coarse = coarse_engine.rank(anonymous, cands, Budget(50))
     assert coarse.item_ids.tolist() == expected
-    fine = local_stages.fine_stage.rank(anonymous, coarse, 20)
+    fine = engines[StageName.FINE_RANK].rank(anonymous, coarse, Budget(20))
     assert fine.item_ids.tolist() == expected[:20]
 
     _, histories = tiny_artifacts.users()
     known = RankContext(history_item_ids=histories[2])
-    assert local_stages.coarse_ranker.rank(known, cands, 50).item_ids.tolist() != expected
+    assert coarse_engine.rank(known, cands, Budget(50)).item_ids.tolist() != expected

@@ -5,33 +5,35 @@ import pytest
 
 from sluice.artifacts import Artifacts
 from sluice.core.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from sluice.core.stage import StageResult
 from sluice.data.filters import AttributeFilter
-from sluice.domain import Candidates, RankContext, StageName, StageReport
+from sluice.domain import Budget, Candidates, RankContext, StageName, Surface
 from sluice.embed.text import MiniLMEncoder
 from sluice.gateway.pipeline import (
+    STAGE_DEGRADED,
     Gateway,
     QueryEncoder,
     _scores_of,
     decode_page_token,
     encode_page_token,
 )
-from sluice.gateway.stages import LocalStages
+from sluice.gateway.stages import LocalStage
 from sluice.gateway.users import UserHistory, item_attributes
 from sluice.state.store import InMemoryStateStore
 
 
-class FineDown(LocalStages):
-    """The real stages, except that the fine ranker is unreachable."""
+class FineDown:
+    """The fine stage, unreachable."""
 
-    def fine(
-        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
-    ) -> tuple[Candidates, StageReport]:
+    stage = StageName.FINE_RANK
+
+    def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> StageResult:
         raise Unavailable("triton is down")
 
 
 @pytest.fixture(scope="module")
 def gateway(
-    local_stages: LocalStages, tiny_artifacts: Artifacts, encoder: MiniLMEncoder
+    local_stages: dict[StageName, LocalStage], tiny_artifacts: Artifacts, encoder: MiniLMEncoder
 ) -> Gateway:
     store = InMemoryStateStore(item_attributes(tiny_artifacts.catalog))
     return Gateway(
@@ -44,7 +46,7 @@ def gateway(
 
 def test_recommend_page_and_reports(gateway: Gateway, tiny_artifacts: Artifacts) -> None:
     users, histories = tiny_artifacts.users()
-    result = gateway.recommend(users[0], 1, 0, (), 10, "", 30.0)
+    result = gateway.recommend(user_id=users[0], page_size=10, deadline_s=30.0)
     assert len(result.candidates) == 10
     assert [r.stage for r in result.reports] == list(StageName)[1:]
     assert not np.isin(result.candidates.item_ids, histories[0]).any()
@@ -73,24 +75,36 @@ def test_page_tokens_are_bound_to_the_request(gateway: Gateway) -> None:
     assert decode_page_token(token, "abc") == 10
     with pytest.raises(InvalidArgument):
         decode_page_token(token, "other")
-    first = gateway.search("running shoes", "", (), 5, "", 30.0)
+    first = gateway.search(query="running shoes", page_size=5)
     with pytest.raises(InvalidArgument) as err:
-        gateway.search("yoga", "", (), 5, first.next_page_token, 30.0)
+        gateway.search(query="yoga", page_size=5, page_token=first.next_page_token)
     assert err.value.field_path == "page_token"
 
 
 def test_validation(gateway: Gateway) -> None:
     cases = [
-        (lambda: gateway.search("  ", "", (), 5, "", 30.0), "query"),
-        (lambda: gateway.search("q" * 513, "", (), 5, "", 30.0), "query"),
-        (lambda: gateway.search("shoes", "", (), 0, "", 30.0), "page_size"),
+        (lambda: gateway.search(query="  ", page_size=5), "query"),
+        (lambda: gateway.search(query="q" * 513, page_size=5), "query"),
+        (lambda: gateway.search(query="shoes", page_size=0), "page_size"),
         (
             lambda: gateway.recommend(
-                "u", 1, 0, (AttributeFilter("weight", any_of=("1",)),), 5, "", 1.0
+                user_id="u", filters=(AttributeFilter("weight", any_of=("1",)),), page_size=5
             ),
             "filters[0].field",
         ),
-        (lambda: gateway.recommend("u", 2, 0, (), 5, "", 30.0), "context_item_id"),
+        (
+            lambda: gateway.recommend(
+                user_id="u",
+                filters=(AttributeFilter("price_cents", max=float("nan")),),
+                page_size=5,
+            ),
+            "filters[0].max",
+        ),
+        (
+            lambda: gateway.recommend(user_id="u", surface=Surface.SIMILAR_ITEMS, page_size=5),
+            "context_item_id",
+        ),
+        (lambda: gateway.recommend(user_id="u", surface=7, page_size=5), "surface"),
     ]
     for call, field in cases:
         with pytest.raises(InvalidArgument) as err:
@@ -100,14 +114,13 @@ def test_validation(gateway: Gateway) -> None:
 
 def test_deadline_too_short(gateway: Gateway) -> None:
     with pytest.raises(DeadlineExceeded):
-        gateway.recommend("u", 1, 0, (), 5, "", 0.001)
+        gateway.recommend(user_id="u", page_size=5, deadline_s=0.001)
 
 
-def test_fine_outage_degrades(
-    local_stages: LocalStages, tiny_artifacts: Artifacts, encoder: MiniLMEncoder
+def test_fine_outage_degrades_and_is_counted(
+    local_stages: dict[StageName, LocalStage], tiny_artifacts: Artifacts, encoder: MiniLMEncoder
 ) -> None:
-    s = local_stages
-    down = FineDown(s.recaller, s.coarse_ranker, s.fine_stage, s.reranker)
+    down = local_stages | {StageName.FINE_RANK: FineDown()}
     store = InMemoryStateStore()
     gw = Gateway(
         down,
@@ -116,7 +129,10 @@ def test_fine_outage_degrades(
         QueryEncoder(encoder.encode),
     )
     users, _ = tiny_artifacts.users()
-    result = gw.recommend(users[3], 1, 0, (), 8, "", 30.0)
+    counter = STAGE_DEGRADED.labels("fine", "UNAVAILABLE")
+    before = counter._value.get()
+    result = gw.recommend(user_id=users[3], page_size=8)
+    assert counter._value.get() == before + 1
     assert len(result.candidates) == 8
     fine = result.reports[2]
     assert fine.degraded and "triton" in fine.degraded_reason
@@ -134,3 +150,35 @@ def test_query_encoder_caches(encoder: MiniLMEncoder) -> None:
     a = qe("Running Shoes")
     b = qe("running   shoes")
     assert np.array_equal(a, b) and len(calls) == 1
+
+
+def test_query_encoder_is_safe_across_threads() -> None:
+    """Handler threads share the cache; evictions between a lookup and its use must not fail
+    (the old OrderedDict version raised KeyError here, which became INTERNAL)."""
+    import sys
+    import threading
+
+    qe = QueryEncoder(lambda texts: np.full((1, 4), float(len(texts[0])), np.float32), size=2)
+    keys = [f"q{'x' * i}" for i in range(6)]
+    errors: list[BaseException] = []
+
+    def hammer(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(3000):
+                key = keys[int(rng.integers(len(keys)))]
+                assert qe(key)[0] == len(key)
+        except BaseException as err:
+            errors.append(err)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []

@@ -3,35 +3,33 @@ import pytest
 
 from sluice.artifacts import Artifacts
 from sluice.data.filters import AttributeFilter
-from sluice.domain import RankContext, Source
+from sluice.domain import Budget, RankContext, Source
 from sluice.embed.text import MiniLMEncoder
-from sluice.recall.engine import Recaller, first_allowed
+from sluice.recall.engine import RecallEngine, first_allowed
 
 
 def test_recommend_merges_sources_within_budget(
-    recaller: Recaller, tiny_artifacts: Artifacts
+    recaller: RecallEngine, tiny_artifacts: Artifacts
 ) -> None:
     _, histories = tiny_artifacts.users()
     hist = histories[0]
-    result = recaller.recall(RankContext(history_item_ids=hist, exclude_item_ids=hist), 300)
-    c = result.candidates
+    c = recaller.retrieve(RankContext(history_item_ids=hist, exclude_item_ids=hist), Budget(300))
     assert len(c) == 300
     assert len(np.unique(c.item_ids)) == 300
     assert not np.isin(c.item_ids, hist).any()
     assert set(np.unique(c.sources)) >= {Source.ANN, Source.CO_OCCURRENCE, Source.POPULARITY}
-    assert sum(result.source_counts.values()) == 300
     assert np.all(np.diff(c.scores) <= 0), "merged list is not ordered by fused score"
 
 
-def test_cold_start_is_popularity(recaller: Recaller, tiny_artifacts: Artifacts) -> None:
-    c = recaller.recall(RankContext(), 50).candidates
+def test_cold_start_is_popularity(recaller: RecallEngine, tiny_artifacts: Artifacts) -> None:
+    c = recaller.retrieve(RankContext(), Budget(50))
     assert set(c.sources.tolist()) == {int(Source.POPULARITY)}
     rows = tiny_artifacts.catalog.rows(c.item_ids)
     pop = tiny_artifacts.popularity
     assert pop[rows].min() >= np.sort(pop)[-50]
 
 
-def test_filters_never_shrink_the_budget(recaller: Recaller, tiny_artifacts: Artifacts) -> None:
+def test_filters_never_shrink_the_budget(recaller: RecallEngine, tiny_artifacts: Artifacts) -> None:
     catalog = tiny_artifacts.catalog
     category = catalog.categories[0]
     in_category = int((catalog.category_codes == 0).sum())
@@ -39,25 +37,25 @@ def test_filters_never_shrink_the_budget(recaller: Recaller, tiny_artifacts: Art
     ctx = RankContext(
         history_item_ids=histories[1], filters=(AttributeFilter("category", any_of=(category,)),)
     )
-    c = recaller.recall(ctx, 1000).candidates
+    c = recaller.retrieve(ctx, Budget(1000))
     assert len(c) == in_category  # every allowed item, none other
     assert all(catalog.category_of(r) == category for r in catalog.rows(c.item_ids))
 
 
 def test_search_uses_lexical_and_ann(
-    recaller: Recaller, tiny_artifacts: Artifacts, encoder: MiniLMEncoder
+    recaller: RecallEngine, tiny_artifacts: Artifacts, encoder: MiniLMEncoder
 ) -> None:
     title = tiny_artifacts.catalog.titles[5]
     q = " ".join(title.split()[1:4])
     ctx = RankContext(query=q, query_embedding=encoder.encode([q])[0])
-    c = recaller.recall(ctx, 200).candidates
+    c = recaller.retrieve(ctx, Budget(200))
     assert {Source.LEXICAL, Source.ANN} <= set(c.sources.tolist())
     assert tiny_artifacts.catalog.item_ids[5] in c.item_ids[:50]
 
 
 @pytest.mark.parametrize("budget", [1, 10, 77])
-def test_exact_budget(recaller: Recaller, budget: int) -> None:
-    assert len(recaller.recall(RankContext(), budget).candidates) == budget
+def test_exact_budget(recaller: RecallEngine, budget: int) -> None:
+    assert len(recaller.retrieve(RankContext(), Budget(budget))) == budget
 
 
 @pytest.mark.parametrize("keep_share", [1.0, 0.999, 0.5, 0.01, 0.0])

@@ -3,8 +3,8 @@ import pytest
 
 from sluice.data.catalog import Catalog
 from sluice.data.filters import AttributeFilter
-from sluice.domain import Candidates, RankContext
-from sluice.rerank.engine import RerankConfig, Reranker, title_key
+from sluice.domain import Budget, Candidates, RankContext
+from sluice.rerank.engine import RerankConfig, RerankEngine, title_key
 
 
 def make(n: int = 12, titles: list[str] | None = None) -> tuple[Catalog, np.ndarray]:
@@ -30,16 +30,16 @@ def cands(ids: list[int]) -> Candidates:
 
 def test_relevance_only_keeps_order_and_drops_out_of_stock() -> None:
     catalog, vecs = make()
-    rr = Reranker(catalog, vecs, RerankConfig(diversity_lambda=1.0, max_per_brand=0))
-    page = rr.rerank(RankContext(), cands(list(range(100, 112))), 0, 5)
-    assert page.candidates.item_ids.tolist() == [100, 101, 102, 104, 105]
-    assert page.total_size == 11
+    rr = RerankEngine(catalog, vecs, RerankConfig(diversity_lambda=1.0, max_per_brand=0))
+    ordered = rr.rank(RankContext(), cands(list(range(100, 112))), Budget(5))
+    assert ordered.item_ids[:5].tolist() == [100, 101, 102, 104, 105]
+    assert len(ordered) == 11  # every eligible item: the total across pages
 
 
 def test_mmr_pushes_down_a_near_duplicate_embedding() -> None:
     catalog, vecs = make()
-    rr = Reranker(catalog, vecs, RerankConfig(diversity_lambda=0.5, max_per_brand=0))
-    ids = rr.rerank(RankContext(), cands(list(range(100, 112))), 0, 4).candidates.item_ids.tolist()
+    rr = RerankEngine(catalog, vecs, RerankConfig(diversity_lambda=0.5, max_per_brand=0))
+    ids = rr.rank(RankContext(), cands(list(range(100, 112))), Budget(4)).item_ids[:4].tolist()
     assert ids[0] == 100 and 101 not in ids
 
 
@@ -47,22 +47,24 @@ def test_brand_cap_and_dedupe_by_title_and_id() -> None:
     titles = [f"Item {i} - Red" for i in range(12)]
     titles[5] = "Item 4 - Blue"  # the same product as item 104 in another variant
     catalog, vecs = make(titles=titles)
-    rr = Reranker(catalog, vecs, RerankConfig(diversity_lambda=1.0, max_per_brand=2))
-    page = rr.rerank(RankContext(), cands([100, 100, 101, 102, 104, 105, 106, 107, 108]), 0, 4)
-    ids = page.candidates.item_ids.tolist()
+    rr = RerankEngine(catalog, vecs, RerankConfig(diversity_lambda=1.0, max_per_brand=2))
+    ordered = rr.rank(
+        RankContext(), cands([100, 100, 101, 102, 104, 105, 106, 107, 108]), Budget(4)
+    )
+    ids = ordered.item_ids[:4].tolist()
     assert ids.count(100) == 1 and 105 not in ids
     assert ids[:3] == [100, 101, 106]  # b0 is capped at two, so b1's best comes next
 
 
 def test_pages_do_not_overlap_and_respect_filters() -> None:
     catalog, vecs = make()
-    rr = Reranker(catalog, vecs, RerankConfig(diversity_lambda=0.7))
+    rr = RerankEngine(catalog, vecs, RerankConfig(diversity_lambda=0.7))
     ctx = RankContext(
         filters=(AttributeFilter("brand", any_of=("b0", "b2")),), exclude_item_ids=np.array([102])
     )
     full = cands(list(range(100, 112)))
-    p1 = rr.rerank(ctx, full, 0, 3).candidates.item_ids.tolist()
-    p2 = rr.rerank(ctx, full, 3, 3).candidates.item_ids.tolist()
+    p1 = rr.rank(ctx, full, Budget(3)).window(0, 3).item_ids.tolist()
+    p2 = rr.rank(ctx, full, Budget(3, offset=3)).window(3, 3).item_ids.tolist()
     assert not set(p1) & set(p2)
     assert all(catalog.brand_of(catalog.row(i)) in ("b0", "b2") for i in p1 + p2)
     assert 102 not in p1 + p2

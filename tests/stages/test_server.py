@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -14,30 +15,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from sluice.common.v1 import common_pb2
-from sluice.config import RerankSettings
 from sluice.core.server import RPC_TOTAL, RunningService, ServiceSpec, bind
+from sluice.core.stage import StageLimits, StageServicer
 from sluice.data.catalog import Catalog
-from sluice.rerank.engine import Reranker
-from sluice.rerank.service import RerankServicer
-from sluice.rerank.v1 import rerank_pb2, rerank_pb2_grpc
+from sluice.rerank.engine import RerankEngine
+from sluice.rerank.service import BINDING
+from sluice.rerank.v2 import rerank_pb2, rerank_pb2_grpc
+
+SERVICE = "sluice.rerank.v2.RerankService"
 
 
 @pytest.fixture
-def service() -> Iterator[tuple[RunningService, threading.Event, RerankServicer]]:
+def service() -> Iterator[tuple[RunningService, threading.Event, StageServicer]]:
     """A real rerank service on a free port whose warm-up waits for the test."""
     release = threading.Event()
-    servicer = RerankServicer(RerankSettings())
+    servicer = StageServicer(BINDING, StageLimits(max_candidates=100, default_deadline_s=1.0))
     catalog = Catalog.from_columns([1, 2, 3], ["a", "b", "c"])
-
-    def register(server: grpc.Server) -> list[str]:
-        rerank_pb2_grpc.add_RerankServiceServicer_to_server(servicer, server)
-        return [rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name]
 
     def warmup() -> None:
         assert release.wait(30)
-        servicer.reranker = Reranker(catalog, np.eye(3, dtype=np.float32))
+        servicer.engine = RerankEngine(catalog, np.eye(3, dtype=np.float32))
 
-    svc = bind(ServiceSpec("rerank", register, warmup), "127.0.0.1", 0)
+    svc = bind(ServiceSpec("rerank", servicer.add_to, warmup), "127.0.0.1", 0)
     yield svc, release, servicer
     release.set()
     svc.stop(0.5)
@@ -49,18 +48,20 @@ def health_status(port: int) -> int:
         return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
 
 
-def rerank(port: int, req: rerank_pb2.RerankRequest, rid: str = "") -> rerank_pb2.RerankResponse:
+def rerank(
+    port: int, req: rerank_pb2.RankCandidatesRequest, rid: str = "", timeout: float | None = 5
+) -> rerank_pb2.RankCandidatesResponse:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = rerank_pb2_grpc.RerankServiceStub(ch)
         meta = (("x-request-id", rid),) if rid else ()
-        resp, call = stub.Rerank.with_call(req, timeout=5, metadata=meta)
+        resp, call = stub.RankCandidates.with_call(req, timeout=timeout, metadata=meta)
         rerank.last_metadata = dict(call.trailing_metadata())  # type: ignore[attr-defined]
         return resp  # type: ignore[no-any-return]
 
 
-GOOD = rerank_pb2.RerankRequest(
+GOOD = rerank_pb2.RankCandidatesRequest(
     candidates=common_pb2.Candidates(item_ids=[1, 2, 3], scores=[3, 2, 1], sources=[1, 1, 1]),
-    page_size=2,
+    max_candidates=2,
 )
 
 
@@ -82,10 +83,8 @@ def test_domain_errors_become_statuses_with_details(service: tuple) -> None:
     svc, release, _ = service
     release.set()
     svc.warm()
-    bad = rerank_pb2.RerankRequest(candidates=GOOD.candidates, page_size=0)
-    before = RPC_TOTAL.labels(
-        "sluice.rerank.v1.RerankService", "Rerank", "INVALID_ARGUMENT"
-    )._value.get()
+    bad = rerank_pb2.RankCandidatesRequest(candidates=GOOD.candidates, max_candidates=0)
+    before = RPC_TOTAL.labels(SERVICE, "RankCandidates", "INVALID_ARGUMENT")._value.get()
     with pytest.raises(grpc.RpcError) as err:
         rerank(svc.port, bad)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -95,14 +94,12 @@ def test_domain_errors_become_statuses_with_details(service: tuple) -> None:
     assert kinds == {"google.rpc.ErrorInfo", "google.rpc.BadRequest"}
     br = error_details_pb2.BadRequest()
     next(d for d in status.details if d.Is(br.DESCRIPTOR)).Unpack(br)
-    assert [v.field for v in br.field_violations] == ["page_size"]
-    after = RPC_TOTAL.labels(
-        "sluice.rerank.v1.RerankService", "Rerank", "INVALID_ARGUMENT"
-    )._value.get()
+    assert [v.field for v in br.field_violations] == ["max_candidates"]
+    after = RPC_TOTAL.labels(SERVICE, "RankCandidates", "INVALID_ARGUMENT")._value.get()
     assert after == before + 1
     # mismatched packed arrays are the caller's fault too, never INTERNAL
-    ragged = rerank_pb2.RerankRequest(
-        candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[1.0]), page_size=1
+    ragged = rerank_pb2.RankCandidatesRequest(
+        candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[1.0]), max_candidates=1
     )
     with pytest.raises(grpc.RpcError) as err:
         rerank(svc.port, ragged)
@@ -141,3 +138,62 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> Non
     for p in ports[:5]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
+
+
+def _violations(err: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(err)
+    br = error_details_pb2.BadRequest()
+    next(d for d in status.details if d.Is(br.DESCRIPTOR)).Unpack(br)
+    return [v.field for v in br.field_violations]
+
+
+def test_a_call_without_deadline_gets_the_default_budget(service: tuple) -> None:
+    """grpcio reports a huge time_remaining() without a deadline; it must not overflow into
+    an instant DEADLINE_EXCEEDED (every foreign client that sets none hit that)."""
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    resp = rerank(svc.port, GOOD, timeout=None)
+    assert list(resp.candidates.item_ids) == [1, 2]
+
+
+def test_the_page_window_and_total(service: tuple) -> None:
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    req = rerank_pb2.RankCandidatesRequest()
+    req.CopyFrom(GOOD)
+    req.offset = 2
+    resp = rerank(svc.port, req)
+    assert list(resp.candidates.item_ids) == [3] and resp.total_size == 3
+    assert resp.report.candidates_in == 3 and resp.report.candidates_out == 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (
+            lambda r: r.context.query_embedding.extend([float("nan")] * 384),
+            "context.query_embedding",
+        ),
+        (lambda r: r.context.query_embedding.extend([0.1] * 3), "context.query_embedding"),
+        (lambda r: r.context.filters.add(), "context.filters[0]"),
+        (lambda r: r.context.filters.add().brand.SetInParent(), "context.filters[0].brand.values"),
+        (lambda r: setattr(r.context, "query", "q" * 3000), "context.query"),
+        (lambda r: r.context.history_item_ids.extend(range(1001)), "context.history_item_ids"),
+        (lambda r: setattr(r, "max_candidates", 101), "max_candidates"),
+        (lambda r: setattr(r, "offset", -1), "offset"),
+        (lambda r: r.candidates.item_ids.extend(range(200)), "candidates.item_ids"),
+    ],
+)
+def test_bad_stage_input_names_the_field(service: tuple, mutate: Any, field: str) -> None:
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    req = rerank_pb2.RankCandidatesRequest()
+    req.CopyFrom(GOOD)
+    mutate(req)
+    with pytest.raises(grpc.RpcError) as err:
+        rerank(svc.port, req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(err.value) == [field]

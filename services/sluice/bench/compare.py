@@ -3,7 +3,7 @@
 ``sluice bench compare grpc``
     The whole cascade over gRPC (a started cluster; by default two: fine ranker on Triton, and
     fine ranker as TorchBackend inside the fine service) against the same stage objects in this
-    process without gRPC (``Gateway`` + ``LocalStages`` + ``TorchBackend``), same artifacts,
+    process without gRPC (``Gateway`` + local stages + ``TorchBackend``), same artifacts,
     same requests, sequential closed loop. Requests are interleaved (each request goes to every
     variant in a random order), so background load on a shared machine hits all variants alike.
 ``sluice bench compare batching``
@@ -271,27 +271,24 @@ def real_tensors(
     artifacts: Path, n: int, search_share: float, seed: int = 0
 ) -> tuple[list[tuple[np.ndarray, ...]], list[int]]:
     """Tensors (history, candidates, query_emb, has_query) for ``n`` real requests: the
-    gateway's history, recall, and coarse ranking run in process, then ``FineStage.tensors``."""
+    gateway's history, recall, and coarse ranking run in process, then ``FineEngine.tensors``."""
     import torch
 
     from sluice.artifacts import Artifacts
-    from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
     from sluice.config import GatewaySettings
-    from sluice.domain import RankContext
+    from sluice.domain import Budget, RankContext, RequestKind
     from sluice.embed.text import MiniLMEncoder
-    from sluice.fine.scorer import FineStage
-    from sluice.recall.engine import RecallAssets, Recaller
+    from sluice.fine.engine import FineEngine
+    from sluice.wiring import BY_NAME
 
     torch.set_num_threads(1)
     a = Artifacts(artifacts)
     settings = GatewaySettings()
     users, histories = a.users()
     hist_of = dict(zip(users, histories, strict=True))
-    recaller = Recaller(RecallAssets.from_artifacts(a))
-    coarse = CoarseRanker(
-        FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")
-    )
-    stage = FineStage(a.catalog, backend=None)  # type: ignore[arg-type]  # tensors only
+    recaller = BY_NAME["recall"].load(BY_NAME["recall"].settings(artifacts=artifacts), [])
+    coarse = BY_NAME["coarse"].load(BY_NAME["coarse"].settings(artifacts=artifacts), [])
+    stage = FineEngine(a.catalog, backend=None)  # type: ignore[arg-type]  # tensors only
     rng = np.random.default_rng(seed)
     specs = make_requests(n, search_share, users, title_words(a.catalog.titles), rng)
     encoder = MiniLMEncoder(threads=1) if any(s.kind == KIND_SEARCH for s in specs) else None
@@ -301,10 +298,14 @@ def real_tensors(
         emb = encoder.encode([s.query])[0] if (encoder and s.query) else None
         exclude = history if s.kind == KIND_RECOMMEND else np.zeros(0, np.int64)
         ctx = RankContext(
-            query=s.query, query_embedding=emb, history_item_ids=history, exclude_item_ids=exclude
+            RequestKind.SEARCH if s.kind == KIND_SEARCH else RequestKind.RECOMMEND,
+            query=s.query,
+            query_embedding=emb,
+            history_item_ids=history,
+            exclude_item_ids=exclude,
         )
-        cands = recaller.recall(ctx, settings.recall_candidates).candidates
-        cands = coarse.rank(ctx, cands, settings.coarse_candidates)
+        cands = recaller.retrieve(ctx, Budget(settings.recall_candidates))
+        cands = coarse.rank(ctx, cands, Budget(settings.coarse_candidates))
         out.append(tuple(np.ascontiguousarray(t) for t in stage.tensors(ctx, cands)))
         kinds.append(s.kind)
     return out, kinds
@@ -488,7 +489,7 @@ def local_gateway(artifacts: Path, torch_threads: int = 1) -> Any:
     from sluice.gateway.pipeline import QueryEncoder
 
     torch.set_num_threads(torch_threads)
-    threadpool_limits(limits=1, user_api="blas")  # as the services run (ServiceSettings)
+    threadpool_limits(limits=1)  # as the services run (ServiceSettings.blas_threads)
     a = Artifacts(artifacts)
     encoder = query_encoder(artifacts, threads=torch_threads)
     gw = in_process_gateway(
@@ -503,9 +504,9 @@ def _local_call(
 ) -> tuple[float, list[int], bool]:
     t0 = time.perf_counter()
     if kind == KIND_SEARCH:
-        res = gw.search(query, user, (), 10, "", timeout_s)
+        res = gw.search(query=query, user_id=user, page_size=10, deadline_s=timeout_s)
     else:
-        res = gw.recommend(user, 1, 0, (), 10, "", timeout_s)
+        res = gw.recommend(user_id=user, page_size=10, deadline_s=timeout_s)
     dt = time.perf_counter() - t0
     return dt, [r.duration_us for r in res.reports], any(r.degraded for r in res.reports)
 

@@ -668,7 +668,7 @@ class TritonDriver:
     def __init__(self, url: str, tensors: list[tuple[np.ndarray, ...]], threads: int = 64) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from sluice.fine.scorer import TritonBackend
+        from sluice.fine.backend import TritonBackend
 
         self.backend = TritonBackend(url)
         self.tensors = tensors

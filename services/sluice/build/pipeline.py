@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 
 from sluice.artifacts import MANIFEST, Artifacts, save_cooc, save_users
 from sluice.data.catalog import Catalog
@@ -56,6 +56,13 @@ class BuildOptions:
     progress: bool = True
 
 
+class Console:
+    """The build's progress lines, on standard error."""
+
+    def print(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+
 class _Steps:
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -63,12 +70,12 @@ class _Steps:
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
-        self.console.print(f"[bold cyan]▶[/] {name} …")
+        self.console.print(f"▶ {name} …")
         t0 = time.perf_counter()
         yield
         dt = time.perf_counter() - t0
         self.timings[name] = round(dt, 2)
-        self.console.print(f"[green]✓[/] {name} [dim]({dt:.1f} s)[/]")
+        self.console.print(f"✓ {name} ({dt:.1f} s)")
 
 
 def load_dataset(options: BuildOptions) -> tuple[Catalog, Interactions, str]:
@@ -117,7 +124,7 @@ def fit_search_on_judgments(artifacts: Artifacts, data: Path, console: Console) 
     cascade's own recall candidates (``sluice eval search`` reports its k-fold
     cross-validation, the estimate for unseen queries).
     """
-    from sluice.coarse.scorer import FEATURES, SEARCH_FEATURES
+    from sluice.coarse.engine import FEATURES, SEARCH_FEATURES
     from sluice.data.products import load_queries
     from sluice.eval.search import collect_samples, fit_pairwise, query_encoder, sample_ndcg
 
@@ -208,7 +215,7 @@ def refit(options: BuildOptions) -> Artifacts:
     """
     from sluice.eval.offline import pseudo_query_table
 
-    console = Console(stderr=True)
+    console = Console()
     steps = _Steps(console)
     artifacts = Artifacts(options.out)
     with steps.step("load data"):
@@ -234,7 +241,7 @@ def refit(options: BuildOptions) -> Artifacts:
         steps=steps,
         console=console,
     )
-    console.print(f"[bold green]refitted[/] {options.out}")
+    console.print(f"refitted {options.out}")
     return Artifacts(options.out)
 
 
@@ -248,7 +255,7 @@ def build(options: BuildOptions) -> Artifacts:
     from sluice.recall.ann_index import AnnIndex, build_index
     from sluice.recall.lexical import LexicalIndex
 
-    console = Console(stderr=True)
+    console = Console()
     steps = _Steps(console)
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
@@ -369,5 +376,5 @@ def build(options: BuildOptions) -> Artifacts:
     )
     manifest["timings_s"] = steps.timings
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    console.print(f"[bold green]built[/] {out} (fine_ranker version {version})")
+    console.print(f"built {out} (fine_ranker version {version})")
     return Artifacts(out)

@@ -14,9 +14,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sluice.artifacts import Artifacts
-from sluice.coarse.scorer import FeatureTables, LinearWeights, fit_weights
-from sluice.domain import RankContext
-from sluice.recall.engine import RecallAssets, Recaller, StaticPopularity
+from sluice.coarse.engine import FeatureTables, LinearWeights, fit_weights
+from sluice.domain import Budget, RankContext, RequestKind, Surface
+from sluice.recall.engine import RecallAssets, RecallEngine, StaticPopularity
 
 COOC_TOP_K = 100  # co-occurrence neighbours kept per item for recall
 
@@ -59,12 +59,22 @@ class FittingView:
         return cls(recall, tables)
 
 
+def home_context(history: np.ndarray) -> RankContext:
+    """A home-page request of a user with this history, as the gateway builds it."""
+    return RankContext(
+        RequestKind.RECOMMEND,
+        Surface.HOME,
+        history_item_ids=history,
+        exclude_item_ids=history,
+    )
+
+
 NEGATIVES_PER_REQUEST = 40
 RECALL_BUDGET = 1000
 
 
 def _sample(
-    recaller: Recaller,
+    recaller: RecallEngine,
     tables: FeatureTables,
     contexts: Sequence[tuple[RankContext, int]],
     rng: np.random.Generator,
@@ -72,7 +82,7 @@ def _sample(
 ) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for ctx, target in tqdm(contexts, desc=desc, leave=False):
-        cands = recaller.recall(ctx, RECALL_BUDGET).candidates
+        cands = recaller.retrieve(ctx, Budget(RECALL_BUDGET))
         label = cands.item_ids == target
         neg = np.flatnonzero(~label)
         pick = np.concatenate(
@@ -110,14 +120,18 @@ def training_contexts(
             seq = sequences[u]
             hist = catalog.item_ids[seq[:-1]]
             target = int(catalog.item_ids[seq[-1]])
-            recommend.append((RankContext(history_item_ids=hist, exclude_item_ids=hist), target))
+            recommend.append((home_context(hist), target))
     search: list[tuple[RankContext, int]] = []
     if pseudo is not None:
         per_item = pseudo.shape[1]
         texts = pseudo_query_texts(catalog.titles, per_item, seed)
         for r in rng.choice(len(catalog), min(num_requests, len(catalog)), replace=False).tolist():
             v = int(rng.integers(per_item))
-            ctx = RankContext(query=texts[r * per_item + v], query_embedding=pseudo[r + 1, v])
+            ctx = RankContext(
+                RequestKind.SEARCH,
+                query=texts[r * per_item + v],
+                query_embedding=pseudo[r + 1, v],
+            )
             search.append((ctx, int(catalog.item_ids[r])))
     return recommend, search
 
@@ -130,7 +144,7 @@ def fit_coarse(
 ) -> LinearWeights:
     """Weights for recommendation and search; the defaults where there is no signal."""
     rng = np.random.default_rng(seed)
-    recaller = Recaller(view.recall)
+    recaller = RecallEngine(view.recall)
     tables = view.tables
     weights = LinearWeights.default()
     if recommend:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +16,10 @@ from sluice.data.catalog import (
     STRING_ATTRIBUTES,
     Catalog,
 )
+
+MAX_FILTERS = 64
+MAX_FILTER_VALUES = 256
+MAX_VALUE_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,18 @@ class FilterSet:
 
 def validate(filters: Sequence[AttributeFilter], prefix: str = "filters") -> None:
     """Raise INVALID_ARGUMENT naming the offending field of a malformed filter."""
+    if len(filters) > MAX_FILTERS:
+        raise InvalidArgument(f"at most {MAX_FILTERS} filters", field_path=prefix)
     for i, f in enumerate(filters):
         where = f"{prefix}[{i}]"
+        if len(f.any_of) > MAX_FILTER_VALUES or any(len(v) > MAX_VALUE_CHARS for v in f.any_of):
+            raise InvalidArgument(
+                f"at most {MAX_FILTER_VALUES} values of at most {MAX_VALUE_CHARS} characters",
+                field_path=f"{where}.any_of",
+            )
+        for name, bound in (("min", f.min), ("max", f.max)):
+            if bound is not None and not math.isfinite(bound):
+                raise InvalidArgument("must be a finite number", field_path=f"{where}.{name}")
         if f.field not in FILTERABLE:
             raise InvalidArgument(
                 f"unknown filter field {f.field!r}; known fields: {', '.join(FILTERABLE)}",

@@ -15,7 +15,7 @@ What is measured, all by the same NDCG code:
   0.720 of the dataset's README) and the project's tokenizer (English stems).
 * **dense** — all-MiniLM-L6-v2 cosine between the query and the item text.
 * **coarse combination, k-fold CV** — the cascade's own recall candidates and
-  coarse features (:mod:`sluice.coarse.scorer`) for every query; the search
+  coarse features (:mod:`sluice.coarse.engine`) for every query; the search
   weights are fitted on the training folds' judgments (pairwise logistic
   regression over a handful of features) and scored on the held-out fold.
   This estimates how the learned combination generalizes to unseen queries.
@@ -132,10 +132,10 @@ def collect_samples(
     recall_budget: int = 1000,
 ) -> list[QuerySample]:
     """Recall each query as the gateway would (no user) and compute the coarse features."""
-    from sluice.coarse.scorer import FeatureTables
-    from sluice.recall.engine import RecallAssets, Recaller
+    from sluice.coarse.engine import FeatureTables
+    from sluice.recall.engine import RecallAssets, RecallEngine
 
-    recaller = Recaller(RecallAssets.from_artifacts(artifacts))
+    recaller = RecallEngine(RecallAssets.from_artifacts(artifacts))
     tables = FeatureTables.from_artifacts(artifacts)
     return samples_from(recaller, tables, queries, encode, recall_budget)
 
@@ -148,13 +148,13 @@ def samples_from(
     recall_budget: int = 1000,
 ) -> list[QuerySample]:
     """:func:`collect_samples` over given recall assets and feature tables."""
-    from sluice.domain import RankContext
+    from sluice.domain import Budget, RankContext, RequestKind
 
     out = []
     for text, judged in zip(queries.texts, queries.judgments, strict=True):
         query = text.strip()
-        ctx = RankContext(query=query, query_embedding=encode(query))
-        cands = recaller.recall(ctx, recall_budget).candidates
+        ctx = RankContext(RequestKind.SEARCH, query=query, query_embedding=encode(query))
+        cands = recaller.retrieve(ctx, Budget(recall_budget))
         grades = np.array([judged.get(int(i), 0) for i in cands.item_ids], dtype=np.int64)
         out.append(QuerySample(cands.item_ids, tables.features(ctx, cands), grades, judged))
     return out
@@ -191,9 +191,9 @@ def in_process_search_cascade(
     """
     from scipy import sparse
 
-    from sluice.coarse.scorer import FeatureTables
+    from sluice.coarse.engine import FeatureTables
     from sluice.recall.ann_index import AnnIndex, build_index
-    from sluice.recall.engine import RecallAssets, Recaller, StaticPopularity
+    from sluice.recall.engine import RecallAssets, RecallEngine, StaticPopularity
     from sluice.recall.lexical import LexicalIndex
 
     n = len(catalog)
@@ -220,7 +220,7 @@ def in_process_search_cascade(
         cooc=sparse.csr_matrix((n, n), dtype=np.float32),
         popularity=popularity,
     )
-    return samples_from(Recaller(assets), tables, queries, encode)
+    return samples_from(RecallEngine(assets), tables, queries, encode)
 
 
 def pairwise_data(
@@ -327,7 +327,8 @@ def in_process_rankings(
     stages = local_stages(a, diversity_lambda=diversity_lambda)
     gateway = in_process_gateway(a, stages, encode)
     return [
-        gateway.search(q, "", (), K, "", 30.0).candidates.item_ids.tolist() for q in queries.texts
+        gateway.search(query=q, page_size=K, deadline_s=30.0).candidates.item_ids.tolist()
+        for q in queries.texts
     ]
 
 
@@ -375,7 +376,7 @@ class SearchOptions:
 
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
-    from sluice.coarse.scorer import FEATURES, SEARCH_FEATURES
+    from sluice.coarse.engine import FEATURES, SEARCH_FEATURES
     from sluice.launch import Cluster, Ports
 
     base = opts.root or eval_dir(opts.data, EVAL_ROOT)
@@ -436,7 +437,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         )
     )
     report["recall_relevant@1000"] = recall_1000
-    from sluice.coarse.scorer import LinearWeights
+    from sluice.coarse.engine import LinearWeights
 
     built = LinearWeights.load(artifacts.root / "coarse.json").search
     add(
@@ -460,7 +461,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         rankings = in_process_rankings(artifacts, queries, encode, diversity_lambda=lam)
         label = "default diversity" if lam is None else f"diversity_lambda {lam} (MMR off)"
         add(
-            f"whole cascade in process (LocalStages + Gateway), rerank {label}",
+            f"whole cascade in process (local stages + Gateway), rerank {label}",
             mean_ndcg(rankings, queries),
             "what the rerank stage's MMR diversity costs in NDCG@10",
         )

@@ -21,7 +21,7 @@ Three measurements on the same users:
 * **per stage** — the gateway's own logic (:class:`sluice.gateway.pipeline.Gateway`,
   with the same user histories and exclusions the gateway service builds)
   runs in this process and calls the four stage *services* over gRPC
-  (:class:`sluice.gateway.stages.GrpcStages`) through a recorder that keeps
+  (:class:`sluice.gateway.stages.GrpcStage`) through a recorder that keeps
   every stage's output: the share of test targets still among the candidates
   after recall (@1000), coarse ranking (@200), fine ranking (@10, and @50) and
   on the final page.
@@ -43,7 +43,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -55,7 +55,8 @@ import torch
 
 from sluice.artifacts import Artifacts
 from sluice.config import ROOT
-from sluice.domain import Candidates, RankContext, StageReport
+from sluice.core.stage import StageResult
+from sluice.domain import Budget, Candidates, RankContext, StageName, Surface
 from sluice.eval.metrics import KS, evaluate, leave_one_out
 
 log = logging.getLogger(__name__)
@@ -296,11 +297,25 @@ def served_recommend(
 
 
 # -- per stage: the gateway logic in process, the stage services over gRPC ----------------------
-class RecordingStages:
-    """Wraps the gateway's stages and keeps what each stage returned (per thread)."""
+class _Recorder:
+    """One stage client whose results are kept in the recorder of the calling thread."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, stage: StageName, inner: Any, owner: RecordingStages) -> None:
+        self.stage = stage
         self.inner = inner
+        self.owner = owner
+
+    def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> StageResult:
+        out: StageResult = self.inner.call(ctx, cands, budget)
+        self.owner.record[self.stage.label] = out.candidates
+        return out
+
+
+class RecordingStages(dict[StageName, Any]):
+    """The gateway's stage clients, keeping what each stage returned (per thread)."""
+
+    def __init__(self, inner: Mapping[StageName, Any]) -> None:
+        super().__init__({stage: _Recorder(stage, client, self) for stage, client in inner.items()})
         self._local = threading.local()
 
     @property
@@ -313,34 +328,6 @@ class RecordingStages:
 
     def reset(self) -> None:
         self._local.record = {}
-
-    def recall(
-        self, ctx: RankContext, max_candidates: int, timeout_s: float
-    ) -> tuple[Candidates, StageReport]:
-        out = self.inner.recall(ctx, max_candidates, timeout_s)
-        self.record["recall"] = out[0]
-        return out
-
-    def coarse(
-        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
-    ) -> tuple[Candidates, StageReport]:
-        out = self.inner.coarse(ctx, cands, keep, timeout_s)
-        self.record["coarse"] = out[0]
-        return out
-
-    def fine(
-        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
-    ) -> tuple[Candidates, StageReport]:
-        out = self.inner.fine(ctx, cands, keep, timeout_s)
-        self.record["fine"] = out[0]
-        return out
-
-    def rerank(
-        self, ctx: RankContext, cands: Candidates, offset: int, page_size: int, timeout_s: float
-    ) -> tuple[Candidates, int, StageReport]:
-        out = self.inner.rerank(ctx, cands, offset, page_size, timeout_s)
-        self.record["rerank"] = out[0]
-        return out
 
 
 def in_process_gateway(artifacts: Artifacts, stages: Any, encode_query: Any = None) -> Any:
@@ -616,48 +603,33 @@ def local_stages(
     diversity_lambda: float | None = None,
     fusion: Any = None,
     torch_threads: int | None = None,
-) -> Any:
-    """The four stages in this process, loaded like the services load them."""
-    from sluice.coarse.scorer import CoarseRanker, FeatureTables, LinearWeights
-    from sluice.config import RerankSettings
-    from sluice.fine.fusion import FusionWeights
-    from sluice.fine.scorer import FineStage, TorchBackend
-    from sluice.gateway.stages import LocalStages
-    from sluice.recall.engine import RecallAssets, Recaller
-    from sluice.rerank.engine import RerankConfig, Reranker
+) -> dict[StageName, Any]:
+    """The four stages in this process, loaded through the services' wiring, with the ranker
+    in process (``TorchBackend``) and the given settings changed."""
+    from sluice.gateway.stages import LocalStage
+    from sluice.wiring import load_engines
 
-    a = artifacts
-    rs = RerankSettings()
-    config = RerankConfig(rs.diversity_lambda, rs.max_per_brand)
-    if diversity_lambda is not None:
-        config.diversity_lambda = diversity_lambda
-    return LocalStages(
-        Recaller(RecallAssets.from_artifacts(a)),
-        CoarseRanker(FeatureTables.from_artifacts(a), LinearWeights.load(a.root / "coarse.json")),
-        FineStage(
-            a.catalog,
-            TorchBackend(a.ranker_dir, threads=torch_threads),
-            fusion if fusion is not None else FusionWeights.load(a.root / "fusion.json"),
-        ),
-        Reranker(a.catalog, a.text_vectors, config),
-    )
+    fine: dict[str, Any] = {"backend": "torch"}
+    if torch_threads:
+        fine["torch_threads"] = torch_threads
+    rerank = {} if diversity_lambda is None else {"diversity_lambda": diversity_lambda}
+    closers: list[Callable[[], None]] = []  # nothing to close without a shared state store
+    engines = load_engines(artifacts.root, closers, {"fine": fine, "rerank": rerank})
+    if fusion is not None:
+        engines[StageName.FINE_RANK].fusion = fusion
+    return {stage: LocalStage(stage, engine) for stage, engine in engines.items()}
 
 
-class _NoFine:
-    """Stages whose fine stage is skipped (the gateway keeps the coarse order)."""
+class _Skipped:
+    """A stage that is skipped: the gateway degrades around it."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    def __init__(self, stage: StageName) -> None:
+        self.stage = stage
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def fine(
-        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
-    ) -> tuple[Candidates, StageReport]:
+    def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> StageResult:
         from sluice.core.errors import Unavailable
 
-        raise Unavailable("fine stage skipped for the ablation")
+        raise Unavailable(f"{self.stage.label} stage skipped for the ablation")
 
 
 def ablations(
@@ -679,16 +651,16 @@ def ablations(
         "fine score alone (fusion beta 0)": local_stages(
             a, fusion=FusionWeights(0.0, deployed.search)
         ),
-        "no fine stage (coarse order, then rerank)": _NoFine(local_stages(a)),
+        "no fine stage (coarse order, then rerank)": local_stages(a)
+        | {StageName.FINE_RANK: _Skipped(StageName.FINE_RANK)},
     }
-    home = 1
     out: dict[str, dict[str, float]] = {}
     print(f"\nablations: the cascade in process on {len(users)} sampled test users\n" + header)
     for name, stages in variants.items():
         recorder = RecordingStages(stages)
         gateway = in_process_gateway(a, recorder)
         requests = [
-            partial(_recommend_request, user=split.user_ids[int(u)], surface=home)
+            partial(_recommend_request, user=split.user_ids[int(u)], surface=Surface.HOME)
             for u in users.tolist()
         ]
         run = stage_candidates(
@@ -728,25 +700,21 @@ def _served_section(
 def _stage_section(
     cluster: Any, split: RecommendSplit, users: np.ndarray, opts: RecommendOptions
 ) -> dict[str, Any]:
-    from sluice.gateway.stages import GrpcStages
-    from sluice.v1 import storefront_pb2
+    from sluice.gateway.stages import GrpcStage
+    from sluice.wiring import STAGES
 
     p = cluster.ports
     stage_users = users
     if 0 < opts.stage_users < len(users):
         rng = np.random.default_rng(opts.seed + 1)
         stage_users = np.sort(rng.choice(users, opts.stage_users, replace=False))
-    grpc_stages = GrpcStages(
-        f"127.0.0.1:{p.recall}",
-        f"127.0.0.1:{p.coarse}",
-        f"127.0.0.1:{p.fine}",
-        f"127.0.0.1:{p.rerank}",
-    )
+    grpc_stages = {
+        e.stage: GrpcStage(e.binding(), f"127.0.0.1:{getattr(p, e.name)}") for e in STAGES
+    }
     recorder = RecordingStages(grpc_stages)
     gateway = in_process_gateway(split.artifacts, recorder)
-    home = int(storefront_pb2.SURFACE_HOME)
     requests = [
-        partial(_recommend_request, user=split.user_ids[int(u)], surface=home)
+        partial(_recommend_request, user=split.user_ids[int(u)], surface=Surface.HOME)
         for u in stage_users.tolist()
     ]
     try:
@@ -759,7 +727,8 @@ def _stage_section(
             progress=opts.progress,
         )
     finally:
-        grpc_stages.close()
+        for client in grpc_stages.values():
+            client.close()
     recall = stage_recall(run, split.test[stage_users])
     worst, losses = biggest_loss(recall)
     print("\nper-stage recall (share of test targets still among the candidates)")
@@ -777,5 +746,5 @@ def _stage_section(
     }
 
 
-def _recommend_request(gateway: Any, user: str, surface: int) -> Any:
-    return gateway.recommend(user, surface, 0, (), PAGE_SIZE, "", 30.0)
+def _recommend_request(gateway: Any, user: str, surface: Surface) -> Any:
+    return gateway.recommend(user_id=user, surface=surface, page_size=PAGE_SIZE, deadline_s=30.0)

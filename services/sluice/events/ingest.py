@@ -64,7 +64,7 @@ class Ingestor:
         self.append_timeout_s = append_timeout_s
         self.replay_window_s = replay_window_s
         self.max_future_skew_ms = max_future_skew_ms
-        # Counters (cumulative), read by the metrics exporter.
+        # Counters (cumulative), exported by sluice.events.metrics.
         self.track_calls = 0
         self.events_received = 0
         self.events_accepted = 0

@@ -150,7 +150,7 @@ class EventLog:
         self.directory = Path(directory)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
-        # Counters (cumulative since open), read by the metrics exporter.
+        # Counters (cumulative since open), exported by sluice.events.metrics.
         self.commits = 0
         self.fsyncs = 0
         self.records_written = 0

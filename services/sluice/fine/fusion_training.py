@@ -8,12 +8,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sluice.artifacts import Artifacts
-from sluice.coarse.scorer import CoarseRanker, LinearWeights
+from sluice.coarse.engine import CoarseEngine, LinearWeights
 from sluice.coarse.training import FittingView
-from sluice.domain import RankContext
+from sluice.domain import Budget, RankContext
+from sluice.fine.backend import TorchBackend
+from sluice.fine.engine import FineEngine
 from sluice.fine.fusion import FusionWeights, fit_beta
-from sluice.fine.scorer import FineStage, TorchBackend
-from sluice.recall.engine import Recaller
+from sluice.recall.engine import RecallEngine
 
 RECALL_BUDGET = 1000
 COARSE_KEEP = 200
@@ -26,16 +27,17 @@ def fit_fusion(
     search: Sequence[tuple[RankContext, int]],
 ) -> FusionWeights:
     """Fusion weights on requests whose targets the view's counts do not include."""
-    recaller = Recaller(view.recall)
-    coarse = CoarseRanker(view.tables, LinearWeights.load(artifacts.root / "coarse.json"))
-    fine = FineStage(artifacts.catalog, TorchBackend(artifacts.ranker_dir))
+    recaller = RecallEngine(view.recall)
+    coarse = CoarseEngine(view.tables, LinearWeights.load(artifacts.root / "coarse.json"))
+    fine = FineEngine(artifacts.catalog, TorchBackend(artifacts.ranker_dir))
 
     def samples(
         contexts: Sequence[tuple[RankContext, int]], desc: str
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         out = []
         for ctx, target in tqdm(contexts, desc=desc, leave=False):
-            cands = coarse.rank(ctx, recaller.recall(ctx, RECALL_BUDGET).candidates, COARSE_KEEP)
+            recalled = recaller.retrieve(ctx, Budget(RECALL_BUDGET))
+            cands = coarse.rank(ctx, recalled, Budget(COARSE_KEEP))
             hit = cands.item_ids == target
             if hit.any():
                 out.append((fine.model_scores(ctx, cands), cands.scores, hit))

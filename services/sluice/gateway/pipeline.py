@@ -1,8 +1,8 @@
 """The gateway's domain logic: run the cascade under the caller's deadline.
 
-The stages sit behind :class:`Stages`, implemented over gRPC
-(:mod:`sluice.gateway.stages`) or in process, so this logic (validation,
-deadline split, degradation, pagination) is tested without gRPC.
+The stages sit behind :class:`~sluice.gateway.stages.StageClient`, over gRPC or in
+this process, so this logic (validation, deadline split, degradation, pagination) is
+the same in both layouts and is tested without gRPC.
 """
 
 from __future__ import annotations
@@ -12,23 +12,41 @@ import binascii
 import hashlib
 import json
 import logging
+import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+from cachetools import LRUCache
+from prometheus_client import Counter
 
 from sluice.core.errors import DeadlineExceeded, InvalidArgument, SluiceError, Unavailable
+from sluice.core.stage import StageResult
 from sluice.data.catalog import Catalog
 from sluice.data.filters import AttributeFilter, validate
-from sluice.domain import Candidates, RankContext, StageName, StageReport
+from sluice.domain import (
+    Budget,
+    Candidates,
+    RankContext,
+    RequestKind,
+    StageName,
+    StageReport,
+    Surface,
+)
 
 if TYPE_CHECKING:
     from sluice.config import GatewaySettings
+    from sluice.gateway.stages import StageClient
 
 log = logging.getLogger(__name__)
+
+STAGE_DEGRADED = Counter(
+    "sluice_stage_degraded_total",
+    "Requests answered without a stage (it was down or out of time), by stage and cause",
+    ["stage", "code"],
+)
 
 # Share of the remaining deadline each stage may use (recomputed before each call).
 STAGE_SHARE: Mapping[StageName, float] = {
@@ -37,26 +55,6 @@ STAGE_SHARE: Mapping[StageName, float] = {
     StageName.FINE_RANK: 0.40,
     StageName.RERANK: 0.15,
 }
-
-
-class Stages(Protocol):
-    """The four stages as the gateway calls them."""
-
-    def recall(
-        self, ctx: RankContext, max_candidates: int, timeout_s: float
-    ) -> tuple[Candidates, StageReport]: ...
-
-    def coarse(
-        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
-    ) -> tuple[Candidates, StageReport]: ...
-
-    def fine(
-        self, ctx: RankContext, cands: Candidates, keep: int, timeout_s: float
-    ) -> tuple[Candidates, StageReport]: ...
-
-    def rerank(
-        self, ctx: RankContext, cands: Candidates, offset: int, page_size: int, timeout_s: float
-    ) -> tuple[Candidates, int, StageReport]: ...
 
 
 class UserContext(Protocol):
@@ -106,10 +104,10 @@ class PageResult:
 
 @dataclass
 class _Request:
-    kind: str
+    kind: RequestKind
     user_id: str
     query: str = ""
-    surface: int = 0
+    surface: Surface = Surface.UNSPECIFIED
     context_item_id: int = 0
     filters: tuple[AttributeFilter, ...] = ()
     page_size: int = 10
@@ -118,10 +116,10 @@ class _Request:
     def fingerprint(self) -> str:
         key = json.dumps(
             [
-                self.kind,
+                self.kind.name.lower(),
                 self.user_id,
                 self.query,
-                self.surface,
+                int(self.surface),
                 self.context_item_id,
                 repr(self.filters),
             ]
@@ -162,23 +160,23 @@ def decode_page_token(token: str, fingerprint: str) -> int:
 
 
 class QueryEncoder:
-    """MiniLM query embeddings with a small LRU cache."""
+    """MiniLM query embeddings behind an LRU cache that the handler threads share."""
 
     def __init__(self, encode: Callable[[list[str]], np.ndarray], size: int = 4096) -> None:
         self._encode = encode
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._size = size
+        self._cache: LRUCache[str, np.ndarray] = LRUCache(maxsize=size)
+        self._lock = threading.Lock()
 
     def __call__(self, query: str) -> np.ndarray:
         key = " ".join(query.lower().split())
-        hit = self._cache.get(key)
+        with self._lock:
+            hit = self._cache.get(key)
         if hit is not None:
-            self._cache.move_to_end(key)
             return hit
-        vec = np.asarray(self._encode([key])[0], dtype=np.float32)
-        self._cache[key] = vec
-        if len(self._cache) > self._size:
-            self._cache.popitem(last=False)
+        vec = np.asarray(self._encode([key])[0], dtype=np.float32)  # outside the lock
+        vec.setflags(write=False)  # shared by every request that asks the same query
+        with self._lock:
+            self._cache[key] = vec
         return vec
 
 
@@ -186,7 +184,7 @@ class QueryEncoder:
 class Gateway:
     """Search and Recommend over the cascade."""
 
-    stages: Stages
+    stages: Mapping[StageName, StageClient]
     catalog: Catalog
     users: UserContext
     encode_query: Callable[[str], np.ndarray]
@@ -195,13 +193,15 @@ class Gateway:
     # -- entry points ---------------------------------------------------------------
     def search(
         self,
+        *,
         query: str,
-        user_id: str,
-        filters: tuple[AttributeFilter, ...],
+        user_id: str = "",
+        filters: tuple[AttributeFilter, ...] = (),
         page_size: int,
-        page_token: str,
-        deadline_s: float | None,
+        page_token: str = "",
+        deadline_s: float | None = None,
     ) -> PageResult:
+        """A page of results for ``query``; ``deadline_s`` None: the default budget."""
         if not query.strip():
             raise InvalidArgument("query must not be empty", field_path="query")
         if len(query) > self.limits.max_query_chars:
@@ -209,7 +209,7 @@ class Gateway:
                 f"query is longer than {self.limits.max_query_chars} characters", field_path="query"
             )
         req = _Request(
-            "search",
+            RequestKind.SEARCH,
             user_id,
             query=query.strip(),
             filters=filters,
@@ -220,16 +220,23 @@ class Gateway:
 
     def recommend(
         self,
+        *,
         user_id: str,
-        surface: int,
-        context_item_id: int,
-        filters: tuple[AttributeFilter, ...],
+        surface: Surface | int = Surface.HOME,
+        context_item_id: int = 0,
+        filters: tuple[AttributeFilter, ...] = (),
         page_size: int,
-        page_token: str,
-        deadline_s: float | None,
+        page_token: str = "",
+        deadline_s: float | None = None,
     ) -> PageResult:
-        similar = surface == 2
-        if similar and not context_item_id:
+        """A page for a recommendation surface; ``deadline_s`` None: the default budget."""
+        try:
+            kind = Surface(int(surface))
+        except ValueError as err:
+            raise InvalidArgument(f"unknown surface {surface}", field_path="surface") from err
+        if kind is Surface.UNSPECIFIED:  # the storefront API: unset means the home page
+            kind = Surface.HOME
+        if kind is Surface.SIMILAR_ITEMS and not context_item_id:
             raise InvalidArgument(
                 "SURFACE_SIMILAR_ITEMS needs context_item_id", field_path="context_item_id"
             )
@@ -238,9 +245,9 @@ class Gateway:
                 f"item {context_item_id} is not in the catalog", field_path="context_item_id"
             )
         req = _Request(
-            "recommend",
+            RequestKind.RECOMMEND,
             user_id,
-            surface=surface,
+            surface=kind,
             context_item_id=context_item_id,
             filters=filters,
             page_size=page_size,
@@ -272,10 +279,13 @@ class Gateway:
             else np.zeros(0, np.int64)
         )
         suppressed = self.users.suppressed(req.user_id) if req.user_id else np.zeros(0, np.int64)
-        exclude = suppressed if req.kind == "search" else np.union1d(history, suppressed)
+        search = req.kind is RequestKind.SEARCH
+        exclude = suppressed if search else np.union1d(history, suppressed)
         if req.context_item_id:
             exclude = np.union1d(exclude, [req.context_item_id])
         ctx = RankContext(
+            kind=req.kind,
+            surface=req.surface,
             query=req.query,
             query_embedding=self.encode_query(req.query) if req.query else None,
             history_item_ids=history,
@@ -286,54 +296,50 @@ class Gateway:
         reports: list[StageReport] = []
         scores: dict[StageName, Candidates] = {}
 
-        def timeout(stage: StageName) -> float:
+        def call(
+            stage: StageName, cands: Candidates | None, max_candidates: int, offset: int = 0
+        ) -> StageResult:
+            """The stage's call, with its share of what is left of the deadline."""
             remaining = deadline - time.perf_counter()
             later = [s for s in STAGE_SHARE if s >= stage]
             share = STAGE_SHARE[stage] / sum(STAGE_SHARE[s] for s in later)
             if remaining * 1000 < self.limits.min_deadline_ms * share:
-                raise DeadlineExceeded(f"deadline reached before {stage.name.lower()}")
-            return remaining * share if stage is not StageName.RERANK else remaining
-
-        def remember(stage: StageName, c: Candidates) -> None:
-            scores[stage] = c
+                raise DeadlineExceeded(f"deadline reached before {stage.label}")
+            timeout_s = remaining * share if stage is not StageName.RERANK else remaining
+            budget = Budget.within(max_candidates, timeout_s, offset)
+            return self.stages[stage].call(ctx, cands, budget)
 
         # recall: without candidates there is nothing to degrade to
-        cands, report = self.stages.recall(
-            ctx, self.limits.recall_candidates, timeout(StageName.RECALL)
-        )
-        reports.append(report)
-        remember(StageName.RECALL, cands)
+        result = call(StageName.RECALL, None, self.limits.recall_candidates)
+        cands = result.candidates
+        reports.append(result.report)
+        scores[StageName.RECALL] = cands
 
         needed = offset + req.page_size
+        keep = max(self.limits.coarse_candidates, needed)
         try:
-            cands, report = self.stages.coarse(
-                ctx,
-                cands,
-                max(self.limits.coarse_candidates, needed),
-                timeout(StageName.COARSE_RANK),
-            )
+            result = call(StageName.COARSE_RANK, cands, keep)
+            cands, report = result.candidates, result.report
         except (Unavailable, DeadlineExceeded) as err:
-            cands = cands.top(max(self.limits.coarse_candidates, needed))
+            cands = cands.top(keep)
             report = _degraded(StageName.COARSE_RANK, len(cands), err)
         reports.append(report)
-        remember(StageName.COARSE_RANK, cands)
+        scores[StageName.COARSE_RANK] = cands
 
         try:
-            cands, report = self.stages.fine(
-                ctx, cands, max(self.limits.fine_candidates, needed), timeout(StageName.FINE_RANK)
-            )
-            remember(StageName.FINE_RANK, cands)
+            result = call(StageName.FINE_RANK, cands, max(self.limits.fine_candidates, needed))
+            cands, report = result.candidates, result.report
+            scores[StageName.FINE_RANK] = cands
         except (Unavailable, DeadlineExceeded) as err:
             report = _degraded(StageName.FINE_RANK, len(cands), err)
         reports.append(report)
 
         try:
-            page, total, report = self.stages.rerank(
-                ctx, cands, offset, req.page_size, timeout(StageName.RERANK)
-            )
+            result = call(StageName.RERANK, cands, req.page_size, offset)
+            page, total, report = result.candidates, result.total_size, result.report
         except (Unavailable, DeadlineExceeded) as err:
             total = len(cands)
-            page = cands.top(total).take(np.arange(offset, min(total, needed)))
+            page = cands.top(total).window(offset, req.page_size)
             report = _degraded(StageName.RERANK, len(cands), err)
         reports.append(report)
 
@@ -353,5 +359,6 @@ class Gateway:
 
 
 def _degraded(stage: StageName, n: int, err: SluiceError) -> StageReport:
+    STAGE_DEGRADED.labels(stage.label, err.code.name).inc()
     log.warning("stage degraded", extra={"stage_name": stage.name, "error": err.message})
     return StageReport(stage, n, n, 0, degraded=True, degraded_reason=err.message)

@@ -6,22 +6,26 @@ import logging
 from collections.abc import Callable
 
 import grpc
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
 
 from sluice.artifacts import Artifacts
 from sluice.config import GatewaySettings
-from sluice.convert import filters_from_proto, report_to_proto
+from sluice.convert import filters_from_proto, item_filters_from_proto, report_to_proto
 from sluice.core.errors import InvalidArgument, Unavailable
 from sluice.core.server import ServiceSpec
+from sluice.core.stage import caller_timeout_s
+from sluice.data.filters import AttributeFilter
 from sluice.domain import StageName
 from sluice.events.ingest import Ingestor
 from sluice.events.log import EventLog
+from sluice.events.metrics import EventMetrics
 from sluice.events.model import Event
 from sluice.gateway.pipeline import Gateway, GatewayLimits, PageResult, QueryEncoder
-from sluice.gateway.stages import GrpcStages, LocalStages
+from sluice.gateway.stages import GrpcStage, LocalStage, StageClient
 from sluice.gateway.users import UserHistory, item_attributes
 from sluice.state.store import InMemoryStateStore, OnlineStateStore, RedisStateStore
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
+from sluice.wiring import STAGES, load_engines
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,13 @@ def page_to_proto(result: PageResult) -> storefront_pb2.RankedPage:
     )
 
 
+def request_filters(
+    request: storefront_pb2.SearchRequest | storefront_pb2.RecommendRequest,
+) -> tuple[AttributeFilter, ...]:
+    """Both filter forms of a storefront request, validated; every one applies."""
+    return filters_from_proto(request.filters) + item_filters_from_proto(request.item_filters)
+
+
 class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -60,12 +71,12 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
         self, request: storefront_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> storefront_pb2.SearchResponse:
         result = self._ready().search(
-            request.query,
-            request.user_id,
-            filters_from_proto(request.filters),
-            request.page_size,
-            request.page_token,
-            context.time_remaining(),
+            query=request.query,
+            user_id=request.user_id,
+            filters=request_filters(request),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            deadline_s=caller_timeout_s(context),
         )
         return storefront_pb2.SearchResponse(
             page=page_to_proto(result),
@@ -78,13 +89,13 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
         self, request: storefront_pb2.RecommendRequest, context: grpc.ServicerContext
     ) -> storefront_pb2.RecommendResponse:
         result = self._ready().recommend(
-            request.user_id,
-            int(request.surface),
-            request.context_item_id,
-            filters_from_proto(request.filters),
-            request.page_size,
-            request.page_token,
-            context.time_remaining(),
+            user_id=request.user_id,
+            surface=request.surface,
+            context_item_id=request.context_item_id,
+            filters=request_filters(request),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            deadline_s=caller_timeout_s(context),
         )
         return storefront_pb2.RecommendResponse(
             page=page_to_proto(result),
@@ -128,31 +139,19 @@ def make_store(
 
 def make_stages(
     settings: GatewaySettings, closers: list[Callable[[], None]]
-) -> GrpcStages | LocalStages:
-    """The four stages: their services over gRPC, or (``stages=local``) their logic loaded into
-    this process exactly as each service loads it, from the same artifacts."""
+) -> dict[StageName, StageClient]:
+    """The four stages: their services over gRPC, or (``stages=local``) their engines loaded
+    into this process through the same wiring their services use, from the same artifacts."""
     if settings.stages == "grpc":
-        grpc_stages = GrpcStages(
-            settings.recall_addr, settings.coarse_addr, settings.fine_addr, settings.rerank_addr
-        )
-        closers.append(grpc_stages.close)
-        return grpc_stages
-    from sluice.coarse.service import load_coarse_ranker
-    from sluice.config import CoarseSettings, FineSettings, RecallSettings, RerankSettings
-    from sluice.fine.service import load_fine_stage
-    from sluice.recall.service import load_recaller
-    from sluice.rerank.service import load_reranker
-
-    art = settings.artifacts
-    recall_settings = RecallSettings(
-        artifacts=art, state=settings.state, redis_url=settings.redis_url
-    )
-    return LocalStages(
-        load_recaller(recall_settings, closers),
-        load_coarse_ranker(CoarseSettings(artifacts=art)),
-        load_fine_stage(FineSettings(artifacts=art)),
-        load_reranker(RerankSettings(artifacts=art)),
-    )
+        clients: dict[StageName, StageClient] = {}
+        for entry in STAGES:
+            client = GrpcStage(entry.binding(), getattr(settings, f"{entry.name}_addr"))
+            closers.append(client.close)
+            clients[entry.stage] = client
+        return clients
+    shared_state = {"state": settings.state, "redis_url": settings.redis_url}
+    engines = load_engines(settings.artifacts, closers, {"recall": shared_state})
+    return {stage: LocalStage(stage, engine) for stage, engine in engines.items()}
 
 
 def spec(settings: GatewaySettings) -> ServiceSpec:
@@ -189,6 +188,9 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             QueryEncoder(encoder.encode),
             limits,
         )
+        collector = EventMetrics(event_log, ingestor)
+        REGISTRY.register(collector)
+        resources.append(lambda: REGISTRY.unregister(collector))
         gateway.encode_query("warm up")
         servicer.gateway = gateway
         servicer.ingestor = ingestor

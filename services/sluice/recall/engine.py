@@ -28,11 +28,9 @@ import numpy as np
 from sluice.artifacts import Artifacts
 from sluice.data.catalog import Catalog
 from sluice.data.filters import compile_filters
-from sluice.domain import Candidates, RankContext, Source
+from sluice.domain import RRF_K, Budget, Candidates, RankContext, Source
 from sluice.recall.ann_index import AnnIndex
 from sluice.recall.lexical import LexicalIndex
-
-RRF_K = 60.0
 
 
 class PopularitySource(Protocol):
@@ -115,21 +113,20 @@ class RecallConfig:
     recency_decay: float = 0.85
 
 
-@dataclass
-class RecallResult:
-    candidates: Candidates
-    source_counts: dict[str, int]
-
-
-class Recaller:
-    """Pure recall logic; the servicer only converts protos."""
+class RecallEngine:
+    """The recall stage: pure logic over the loaded assets."""
 
     def __init__(self, assets: RecallAssets, config: RecallConfig | None = None) -> None:
         self.assets = assets
         self.config = config or RecallConfig()
 
+    @property
+    def catalog_size(self) -> int:
+        return len(self.assets.catalog)
+
     # -- public --------------------------------------------------------------
-    def recall(self, ctx: RankContext, max_candidates: int) -> RecallResult:
+    def retrieve(self, ctx: RankContext, budget: Budget) -> Candidates:
+        max_candidates = budget.max_candidates
         catalog = self.assets.catalog
         filt = compile_filters(catalog, ctx.filters)
         allowed = filt.mask.copy() if filt.mask is not None else None
@@ -214,7 +211,7 @@ class Recaller:
         lists: dict[Source, tuple[np.ndarray, np.ndarray]],
         quotas: Mapping[Source, float],
         budget: int,
-    ) -> RecallResult:
+    ) -> Candidates:
         """Quota phase, then round-robin fill, then reciprocal-rank fusion; all vectorized."""
         ordered = [s for s in quotas if s in lists] + [s for s in lists if s not in quotas]
         picked_rows: list[np.ndarray] = []
@@ -254,14 +251,8 @@ class Recaller:
             hit = rows[sorter[pos]] == source_rows if len(rows) else np.zeros(0, bool)
             np.add.at(fused, sorter[pos[hit]], 1.0 / (RRF_K + np.flatnonzero(hit)))
         order = np.argsort(-fused, kind="stable")
-        counts = {
-            Source(int(s)).name.lower(): int(n)
-            for s, n in zip(*np.unique(sources, return_counts=True), strict=True)
-        }
         item_ids = self.assets.catalog.item_ids[rows[order]]
-        return RecallResult(
-            Candidates(item_ids, fused[order].astype(np.float32), sources[order]), counts
-        )
+        return Candidates(item_ids, fused[order].astype(np.float32), sources[order])
 
 
 def _member(rows: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:

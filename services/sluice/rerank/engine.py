@@ -9,7 +9,7 @@ import numpy as np
 
 from sluice.data.catalog import Catalog
 from sluice.data.filters import compile_filters
-from sluice.domain import Candidates, RankContext
+from sluice.domain import Budget, Candidates, RankContext
 
 _VARIANT = re.compile(r"\s+-\s+[^-]*$")
 
@@ -27,14 +27,8 @@ class RerankConfig:
     window: int = 100  # MMR looks this far down the relevance list
 
 
-@dataclass
-class Page:
-    candidates: Candidates
-    total_size: int
-
-
-class Reranker:
-    """Orders the fine-ranked list into the requested page."""
+class RerankEngine:
+    """The re-ranking stage: orders the fine-ranked list so that its pages are final."""
 
     def __init__(
         self, catalog: Catalog, item_vectors: np.ndarray, config: RerankConfig | None = None
@@ -44,19 +38,11 @@ class Reranker:
         self.config = config or RerankConfig()
         self._keys = [title_key(t) for t in catalog.titles]
 
-    def rerank(
-        self,
-        ctx: RankContext,
-        cands: Candidates,
-        offset: int,
-        page_size: int,
-        diversity_lambda: float | None = None,
-    ) -> Page:
+    def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
+        """Every eligible candidate, in final order up to the end of the budget's page
+        (``offset + max_candidates``) and in relevance order after it."""
         eligible = self._eligible(ctx, cands)
-        ordered = self._mmr(eligible, offset + page_size, diversity_lambda)
-        return Page(
-            ordered.take(np.arange(offset, min(offset + page_size, len(ordered)))), len(eligible)
-        )
+        return self._mmr(eligible, budget.offset + budget.max_candidates)
 
     def _eligible(self, ctx: RankContext, cands: Candidates) -> Candidates:
         """Apply filters, stock, exclusions and dedupe; keep the relevance order."""
@@ -78,9 +64,9 @@ class Reranker:
             seen_titles.add(key)
         return cands.take(np.flatnonzero(keep))
 
-    def _mmr(self, cands: Candidates, needed: int, lam: float | None) -> Candidates:
+    def _mmr(self, cands: Candidates, needed: int) -> Candidates:
         """Greedy maximal marginal relevance with a per-brand cap, over the first ``needed``."""
-        lam = self.config.diversity_lambda if lam is None else float(lam)
+        lam = self.config.diversity_lambda
         n = len(cands)
         if n == 0:
             return cands

@@ -25,7 +25,7 @@ from scipy import sparse
 
 from sluice.artifacts import Artifacts
 from sluice.data.catalog import Catalog
-from sluice.domain import Candidates, RankContext, Source
+from sluice.domain import RRF_K, Budget, Candidates, RankContext, Source
 from sluice.recall.lexical import LexicalIndex
 
 FEATURES = (
@@ -51,6 +51,15 @@ FEATURES = (
 # crowdflower-search, 5-fold CV preferred it to the 5- and 7-feature variants that added
 # title BM25, MiniLM of titles alone and within-request ranks (docs/quality.md).
 SEARCH_FEATURES = ("bm25", "query_text_sim", "title_coverage")
+
+# Column of each feature in the matrix: features are written and weighted by name.
+COLUMN = {name: j for j, name in enumerate(FEATURES)}
+SOURCE_FEATURES = {
+    Source.ANN: "src_ann",
+    Source.LEXICAL: "src_lexical",
+    Source.CO_OCCURRENCE: "src_cooc",
+    Source.POPULARITY: "src_popularity",
+}
 
 
 @dataclass
@@ -86,11 +95,10 @@ class FeatureTables:
         x = np.zeros((n, len(FEATURES)), dtype=np.float32)
         if n == 0:
             return x
-        x[:, 0] = cands.scores * 60.0  # RRF scores are ~1/60; bring to unit scale
-        for j, src in enumerate(
-            (Source.ANN, Source.LEXICAL, Source.CO_OCCURRENCE, Source.POPULARITY)
-        ):
-            x[:, 1 + j] = cands.sources == src
+        c = COLUMN
+        x[:, c["recall_score"]] = cands.scores * RRF_K  # fusion scores are ~1/RRF_K: unit scale
+        for src, name in SOURCE_FEATURES.items():
+            x[:, c[name]] = cands.sources == src
         hist = cat.rows(ctx.history_item_ids)
         hist = hist[hist >= 0][-self.history_window :]
         if ctx.context_item_id and cat.row(ctx.context_item_id) >= 0:
@@ -104,21 +112,21 @@ class FeatureTables:
             w /= w.sum()
             user = w @ self.behaviour_vectors[hist]
             user /= max(float(np.linalg.norm(user)), 1e-9)
-            x[:, 5] = self.behaviour_vectors[rows] @ user
+            x[:, c["behaviour_sim"]] = self.behaviour_vectors[rows] @ user
             htext = w @ self.text_vectors[hist]
             htext /= max(float(np.linalg.norm(htext)), 1e-9)
-            x[:, 6] = text @ htext
+            x[:, c["history_text_sim"]] = text @ htext
             co = np.asarray(self.cooc[hist].T @ w).ravel()
-            x[:, 10] = co[rows]
+            x[:, c["cooc"]] = co[rows]
             hcats = cat.category_codes[hist]
             share = np.bincount(hcats, weights=w, minlength=len(cat.categories))
-            x[:, 11] = share[cat.category_codes[rows]]
-            x[:, 12] = 1.0
+            x[:, c["category_affinity"]] = share[cat.category_codes[rows]]
+            x[:, c["has_history"]] = 1.0
         if ctx.query_embedding is not None:
-            x[:, 7] = text @ ctx.query_embedding
+            x[:, c["query_text_sim"]] = text @ ctx.query_embedding
         if ctx.query:
             self._search_features(ctx.query, rows, x)
-        x[:, 9] = np.log1p(self.popularity[rows])
+        x[:, c["log_popularity"]] = np.log1p(self.popularity[rows])
         return x
 
     def _search_features(self, query: str, rows: np.ndarray, x: np.ndarray) -> None:
@@ -127,17 +135,25 @@ class FeatureTables:
         bm = self.lexical.scores(query)
         top = float(bm.max()) if len(bm) else 0.0
         if top > 0:
-            x[:, 8] = bm[rows] / top
+            x[:, COLUMN["bm25"]] = bm[rows] / top
         title = self.lexical.title_scores(query)
         top = float(title.max()) if len(title) else 0.0
         if top > 0:
-            x[:, 13] = title[rows] / top
+            x[:, COLUMN["bm25_title"]] = title[rows] / top
         terms = sorted(set(self.lexical.tokens(query)))
         if terms:
             found = np.zeros(len(rows), np.float32)
             for term in terms:
                 found += self.lexical.title_scores(term)[rows] > 0
-            x[:, 14] = found / len(terms)
+            x[:, COLUMN["title_coverage"]] = found / len(terms)
+
+
+def weight_vector(**weights: float) -> np.ndarray:
+    """A weight per feature, by name; features not named weigh 0."""
+    out = np.zeros(len(FEATURES), np.float32)
+    for name, w in weights.items():
+        out[COLUMN[name]] = w
+    return out
 
 
 @dataclass
@@ -169,30 +185,34 @@ class LinearWeights:
             raise ValueError(f"{path} was trained on features this scorer lacks: {unknown}")
 
         def by_name(values: list[float]) -> np.ndarray:
-            out = np.zeros(len(FEATURES), np.float32)
-            out[[FEATURES.index(n) for n in names]] = values
-            return out
+            return weight_vector(**dict(zip(names, values, strict=True)))
 
         return cls(by_name(data["recommend"]), by_name(data["search"]))
 
     @classmethod
     def default(cls) -> LinearWeights:
         """Hand-set weights used before any training (and in tests)."""
-        rec = np.zeros(len(FEATURES), np.float32)
-        rec[[0, 5, 6, 10, 11]] = [1.0, 2.0, 1.0, 2.0, 1.0]
-        search = np.zeros(len(FEATURES), np.float32)
-        search[[0, 7, 8, 9]] = [1.0, 3.0, 3.0, 0.1]
-        return cls(rec, search)
+        return cls(
+            weight_vector(
+                recall_score=1.0,
+                behaviour_sim=2.0,
+                history_text_sim=1.0,
+                cooc=2.0,
+                category_affinity=1.0,
+            ),
+            weight_vector(recall_score=1.0, query_text_sim=3.0, bm25=3.0, log_popularity=0.1),
+        )
 
 
-class CoarseRanker:
-    """Scores every candidate with one matrix-vector product and keeps the best."""
+class CoarseEngine:
+    """The coarse stage: scores every candidate with one matrix-vector product, keeps the best."""
 
     def __init__(self, tables: FeatureTables, weights: LinearWeights) -> None:
         self.tables = tables
         self.weights = weights
 
-    def rank(self, ctx: RankContext, cands: Candidates, keep: int) -> Candidates:
+    def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
+        keep = budget.max_candidates
         if len(cands) == 0:
             return cands
         if ctx.is_anonymous:  # popularity decides; the features hold only build-time counts

@@ -1,10 +1,8 @@
-"""Fine ranking: the transformer scores each candidate against history and query.
+"""Where the fine ranker's model runs: the engine's only I/O goes through a backend.
 
-The stage logic (:class:`FineStage`) maps item ids to the model's dense
-indices and pads to the fixed tensor shapes Triton batches on; the model runs
-behind :class:`RankerBackend`: :class:`TritonBackend` in production (gRPC to
-Triton Inference Server) or :class:`TorchBackend` in process (tests,
-evaluation, and the no-gRPC baseline of the benchmark).
+:class:`TritonBackend` calls Triton Inference Server over gRPC (production);
+:class:`TorchBackend` runs the model in this process (tests, evaluation, and the no-gRPC
+baseline of the benchmark). Both take the fixed, padded shapes that Triton batches on.
 """
 
 from __future__ import annotations
@@ -18,10 +16,6 @@ from typing import Protocol
 import numpy as np
 
 from sluice.core.errors import DeadlineExceeded, Unavailable
-from sluice.data.catalog import Catalog
-from sluice.domain import Candidates, RankContext
-from sluice.embed.text import TEXT_DIM
-from sluice.fine.fusion import FusionWeights, fuse
 
 log = logging.getLogger(__name__)
 
@@ -151,55 +145,3 @@ class TritonBackend:
         if scores is None:
             raise Unavailable("triton returned no SCORES output")
         return np.asarray(scores, dtype=np.float32)
-
-
-class FineStage:
-    """Pure stage logic around a backend."""
-
-    def __init__(
-        self, catalog: Catalog, backend: RankerBackend, fusion: FusionWeights | None = None
-    ) -> None:
-        self.catalog = catalog
-        self.backend = backend
-        self.fusion = fusion or FusionWeights()
-
-    def tensors(
-        self, ctx: RankContext, cands: Candidates
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Padded model inputs; candidates are split over rows of CANDIDATES_PER_ROW."""
-        hist = self.catalog.rows(ctx.history_item_ids)
-        hist = hist[hist >= 0][-HISTORY_LEN:] + 1
-        n_rows = max(1, -(-len(cands) // CANDIDATES_PER_ROW))
-        history = np.zeros((n_rows, HISTORY_LEN), dtype=np.int64)
-        if len(hist):
-            history[:, HISTORY_LEN - len(hist) :] = hist
-        dense = self.catalog.rows(cands.item_ids) + 1  # unknown ids become 0 (padding)
-        cand = np.zeros(n_rows * CANDIDATES_PER_ROW, dtype=np.int64)
-        cand[: len(dense)] = dense
-        query = np.zeros((n_rows, TEXT_DIM), dtype=np.float32)
-        has_query = np.zeros((n_rows, 1), dtype=bool)
-        if ctx.query_embedding is not None:
-            query[:] = ctx.query_embedding
-            has_query[:] = True
-        return history, cand.reshape(n_rows, CANDIDATES_PER_ROW), query, has_query
-
-    def rank(
-        self, ctx: RankContext, cands: Candidates, keep: int = 0, timeout_s: float | None = None
-    ) -> Candidates:
-        if len(cands) == 0:
-            return cands
-        if ctx.is_anonymous:  # the transformer would read nothing: keep the incoming order
-            return cands.top(keep if keep > 0 else len(cands))
-        fine = self.model_scores(ctx, cands, timeout_s)
-        fused = fuse(fine, cands.scores, self.fusion.beta(ctx.is_search))
-        known = self.catalog.rows(cands.item_ids) >= 0
-        ranked = cands.with_scores(np.where(known, fused, np.float32(-1e9)))
-        return ranked.top(keep if keep > 0 else len(cands))
-
-    def model_scores(
-        self, ctx: RankContext, cands: Candidates, timeout_s: float | None = None
-    ) -> np.ndarray:
-        """The transformer's raw score of each candidate, in input order."""
-        history, cand, query, has_query = self.tensors(ctx, cands)
-        scores = self.backend.score(history, cand, query, has_query, timeout_s=timeout_s)
-        return scores.reshape(-1)[: len(cands)].astype(np.float32)

@@ -1,0 +1,66 @@
+"""Fine ranking: the transformer scores each candidate against history and query.
+
+:class:`FineEngine` maps item ids to the model's dense indices, pads to the fixed tensor
+shapes Triton batches on, and fuses the model's score with the incoming one. The model
+runs behind a :class:`~sluice.fine.backend.RankerBackend` (Triton in production).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sluice.data.catalog import Catalog
+from sluice.domain import Budget, Candidates, RankContext
+from sluice.embed.text import TEXT_DIM
+from sluice.fine.backend import CANDIDATES_PER_ROW, HISTORY_LEN, RankerBackend
+from sluice.fine.fusion import FusionWeights, fuse
+
+
+class FineEngine:
+    """The fine ranking stage: pure logic around a model backend."""
+
+    def __init__(
+        self, catalog: Catalog, backend: RankerBackend, fusion: FusionWeights | None = None
+    ) -> None:
+        self.catalog = catalog
+        self.backend = backend
+        self.fusion = fusion or FusionWeights()
+
+    def tensors(
+        self, ctx: RankContext, cands: Candidates
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Padded model inputs; candidates are split over rows of CANDIDATES_PER_ROW."""
+        hist = self.catalog.rows(ctx.history_item_ids)
+        hist = hist[hist >= 0][-HISTORY_LEN:] + 1
+        n_rows = max(1, -(-len(cands) // CANDIDATES_PER_ROW))
+        history = np.zeros((n_rows, HISTORY_LEN), dtype=np.int64)
+        if len(hist):
+            history[:, HISTORY_LEN - len(hist) :] = hist
+        dense = self.catalog.rows(cands.item_ids) + 1  # unknown ids become 0 (padding)
+        cand = np.zeros(n_rows * CANDIDATES_PER_ROW, dtype=np.int64)
+        cand[: len(dense)] = dense
+        query = np.zeros((n_rows, TEXT_DIM), dtype=np.float32)
+        has_query = np.zeros((n_rows, 1), dtype=bool)
+        if ctx.query_embedding is not None:
+            query[:] = ctx.query_embedding
+            has_query[:] = True
+        return history, cand.reshape(n_rows, CANDIDATES_PER_ROW), query, has_query
+
+    def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
+        if len(cands) == 0:
+            return cands
+        if ctx.is_anonymous:  # the transformer would read nothing: keep the incoming order
+            return cands.top(budget.max_candidates)
+        fine = self.model_scores(ctx, cands, budget.remaining_s())
+        fused = fuse(fine, cands.scores, self.fusion.beta(ctx.is_search))
+        known = self.catalog.rows(cands.item_ids) >= 0
+        ranked = cands.with_scores(np.where(known, fused, np.float32(-1e9)))
+        return ranked.top(budget.max_candidates)
+
+    def model_scores(
+        self, ctx: RankContext, cands: Candidates, timeout_s: float | None = None
+    ) -> np.ndarray:
+        """The transformer's raw score of each candidate, in input order."""
+        history, cand, query, has_query = self.tensors(ctx, cands)
+        scores = self.backend.score(history, cand, query, has_query, timeout_s=timeout_s)
+        return scores.reshape(-1)[: len(cands)].astype(np.float32)

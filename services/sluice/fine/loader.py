@@ -1,0 +1,35 @@
+"""Loads the fine engine as every layout runs it: its model backend chosen by settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sluice.artifacts import Artifacts
+from sluice.config import FineSettings
+from sluice.domain import Budget, Candidates, RankContext
+from sluice.fine.backend import RankerBackend, TorchBackend, TritonBackend
+from sluice.fine.engine import FineEngine
+from sluice.fine.fusion import FusionWeights
+
+
+def make_backend(settings: FineSettings, artifacts: Artifacts) -> RankerBackend:
+    if settings.backend == "torch":
+        return TorchBackend(artifacts.ranker_dir, threads=settings.torch_threads)
+    return TritonBackend(settings.triton_url, settings.model_name, artifacts.ranker_version)
+
+
+def load(settings: FineSettings, closers: list[Callable[[], None]]) -> FineEngine:
+    """The engine, warmed up: waits for Triton to serve the model (Triton and the services
+    start side by side), then runs a few requests (Triton's first executions are slow)."""
+    artifacts = Artifacts(settings.artifacts)
+    fusion = FusionWeights.load(artifacts.root / "fusion.json")
+    backend = make_backend(settings, artifacts)
+    if isinstance(backend, TritonBackend):
+        backend.wait_ready(settings.triton_wait_s)
+    engine = FineEngine(artifacts.catalog, backend, fusion)
+    ids = artifacts.catalog.item_ids[:20]
+    for _ in range(3):
+        engine.rank(
+            RankContext(history_item_ids=ids[:5]), Candidates(ids, ids * 0.0, ids * 0), Budget(10)
+        )
+    return engine

@@ -1,0 +1,89 @@
+"""The one wiring of the cascade: which stages there are, and how each is loaded.
+
+Every stage is a folder (``sluice/<name>/``) with ``engine.py`` (pure), ``loader.py``
+(``load(settings, closers)``: the warmed-up engine) and ``service.py`` (its
+:class:`~sluice.core.stage.StageBinding`). This registry is the only place that names
+them: the stage services (:func:`stage_spec`), the one-machine gateway, evaluation and
+the benchmarks (:func:`load_engines`) all load stages through it. Modules are imported
+when a stage is used, so a process imports only the stages it serves.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sluice.config import (
+    CoarseSettings,
+    FineSettings,
+    RecallSettings,
+    RerankSettings,
+    StageSettings,
+)
+from sluice.core.server import ServiceSpec
+from sluice.core.stage import StageBinding, StageLimits, StageServicer
+from sluice.domain import StageName
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """One stage folder."""
+
+    name: str
+    stage: StageName
+    settings: type[StageSettings]
+
+    def binding(self) -> StageBinding:
+        binding: StageBinding = importlib.import_module(f"sluice.{self.name}.service").BINDING
+        return binding
+
+    def load(self, settings: StageSettings, closers: list[Callable[[], None]]) -> Any:
+        """The stage's engine, loaded and warmed up as its service runs it."""
+        return importlib.import_module(f"sluice.{self.name}.loader").load(settings, closers)
+
+
+# In cascade order.
+STAGES: tuple[StageEntry, ...] = (
+    StageEntry("recall", StageName.RECALL, RecallSettings),
+    StageEntry("coarse", StageName.COARSE_RANK, CoarseSettings),
+    StageEntry("fine", StageName.FINE_RANK, FineSettings),
+    StageEntry("rerank", StageName.RERANK, RerankSettings),
+)
+BY_NAME: Mapping[str, StageEntry] = {e.name: e for e in STAGES}
+
+
+def stage_spec(entry: StageEntry, settings: StageSettings) -> ServiceSpec:
+    """A stage's service process: the generic servicer around its engine."""
+    servicer = StageServicer(
+        entry.binding(), StageLimits(settings.max_candidates, settings.deadline_ms / 1000)
+    )
+    closers: list[Callable[[], None]] = []
+
+    def warmup() -> None:
+        servicer.engine = entry.load(settings, closers)
+
+    def shutdown() -> None:
+        for close in reversed(closers):
+            close()
+
+    return ServiceSpec(entry.name, servicer.add_to, warmup, shutdown)
+
+
+def load_engines(
+    artifacts: Path,
+    closers: list[Callable[[], None]],
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[StageName, Any]:
+    """Every stage's engine in this process, from ``artifacts``.
+
+    Each stage reads its own ``SLUICE_<STAGE>_*`` settings, as its service would;
+    ``overrides`` sets fields per stage name (``{"fine": {"backend": "torch"}}``)."""
+    overrides = overrides or {}
+    engines = {}
+    for entry in STAGES:
+        fields = {"artifacts": artifacts, **overrides.get(entry.name, {})}
+        engines[entry.stage] = entry.load(entry.settings(**fields), closers)
+    return engines
