@@ -33,11 +33,17 @@ test: setup
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 	$(PY) -m pytest
 
+# The public contract (sluice.v1 and the sluice.common.v1 it imports) stays wire-compatible
+# with this commit; the internal stage protos are versioned on their own (v2).
+BREAKING_AGAINST ?= 8eb4a55
+
 lint: setup
 	$(VENV)/bin/ruff check services tests
 	$(VENV)/bin/ruff format --check services tests
 	$(VENV)/bin/mypy
 	cd protos && ../$(VENV)/bin/buf lint
+	cd protos && ../$(VENV)/bin/buf breaking --against '../.git#ref=$(BREAKING_AGAINST),subdir=protos' \
+		--path sluice/v1 --path sluice/common/v1
 
 clean:
 	rm -rf var artifacts

