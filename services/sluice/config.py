@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +46,12 @@ class ServiceSettings(BaseSettings):
         le=64,
         description="BLAS (numpy) and OpenMP (FAISS) threads: a stage's matrices are small and "
         "the cores shared",
+    )
+
+    max_request_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="gRPC refuses a bigger request (RESOURCE_EXHAUSTED) before parsing it",
     )
 
     def server_workers(self) -> int:
@@ -113,6 +119,11 @@ class RerankSettings(StageSettings):
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_GATEWAY_")
     port: int = 50051
+    max_request_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="a storefront request needs a few KiB; Track's 1000 events fit in 1 MiB",
+    )
     recall_addr: str = "127.0.0.1:50061"
     coarse_addr: str = "127.0.0.1:50062"
     fine_addr: str = "127.0.0.1:50063"
@@ -123,6 +134,12 @@ class GatewaySettings(ServiceSettings):
     coarse_candidates: int = Field(200, ge=10)
     fine_candidates: int = Field(200, ge=1)
     max_page_size: int = Field(100, ge=1)
+    page_token_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="HMAC keys for page tokens, as a JSON list: the first signs, all verify "
+        "(rotate by putting the new key first). Every replica needs the same list; empty: a "
+        "random key per process",
+    )
     max_query_chars: int = Field(512, ge=1)
     max_track_events: int = Field(1000, ge=1)
     track_max_in_flight: int = Field(

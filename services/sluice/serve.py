@@ -30,5 +30,10 @@ def serve(name: str) -> None:
     # BLAS (numpy) and OpenMP (FAISS) pools; torch, where a stage loads it, takes torch_threads
     threadpool_limits(limits=settings.blas_threads)
     serve_forever(
-        spec, settings.host, settings.port, settings.metrics_port, settings.server_workers()
+        spec,
+        settings.host,
+        settings.port,
+        settings.metrics_port,
+        settings.server_workers(),
+        settings.max_request_bytes,
     )

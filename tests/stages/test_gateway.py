@@ -14,10 +14,9 @@ from sluice.gateway.pipeline import (
     Gateway,
     QueryEncoder,
     _scores_of,
-    decode_page_token,
-    encode_page_token,
 )
 from sluice.gateway.stages import LocalStage
+from sluice.gateway.tokens import PageTokens
 from sluice.gateway.users import UserHistory, item_attributes
 from sluice.state.store import InMemoryStateStore
 
@@ -70,12 +69,57 @@ def test_stage_scores_are_looked_up_by_item() -> None:
     assert np.isnan(_scores_of(empty, np.array([1], np.int64))).all()
 
 
-def test_page_tokens_are_bound_to_the_request(gateway: Gateway) -> None:
-    token = encode_page_token(10, "abc")
-    assert decode_page_token(token, "abc") == 10
+def _forge(payload: str) -> str:
+    """A token a client could build without the key: the payload and a guessed MAC."""
+    import base64
+
+    def b64(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+    return f"{b64(payload.encode())}.{b64(bytes(16))}"
+
+
+FP = "0123456789ab"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage!",
+        "a.b.c",
+        "x" * 500,
+        _forge(f"2147483648.{FP}"),
+        _forge(f"1e30.{FP}"),
+        _forge(f"Infinity.{FP}"),
+        _forge(f"1.5.{FP}"),
+        _forge(f"3000.{FP}"),
+        _forge('{"o": 10, "f": "0123456789ab"}'),
+    ],
+)
+def test_forged_or_malformed_page_tokens_are_invalid_argument(token: str) -> None:
+    tokens = PageTokens([b"k1"], max_offset=1000)
+    with pytest.raises(InvalidArgument) as err:
+        tokens.decode(token, FP)
+    assert err.value.field_path == "page_token"
+
+
+def test_page_tokens_rotate_and_bound_offsets() -> None:
+    old, new = PageTokens([b"old"], 1000), PageTokens([b"new", b"old"], 1000)
+    issued = old.encode(20, FP)
+    assert new.decode(issued, FP) == 20  # the old key still verifies while it is listed
+    assert new.decode(new.encode(30, FP), FP) == 30
     with pytest.raises(InvalidArgument):
-        decode_page_token(token, "other")
+        PageTokens([b"new"], 1000).decode(issued, FP)  # retired key
+    with pytest.raises(InvalidArgument):
+        new.decode(new.encode(5000, FP), FP)  # signed, but beyond any page
+    with pytest.raises(InvalidArgument):
+        new.decode(issued, "ba9876543210")  # another request's token
+
+
+def test_page_tokens_are_bound_to_the_request(gateway: Gateway) -> None:
     first = gateway.search(query="running shoes", page_size=5)
+    second = gateway.search(query="running shoes", page_size=5, page_token=first.next_page_token)
+    assert not set(first.candidates.item_ids) & set(second.candidates.item_ids)
     with pytest.raises(InvalidArgument) as err:
         gateway.search(query="yoga", page_size=5, page_token=first.next_page_token)
     assert err.value.field_path == "page_token"

@@ -197,3 +197,37 @@ def test_bad_stage_input_names_the_field(service: tuple, mutate: Any, field: str
         rerank(svc.port, req)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _violations(err.value) == [field]
+
+
+def _raw_call(port: int, body: bytes) -> grpc.RpcError:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        call = ch.unary_unary(BINDING.path)  # bytes in, bytes out: no client-side checks
+        with pytest.raises(grpc.RpcError) as err:
+            call(body, timeout=5)
+        return err.value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xff\xff\xff\xff",  # not a protobuf message at all
+        b"\x0a\x04\x1a\x02\xff\xfe",  # context.query holds invalid UTF-8
+        b"\x12\x05\x0a\x03\x01",  # candidates truncated mid-field
+    ],
+)
+def test_undecodable_bytes_are_invalid_argument_not_internal(service: tuple, body: bytes) -> None:
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    err = _raw_call(svc.port, body)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "not a valid sluice.rerank.v2.RankCandidatesRequest" in (err.details() or "")
+    assert list(rerank(svc.port, GOOD).candidates.item_ids) == [1, 2]  # still serving
+
+
+def test_an_oversized_request_is_refused_before_parsing(service: tuple) -> None:
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    err = _raw_call(svc.port, b"\x0a" + b"\x00" * (5 << 20))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

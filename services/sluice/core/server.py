@@ -24,7 +24,7 @@ from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
 
 from sluice.core import logging as slog
-from sluice.core.errors import SluiceError
+from sluice.core.errors import InvalidArgument, SluiceError
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,44 @@ RPC_LATENCY = Histogram(
 )
 
 
+class _LogBudget:
+    """At most ``per_s`` lines a second per key; the rest are counted and reported with the
+    next line that gets through, so a flood of bad requests cannot flood the logs."""
+
+    def __init__(self, per_s: float = 5.0) -> None:
+        self.per_s = per_s
+        self._lock = threading.Lock()
+        self._state: dict[tuple[str, str], tuple[float, float, int]] = {}
+
+    def admit(self, key: tuple[str, str]) -> int | None:
+        """None: stay quiet; else log now, mentioning this many suppressed lines."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, seen, dropped = self._state.get(key, (self.per_s, now, 0))
+            tokens = min(self.per_s, tokens + (now - seen) * self.per_s)
+            if tokens < 1.0:
+                self._state[key] = (tokens, now, dropped + 1)
+                return None
+            self._state[key] = (tokens - 1.0, now, 0)
+            return dropped
+
+
+def _message_name(deserialize: Callable[[bytes], Any]) -> str:
+    owner = getattr(deserialize, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request"))
+
+
 class _Interceptor(grpc.ServerInterceptor):
-    """Request id in, domain errors mapped to statuses, metrics out."""
+    """Request id in, requests decoded, domain errors mapped to statuses, metrics out.
+
+    The interceptor decodes each request itself (grpcio would answer an undecodable one
+    with INTERNAL and a traceback): bytes that are not the method's message, or that hold
+    invalid UTF-8 in a string field, are the caller's fault and get INVALID_ARGUMENT.
+    """
+
+    def __init__(self) -> None:
+        self._log_budget = _LogBudget()
 
     def intercept_service(
         self,
@@ -49,30 +85,40 @@ class _Interceptor(grpc.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         method_path: str = handler_call_details.method
+        deserialize = handler.request_deserializer
+        inner = handler.unary_unary
         if method_path.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
         service, _, method = method_path.rpartition("/")
         service = service.lstrip("/")
         metadata = dict(handler_call_details.invocation_metadata or ())
-        inner = handler.unary_unary
+        budget = self._log_budget
 
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        def wrapped(raw: Any, context: grpc.ServicerContext) -> Any:
             rid = metadata.get(slog.REQUEST_ID_HEADER) or slog.new_request_id()
-            token = slog.request_id_var.set(str(rid))
+            token = slog.request_id_var.set(str(rid)[:64])
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             # the request id goes back in trailing metadata: it rides with the status, where
             # initial metadata would cost an extra send (~0.2 ms CPU per hop measured)
-            echo = ((slog.REQUEST_ID_HEADER, str(rid)),)
+            echo = ((slog.REQUEST_ID_HEADER, slog.request_id_var.get()),)
             try:
                 context.set_trailing_metadata(echo)
+                request = _decode(deserialize, raw)
                 return inner(request, context)
             except SluiceError as err:
                 code = err.code
-                log.info(
-                    "request failed",
-                    extra={"method": method, "code": code.name, "error": err.message},
-                )
+                dropped = budget.admit((method, code.name))
+                if dropped is not None:
+                    log.info(
+                        "request failed",
+                        extra={
+                            "method": method,
+                            "code": code.name,
+                            "error": err.message[:500],
+                            "suppressed": dropped,
+                        },
+                    )
                 status = rpc_status.to_status(err.to_status())
                 context.abort_with_status(
                     status._replace(trailing_metadata=(*status.trailing_metadata, *echo))
@@ -90,9 +136,22 @@ class _Interceptor(grpc.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,  # raw bytes: decoded in ``wrapped``
             response_serializer=handler.response_serializer,
         )
+
+
+def _decode(deserialize: Callable[[bytes], Any] | None, raw: Any) -> Any:
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except Exception as err:  # DecodeError, UnicodeDecodeError, RuntimeWarning, ...
+        raise InvalidArgument(
+            f"the request body is not a valid {_message_name(deserialize)} message "
+            "(or holds invalid UTF-8 in a string field)",
+            reason="UNDECODABLE_REQUEST",
+        ) from err
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:
@@ -160,19 +219,26 @@ class RunningService:
         self.server.wait_for_termination()
 
 
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+
+
 def bind(
     spec: ServiceSpec,
     host: str,
     port: int,
     metrics_port: int = 0,
     max_workers: int = 16,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> RunningService:
-    """Start listening with health NOT_SERVING; :meth:`RunningService.warm` makes it SERVING."""
+    """Start listening with health NOT_SERVING; :meth:`RunningService.warm` makes it SERVING.
+
+    A request over ``max_request_bytes`` is refused by gRPC itself (RESOURCE_EXHAUSTED)
+    before any of it is parsed."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=spec.name),
         interceptors=[_Interceptor()],
         options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", max_request_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
@@ -205,18 +271,24 @@ def start(
     port: int,
     metrics_port: int = 0,
     max_workers: int = 16,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> RunningService:
     """Bind, warm up, then report SERVING."""
-    running = bind(spec, host, port, metrics_port, max_workers)
+    running = bind(spec, host, port, metrics_port, max_workers, max_request_bytes)
     running.warm()
     return running
 
 
 def serve_forever(
-    spec: ServiceSpec, host: str, port: int, metrics_port: int = 0, max_workers: int = 16
+    spec: ServiceSpec,
+    host: str,
+    port: int,
+    metrics_port: int = 0,
+    max_workers: int = 16,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> None:
     """Run a service until SIGTERM or SIGINT, then drain gracefully."""
-    running = start(spec, host, port, metrics_port, max_workers)
+    running = start(spec, host, port, metrics_port, max_workers, max_request_bytes)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

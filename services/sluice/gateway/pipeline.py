@@ -7,11 +7,10 @@ the same in both layouts and is tested without gRPC.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ from sluice.domain import (
     StageReport,
     Surface,
 )
+from sluice.gateway.tokens import PageTokens
 
 if TYPE_CHECKING:
     from sluice.config import GatewaySettings
@@ -47,6 +47,9 @@ STAGE_DEGRADED = Counter(
     "Requests answered without a stage (it was down or out of time), by stage and cause",
     ["stage", "code"],
 )
+
+# No page starts beyond this many items: recall never returns more candidates than that.
+MAX_PAGE_OFFSET = 10_000
 
 # Share of the remaining deadline each stage may use (recomputed before each call).
 STAGE_SHARE: Mapping[StageName, float] = {
@@ -140,25 +143,6 @@ def _scores_of(cands: Candidates, item_ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def encode_page_token(offset: int, fingerprint: str) -> str:
-    raw = json.dumps({"o": offset, "f": fingerprint}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str, fingerprint: str) -> int:
-    if not token:
-        return 0
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        offset, fp = int(data["o"]), str(data["f"])
-    except (ValueError, KeyError, TypeError, binascii.Error, json.JSONDecodeError) as err:
-        raise InvalidArgument("malformed page token", field_path="page_token") from err
-    if fp != fingerprint or offset < 0:
-        raise InvalidArgument("page token belongs to a different request", field_path="page_token")
-    return offset
-
-
 class QueryEncoder:
     """MiniLM query embeddings behind an LRU cache that the handler threads share."""
 
@@ -189,6 +173,9 @@ class Gateway:
     users: UserContext
     encode_query: Callable[[str], np.ndarray]
     limits: GatewayLimits = field(default_factory=GatewayLimits)
+    page_tokens: PageTokens = field(
+        default_factory=lambda: PageTokens([secrets.token_bytes(32)], MAX_PAGE_OFFSET)
+    )
 
     # -- entry points ---------------------------------------------------------------
     def search(
@@ -264,7 +251,7 @@ class Gateway:
                 field_path="page_size",
             )
         validate(req.filters)
-        offset = decode_page_token(req.page_token, req.fingerprint())
+        offset = self.page_tokens.decode(req.page_token, req.fingerprint())
         budget_s = deadline_s if deadline_s is not None else self.limits.default_deadline_ms / 1000
         if budget_s * 1000 < self.limits.min_deadline_ms:
             raise DeadlineExceeded(
@@ -346,7 +333,7 @@ class Gateway:
         rows = self.catalog.rows(page.item_ids)
         titles = [self.catalog.titles[r] if r >= 0 else "" for r in rows.tolist()]
         stage_scores = {stage: _scores_of(c, page.item_ids) for stage, c in scores.items()}
-        next_token = encode_page_token(needed, req.fingerprint()) if needed < total else ""
+        next_token = self.page_tokens.encode(needed, req.fingerprint()) if needed < total else ""
         return PageResult(
             candidates=page,
             titles=titles,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from prometheus_client import REGISTRY, Counter, Gauge
@@ -20,8 +21,15 @@ from sluice.events.ingest import Ingestor
 from sluice.events.log import EventLog
 from sluice.events.metrics import EventMetrics
 from sluice.events.model import Event
-from sluice.gateway.pipeline import Gateway, GatewayLimits, PageResult, QueryEncoder
+from sluice.gateway.pipeline import (
+    MAX_PAGE_OFFSET,
+    Gateway,
+    GatewayLimits,
+    PageResult,
+    QueryEncoder,
+)
 from sluice.gateway.stages import GrpcStage, LocalStage, StageClient
+from sluice.gateway.tokens import PageTokens
 from sluice.gateway.users import UserHistory, item_attributes
 from sluice.state.store import InMemoryStateStore, OnlineStateStore, RedisStateStore
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
@@ -47,6 +55,16 @@ def page_to_proto(result: PageResult) -> storefront_pb2.RankedPage:
         fine_scores=stage(StageName.FINE_RANK),
         sources=result.candidates.sources.tolist(),
     )
+
+
+def page_response(result: PageResult) -> dict[str, Any]:
+    """The fields SearchResponse and RecommendResponse share."""
+    return {
+        "page": page_to_proto(result),
+        "next_page_token": result.next_page_token,
+        "stages": [report_to_proto(r) for r in result.reports],
+        "duration_us": result.duration_us,
+    }
 
 
 def request_filters(
@@ -78,12 +96,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             page_token=request.page_token,
             deadline_s=caller_timeout_s(context),
         )
-        return storefront_pb2.SearchResponse(
-            page=page_to_proto(result),
-            next_page_token=result.next_page_token,
-            stages=[report_to_proto(r) for r in result.reports],
-            duration_us=result.duration_us,
-        )
+        return storefront_pb2.SearchResponse(**page_response(result))
 
     def Recommend(  # noqa: N802
         self, request: storefront_pb2.RecommendRequest, context: grpc.ServicerContext
@@ -97,12 +110,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             page_token=request.page_token,
             deadline_s=caller_timeout_s(context),
         )
-        return storefront_pb2.RecommendResponse(
-            page=page_to_proto(result),
-            next_page_token=result.next_page_token,
-            stages=[report_to_proto(r) for r in result.reports],
-            duration_us=result.duration_us,
-        )
+        return storefront_pb2.RecommendResponse(**page_response(result))
 
     def Track(  # noqa: N802
         self, request: storefront_pb2.TrackRequest, context: grpc.ServicerContext
@@ -187,6 +195,9 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             UserHistory.from_artifacts(artifacts, store),
             QueryEncoder(encoder.encode),
             limits,
+            PageTokens.from_settings(
+                [k.get_secret_value() for k in settings.page_token_keys], MAX_PAGE_OFFSET
+            ),
         )
         collector = EventMetrics(event_log, ingestor)
         REGISTRY.register(collector)
