@@ -183,6 +183,10 @@ class Cluster:
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.ports.gateway}"
 
+    def address(self, service: str) -> str:
+        """Where a service (gateway, recall, coarse, fine, rerank) listens."""
+        return f"127.0.0.1:{getattr(self.ports, service)}"
+
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.log_dir / f"{name}.log"
         return (

@@ -130,6 +130,7 @@ def test_validation(gateway: Gateway) -> None:
         (lambda: gateway.search(query="  ", page_size=5), "query"),
         (lambda: gateway.search(query="q" * 513, page_size=5), "query"),
         (lambda: gateway.search(query="shoes", page_size=0), "page_size"),
+        (lambda: gateway.search(query="shoes", user_id="u" * 257, page_size=5), "user_id"),
         (
             lambda: gateway.recommend(
                 user_id="u", filters=(AttributeFilter("weight", any_of=("1",)),), page_size=5

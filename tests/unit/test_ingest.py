@@ -63,9 +63,15 @@ def test_partly_bad_batch_gets_per_event_results(ingestor: Ingestor) -> None:
         ev("future", ts=now + 3_600_000),
         ev("negative-ts", ts=-5),
         ev("ok2", item=2, kind=EventType.PURCHASE),
+        ev("year-1970", ts=1),
+        ev("year-2000", ts=946_684_800_000),
+        ev("   "),
+        ev("tab\there"),
+        ev("nul-user", user="u\x00"),
+        ev("blank-user", user=" \u3000 "),
     ]
     results = ingestor.track(batch)
-    assert statuses(results) == [ACCEPTED] + [REJECTED] * 9 + [ACCEPTED]
+    assert statuses(results) == [ACCEPTED] + [REJECTED] * 9 + [ACCEPTED] + [REJECTED] * 6
     assert [r.error for r in results[1:10]] == [
         "event_id is empty",
         "event_id is longer than 128 characters",
@@ -78,11 +84,18 @@ def test_partly_bad_batch_gets_per_event_results(ingestor: Ingestor) -> None:
         "timestamp_ms must be positive, got -5",
     ]
     assert results[8].error.startswith("timestamp_ms is ")
+    assert all(r.error.endswith("s in the past (at most 82800 s allowed)") for r in results[11:13])
+    assert [r.error for r in results[13:]] == [
+        "event_id is blank",
+        "event_id contains control or unassigned characters",
+        "user_id contains control or unassigned characters",
+        "user_id is blank",
+    ]
     assert results[0].error == ""
     assert ingestor.store.history("u") == [1, 2]
     assert ingestor.store.suppressed("u") == frozenset({2})
     assert [e.event_id for e in ingestor.log.replay()] == ["ok1", "ok2"]
-    assert (ingestor.events_accepted, ingestor.events_rejected) == (2, 9)
+    assert (ingestor.events_accepted, ingestor.events_rejected) == (2, 15)
 
 
 def test_zero_timestamp_means_now(ingestor: Ingestor) -> None:

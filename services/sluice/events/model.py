@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -13,6 +14,9 @@ MAX_USER_ID_CHARS = 256
 MAX_QUERY_CHARS = 1024
 MAX_FUTURE_SKEW_MS = 5 * 60 * 1000
 """An event stamped further ahead of the server clock than this is rejected."""
+MAX_AGE_MS = 23 * 3600 * 1000
+"""An event older than this is rejected: live state is about now (history for training comes
+from the build), and an event id older than the dedupe window (24 h) could be applied twice."""
 
 
 class EventType(enum.IntEnum):
@@ -101,20 +105,25 @@ def validate_event(
     now: int | None = None,
     known_item: Callable[[int], bool] | None = None,
     max_future_skew_ms: int = MAX_FUTURE_SKEW_MS,
+    max_age_ms: int = MAX_AGE_MS,
 ) -> str | None:
     """Return why ``event`` is unacceptable, or None when it is fine.
 
     ``now`` is the server clock in epoch ms (default: the current time);
     ``known_item`` tells whether an item id exists in the catalog.
     """
-    if not event.event_id:
-        return "event_id is empty"
-    if len(event.event_id) > MAX_EVENT_ID_CHARS:
-        return f"event_id is longer than {MAX_EVENT_ID_CHARS} characters"
-    if not event.user_id:
-        return "user_id is empty"
-    if len(event.user_id) > MAX_USER_ID_CHARS:
-        return f"user_id is longer than {MAX_USER_ID_CHARS} characters"
+    for name, value, limit in (
+        ("event_id", event.event_id, MAX_EVENT_ID_CHARS),
+        ("user_id", event.user_id, MAX_USER_ID_CHARS),
+    ):
+        if not value:
+            return f"{name} is empty"
+        if len(value) > limit:
+            return f"{name} is longer than {limit} characters"
+        if not value.strip():
+            return f"{name} is blank"
+        if any(unicodedata.category(c).startswith("C") for c in value):
+            return f"{name} contains control or unassigned characters"
     if len(event.query) > MAX_QUERY_CHARS:
         return f"query is longer than {MAX_QUERY_CHARS} characters"
     if event.type not in EVENT_WEIGHTS:
@@ -130,6 +139,11 @@ def validate_event(
         return (
             f"timestamp_ms is {event.timestamp_ms - current} ms in the future "
             f"(at most {max_future_skew_ms} allowed)"
+        )
+    if event.timestamp_ms < current - max_age_ms:
+        return (
+            f"timestamp_ms is {(current - event.timestamp_ms) // 1000} s in the past "
+            f"(at most {max_age_ms // 1000} s allowed)"
         )
     if known_item is not None and not known_item(event.item_id):
         return f"item {event.item_id} is not in the catalog"

@@ -34,6 +34,7 @@ from sluice.domain import (
     StageReport,
     Surface,
 )
+from sluice.events.model import MAX_USER_ID_CHARS
 from sluice.gateway.tokens import PageTokens
 
 if TYPE_CHECKING:
@@ -249,6 +250,10 @@ class Gateway:
             raise InvalidArgument(
                 f"page_size must be between 1 and {self.limits.max_page_size}",
                 field_path="page_size",
+            )
+        if len(req.user_id) > MAX_USER_ID_CHARS:
+            raise InvalidArgument(
+                f"user_id is longer than {MAX_USER_ID_CHARS} characters", field_path="user_id"
             )
         validate(req.filters)
         offset = self.page_tokens.decode(req.page_token, req.fingerprint())
