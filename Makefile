@@ -6,7 +6,7 @@ PROTO_OUT := services
 PROTOS := $(shell find protos -name '*.proto')
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: demo test proto lint typecheck check build up bench eval clean
+.PHONY: demo test fuzz proto lint typecheck check build up bench eval clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ test: setup
 # The public contract (sluice.v1 and the sluice.common.v1 it imports) stays wire-compatible
 # with this commit; the internal stage protos are versioned on their own (v2).
 BREAKING_AGAINST ?= 8eb4a55
+
+# The long fuzz run: 2,000 seeded cases for each of the seven methods (the default suite runs 300).
+fuzz: setup
+	SLUICE_FUZZ_CASES=2000 $(PY) -m pytest tests/integration/test_fuzz.py -s
 
 lint: setup
 	$(VENV)/bin/ruff check services tests

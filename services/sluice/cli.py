@@ -39,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cluster(args: argparse.Namespace) -> object:
+def _cluster(args: argparse.Namespace, supervise: bool = False) -> object:
     from sluice.launch import Cluster
 
     return Cluster(
@@ -49,13 +49,14 @@ def _cluster(args: argparse.Namespace) -> object:
         fine_backend=args.fine_backend,
         triton_gpu=args.gpu,
         stages=args.stages,
+        supervise=supervise,
     )
 
 
 def _up(args: argparse.Namespace) -> int:
     from sluice.launch import Cluster
 
-    cluster = _cluster(args)
+    cluster = _cluster(args, supervise=True)  # a process that dies is restarted, with back-off
     assert isinstance(cluster, Cluster)
     print("starting Triton and the services (logs in var/logs/) …", flush=True)
     cluster.start(progress=True)

@@ -6,6 +6,7 @@ tests exercise exactly what an operator runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -127,7 +129,14 @@ class Cluster:
     triton_gpu: bool = False
     stages: str = "grpc"
     """"local": only Triton and the gateway, which runs the stages in its process."""
+    supervise: bool = False
+    """Restart a process that exits without being asked to, with back-off (``sluice up``)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
+    """How often the supervisor restarted each process."""
+    _launch: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self, timeout_s: float = 180.0, progress: bool = False) -> Cluster:
@@ -160,10 +169,15 @@ class Cluster:
         return self
 
     def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every process group (gateway first), SIGKILL what is left after ``grace_s``.
+
+        Each process leads its own process group, so what it started (Triton's python-backend
+        stubs) goes with it."""
+        self._stopping.set()
         for name in ["gateway", *STAGES, "triton"]:
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                _signal_group(proc, signal.SIGTERM)
         end = time.monotonic() + grace_s
         for proc in self.processes.values():
             try:
@@ -171,6 +185,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            _signal_group(proc, signal.SIGKILL)  # anything the process left behind
         self.processes.clear()
 
     def __enter__(self) -> Cluster:
@@ -198,9 +213,46 @@ class Cluster:
     # -- processes ---------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own descriptor
-            self.processes[name] = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=env
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
+        with self._changed:
+            self.processes[name] = proc
+            self._launch[name] = (argv, env)
+            self._changed.notify_all()
+        if self.supervise:
+            threading.Thread(
+                target=self._watch, args=(name, proc), name=f"supervise-{name}", daemon=True
+            ).start()
+
+    def _watch(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        """Wait for the process to exit; clean up its group; restart it unless stopping."""
+        started = time.monotonic()
+        proc.wait()
+        _signal_group(proc, signal.SIGKILL)  # orphans, such as Triton's python-backend stubs
+        if self._stopping.is_set() or self.processes.get(name) is not proc:
+            return
+        lived = time.monotonic() - started
+        count = self.restarts.get(name, 0)
+        # back-off: 0.1 s, doubling to 5 s while the process keeps dying young
+        delay = 0.1 if lived > 30 else min(5.0, 0.1 * 2 ** min(count, 6))
+        print(
+            f"supervisor: {name} exited with {proc.returncode} after {lived:.1f} s; "
+            f"restarting in {delay:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self._stopping.wait(delay):
+            return
+        self.restarts[name] = count + 1
+        argv, env = self._launch[name]
+        self._spawn(name, argv, env)
+
+    def wait_restarted(self, name: str, times: int, timeout_s: float = 60.0) -> None:
+        """Block until the supervisor has restarted ``name`` at least ``times`` times."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.restarts.get(name, 0) >= times, timeout_s):
+                raise StartupError(f"{name} was not restarted within {timeout_s:.0f} s")
 
     def _start_triton(self) -> None:
         install_stub()
@@ -212,6 +264,10 @@ class Cluster:
             f"--grpc-port={self.ports.triton_grpc}",
             f"--http-port={self.ports.triton_http}",
             f"--metrics-port={self.ports.triton_metrics}",
+            # loopback only, like the services (SLUICE_*_HOST); Triton's default is 0.0.0.0
+            "--grpc-address=127.0.0.1",
+            "--http-address=127.0.0.1",
+            "--metrics-address=127.0.0.1",
             "--allow-metrics=true",
             "--log-verbose=0",
             "--exit-timeout-secs=10",
@@ -284,7 +340,12 @@ class Cluster:
             time.sleep(0.1)  # a log file has no change notification worth the dependency
 
     def wait_serving(self, name: str, timeout_s: float = 120.0) -> None:
-        self._wait_health(name, getattr(self.ports, name), time.monotonic() + timeout_s)
+        """Wait until a service reports SERVING, or Triton serves the model."""
+        deadline = time.monotonic() + timeout_s
+        if name == "triton":
+            self._wait_triton(deadline)
+        else:
+            self._wait_health(name, getattr(self.ports, name), deadline)
 
     def restart(self, name: str, kill: bool = False) -> None:
         """Stop one process (SIGKILL when ``kill``) and start it again, healthy."""
@@ -338,6 +399,12 @@ class Cluster:
         url = f"http://127.0.0.1:{self.ports.triton_metrics}/metrics"
         with urllib.request.urlopen(url, timeout=5.0) as resp:
             return str(resp.read().decode())
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Signal the process group ``proc`` leads (it was started in a new session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
 
 
 def stop_clusters_on_signals() -> None:

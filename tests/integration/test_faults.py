@@ -54,3 +54,15 @@ def test_sigterm_drains_a_service_and_the_gateway_degrades(faulty: Cluster) -> N
     resp = client.recommend("u", page_size=4, timeout_s=5)
     assert len(resp.page.item_ids) == 4
     assert resp.stages[3].degraded
+
+
+def test_recall_killed_degrades_to_the_gateways_fallback(faulty: Cluster, known_user: str) -> None:
+    proc = faulty.processes["recall"]
+    proc.kill()
+    proc.wait()
+    client = StorefrontClient(faulty.gateway_address)
+    resp = client.recommend(known_user, page_size=6, timeout_s=5)
+    assert len(resp.page.item_ids) == 6
+    assert resp.stages[0].degraded and resp.stages[0].degraded_reason
+    search = client.search("shoes", page_size=4, timeout_s=5)
+    assert len(search.page.item_ids) == 4 and search.stages[0].degraded

@@ -167,7 +167,7 @@ def _message(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[dict[str, An
             value: st.SearchStrategy[Any] = _message(fd.message_type, depth + 1)
         else:
             value = _scalar(fd)
-        if fd.label == FieldDescriptor.LABEL_REPEATED:
+        if fd.is_repeated:
             many = st.lists(value, max_size=12)
             if fd.type != FieldDescriptor.TYPE_MESSAGE:  # huge packed arrays too
                 many = st.one_of(
@@ -182,13 +182,13 @@ def _fill(msg: Any, values: dict[str, Any]) -> None:
     for name, value in values.items():
         fd = msg.DESCRIPTOR.fields_by_name[name]
         if fd.type == FieldDescriptor.TYPE_MESSAGE:
-            if fd.label == FieldDescriptor.LABEL_REPEATED:
+            if fd.is_repeated:
                 for v in value:
                     _fill(getattr(msg, name).add(), v)
             else:
                 _fill(getattr(msg, name), value)
                 getattr(msg, name).SetInParent()
-        elif fd.label == FieldDescriptor.LABEL_REPEATED:
+        elif fd.is_repeated:
             getattr(msg, name).extend(value)
         else:
             setattr(msg, name, value)

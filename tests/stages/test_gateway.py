@@ -21,13 +21,15 @@ from sluice.gateway.users import UserHistory, item_attributes
 from sluice.state.store import InMemoryStateStore
 
 
-class FineDown:
-    """The fine stage, unreachable."""
+class Down:
+    """A stage that cannot be reached."""
 
-    stage = StageName.FINE_RANK
+    def __init__(self, stage: StageName, why: str) -> None:
+        self.stage = stage
+        self.why = why
 
     def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> StageResult:
-        raise Unavailable("triton is down")
+        raise Unavailable(self.why)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +167,7 @@ def test_deadline_too_short(gateway: Gateway) -> None:
 def test_fine_outage_degrades_and_is_counted(
     local_stages: dict[StageName, LocalStage], tiny_artifacts: Artifacts, encoder: MiniLMEncoder
 ) -> None:
-    down = local_stages | {StageName.FINE_RANK: FineDown()}
+    down = local_stages | {StageName.FINE_RANK: Down(StageName.FINE_RANK, "triton is down")}
     store = InMemoryStateStore()
     gw = Gateway(
         down,
@@ -227,3 +229,43 @@ def test_query_encoder_is_safe_across_threads() -> None:
     finally:
         sys.setswitchinterval(old)
     assert errors == []
+
+
+@pytest.mark.parametrize("with_fallback", [True, False])
+def test_recall_outage_serves_the_gateways_fallback(
+    local_stages: dict[StageName, LocalStage],
+    tiny_artifacts: Artifacts,
+    encoder: MiniLMEncoder,
+    with_fallback: bool,
+) -> None:
+    from sluice.data.filters import AttributeFilter
+    from sluice.domain import Source
+    from sluice.gateway.fallback import FallbackRecall
+
+    a = tiny_artifacts
+    gw = Gateway(
+        local_stages | {StageName.RECALL: Down(StageName.RECALL, "recall is down")},
+        a.catalog,
+        UserHistory.from_artifacts(a, InMemoryStateStore()),
+        QueryEncoder(encoder.encode),
+        fallback=FallbackRecall.from_artifacts(a) if with_fallback else None,
+    )
+    users, histories = a.users()
+    brand = a.catalog.brands[int(np.bincount(a.catalog.brand_codes).argmax())]
+    only = (AttributeFilter("brand", any_of=(brand,)),)
+    if not with_fallback:
+        with pytest.raises(Unavailable):
+            gw.recommend(user_id=users[4], page_size=8)
+        return
+    result = gw.recommend(user_id=users[4], page_size=8, filters=only)
+    assert len(result.candidates) == 8
+    recall = result.reports[0]
+    assert recall.degraded and "recall is down" in recall.degraded_reason
+    assert recall.candidates_out > 8
+    assert not any(r.degraded for r in result.reports[1:])  # the later stages still ran
+    assert set(result.candidates.sources.tolist()) <= {Source.CO_OCCURRENCE, Source.POPULARITY}
+    assert not np.isin(result.candidates.item_ids, histories[4]).any()
+    rows = a.catalog.rows(result.candidates.item_ids)
+    assert all(a.catalog.brand_of(r) == brand for r in rows)
+    search = gw.search(query="shoes", page_size=5)
+    assert len(search.candidates) == 5 and search.reports[0].degraded

@@ -5,7 +5,8 @@ from sluice.artifacts import Artifacts
 from sluice.data.filters import AttributeFilter
 from sluice.domain import Budget, RankContext, Source
 from sluice.embed.text import MiniLMEncoder
-from sluice.recall.engine import RecallEngine, first_allowed
+from sluice.recall.engine import RecallEngine
+from sluice.recall.sources import first_allowed
 
 
 def test_recommend_merges_sources_within_budget(

@@ -22,7 +22,7 @@ from cachetools import LRUCache
 from prometheus_client import Counter
 
 from sluice.core.errors import DeadlineExceeded, InvalidArgument, SluiceError, Unavailable
-from sluice.core.stage import StageResult
+from sluice.core.stage import Retriever, StageResult, run_stage
 from sluice.data.catalog import Catalog
 from sluice.data.filters import AttributeFilter, validate
 from sluice.domain import (
@@ -177,6 +177,8 @@ class Gateway:
     page_tokens: PageTokens = field(
         default_factory=lambda: PageTokens([secrets.token_bytes(32)], MAX_PAGE_OFFSET)
     )
+    fallback: Retriever | None = None
+    """Recalls while the recall stage is down (``FallbackRecall``); None: such requests fail."""
 
     # -- entry points ---------------------------------------------------------------
     def search(
@@ -288,23 +290,34 @@ class Gateway:
         reports: list[StageReport] = []
         scores: dict[StageName, Candidates] = {}
 
-        def call(
-            stage: StageName, cands: Candidates | None, max_candidates: int, offset: int = 0
-        ) -> StageResult:
-            """The stage's call, with its share of what is left of the deadline."""
+        def budget(stage: StageName, max_candidates: int, offset: int = 0) -> Budget:
+            """The stage's share of what is left of the deadline."""
             remaining = deadline - time.perf_counter()
             later = [s for s in STAGE_SHARE if s >= stage]
             share = STAGE_SHARE[stage] / sum(STAGE_SHARE[s] for s in later)
             if remaining * 1000 < self.limits.min_deadline_ms * share:
                 raise DeadlineExceeded(f"deadline reached before {stage.label}")
             timeout_s = remaining * share if stage is not StageName.RERANK else remaining
-            budget = Budget.within(max_candidates, timeout_s, offset)
-            return self.stages[stage].call(ctx, cands, budget)
+            return Budget.within(max_candidates, timeout_s, offset)
 
-        # recall: without candidates there is nothing to degrade to
-        result = call(StageName.RECALL, None, self.limits.recall_candidates)
+        def call(
+            stage: StageName, cands: Candidates | None, max_candidates: int, offset: int = 0
+        ) -> StageResult:
+            return self.stages[stage].call(ctx, cands, budget(stage, max_candidates, offset))
+
+        # recall: without it, the gateway's own fallback (popularity, co-occurrence), if any
+        recall_budget = budget(StageName.RECALL, self.limits.recall_candidates)
+        try:
+            result = self.stages[StageName.RECALL].call(ctx, None, recall_budget)
+            report = result.report
+        except (Unavailable, DeadlineExceeded) as err:
+            if self.fallback is None:
+                raise
+            result = run_stage(StageName.RECALL, self.fallback, ctx, None, recall_budget)
+            report = _degraded(StageName.RECALL, result.report.candidates_in, err)
+            report.candidates_out = len(result.candidates)
         cands = result.candidates
-        reports.append(result.report)
+        reports.append(report)
         scores[StageName.RECALL] = cands
 
         needed = offset + req.page_size

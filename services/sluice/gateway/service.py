@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from sluice.events.ingest import Ingestor
 from sluice.events.log import EventLog
 from sluice.events.metrics import EventMetrics
 from sluice.events.model import Event
+from sluice.gateway.fallback import FallbackRecall
 from sluice.gateway.pipeline import (
     MAX_PAGE_OFFSET,
     Gateway,
@@ -156,6 +158,12 @@ def make_stages(
             client = GrpcStage(entry.binding(), getattr(settings, f"{entry.name}_addr"))
             closers.append(client.close)
             clients[entry.stage] = client
+        # connect now, so that the first requests after a (re)start do not pay for it; a stage
+        # that is down is not waited for: its calls degrade until it is back
+        for client in clients.values():
+            assert isinstance(client, GrpcStage)
+            with contextlib.suppress(grpc.FutureTimeoutError):
+                grpc.channel_ready_future(client.channel).result(timeout=1.0)
         return clients
     shared_state = {"state": settings.state, "redis_url": settings.redis_url}
     engines = load_engines(settings.artifacts, closers, {"recall": shared_state})
@@ -198,6 +206,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             PageTokens.from_settings(
                 [k.get_secret_value() for k in settings.page_token_keys], MAX_PAGE_OFFSET
             ),
+            FallbackRecall.from_artifacts(artifacts),
         )
         collector = EventMetrics(event_log, ingestor)
         REGISTRY.register(collector)

@@ -24,6 +24,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.enable_retries", 0),
     ("grpc.keepalive_time_ms", 30_000),
+    # a stage that comes back is used again within half a second, not after gRPC's default
+    # exponential back-off (up to 2 minutes): a call meanwhile fails fast and degrades
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 
 

@@ -27,10 +27,10 @@ import numpy as np
 
 from sluice.artifacts import Artifacts
 from sluice.data.catalog import Catalog
-from sluice.data.filters import compile_filters
-from sluice.domain import RRF_K, Budget, Candidates, RankContext, Source
+from sluice.domain import Budget, Candidates, RankContext, Source
 from sluice.recall.ann_index import AnnIndex
 from sluice.recall.lexical import LexicalIndex
+from sluice.recall.sources import allowed_rows, cooc_neighbours, first_allowed, merge, seed_rows
 
 
 class PopularitySource(Protocol):
@@ -51,20 +51,6 @@ class StaticPopularity:
 
     def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray:
         return first_allowed(self.order, k, allowed)
-
-
-def first_allowed(order: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
-    """The first ``k`` rows of ``order`` that the row mask ``allowed`` lets through.
-
-    Looks at a short head of the order first: with a few exclusions (the usual case) that is
-    enough, and the whole catalog is never gathered."""
-    if allowed is None:
-        return order[:k]
-    head = order[: 2 * k + 64]
-    picked = head[allowed[head]]
-    if len(picked) >= k or len(head) == len(order):
-        return picked[:k]
-    return order[allowed[order]][:k]
 
 
 @dataclass
@@ -128,16 +114,7 @@ class RecallEngine:
     def retrieve(self, ctx: RankContext, budget: Budget) -> Candidates:
         max_candidates = budget.max_candidates
         catalog = self.assets.catalog
-        filt = compile_filters(catalog, ctx.filters)
-        allowed = filt.mask.copy() if filt.mask is not None else None
-        excluded = catalog.rows(ctx.exclude_item_ids)
-        excluded = excluded[excluded >= 0]
-        if len(excluded):
-            if allowed is None:
-                allowed = np.ones(len(catalog), dtype=bool)
-            allowed[excluded] = False
-        history = catalog.rows(ctx.history_item_ids)
-        history = history[history >= 0][-self.config.history_window :]
+        allowed = allowed_rows(catalog, ctx)
 
         lists: dict[Source, tuple[np.ndarray, np.ndarray]] = {}
         if ctx.is_search:
@@ -149,29 +126,27 @@ class RecallEngine:
                 )
         else:
             quotas = self.config.recommend_quotas
-            anchor = catalog.row(ctx.context_item_id) if ctx.context_item_id else -1
-            seeds, weights = self._seeds(history, anchor)
+            seeds, weights = seed_rows(
+                catalog, ctx, self.config.history_window, self.config.recency_decay
+            )
             if len(seeds):
                 user_vec = weights @ self.assets.behaviour_vectors[seeds]
                 lists[Source.ANN] = self._ann(
                     self.assets.behaviour_index, user_vec, max_candidates, allowed
                 )
-                lists[Source.CO_OCCURRENCE] = self._cooc(seeds, weights, max_candidates, allowed)
+                lists[Source.CO_OCCURRENCE] = cooc_neighbours(
+                    self.assets.cooc_rows,
+                    self.assets.cooc_scores,
+                    seeds,
+                    weights,
+                    max_candidates,
+                    allowed,
+                )
         pop_rows = self.assets.popularity.top_rows(max_candidates, allowed)
         lists[Source.POPULARITY] = (pop_rows, np.zeros(len(pop_rows), np.float32))
-        return self._merge(lists, quotas, max_candidates)
+        return merge(lists, quotas, max_candidates, catalog.item_ids)
 
     # -- sources ---------------------------------------------------------------
-    def _seeds(self, history: np.ndarray, anchor: int) -> tuple[np.ndarray, np.ndarray]:
-        """Rows that stand for the user, most recent weighted highest."""
-        if anchor >= 0:
-            return np.array([anchor], dtype=np.int64), np.ones(1, dtype=np.float32)
-        if len(history) == 0:
-            return history, np.zeros(0, dtype=np.float32)
-        ages = np.arange(len(history))[::-1]
-        weights = (self.config.recency_decay**ages).astype(np.float32)
-        return history, weights / weights.sum()
-
     @staticmethod
     def _ann(
         index: AnnIndex, vector: np.ndarray, k: int, allowed: np.ndarray | None
@@ -187,77 +162,3 @@ class RecallEngine:
             scores, rows = index.search_filtered(q, k, allowed)
         keep = rows[0] >= 0
         return rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
-
-    def _cooc(
-        self, seeds: np.ndarray, weights: np.ndarray, k: int, allowed: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        neigh = self.assets.cooc_rows[seeds]
-        score = self.assets.cooc_scores[seeds] * weights[:, None]
-        flat_rows, flat_scores = neigh.ravel(), score.ravel()
-        valid = flat_rows >= 0
-        if allowed is not None:
-            valid &= allowed[np.maximum(flat_rows, 0)]
-        flat_rows, flat_scores = flat_rows[valid], flat_scores[valid]
-        if len(flat_rows) == 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        uniq, inverse = np.unique(flat_rows, return_inverse=True)
-        total = np.bincount(inverse, weights=flat_scores).astype(np.float32)
-        order = np.argsort(-total, kind="stable")[:k]
-        return uniq[order].astype(np.int64), total[order]
-
-    # -- merge -----------------------------------------------------------------
-    def _merge(
-        self,
-        lists: dict[Source, tuple[np.ndarray, np.ndarray]],
-        quotas: Mapping[Source, float],
-        budget: int,
-    ) -> Candidates:
-        """Quota phase, then round-robin fill, then reciprocal-rank fusion; all vectorized."""
-        ordered = [s for s in quotas if s in lists] + [s for s in lists if s not in quotas]
-        picked_rows: list[np.ndarray] = []
-        picked_src: list[np.ndarray] = []
-        leftovers: list[tuple[Source, np.ndarray]] = []
-        taken = np.zeros(0, dtype=np.int64)  # sorted rows chosen so far
-        for source in ordered:
-            rows = lists[source][0]
-            fresh = rows[~_member(rows, taken)]
-            take = min(round(quotas.get(source, 0.0) * budget), budget - len(taken), len(fresh))
-            picked_rows.append(fresh[:take])
-            picked_src.append(np.full(take, int(source), dtype=np.int8))
-            taken = np.union1d(taken, fresh[:take])
-            leftovers.append((source, fresh[take:]))
-        room = budget - len(taken)
-        if room > 0:
-            # round-robin over the sources' remaining lists: round i holds each source's i-th
-            rows = np.concatenate([r for _, r in leftovers])
-            rounds = np.concatenate([np.arange(len(r)) for _, r in leftovers])
-            src = np.concatenate([np.full(len(r), int(s), np.int8) for s, r in leftovers])
-            order = np.lexsort((np.arange(len(rows)), rounds))
-            rows, src = rows[order], src[order]
-            keep = ~_member(rows, taken)
-            rows, src = rows[keep], src[keep]
-            _, first = np.unique(rows, return_index=True)
-            first.sort()
-            picked_rows.append(rows[first][:room])
-            picked_src.append(src[first][:room])
-        rows = np.concatenate(picked_rows)
-        sources = np.concatenate(picked_src)
-
-        fused = np.zeros(len(rows), dtype=np.float64)
-        sorter = np.argsort(rows)
-        for source_rows, _ in lists.values():
-            pos = np.searchsorted(rows, source_rows, sorter=sorter)
-            pos = np.minimum(pos, len(rows) - 1)
-            hit = rows[sorter[pos]] == source_rows if len(rows) else np.zeros(0, bool)
-            np.add.at(fused, sorter[pos[hit]], 1.0 / (RRF_K + np.flatnonzero(hit)))
-        order = np.argsort(-fused, kind="stable")
-        item_ids = self.assets.catalog.item_ids[rows[order]]
-        return Candidates(item_ids, fused[order].astype(np.float32), sources[order])
-
-
-def _member(rows: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Which of ``rows`` are in the sorted array ``sorted_set``."""
-    if len(sorted_set) == 0 or len(rows) == 0:
-        return np.zeros(len(rows), dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_set, rows), len(sorted_set) - 1)
-    return sorted_set[pos] == rows

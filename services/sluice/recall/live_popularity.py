@@ -36,7 +36,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from sluice.core.errors import Unavailable
-from sluice.recall.engine import first_allowed
+from sluice.recall.sources import first_allowed
 
 log = logging.getLogger(__name__)
 
