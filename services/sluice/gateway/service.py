@@ -153,18 +153,14 @@ def make_stages(
     """The four stages: their services over gRPC, or (``stages=local``) their engines loaded
     into this process through the same wiring their services use, from the same artifacts."""
     if settings.stages == "grpc":
-        clients: dict[StageName, StageClient] = {}
-        for entry in STAGES:
-            client = GrpcStage(entry.binding(), getattr(settings, f"{entry.name}_addr"))
-            closers.append(client.close)
-            clients[entry.stage] = client
+        remote = [GrpcStage(e.binding(), getattr(settings, f"{e.name}_addr")) for e in STAGES]
         # connect now, so that the first requests after a (re)start do not pay for it; a stage
         # that is down is not waited for: its calls degrade until it is back
-        for client in clients.values():
-            assert isinstance(client, GrpcStage)
+        for client in remote:
+            closers.append(client.close)
             with contextlib.suppress(grpc.FutureTimeoutError):
                 grpc.channel_ready_future(client.channel).result(timeout=1.0)
-        return clients
+        return {client.stage: client for client in remote}
     shared_state = {"state": settings.state, "redis_url": settings.redis_url}
     engines = load_engines(settings.artifacts, closers, {"recall": shared_state})
     return {stage: LocalStage(stage, engine) for stage, engine in engines.items()}
