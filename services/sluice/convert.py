@@ -10,13 +10,24 @@ import numpy as np
 from sluice.common.v1 import common_pb2
 from sluice.core.errors import InvalidArgument
 from sluice.data.filters import MAX_FILTER_VALUES, MAX_FILTERS, AttributeFilter, validate
-from sluice.domain import Candidates, RankContext, RequestKind, StageName, StageReport, Surface
+from sluice.domain import (
+    Candidates,
+    RankContext,
+    RequestKind,
+    Source,
+    StageName,
+    StageReport,
+    Surface,
+)
 from sluice.embed.text import TEXT_DIM
 
 # The limits sluice.common.v1.RankContext states; every stage enforces them.
 MAX_QUERY_CHARS = 2048
 MAX_HISTORY = 1000
 MAX_EXCLUSIONS = 10_000
+
+
+_MAX_SOURCE = max(int(s) for s in Source)
 
 
 def candidates_from_proto(msg: common_pb2.Candidates, field: str = "candidates") -> Candidates:
@@ -33,6 +44,10 @@ def candidates_from_proto(msg: common_pb2.Candidates, field: str = "candidates")
         raise InvalidArgument(
             f"{len(sources)} sources for {n} item_ids", field_path=f"{field}.sources"
         )
+    if not np.isfinite(scores).all():
+        raise InvalidArgument("scores must be finite", field_path=f"{field}.scores")
+    if len(msg.sources) and not all(0 <= s <= _MAX_SOURCE for s in msg.sources):
+        raise InvalidArgument("unknown candidate source", field_path=f"{field}.sources")
     return Candidates(np.asarray(msg.item_ids, dtype=np.int64), scores, sources)
 
 

@@ -138,6 +138,33 @@ BAD_REQUESTS = [
         "filters[0].field",
     ),
     ("search", {"query": "shoes", "page_size": 5, "page_token": "garbage!"}, "page_token"),
+    ("search", {"query": "shoes", "page_size": 5, "user_id": "u" * 300}, "user_id"),
+    (
+        "search",
+        {"query": "shoes", "page_size": 5, "item_filters": [common_pb2.ItemFilter()]},
+        "item_filters[0]",
+    ),
+    (
+        "recommend",
+        {
+            "user_id": "u",
+            "page_size": 5,
+            "item_filters": [
+                common_pb2.ItemFilter(price_cents=common_pb2.Int64Range(min=900, max=100))
+            ],
+        },
+        "item_filters[0].price_cents.min",
+    ),
+    (
+        "search",
+        {
+            "query": "shoes",
+            "page_size": 5,
+            "filters": [common_pb2.AttributeFilter(field="price_cents", min=float("nan"))],
+        },
+        "filters[0].min",
+    ),
+    ("recommend", {"user_id": "u", "page_size": 5, "surface": 9}, "surface"),
     (
         "recommend",
         {"user_id": "u", "page_size": 5, "surface": storefront_pb2.SURFACE_SIMILAR_ITEMS},
@@ -164,6 +191,15 @@ def test_bad_input_is_invalid_argument(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert offending in field_violations(err.value)
     assert all(p.poll() is None for p in cluster.processes.values())
+
+
+def test_calls_without_a_deadline_get_the_default_budget(client: StorefrontClient) -> None:
+    """Every client we did not write sets no deadline by default; that must just work."""
+    search = client.stub.Search(storefront_pb2.SearchRequest(query="shoes", page_size=5))
+    assert len(search.page.item_ids) == 5
+    assert not any(s.degraded for s in search.stages)
+    rec = client.stub.Recommend(storefront_pb2.RecommendRequest(user_id="u", page_size=5))
+    assert len(rec.page.item_ids) == 5
 
 
 def test_too_short_deadline_is_deadline_exceeded(

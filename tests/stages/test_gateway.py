@@ -159,6 +159,19 @@ def test_validation(gateway: Gateway) -> None:
         assert err.value.field_path == field
 
 
+def test_a_cancelled_call_stops_before_the_next_stage(gateway: Gateway) -> None:
+    from sluice.core.errors import Cancelled
+
+    asked: list[int] = []
+
+    def alive() -> bool:  # the caller hangs up after recall
+        asked.append(1)
+        return len(asked) < 2
+
+    with pytest.raises(Cancelled, match="before coarse"):
+        gateway.recommend(user_id="u", page_size=5, alive=alive)
+
+
 def test_deadline_too_short(gateway: Gateway) -> None:
     with pytest.raises(DeadlineExceeded):
         gateway.recommend(user_id="u", page_size=5, deadline_s=0.001)

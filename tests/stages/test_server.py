@@ -184,6 +184,8 @@ def test_the_page_window_and_total(service: tuple) -> None:
         (lambda r: setattr(r, "max_candidates", 101), "max_candidates"),
         (lambda r: setattr(r, "offset", -1), "offset"),
         (lambda r: r.candidates.item_ids.extend(range(200)), "candidates.item_ids"),
+        (lambda r: r.candidates.scores.__setitem__(0, float("inf")), "candidates.scores"),
+        (lambda r: r.candidates.sources.__setitem__(1, 99), "candidates.sources"),
     ],
 )
 def test_bad_stage_input_names_the_field(service: tuple, mutate: Any, field: str) -> None:

@@ -88,6 +88,14 @@ class DeadlineExceeded(SluiceError):
 
 
 @dataclass
+class Cancelled(SluiceError):
+    """The caller went away (cancelled the call or its deadline passed); the work stops."""
+
+    reason: str = "CANCELLED"
+    code = grpc.StatusCode.CANCELLED
+
+
+@dataclass
 class ResourceExhausted(SluiceError):
     """The service is overloaded; retry after ``retry_delay_ms``."""
 

@@ -21,7 +21,13 @@ import numpy as np
 from cachetools import LRUCache
 from prometheus_client import Counter
 
-from sluice.core.errors import DeadlineExceeded, InvalidArgument, SluiceError, Unavailable
+from sluice.core.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    SluiceError,
+    Unavailable,
+)
 from sluice.core.stage import Retriever, StageResult, run_stage
 from sluice.data.catalog import Catalog
 from sluice.data.filters import AttributeFilter, validate
@@ -131,6 +137,10 @@ class _Request:
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+def _always() -> bool:
+    return True
+
+
 def _scores_of(cands: Candidates, item_ids: np.ndarray) -> np.ndarray:
     """Each item's score in ``cands`` (NaN where the stage did not return it)."""
     out = np.full(len(item_ids), np.nan, dtype=np.float32)
@@ -190,8 +200,10 @@ class Gateway:
         page_size: int,
         page_token: str = "",
         deadline_s: float | None = None,
+        alive: Callable[[], bool] = _always,
     ) -> PageResult:
-        """A page of results for ``query``; ``deadline_s`` None: the default budget."""
+        """A page of results for ``query``; ``deadline_s`` None: the default budget; the work
+        stops before the next stage once ``alive()`` is False (the caller cancelled)."""
         if not query.strip():
             raise InvalidArgument("query must not be empty", field_path="query")
         if len(query) > self.limits.max_query_chars:
@@ -206,7 +218,7 @@ class Gateway:
             page_size=page_size,
             page_token=page_token,
         )
-        return self._run(req, deadline_s)
+        return self._run(req, deadline_s, alive)
 
     def recommend(
         self,
@@ -218,8 +230,9 @@ class Gateway:
         page_size: int,
         page_token: str = "",
         deadline_s: float | None = None,
+        alive: Callable[[], bool] = _always,
     ) -> PageResult:
-        """A page for a recommendation surface; ``deadline_s`` None: the default budget."""
+        """A page for a recommendation surface; ``deadline_s`` and ``alive`` as in search."""
         try:
             kind = Surface(int(surface))
         except ValueError as err:
@@ -243,10 +256,12 @@ class Gateway:
             page_size=page_size,
             page_token=page_token,
         )
-        return self._run(req, deadline_s)
+        return self._run(req, deadline_s, alive)
 
     # -- the cascade ------------------------------------------------------------------
-    def _run(self, req: _Request, deadline_s: float | None) -> PageResult:
+    def _run(
+        self, req: _Request, deadline_s: float | None, alive: Callable[[], bool]
+    ) -> PageResult:
         start = time.perf_counter()
         if req.page_size <= 0 or req.page_size > self.limits.max_page_size:
             raise InvalidArgument(
@@ -292,6 +307,8 @@ class Gateway:
 
         def budget(stage: StageName, max_candidates: int, offset: int = 0) -> Budget:
             """The stage's share of what is left of the deadline."""
+            if not alive():
+                raise Cancelled(f"the caller went away before {stage.label}")
             remaining = deadline - time.perf_counter()
             later = [s for s in STAGE_SHARE if s >= stage]
             share = STAGE_SHARE[stage] / sum(STAGE_SHARE[s] for s in later)

@@ -97,6 +97,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
             deadline_s=caller_timeout_s(context),
+            alive=context.is_active,
         )
         return storefront_pb2.SearchResponse(**page_response(result))
 
@@ -111,6 +112,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
             deadline_s=caller_timeout_s(context),
+            alive=context.is_active,
         )
         return storefront_pb2.RecommendResponse(**page_response(result))
 
