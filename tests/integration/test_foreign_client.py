@@ -1,0 +1,73 @@
+"""A storefront client we did not write: Node.js with @grpc/grpc-js, against the split cluster.
+
+It sets no deadline, has no .proto files of its own (it reads the API and the error detail
+types from server reflection, v1 and v1alpha), sends int64 ids as strings, pages with the
+token it was given, tracks an event, and decodes a rich error. ``npm`` installs its
+dependencies (pinned in ``tests/node/package.json``) on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sluice.artifacts import Artifacts
+from sluice.launch import Cluster
+
+pytestmark = pytest.mark.integration
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+
+
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed (apt-get install nodejs npm)")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").exists():
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--silent"],
+            cwd=NODE_DIR,
+            check=True,
+            timeout=300,
+        )
+    return NODE_DIR / "storefront_client.js"
+
+
+def test_a_nodejs_client_with_no_deadline_and_reflected_protos(
+    cluster: Cluster, tiny_artifacts: Artifacts, node_client: Path
+) -> None:
+    item = int(tiny_artifacts.catalog.item_ids[5])
+    out = subprocess.run(
+        ["node", str(node_client), cluster.gateway_address, str(item)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    for listed in (report["services_v1"], report["services_v1alpha"]):
+        assert "sluice.v1.StorefrontService" in listed
+        assert "grpc.health.v1.Health" in listed
+    search = report["search"]
+    assert len(search["item_ids"]) == 5 and all(isinstance(i, str) for i in search["item_ids"])
+    assert all(int(i) in set(tiny_artifacts.catalog.item_ids.tolist()) for i in search["item_ids"])
+    assert search["stages"] == [
+        "STAGE_RECALL",
+        "STAGE_COARSE_RANK",
+        "STAGE_FINE_RANK",
+        "STAGE_RERANK",
+    ]
+    assert search["next_page_token"]
+    assert len(report["search_page_2"]) == 5
+    assert not set(report["search_page_2"]) & set(search["item_ids"])
+    assert len(report["similar"]) == 4 and str(item) not in report["similar"]
+    assert report["track"] == ["EVENT_STATUS_ACCEPTED"]
+    error = report["error"]
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert "type.googleapis.com/google.rpc.BadRequest" in error["details"]
+    assert error["field_violations"] == ["page_size"]
+    assert len(error["request_id"]) == 16

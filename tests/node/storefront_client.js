@@ -1,0 +1,118 @@
+// A storefront backend the Sluice project did not write: Node.js, @grpc/grpc-js, no deadline
+// on any call, and no .proto files of its own. It learns the API from server reflection
+// (grpc.reflection.v1), builds its client from the descriptors it got, and decodes rich
+// error details (google.rpc.Status, BadRequest) with the descriptors reflection also serves.
+//
+//   node storefront_client.js HOST:PORT ITEM_ID   -> prints one JSON report on stdout
+"use strict";
+
+const path = require("path");
+const grpc = require("@grpc/grpc-js");
+const protoLoader = require("@grpc/proto-loader");
+const protobuf = require("protobufjs");
+const descriptor = require("protobufjs/ext/descriptor");
+
+const [address, itemId] = process.argv.slice(2);
+const credentials = grpc.credentials.createInsecure();
+const LOADER = { keepCase: true, longs: String, enums: String, defaults: true, oneofs: true };
+
+function reflectionClient(version) {
+  const file = path.join(
+    path.dirname(require.resolve("@grpc/reflection/package.json")),
+    "build/proto/grpc/reflection", version, "reflection.proto");
+  const def = protoLoader.loadSync(file, LOADER);
+  const pkg = grpc.loadPackageDefinition(def).grpc.reflection[version];
+  return new pkg.ServerReflection(address, credentials);
+}
+
+// One reflection exchange: send the requests, collect the responses.
+function reflect(version, requests) {
+  return new Promise((resolve, reject) => {
+    const call = reflectionClient(version).ServerReflectionInfo();
+    const out = [];
+    call.on("data", (r) => out.push(r));
+    call.on("error", reject);
+    call.on("end", () => resolve(out));
+    for (const r of requests) call.write(r);
+    call.end();
+  });
+}
+
+async function descriptorSet(symbols) {
+  const responses = await reflect("v1", symbols.map((s) => ({ file_containing_symbol: s })));
+  const seen = new Map();
+  for (const r of responses) {
+    if (r.error_response) throw new Error(`reflection: ${r.error_response.error_message}`);
+    for (const bytes of r.file_descriptor_response.file_descriptor_proto) {
+      const file = descriptor.FileDescriptorProto.decode(bytes);
+      seen.set(file.name, file);
+    }
+  }
+  return descriptor.FileDescriptorSet.create({ file: [...seen.values()] });
+}
+
+function unary(client, method, request) {
+  return new Promise((resolve) => {
+    client[method](request, (err, response) => resolve({ err, response }));  // no deadline
+  });
+}
+
+async function main() {
+  const report = {};
+  const listed = await reflect("v1", [{ list_services: "" }]);
+  report.services_v1 = listed[0].list_services_response.service.map((s) => s.name);
+  const listedAlpha = await reflect("v1alpha", [{ list_services: "" }]);
+  report.services_v1alpha = listedAlpha[0].list_services_response.service.map((s) => s.name);
+
+  const set = await descriptorSet([
+    "sluice.v1.StorefrontService", "google.rpc.Status", "google.rpc.BadRequest"]);
+  const encoded = descriptor.FileDescriptorSet.encode(set).finish();
+  const def = protoLoader.loadFileDescriptorSetFromBuffer(Buffer.from(encoded), LOADER);
+  const Storefront = grpc.loadPackageDefinition(def).sluice.v1.StorefrontService;
+  const client = new Storefront(address, credentials);
+  const root = protobuf.Root.fromDescriptor(set);
+  const Status = root.lookupType("google.rpc.Status");
+  const BadRequest = root.lookupType("google.rpc.BadRequest");
+
+  const search = await unary(client, "Search", { query: "shoes", page_size: 5 });
+  if (search.err) throw search.err;
+  report.search = {
+    item_ids: search.response.page.item_ids,
+    stages: search.response.stages.map((s) => s.stage),
+    next_page_token: search.response.next_page_token,
+  };
+  const second = await unary(client, "Search", {
+    query: "shoes", page_size: 5, page_token: search.response.next_page_token });
+  if (second.err) throw second.err;
+  report.search_page_2 = second.response.page.item_ids;
+
+  const similar = await unary(client, "Recommend", {
+    surface: "SURFACE_SIMILAR_ITEMS", context_item_id: itemId, page_size: 4 });
+  if (similar.err) throw similar.err;
+  report.similar = similar.response.page.item_ids;
+
+  const tracked = await unary(client, "Track", { events: [{
+    event_id: `node-${Date.now()}`, user_id: "node-shopper", item_id: itemId,
+    type: "EVENT_TYPE_CLICK" }] });
+  if (tracked.err) throw tracked.err;
+  report.track = tracked.response.statuses;
+
+  const bad = await unary(client, "Search", { query: "shoes", page_size: 0 });
+  const details = bad.err.metadata.get("grpc-status-details-bin")[0];
+  const status = Status.decode(details);
+  report.error = {
+    code: grpc.status[bad.err.code],
+    details: status.details.map((any) => any.type_url),
+    field_violations: status.details
+      .filter((any) => any.type_url.endsWith("google.rpc.BadRequest"))
+      .flatMap((any) => BadRequest.decode(any.value).field_violations.map((v) => v.field)),
+    request_id: bad.err.metadata.get("x-request-id")[0] || "",
+  };
+  process.stdout.write(JSON.stringify(report) + "\n");
+  client.close();
+}
+
+main().catch((err) => {
+  process.stderr.write(`${err.stack || err}\n`);
+  process.exit(1);
+});
