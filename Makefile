@@ -30,7 +30,8 @@ demo: setup
 
 # The whole default test suite (CI runs exactly this).
 test: setup
-	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	@command -v redis-server >/dev/null && command -v node >/dev/null && command -v npm >/dev/null \
+		|| { apt-get update -qq && apt-get install -y -qq redis-server nodejs npm; }
 	$(PY) -m pytest
 
 # The public contract (sluice.v1 and the sluice.common.v1 it imports) stays wire-compatible

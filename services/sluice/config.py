@@ -53,6 +53,15 @@ class ServiceSettings(BaseSettings):
         ge=1024,
         description="gRPC refuses a bigger request (RESOURCE_EXHAUSTED) before parsing it",
     )
+    profile: Literal["development", "production"] = Field(
+        "development", description="production: defaults for a deployment (reflection off)"
+    )
+    reflection: bool | None = Field(
+        None, description="serve gRPC reflection (v1 and v1alpha); unset: on in development"
+    )
+
+    def serves_reflection(self) -> bool:
+        return self.reflection if self.reflection is not None else self.profile == "development"
 
     def server_workers(self) -> int:
         """The gRPC handler threads this service runs with."""

@@ -36,4 +36,5 @@ def serve(name: str) -> None:
         settings.metrics_port,
         settings.server_workers(),
         settings.max_request_bytes,
+        settings.serves_reflection(),
     )

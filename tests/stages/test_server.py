@@ -233,3 +233,34 @@ def test_an_oversized_request_is_refused_before_parsing(service: tuple) -> None:
     svc.warm()
     err = _raw_call(svc.port, b"\x0a" + b"\x00" * (5 << 20))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_reflection_serves_v1_and_v1alpha_or_nothing() -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from sluice.config import RerankSettings
+
+    assert RerankSettings().serves_reflection()
+    assert not RerankSettings(profile="production").serves_reflection()
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    for enabled in (True, False):
+        servicer = StageServicer(BINDING, StageLimits(10, 1.0))
+        svc = bind(ServiceSpec("rerank", servicer.add_to), "127.0.0.1", 0, reflection=enabled)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+                for version in ("v1", "v1alpha"):
+                    call = ch.stream_stream(
+                        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+                    )
+                    if enabled:
+                        (resp,) = list(call(iter([request]), timeout=5))
+                        names = {s.name for s in resp.list_services_response.service}
+                        assert SERVICE in names and "grpc.health.v1.Health" in names
+                    else:
+                        with pytest.raises(grpc.RpcError) as err:
+                            list(call(iter([request]), timeout=5))
+                        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        finally:
+            svc.stop(0.1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -220,6 +220,26 @@ class RunningService:
 
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _serve_reflection(server: grpc.Server, names: list[str]) -> None:
+    """Server reflection under both names clients use: ``grpc.reflection.v1`` (grpcurl,
+    grpc-js, Postman) and ``v1alpha`` (older tools). grpcio-reflection implements only
+    v1alpha; the two protocols are the same messages on the wire, so one servicer serves
+    both. The error detail types (``google.rpc.Status``, ``BadRequest``, ``RetryInfo``)
+    are in this process's descriptor pool, so a client can fetch them by symbol too."""
+    listed = [*names, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.ReflectionServicer(listed)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+    )
 
 
 def bind(
@@ -229,6 +249,7 @@ def bind(
     metrics_port: int = 0,
     max_workers: int = 16,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    reflection: bool = True,
 ) -> RunningService:
     """Start listening with health NOT_SERVING; :meth:`RunningService.warm` makes it SERVING.
 
@@ -245,14 +266,10 @@ def bind(
     names = list(spec.register(server))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [
-            *names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
+    if reflection:
+        _serve_reflection(
+            server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"{spec.name}: cannot bind {host}:{port}")
@@ -272,9 +289,10 @@ def start(
     metrics_port: int = 0,
     max_workers: int = 16,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    reflection: bool = True,
 ) -> RunningService:
     """Bind, warm up, then report SERVING."""
-    running = bind(spec, host, port, metrics_port, max_workers, max_request_bytes)
+    running = bind(spec, host, port, metrics_port, max_workers, max_request_bytes, reflection)
     running.warm()
     return running
 
@@ -286,9 +304,10 @@ def serve_forever(
     metrics_port: int = 0,
     max_workers: int = 16,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    reflection: bool = True,
 ) -> None:
     """Run a service until SIGTERM or SIGINT, then drain gracefully."""
-    running = start(spec, host, port, metrics_port, max_workers, max_request_bytes)
+    running = start(spec, host, port, metrics_port, max_workers, max_request_bytes, reflection)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
