@@ -12,6 +12,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sluice.core.admission import AdmissionConfig
+from sluice.core.server import ServerOptions
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ARTIFACTS = ROOT / "artifacts" / "default"
 
@@ -60,8 +63,38 @@ class ServiceSettings(BaseSettings):
         None, description="serve gRPC reflection (v1 and v1alpha); unset: on in development"
     )
 
+    admission: bool = Field(
+        True,
+        description="refuse requests beyond an adaptive concurrency limit (RESOURCE_EXHAUSTED "
+        "with RetryInfo) instead of queueing them past their deadline",
+    )
+    admission_target_ms: float = Field(
+        50.0, gt=0, description="average latency of admitted requests the limit steers to"
+    )
+    admission_max: int = Field(64, ge=1, le=1024, description="highest concurrency limit")
+
+    def admission_config(self) -> AdmissionConfig | None:
+        if not self.admission:
+            return None
+        return AdmissionConfig(
+            target_ms=self.admission_target_ms,
+            initial=min(self.server_workers(), self.admission_max),
+            max_limit=self.admission_max,
+        )
+
     def serves_reflection(self) -> bool:
         return self.reflection if self.reflection is not None else self.profile == "development"
+
+    def server_options(self) -> ServerOptions:
+        return ServerOptions(
+            host=self.host,
+            port=self.port,
+            metrics_port=self.metrics_port,
+            workers=self.server_workers(),
+            max_request_bytes=self.max_request_bytes,
+            reflection=self.serves_reflection(),
+            admission=self.admission_config(),
+        )
 
     def server_workers(self) -> int:
         """The gRPC handler threads this service runs with."""
@@ -128,6 +161,12 @@ class RerankSettings(StageSettings):
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_GATEWAY_")
     port: int = 50051
+    admission_target_ms: float = Field(
+        100.0,
+        gt=0,
+        description="average latency of admitted requests the limit steers to: well inside "
+        "the default 250 ms budget, so that admitted requests keep their p99",
+    )
     max_request_bytes: int = Field(
         1 << 20,
         ge=1024,

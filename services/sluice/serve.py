@@ -29,12 +29,4 @@ def serve(name: str) -> None:
     slog.configure(name, settings.log_level)
     # BLAS (numpy) and OpenMP (FAISS) pools; torch, where a stage loads it, takes torch_threads
     threadpool_limits(limits=settings.blas_threads)
-    serve_forever(
-        spec,
-        settings.host,
-        settings.port,
-        settings.metrics_port,
-        settings.server_workers(),
-        settings.max_request_bytes,
-        settings.serves_reflection(),
-    )
+    serve_forever(spec, settings.server_options())

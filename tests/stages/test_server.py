@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from sluice.common.v1 import common_pb2
-from sluice.core.server import RPC_TOTAL, RunningService, ServiceSpec, bind
+from sluice.core.server import RPC_TOTAL, RunningService, ServerOptions, ServiceSpec, bind
 from sluice.core.stage import StageLimits, StageServicer
 from sluice.data.catalog import Catalog
 from sluice.rerank.engine import RerankEngine
@@ -36,7 +36,7 @@ def service() -> Iterator[tuple[RunningService, threading.Event, StageServicer]]
         assert release.wait(30)
         servicer.engine = RerankEngine(catalog, np.eye(3, dtype=np.float32))
 
-    svc = bind(ServiceSpec("rerank", servicer.add_to, warmup), "127.0.0.1", 0)
+    svc = bind(ServiceSpec("rerank", servicer.add_to, warmup), ServerOptions())
     yield svc, release, servicer
     release.set()
     svc.stop(0.5)
@@ -245,7 +245,7 @@ def test_reflection_serves_v1_and_v1alpha_or_nothing() -> None:
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     for enabled in (True, False):
         servicer = StageServicer(BINDING, StageLimits(10, 1.0))
-        svc = bind(ServiceSpec("rerank", servicer.add_to), "127.0.0.1", 0, reflection=enabled)
+        svc = bind(ServiceSpec("rerank", servicer.add_to), ServerOptions(reflection=enabled))
         try:
             with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
                 for version in ("v1", "v1alpha"):

@@ -8,11 +8,12 @@ only its servicers and a warm-up function.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,8 @@ from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
 
 from sluice.core import logging as slog
-from sluice.core.errors import InvalidArgument, SluiceError
+from sluice.core.admission import Admission, AdmissionConfig
+from sluice.core.errors import DeadlineExceeded, InvalidArgument, SluiceError
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,9 @@ class _Interceptor(grpc.ServerInterceptor):
     invalid UTF-8 in a string field, are the caller's fault and get INVALID_ARGUMENT.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, gate: _Gate | None = None) -> None:
         self._log_budget = _LogBudget()
+        self._gate = gate
 
     def intercept_service(
         self,
@@ -93,6 +96,8 @@ class _Interceptor(grpc.ServerInterceptor):
         service = service.lstrip("/")
         metadata = dict(handler_call_details.invocation_metadata or ())
         budget = self._log_budget
+        gate = self._gate
+        limit = gate.admission.limit(method) if gate is not None else None
 
         def wrapped(raw: Any, context: grpc.ServicerContext) -> Any:
             rid = metadata.get(slog.REQUEST_ID_HEADER) or slog.new_request_id()
@@ -102,10 +107,17 @@ class _Interceptor(grpc.ServerInterceptor):
             # the request id goes back in trailing metadata: it rides with the status, where
             # initial metadata would cost an extra send (~0.2 ms CPU per hop measured)
             echo = ((slog.REQUEST_ID_HEADER, slog.request_id_var.get()),)
+            admitted = False
             try:
                 context.set_trailing_metadata(echo)
-                request = _decode(deserialize, raw)
-                return inner(request, context)
+                if limit is not None and gate is not None:
+                    if not limit.try_acquire():
+                        raise gate.admission.refuse(method, start)
+                    admitted = True
+                    request = _decode(deserialize, raw)
+                    with gate.run(context):
+                        return inner(request, context)
+                return inner(_decode(deserialize, raw), context)
             except SluiceError as err:
                 code = err.code
                 dropped = budget.admit((method, code.name))
@@ -130,8 +142,16 @@ class _Interceptor(grpc.ServerInterceptor):
                     context.abort(grpc.StatusCode.INTERNAL, "internal error; see server logs")
                 raise
             finally:
+                elapsed = time.perf_counter() - start
+                if admitted and limit is not None:
+                    # what steers the limit: served requests' latency, and running out of time
+                    limit.release(
+                        elapsed,
+                        sample=code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED),
+                        ok=code is not grpc.StatusCode.DEADLINE_EXCEEDED,
+                    )
                 RPC_TOTAL.labels(service, method, code.name).inc()
-                RPC_LATENCY.labels(service, method).observe(time.perf_counter() - start)
+                RPC_LATENCY.labels(service, method).observe(elapsed)
                 slog.request_id_var.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -152,6 +172,38 @@ def _decode(deserialize: Callable[[bytes], Any] | None, raw: Any) -> Any:
             "(or holds invalid UTF-8 in a string field)",
             reason="UNDECODABLE_REQUEST",
         ) from err
+
+
+# grpcio reports a huge time_remaining() when the caller set no deadline; past this many
+# seconds a "deadline" is taken as none, and the service's default budget applies.
+NO_DEADLINE_S = 24 * 3600.0
+
+
+def caller_timeout_s(context: grpc.ServicerContext) -> float | None:
+    """Seconds left of the caller's deadline; None when the caller set none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_S:
+        return None
+    return float(remaining)
+
+
+class _Gate:
+    """Admission control (refuse beyond the adaptive limit) in front of an execution gate
+    (at most ``workers`` requests run at once; the admitted rest wait their turn)."""
+
+    def __init__(self, admission: Admission, workers: int) -> None:
+        self.admission = admission
+        self._running = threading.BoundedSemaphore(workers)
+
+    @contextlib.contextmanager
+    def run(self, context: grpc.ServicerContext) -> Iterator[None]:
+        wait_s = caller_timeout_s(context)
+        if not self._running.acquire(timeout=wait_s):
+            raise DeadlineExceeded("the deadline passed while the request waited its turn")
+        try:
+            yield
+        finally:
+            self._running.release()
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:
@@ -242,72 +294,67 @@ def _serve_reflection(server: grpc.Server, names: list[str]) -> None:
     )
 
 
-def bind(
-    spec: ServiceSpec,
-    host: str,
-    port: int,
-    metrics_port: int = 0,
-    max_workers: int = 16,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    reflection: bool = True,
-) -> RunningService:
-    """Start listening with health NOT_SERVING; :meth:`RunningService.warm` makes it SERVING.
+@dataclass(frozen=True)
+class ServerOptions:
+    """Where and how a service listens (``ServiceSettings.server_options()``)."""
 
-    A request over ``max_request_bytes`` is refused by gRPC itself (RESOURCE_EXHAUSTED)
-    before any of it is parsed."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    """Prometheus /metrics; 0: none."""
+    workers: int = 16
+    """Requests that run at once."""
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    """gRPC refuses a bigger request (RESOURCE_EXHAUSTED) before any of it is parsed."""
+    reflection: bool = True
+    admission: AdmissionConfig | None = None
+    """With it, more handler threads take requests off the wire, so that one beyond the
+    adaptive limit is refused at once (RESOURCE_EXHAUSTED with a RetryInfo) instead of
+    queueing."""
+
+
+def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
+    """Start listening with health NOT_SERVING; :meth:`RunningService.warm` makes it SERVING."""
+    o = options
+    gate = _Gate(Admission(spec.name, o.admission), o.workers) if o.admission else None
+    threads = o.workers + (o.admission.max_limit + 4 if o.admission else 0)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=spec.name),
-        interceptors=[_Interceptor()],
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=spec.name),
+        interceptors=[_Interceptor(gate)],
         options=[
-            ("grpc.max_receive_message_length", max_request_bytes),
+            ("grpc.max_receive_message_length", o.max_request_bytes),
             ("grpc.so_reuseport", 0),
         ],
     )
     names = list(spec.register(server))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if reflection:
+    if o.reflection:
         _serve_reflection(
             server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_insecure_port(f"{o.host}:{o.port}")
     if bound == 0:
-        raise OSError(f"{spec.name}: cannot bind {host}:{port}")
+        raise OSError(f"{spec.name}: cannot bind {o.host}:{o.port}")
     running = RunningService(spec, server, health_servicer, names, bound)
     running.set_serving(False)
     server.start()
-    if metrics_port:
-        start_http_server(metrics_port, addr=host)
-    log.info("listening", extra={"port": bound, "metrics_port": metrics_port})
+    if o.metrics_port:
+        start_http_server(o.metrics_port, addr=o.host)
+    log.info("listening", extra={"port": bound, "metrics_port": o.metrics_port})
     return running
 
 
-def start(
-    spec: ServiceSpec,
-    host: str,
-    port: int,
-    metrics_port: int = 0,
-    max_workers: int = 16,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    reflection: bool = True,
-) -> RunningService:
+def start(spec: ServiceSpec, options: ServerOptions) -> RunningService:
     """Bind, warm up, then report SERVING."""
-    running = bind(spec, host, port, metrics_port, max_workers, max_request_bytes, reflection)
+    running = bind(spec, options)
     running.warm()
     return running
 
 
-def serve_forever(
-    spec: ServiceSpec,
-    host: str,
-    port: int,
-    metrics_port: int = 0,
-    max_workers: int = 16,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    reflection: bool = True,
-) -> None:
+def serve_forever(spec: ServiceSpec, options: ServerOptions) -> None:
     """Run a service until SIGTERM or SIGINT, then drain gracefully."""
-    running = start(spec, host, port, metrics_port, max_workers, max_request_bytes, reflection)
+    running = start(spec, options)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -38,12 +38,10 @@ from sluice.convert import (
     report_to_proto,
 )
 from sluice.core.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from sluice.core.server import caller_timeout_s
 from sluice.domain import Budget, Candidates, RankContext, StageName, StageReport
 
 MAX_OFFSET = 1_000_000
-# grpcio reports a huge time_remaining() when the caller set no deadline; past this many
-# seconds a "deadline" is taken as none, and the service's default budget applies.
-NO_DEADLINE_S = 24 * 3600.0
 
 
 class Retriever(Protocol):
@@ -165,14 +163,6 @@ class StageLimits:
     """Largest ``max_candidates`` and most incoming candidates."""
     default_deadline_s: float
     """The budget of a call that set no deadline."""
-
-
-def caller_timeout_s(context: grpc.ServicerContext) -> float | None:
-    """Seconds left of the caller's deadline; None when the caller set none."""
-    remaining = context.time_remaining()
-    if remaining is None or remaining > NO_DEADLINE_S:
-        return None
-    return float(remaining)
 
 
 def deadline_of(context: grpc.ServicerContext, default_s: float) -> float:

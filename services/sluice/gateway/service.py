@@ -14,8 +14,7 @@ from sluice.artifacts import Artifacts
 from sluice.config import GatewaySettings
 from sluice.convert import filters_from_proto, item_filters_from_proto, report_to_proto
 from sluice.core.errors import InvalidArgument, Unavailable
-from sluice.core.server import ServiceSpec
-from sluice.core.stage import caller_timeout_s
+from sluice.core.server import ServiceSpec, caller_timeout_s
 from sluice.data.filters import AttributeFilter
 from sluice.domain import StageName
 from sluice.events.ingest import Ingestor

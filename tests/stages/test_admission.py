@@ -1,0 +1,123 @@
+"""Admission control: refuse beyond the adaptive concurrency limit, at once, with RetryInfo."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from sluice.common.v1 import common_pb2
+from sluice.core.admission import SHED_SECONDS, AdaptiveLimit, AdmissionConfig
+from sluice.core.server import ServerOptions, ServiceSpec, bind
+from sluice.core.stage import StageLimits, StageServicer
+from sluice.domain import Budget, Candidates, RankContext
+from sluice.rerank.service import BINDING
+from sluice.rerank.v2 import rerank_pb2
+
+
+def test_the_limit_grows_while_fast_and_saturated_and_shrinks_when_slow() -> None:
+    lim = AdaptiveLimit(
+        AdmissionConfig(target_ms=50, initial=4, min_limit=2, max_limit=6, window=4)
+    )
+    for _ in range(3):  # fast, and the limit is reached: +1 per window
+        assert all(lim.try_acquire() for _ in range(int(lim.limit)))
+        assert not lim.try_acquire()  # one over the limit is refused
+        for _ in range(int(lim.limit)):
+            lim.release(0.010)
+    assert lim.limit == 6  # 4 -> 5 -> 6, then held at max_limit
+    for _ in range(2):  # slow: a tenth off per window
+        for _ in range(4):
+            assert lim.try_acquire()
+        for _ in range(4):
+            lim.release(0.200)
+    assert lim.limit == pytest.approx(6 * 0.9 * 0.9)
+    for _ in range(40):  # a request that ran out of time is overload, whatever its latency
+        assert lim.try_acquire()
+        lim.release(0.001, ok=False)
+    assert lim.limit == 2  # never below min_limit
+    before = lim.limit
+    for _ in range(8):  # quick refusals of bad input do not steer it
+        assert lim.try_acquire()
+        lim.release(0.0001, sample=False)
+    assert lim.limit == before and lim.in_flight == 0
+
+
+def test_no_growth_without_demand() -> None:
+    lim = AdaptiveLimit(AdmissionConfig(target_ms=50, initial=4, window=4))
+    for _ in range(5):
+        assert lim.try_acquire()
+        lim.release(0.001)  # one at a time: the limit of 4 is never reached
+    assert lim.limit == 4
+
+
+class Blocking:
+    """A re-ranking engine whose requests wait for the test to let them go."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
+        self.entered.release()
+        assert self.go.wait(30)
+        return cands
+
+
+def test_beyond_the_limit_requests_are_refused_at_once_with_retry_info() -> None:
+    engine = Blocking()
+    servicer = StageServicer(BINDING, StageLimits(100, 10.0), engine)
+    config = AdmissionConfig(target_ms=1000, initial=2, min_limit=2, max_limit=2)
+    svc = bind(
+        ServiceSpec("admission-test", servicer.add_to), ServerOptions(workers=2, admission=config)
+    )
+    svc.set_serving(True)
+    request = rerank_pb2.RankCandidatesRequest(
+        candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[2, 1], sources=[1, 1]),
+        max_candidates=2,
+    )
+    shed = SHED_SECONDS.labels("admission-test", "RankCandidates")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+            call = ch.unary_unary(
+                BINDING.path,
+                request_serializer=rerank_pb2.RankCandidatesRequest.SerializeToString,
+                response_deserializer=rerank_pb2.RankCandidatesResponse.FromString,
+            )
+            with ThreadPoolExecutor(2) as pool:
+                admitted = [pool.submit(call, request, timeout=30) for _ in range(2)]
+                for _ in admitted:  # both are in the engine: the limit of 2 is reached
+                    assert engine.entered.acquire(timeout=30)
+                count_before = shed._sum.get()
+                t0 = time.monotonic()
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request, timeout=30)
+                refused_in = time.monotonic() - t0
+                engine.go.set()
+                assert [len(f.result(30).candidates.item_ids) for f in admitted] == [2, 2]
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        status = rpc_status.from_call(err.value)
+        retry = error_details_pb2.RetryInfo()
+        assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
+        assert retry.retry_delay.ToMilliseconds() >= 5
+        assert refused_in < 5.0  # not queued behind the blocked requests (they wait 30 s)
+        assert shed._sum.get() > count_before
+    finally:
+        engine.go.set()
+        svc.stop(0.5)
+
+
+def test_every_service_runs_with_admission_by_default() -> None:
+    from sluice.config import GatewaySettings, RecallSettings
+
+    gateway = GatewaySettings().server_options()
+    assert gateway.admission is not None and gateway.admission.target_ms == 100
+    recall = RecallSettings().server_options()
+    assert recall.admission is not None and recall.workers == 4
+    assert RecallSettings(admission=False).server_options().admission is None
+    assert np.isfinite(recall.admission.target_ms)
