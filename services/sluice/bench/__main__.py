@@ -1,6 +1,7 @@
 """``python -m sluice.bench`` / ``sluice bench``: the serving benchmarks.
 
     sluice bench load     --start --artifacts DIR [--rates 10,20,50]  open-loop Poisson load
+    sluice bench overload --artifacts DIR                             2x saturation: shedding
     sluice bench scale    --artifacts DIR[,DIR…]                      p99/RSS vs catalog and budgets
     sluice bench compare  grpc|batching|perf-analyzer --artifacts DIR side-by-side ratios
     sluice bench flops    --artifacts DIR                             matmul peak vs the ranker
@@ -18,13 +19,16 @@ from collections.abc import Sequence
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from sluice.bench import compare, encoder, flops, load
+    from sluice.bench import compare, encoder, flops, load, overload
 
     ap = parser or argparse.ArgumentParser(prog="sluice bench", description=__doc__)
     sub = ap.add_subparsers(dest="bench", required=True)
     lp = sub.add_parser("load", help="open-loop Poisson load against the gateway")
     load.add_load_args(lp)
     lp.set_defaults(bench_fn=load.load_main)
+    op = sub.add_parser("overload", help="2x the saturation rate: admission control holds?")
+    overload.add_overload_args(op)
+    op.set_defaults(bench_fn=overload.overload_main)
     sp = sub.add_parser("scale", help="p99, RSS and build time vs catalog size and budgets")
     compare.add_scale_args(sp)
     sp.set_defaults(bench_fn=compare.scale_main)
