@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sluice.core.admission import AdmissionConfig
+from sluice.core.auth import Guard, PeerPolicy, RateLimits, StorefrontAuth, server_credentials
 from sluice.core.server import ServerOptions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,31 @@ class ServiceSettings(BaseSettings):
     )
     admission_max: int = Field(64, ge=1, le=1024, description="highest concurrency limit")
 
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: serve TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="require a client certificate signed by this CA (mTLS)"
+    )
+    allowed_peers: list[str] = Field(
+        default_factory=list,
+        description="client certificate identities (CN or SAN) allowed to call; empty: any "
+        "certificate the CA signed (needs tls_client_ca_file)",
+    )
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> ServiceSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if self.allowed_peers and not self.tls_client_ca_file:
+            raise ValueError("allowed_peers needs tls_client_ca_file (mTLS)")
+        return self
+
+    def guard(self) -> Guard | None:
+        """The caller checks this service runs before any work."""
+        return Guard(peers=PeerPolicy(self.allowed_peers)) if self.allowed_peers else None
+
     def admission_config(self) -> AdmissionConfig | None:
         if not self.admission:
             return None
@@ -94,6 +120,12 @@ class ServiceSettings(BaseSettings):
             max_request_bytes=self.max_request_bytes,
             reflection=self.serves_reflection(),
             admission=self.admission_config(),
+            credentials=server_credentials(
+                self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file
+            )
+            if self.tls_cert_file and self.tls_key_file
+            else None,
+            guard=self.guard(),
         )
 
     def server_workers(self) -> int:
@@ -143,6 +175,9 @@ class FineSettings(StageSettings):
     port: int = 50063
     backend: Literal["triton", "torch"] = "triton"
     triton_url: str = "127.0.0.1:8001"
+    triton_tls_ca_file: Path | None = Field(None, description="verify Triton's gRPC TLS")
+    triton_tls_cert_file: Path | None = Field(None, description="client certificate for Triton")
+    triton_tls_key_file: Path | None = Field(None, description="its private key")
     model_name: str = "fine_ranker"
     triton_wait_s: float = Field(
         300.0, gt=0, description="how long warm-up waits for Triton to load the model"
@@ -202,6 +237,25 @@ class GatewaySettings(ServiceSettings):
     local_workers: int = _cpu_bound_workers()
     """The handler threads with ``stages=local`` (``workers`` applies with ``grpc``, where the
     gateway mostly waits on the stages)."""
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="storefront API keys (JSON list); with keys or a JWKS every Search, "
+        "Recommend and Track needs credentials",
+    )
+    jwt_jwks_file: Path | None = Field(None, description="JWKS that verifies JWT bearers")
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    rate_limit_qps: float = Field(
+        200.0, ge=0, description="requests a second per client (API key or JWT subject); 0: off"
+    )
+    rate_limit_burst: float = Field(400.0, ge=1)
+    stage_tls_ca_file: Path | None = Field(
+        None, description="call the stage services over TLS, verifying them with this CA"
+    )
+    stage_tls_cert_file: Path | None = Field(
+        None, description="the gateway's client certificate for the stages (mTLS)"
+    )
+    stage_tls_key_file: Path | None = None
     stages: Literal["grpc", "local"] = Field(
         "grpc",
         description="grpc: call the recall, coarse, fine and rerank services; local: run their "
@@ -212,8 +266,31 @@ class GatewaySettings(ServiceSettings):
     def server_workers(self) -> int:
         return self.local_workers if self.stages == "local" else self.workers
 
+    def guard(self) -> Guard | None:
+        auth = self.storefront_auth()
+        base = super().guard()
+        if auth is None:
+            return base
+        rate = (
+            RateLimits(self.rate_limit_qps, self.rate_limit_burst) if self.rate_limit_qps else None
+        )
+        return Guard(peers=base.peers if base else None, storefront=auth, rate_limits=rate)
+
+    def storefront_auth(self) -> StorefrontAuth | None:
+        """None when no keys and no JWKS are configured (development only)."""
+        if not self.api_keys and self.jwt_jwks_file is None:
+            return None
+        return StorefrontAuth.from_files(
+            [k.get_secret_value() for k in self.api_keys],
+            self.jwt_jwks_file,
+            self.jwt_issuer,
+            self.jwt_audience,
+        )
+
     @model_validator(mode="after")
     def _budgets(self) -> GatewaySettings:
         if self.coarse_candidates > self.recall_candidates:
             raise ValueError("coarse_candidates must not exceed recall_candidates")
+        if self.profile == "production" and not (self.api_keys or self.jwt_jwks_file):
+            raise ValueError("the production profile needs api_keys or jwt_jwks_file")
         return self

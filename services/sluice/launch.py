@@ -7,6 +7,7 @@ tests exercise exactly what an operator runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -114,6 +115,32 @@ class StartupError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class ClusterTls:
+    """Certificates (PEM files) for a cluster on TLS everywhere.
+
+    ``server`` is every service's (and Triton's) certificate, for the addresses they listen
+    on; ``gateway_client`` is the gateway's identity towards the stages (they accept only it)
+    and ``fine_client`` the fine stage's towards Triton. All are signed by ``ca``."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    gateway_client_cert: Path
+    gateway_client_key: Path
+    fine_client_cert: Path
+    fine_client_key: Path
+    gateway_identity: str = "sluice-gateway"
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """What the launcher (health checks) and tests use to reach any service."""
+        return grpc.ssl_channel_credentials(
+            self.ca.read_bytes(),
+            self.gateway_client_key.read_bytes(),
+            self.gateway_client_cert.read_bytes(),
+        )
+
+
 @dataclass
 class Cluster:
     """A running Sluice deployment on this machine."""
@@ -131,6 +158,10 @@ class Cluster:
     """"local": only Triton and the gateway, which runs the stages in its process."""
     supervise: bool = False
     """Restart a process that exits without being asked to, with back-off (``sluice up``)."""
+    tls: ClusterTls | None = None
+    """TLS on every port, mTLS from the gateway to the stages and from fine to Triton."""
+    api_keys: tuple[str, ...] = ()
+    """Storefront API keys: with any, Search, Recommend and Track need one."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     """How often the supervisor restarted each process."""
@@ -274,6 +305,15 @@ class Cluster:
         ]
         if self.triton_gpu:
             argv.append("--model-config-name=gpu")
+        if self.tls is not None:
+            t = self.tls
+            argv += [
+                "--grpc-use-ssl=true",
+                "--grpc-use-ssl-mutual=true",
+                f"--grpc-server-cert={t.server_cert}",
+                f"--grpc-server-key={t.server_key}",
+                f"--grpc-root-cert={t.ca}",
+            ]
         env = triton_env({**CPU_SHARING_ENV, **os.environ, **self.extra_env})
         self._spawn("triton", argv, env)
 
@@ -303,7 +343,31 @@ class Cluster:
             env[prefix + "STATE"] = self.state
             if self.state == "redis" and self.redis_url:
                 env[prefix + "REDIS_URL"] = self.redis_url
+        if name == "gateway" and self.api_keys:
+            env[prefix + "API_KEYS"] = json.dumps(list(self.api_keys))
+        if self.tls is not None:
+            t = self.tls
+            env[prefix + "TLS_CERT_FILE"] = str(t.server_cert)
+            env[prefix + "TLS_KEY_FILE"] = str(t.server_key)
+            if name == "gateway":
+                env[prefix + "STAGE_TLS_CA_FILE"] = str(t.ca)
+                env[prefix + "STAGE_TLS_CERT_FILE"] = str(t.gateway_client_cert)
+                env[prefix + "STAGE_TLS_KEY_FILE"] = str(t.gateway_client_key)
+            else:  # a stage serves only the gateway's identity
+                env[prefix + "TLS_CLIENT_CA_FILE"] = str(t.ca)
+                env[prefix + "ALLOWED_PEERS"] = json.dumps([t.gateway_identity])
+            if name == "fine" or (name == "gateway" and self.stages == "local"):
+                env["SLUICE_FINE_TRITON_TLS_CA_FILE"] = str(t.ca)
+                env["SLUICE_FINE_TRITON_TLS_CERT_FILE"] = str(t.fine_client_cert)
+                env["SLUICE_FINE_TRITON_TLS_KEY_FILE"] = str(t.fine_client_key)
         return env
+
+    def channel(self, service: str) -> grpc.Channel:
+        """A channel to a service as the launcher reaches it (TLS when the cluster has it)."""
+        address = self.address(service)
+        if self.tls is None:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, self.tls.channel_credentials())
 
     def _start_service(self, name: str) -> None:
         self._spawn(
@@ -320,7 +384,7 @@ class Cluster:
 
     def health(self, name: str) -> int:
         """One health check of a service: its ``HealthCheckResponse`` status (UNKNOWN if down)."""
-        with grpc.insecure_channel(f"127.0.0.1:{getattr(self.ports, name)}") as channel:
+        with self.channel(name) as channel:
             try:
                 resp = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=2.0
@@ -365,7 +429,7 @@ class Cluster:
             raise StartupError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
 
     def _wait_health(self, name: str, port: int, deadline: float) -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with self.channel(name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 self._check_alive(name)

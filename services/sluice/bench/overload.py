@@ -3,8 +3,10 @@
 1. **Saturation.** Open-loop Poisson steps at the given rates (``--rates``); the saturation
    rate is the highest one whose p99 (failures counted as infinitely slow) stays within the
    default budget (250 ms), every lower step too. Its throughput is the reference.
+   It is measured with admission control off: the cascade's own capacity.
 2. **One continuous run**: ``--before-s`` at ``--calm-share`` of the saturation rate, then
-   ``--overload-s`` at twice the saturation rate, then ``--after-s`` calm again.
+   ``--overload-s`` at twice the saturation rate, then ``--after-s`` calm again; once with
+   admission control off and once on (the default), each on a fresh cluster.
 
 Reported (JSON and CSV under ``--out``): the admitted requests' p99 and their
 DEADLINE_EXCEEDED count during the overload; the shed (RESOURCE_EXHAUSTED) share and the
@@ -84,76 +86,78 @@ def _run(pool: ClientPool, offsets: np.ndarray, specs: list[Any], timeout_s: flo
     return rec
 
 
-def overload_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    info = machine_info()
-    budget_ms = args.budget_ms
-    rng = np.random.default_rng(args.seed)
-    users, words = load_workload(args.artifacts)
-    report: dict[str, Any] = {
-        "command": "sluice bench overload " + " ".join(argv or []),
-        "machine": info,
-        "budget_ms": budget_ms,
-    }
-    with started_cluster(args.artifacts, stages=args.stages) as cluster:
-        metrics_url = f"http://127.0.0.1:{cluster.ports.metrics['gateway']}/metrics"
-        target = {"kind": "gateway", "address": cluster.gateway_address, "page_size": 10}
-        with ClientPool(target, args.clients) as pool:
-            warm = make_requests(40, args.search_share, users, words, rng)
-            pool.warm([(s.kind, s.user_id, s.query) for s in warm], 5.0)
-            steps = []
-            for rate in [float(r) for r in args.rates.split(",") if r]:
-                offsets = poisson_schedule(rate, args.step_s, rng)
-                specs = make_requests(len(offsets), args.search_share, users, words, rng)
-                rec = _run(pool, offsets, specs, args.timeout_ms / 1000)
-                t0 = float(rec.intended.min()) - float(offsets.min())
-                rec = rec.select(rec.intended >= t0 + 2.0)  # the first 2 s warm the step up
-                p99 = _p99_ms(rec)
-                answered = rec.select((rec.code == OK) & (rec.latency_s * 1000 <= budget_ms))
-                steps.append(
-                    {
-                        "offered_qps": rate,
-                        "p99_ms": round(p99, 1),
-                        "good_qps": round(len(answered) / (args.step_s - 2.0), 1),
-                        "shed": int((rec.code == SHED).sum()),
-                        "n": len(rec),
-                    }
-                )
-                print(f"  {steps[-1]}", flush=True)
-                time.sleep(args.pause_s)
-                if p99 > budget_ms:
-                    break
-            ok_prefix = []
-            for s in steps:
-                if s["p99_ms"] > budget_ms:
-                    break
-                ok_prefix.append(s)
-            if not ok_prefix:
-                print("no step met the budget: lower --rates")
-                return 1
-            sat = ok_prefix[-1]
-            report["saturation"] = {"steps": steps, "rate_qps": sat["offered_qps"]}
-            report["saturation"]["throughput_qps"] = sat["good_qps"]
+ADMISSION_OFF = {
+    f"SLUICE_{name}_ADMISSION": "false"
+    for name in ("GATEWAY", "RECALL", "COARSE", "FINE", "RERANK")
+}
 
-            calm, high = args.calm_share * sat["offered_qps"], 2.0 * sat["offered_qps"]
-            phases = [(calm, args.before_s), (high, args.overload_s), (calm, args.after_s)]
-            parts, start = [], 0.0
-            for rate, length in phases:
-                parts.append(start + poisson_schedule(rate, length, rng))
-                start += length
-            offsets = np.concatenate(parts)
-            specs = make_requests(len(offsets), args.search_share, users, words, rng)
-            print(
-                f"overload run: {calm:g} req/s for {args.before_s:g} s, {high:g} for "
-                f"{args.overload_s:g} s, {calm:g} for {args.after_s:g} s …",
-                flush=True,
-            )
-            load0 = os.getloadavg()[0]
-            h0 = _shed_histogram(metrics_url)
-            rec = _run(pool, offsets, specs, args.timeout_ms / 1000)
-            h1 = _shed_histogram(metrics_url)
-            load1 = os.getloadavg()[0]
+
+def _saturation(
+    pool: ClientPool, args: argparse.Namespace, users: Any, words: Any, rng: Any
+) -> dict[str, Any]:
+    steps = []
+    for rate in [float(r) for r in args.rates.split(",") if r]:
+        offsets = poisson_schedule(rate, args.step_s, rng)
+        specs = make_requests(len(offsets), args.search_share, users, words, rng)
+        rec = _run(pool, offsets, specs, args.timeout_ms / 1000)
+        t0 = float(rec.intended.min()) - float(offsets.min())
+        rec = rec.select(rec.intended >= t0 + 2.0)  # the first 2 s warm the step up
+        p99 = _p99_ms(rec)
+        good = rec.select((rec.code == OK) & (rec.latency_s * 1000 <= args.budget_ms))
+        steps.append(
+            {
+                "offered_qps": rate,
+                "p99_ms": round(p99, 1),
+                "good_qps": round(len(good) / (args.step_s - 2.0), 1),
+                "errors": int((rec.code != OK).sum()),
+                "n": len(rec),
+            }
+        )
+        print(f"  {steps[-1]}", flush=True)
+        time.sleep(args.pause_s)
+        if p99 > args.budget_ms:
+            break
+    ok_prefix: list[dict[str, Any]] = []
+    for step in steps:
+        if step["p99_ms"] > args.budget_ms:
+            break
+        ok_prefix.append(step)
+    if not ok_prefix:
+        raise SystemExit("no step met the budget: lower --rates")
+    return {
+        "steps": steps,
+        "rate_qps": ok_prefix[-1]["offered_qps"],
+        "throughput_qps": ok_prefix[-1]["good_qps"],
+    }
+
+
+def _overload(
+    pool: ClientPool,
+    args: argparse.Namespace,
+    sat: dict[str, Any],
+    metrics_url: str,
+    users: Any,
+    words: Any,
+    rng: Any,
+) -> dict[str, Any]:
+    calm, high = args.calm_share * sat["rate_qps"], 2.0 * sat["rate_qps"]
+    phases = [(calm, args.before_s), (high, args.overload_s), (calm, args.after_s)]
+    parts, start = [], 0.0
+    for rate, length in phases:
+        parts.append(start + poisson_schedule(rate, length, rng))
+        start += length
+    offsets = np.concatenate(parts)
+    specs = make_requests(len(offsets), args.search_share, users, words, rng)
+    print(
+        f"  {calm:g} req/s for {args.before_s:g} s, {high:g} for {args.overload_s:g} s, "
+        f"{calm:g} for {args.after_s:g} s …",
+        flush=True,
+    )
+    load0 = os.getloadavg()[0]
+    h0 = _shed_histogram(metrics_url)
+    rec = _run(pool, offsets, specs, args.timeout_ms / 1000)
+    h1 = _shed_histogram(metrics_url)
+    load1 = os.getloadavg()[0]
     t0 = float(rec.intended.min()) - float(offsets.min())
     at = rec.intended - t0
     before = rec.select((at >= 2.0) & (at < args.before_s))
@@ -161,39 +165,67 @@ def overload_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -
     over = rec.select((at >= args.before_s) & (at < o_end))
     after = rec.select(at >= o_end + 2.0)
     admitted = over.select(over.code != SHED)
-    good = over.select((over.code == OK) & (over.latency_s * 1000 <= budget_ms))
-    shed_share = float((over.code == SHED).mean()) if len(over) else 0.0
-    report["overload"] = {
+    good = over.select((over.code == OK) & (over.latency_s * 1000 <= args.budget_ms))
+    o: dict[str, Any] = {
         "calm_qps": calm,
         "overload_qps": high,
         "requests": len(over),
-        "shed_share": round(shed_share, 3),
+        "shed_share": round(float((over.code == SHED).mean()) if len(over) else 0.0, 3),
         "admitted": len(admitted),
+        "admitted_p50_ms": round(percentile(admitted.latency_s * 1000, 50), 1),
         "admitted_p99_ms": round(_p99_ms(admitted), 1),
         "admitted_deadline_exceeded": int((admitted.code == DEADLINE).sum()),
         "admitted_other_errors": int(((admitted.code != OK) & (admitted.code != DEADLINE)).sum()),
         "goodput_qps": round(len(good) / args.overload_s, 1),
-        "goodput_vs_saturation": round(len(good) / args.overload_s / max(sat["good_qps"], 1e-9), 3),
-        "shed_server_p99_ms_upper": _quantile_upper_ms(h0, h1, 0.99),
+        "goodput_vs_saturation": round(
+            len(good) / args.overload_s / max(sat["throughput_qps"], 1e-9), 3
+        ),
         "shed_server_p50_ms_upper": _quantile_upper_ms(h0, h1, 0.50),
+        "shed_server_p99_ms_upper": _quantile_upper_ms(h0, h1, 0.99),
         "p99_before_ms": round(_p99_ms(before), 1),
         "p99_after_ms": round(_p99_ms(after), 1),
         "loadavg": [load0, load1],
     }
-    o = report["overload"]
     o["after_vs_before"] = round(o["p99_after_ms"] / max(o["p99_before_ms"], 1e-9), 3)
+    return o
+
+
+def overload_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    users, words = load_workload(args.artifacts)
+    report: dict[str, Any] = {
+        "command": "sluice bench overload " + " ".join(argv or []),
+        "machine": machine_info(),
+        "budget_ms": args.budget_ms,
+    }
+    # saturation, and the same overload without admission control, for contrast
+    runs = [("without_admission", ADMISSION_OFF), ("with_admission", {})]
+    for name, env in runs:
+        print(f"== {name.replace('_', ' ')}", flush=True)
+        with started_cluster(args.artifacts, extra_env=env, stages=args.stages) as cluster:
+            metrics_url = f"http://127.0.0.1:{cluster.ports.metrics['gateway']}/metrics"
+            target = {"kind": "gateway", "address": cluster.gateway_address, "page_size": 10}
+            with ClientPool(target, args.clients) as pool:
+                warm = make_requests(40, args.search_share, users, words, rng)
+                pool.warm([(s.kind, s.user_id, s.query) for s in warm], 5.0)
+                if "saturation" not in report:
+                    report["saturation"] = _saturation(pool, args, users, words, rng)
+                sat = report["saturation"]
+                report[name] = _overload(pool, args, sat, metrics_url, users, words, rng)
+        print(json.dumps(report[name], indent=1), flush=True)
     (out / "overload.json").write_text(json.dumps(report, indent=2, default=str))
-    write_csv(out / "saturation_steps.csv", report["saturation"]["steps"], list(steps[0]))
-    print(json.dumps(report["saturation"], indent=1))
-    print(json.dumps(report["overload"], indent=1))
-    print(f"wrote {out / 'overload.json'}")
+    steps = report["saturation"]["steps"]
+    write_csv(out / "saturation_steps.csv", steps, list(steps[0]))
+    print(f"saturation {report['saturation']['rate_qps']:g} req/s; wrote {out / 'overload.json'}")
     return 0
 
 
 def add_overload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--stages", choices=("grpc", "local"), default="grpc")
-    ap.add_argument("--rates", default="10,20,30,40,50,60,70,80,100,120")
+    ap.add_argument("--rates", default="10,15,20,25,30,35,40,50,60,80")
     ap.add_argument("--step-s", type=float, default=15.0, help="seconds per saturation step")
     ap.add_argument("--pause-s", type=float, default=2.0)
     ap.add_argument("--budget-ms", type=float, default=250.0, help="the default budget")

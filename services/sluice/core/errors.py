@@ -88,6 +88,22 @@ class DeadlineExceeded(SluiceError):
 
 
 @dataclass
+class Unauthenticated(SluiceError):
+    """The call carries no valid credentials."""
+
+    reason: str = "UNAUTHENTICATED"
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+@dataclass
+class PermissionDenied(SluiceError):
+    """The caller is known but may not call this."""
+
+    reason: str = "PERMISSION_DENIED"
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+@dataclass
 class Cancelled(SluiceError):
     """The caller went away (cancelled the call or its deadline passed); the work stops."""
 

@@ -26,6 +26,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 from sluice.core import logging as slog
 from sluice.core.admission import Admission, AdmissionConfig
+from sluice.core.auth import Guard
 from sluice.core.errors import DeadlineExceeded, InvalidArgument, SluiceError
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,10 @@ class _Interceptor(grpc.ServerInterceptor):
     invalid UTF-8 in a string field, are the caller's fault and get INVALID_ARGUMENT.
     """
 
-    def __init__(self, gate: _Gate | None = None) -> None:
+    def __init__(self, gate: _Gate | None = None, guard: Guard | None = None) -> None:
         self._log_budget = _LogBudget()
         self._gate = gate
+        self._guard = guard
 
     def intercept_service(
         self,
@@ -97,6 +99,7 @@ class _Interceptor(grpc.ServerInterceptor):
         metadata = dict(handler_call_details.invocation_metadata or ())
         budget = self._log_budget
         gate = self._gate
+        guard = self._guard
         limit = gate.admission.limit(method) if gate is not None else None
 
         def wrapped(raw: Any, context: grpc.ServicerContext) -> Any:
@@ -110,6 +113,8 @@ class _Interceptor(grpc.ServerInterceptor):
             admitted = False
             try:
                 context.set_trailing_metadata(echo)
+                if guard is not None:
+                    guard.check(metadata, context)
                 if limit is not None and gate is not None:
                     if not limit.try_acquire():
                         raise gate.admission.refuse(method, start)
@@ -311,6 +316,10 @@ class ServerOptions:
     """With it, more handler threads take requests off the wire, so that one beyond the
     adaptive limit is refused at once (RESOURCE_EXHAUSTED with a RetryInfo) instead of
     queueing."""
+    credentials: grpc.ServerCredentials | None = None
+    """TLS (``core.auth.server_credentials``); None: plaintext."""
+    guard: Guard | None = None
+    """Caller checks (client certificate identity, storefront credentials, rate limits)."""
 
 
 def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
@@ -320,7 +329,7 @@ def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
     threads = o.workers + (o.admission.max_limit + 4 if o.admission else 0)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=spec.name),
-        interceptors=[_Interceptor(gate)],
+        interceptors=[_Interceptor(gate, o.guard)],
         options=[
             ("grpc.max_receive_message_length", o.max_request_bytes),
             ("grpc.so_reuseport", 0),
@@ -333,7 +342,11 @@ def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
         _serve_reflection(
             server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         )
-    bound = server.add_insecure_port(f"{o.host}:{o.port}")
+    address = f"{o.host}:{o.port}"
+    if o.credentials is not None:
+        bound = server.add_secure_port(address, o.credentials)
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"{spec.name}: cannot bind {o.host}:{o.port}")
     running = RunningService(spec, server, health_servicer, names, bound)

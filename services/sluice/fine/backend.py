@@ -76,11 +76,28 @@ class TorchBackend:
 class TritonBackend:
     """The ranker on Triton Inference Server, over gRPC with tritonclient."""
 
-    def __init__(self, url: str, model_name: str = "fine_ranker", model_version: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        model_name: str = "fine_ranker",
+        model_version: str = "",
+        tls: tuple[Path, Path | None, Path | None] | None = None,
+    ) -> None:
+        """``tls``: (CA, client certificate, client key) files for Triton's gRPC over TLS."""
         import tritonclient.grpc as grpcclient
 
         self._client_mod = grpcclient
-        self._client = grpcclient.InferenceServerClient(url=url)
+        if tls is None:
+            self._client = grpcclient.InferenceServerClient(url=url)
+        else:
+            ca, cert, key = tls
+            self._client = grpcclient.InferenceServerClient(
+                url=url,
+                ssl=True,
+                root_certificates=str(ca),
+                certificate_chain=str(cert) if cert else None,
+                private_key=str(key) if key else None,
+            )
         self.url = url
         self.model_name = model_name
         self.version = model_version

@@ -15,7 +15,12 @@ from sluice.fine.fusion import FusionWeights
 def make_backend(settings: FineSettings, artifacts: Artifacts) -> RankerBackend:
     if settings.backend == "torch":
         return TorchBackend(artifacts.ranker_dir, threads=settings.torch_threads)
-    return TritonBackend(settings.triton_url, settings.model_name, artifacts.ranker_version)
+    tls = (
+        (settings.triton_tls_ca_file, settings.triton_tls_cert_file, settings.triton_tls_key_file)
+        if settings.triton_tls_ca_file
+        else None
+    )
+    return TritonBackend(settings.triton_url, settings.model_name, artifacts.ranker_version, tls)
 
 
 def load(settings: FineSettings, closers: list[Callable[[], None]]) -> FineEngine:

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from sluice.artifacts import Artifacts
 from sluice.config import GatewaySettings
 from sluice.convert import filters_from_proto, item_filters_from_proto, report_to_proto
+from sluice.core.auth import channel_credentials
 from sluice.core.errors import InvalidArgument, Unavailable
 from sluice.core.server import ServiceSpec, caller_timeout_s
 from sluice.data.filters import AttributeFilter
@@ -154,7 +155,16 @@ def make_stages(
     """The four stages: their services over gRPC, or (``stages=local``) their engines loaded
     into this process through the same wiring their services use, from the same artifacts."""
     if settings.stages == "grpc":
-        remote = [GrpcStage(e.binding(), getattr(settings, f"{e.name}_addr")) for e in STAGES]
+        tls = (
+            channel_credentials(
+                settings.stage_tls_ca_file,
+                settings.stage_tls_cert_file,
+                settings.stage_tls_key_file,
+            )
+            if settings.stage_tls_ca_file
+            else None
+        )
+        remote = [GrpcStage(e.binding(), getattr(settings, f"{e.name}_addr"), tls) for e in STAGES]
         # connect now, so that the first requests after a (re)start do not pay for it; a stage
         # that is down is not waited for: its calls degrade until it is back
         for client in remote:

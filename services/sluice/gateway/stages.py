@@ -69,10 +69,18 @@ _MEMO = _ContextMemo()
 class GrpcStage:
     """A stage's service over gRPC; downstream failures become domain errors."""
 
-    def __init__(self, binding: StageBinding, address: str) -> None:
+    def __init__(
+        self,
+        binding: StageBinding,
+        address: str,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.stage = binding.stage
         self.binding = binding
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._rpc: Callable[..., Any] = self.channel.unary_unary(
             binding.path,
             request_serializer=binding.request.SerializeToString,
