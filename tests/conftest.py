@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sluice.artifacts import Artifacts
+from sluice.launch import ClusterTls
 
 pytest_plugins = ["tests.redis_fixture"]
 
@@ -32,3 +33,34 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
         progress=False,
     )
     return build(options)
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> ClusterTls:
+    """A private CA and the cluster's certificates, made for this run (trustme)."""
+    import trustme
+
+    root = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(root / "ca.pem"))
+    files: dict[str, Path] = {"ca": root / "ca.pem"}
+    for name, identities in (
+        ("server", ("127.0.0.1", "localhost")),
+        ("gateway_client", ("sluice-gateway",)),
+        ("fine_client", ("sluice-fine",)),
+        ("intruder", ("someone-else",)),
+    ):
+        issued = ca.issue_cert(*identities)
+        issued.cert_chain_pems[0].write_to_path(str(root / f"{name}.pem"))
+        issued.private_key_pem.write_to_path(str(root / f"{name}.key"))
+        files[f"{name}_cert"] = root / f"{name}.pem"
+        files[f"{name}_key"] = root / f"{name}.key"
+    return ClusterTls(
+        ca=files["ca"],
+        server_cert=files["server_cert"],
+        server_key=files["server_key"],
+        gateway_client_cert=files["gateway_client_cert"],
+        gateway_client_key=files["gateway_client_key"],
+        fine_client_cert=files["fine_client_cert"],
+        fine_client_key=files["fine_client_key"],
+    )

@@ -197,10 +197,10 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_GATEWAY_")
     port: int = 50051
     admission_target_ms: float = Field(
-        100.0,
+        80.0,
         gt=0,
-        description="average latency of admitted requests the limit steers to: well inside "
-        "the default 250 ms budget, so that admitted requests keep their p99",
+        description="average latency of admitted requests the limit steers to: a third of the "
+        "default 250 ms budget, so that admitted requests keep their p99 within it",
     )
     max_request_bytes: int = Field(
         1 << 20,

@@ -4,6 +4,7 @@
 // error details (google.rpc.Status, BadRequest) with the descriptors reflection also serves.
 //
 //   node storefront_client.js HOST:PORT ITEM_ID   -> prints one JSON report on stdout
+//   (SLUICE_CA_FILE and SLUICE_API_KEY in the environment: TLS with an API key)
 "use strict";
 
 const path = require("path");
@@ -13,7 +14,18 @@ const protobuf = require("protobufjs");
 const descriptor = require("protobufjs/ext/descriptor");
 
 const [address, itemId] = process.argv.slice(2);
-const credentials = grpc.credentials.createInsecure();
+// TLS with the shop's CA and an API key, when given (SLUICE_CA_FILE, SLUICE_API_KEY)
+const fs = require("fs");
+const apiKey = process.env.SLUICE_API_KEY || "";
+const credentials = process.env.SLUICE_CA_FILE
+  ? grpc.credentials.combineChannelCredentials(
+      grpc.credentials.createSsl(fs.readFileSync(process.env.SLUICE_CA_FILE)),
+      grpc.credentials.createFromMetadataGenerator((_params, callback) => {
+        const md = new grpc.Metadata();
+        if (apiKey) md.set("x-api-key", apiKey);
+        callback(null, md);
+      }))
+  : grpc.credentials.createInsecure();
 const LOADER = { keepCase: true, longs: String, enums: String, defaults: true, oneofs: true };
 
 function reflectionClient(version) {

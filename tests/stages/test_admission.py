@@ -116,7 +116,7 @@ def test_every_service_runs_with_admission_by_default() -> None:
     from sluice.config import GatewaySettings, RecallSettings
 
     gateway = GatewaySettings().server_options()
-    assert gateway.admission is not None and gateway.admission.target_ms == 100
+    assert gateway.admission is not None and gateway.admission.target_ms == 80
     recall = RecallSettings().server_options()
     assert recall.admission is not None and recall.workers == 4
     assert RecallSettings(admission=False).server_options().admission is None
