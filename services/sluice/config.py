@@ -41,6 +41,13 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics; 0 disables")
+    health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="plaintext port with only the health service, for probes that cannot "
+        "speak TLS (Kubernetes gRPC probes); 0 disables",
+    )
     workers: int = Field(16, ge=1, le=256, description="gRPC handler threads")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     torch_threads: int = Field(1, ge=1, le=64)
@@ -126,6 +133,7 @@ class ServiceSettings(BaseSettings):
             if self.tls_cert_file and self.tls_key_file
             else None,
             guard=self.guard(),
+            health_port=self.health_port,
         )
 
     def server_workers(self) -> int:

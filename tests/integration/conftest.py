@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -9,14 +10,18 @@ from sluice.artifacts import Artifacts
 from sluice.launch import Cluster, Ports
 
 
-def running_cluster(artifacts: Artifacts, base: Path, stages: str = "grpc") -> Iterator[Cluster]:
-    """A started cluster on free ports with its logs and events under ``base``; stopped after."""
+def running_cluster(
+    artifacts: Artifacts, base: Path, stages: str = "grpc", **options: Any
+) -> Iterator[Cluster]:
+    """A started cluster on free ports with its logs and events under ``base``; stopped after.
+    ``options`` go to :class:`Cluster` (``supervise``, ``tls``, ``api_keys``)."""
     c = Cluster(
         artifacts=artifacts.root,
         ports=Ports.random(),
         log_dir=base / "logs",
         event_log_dir=base / "events",
         stages=stages,
+        **options,
     )
     c.start(timeout_s=240)
     yield c

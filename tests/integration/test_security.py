@@ -10,8 +10,9 @@ import grpc
 import pytest
 
 from sluice.artifacts import Artifacts
-from sluice.launch import Cluster, ClusterTls, Ports
+from sluice.launch import Cluster, ClusterTls
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
+from tests.integration.conftest import running_cluster
 from tests.integration.test_foreign_client import check_report, node_client, run_node_client
 
 pytestmark = pytest.mark.integration
@@ -25,17 +26,7 @@ def secured(
     tiny_artifacts: Artifacts, certs: ClusterTls, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     base = tmp_path_factory.mktemp("secured")
-    c = Cluster(
-        artifacts=tiny_artifacts.root,
-        ports=Ports.random(),
-        log_dir=base / "logs",
-        event_log_dir=base / "events",
-        tls=certs,
-        api_keys=(KEY,),
-    )
-    c.start(timeout_s=240)
-    yield c
-    c.stop()
+    yield from running_cluster(tiny_artifacts, base, tls=certs, api_keys=(KEY,))
 
 
 def _storefront(c: Cluster, certs: ClusterTls) -> storefront_pb2_grpc.StorefrontServiceStub:

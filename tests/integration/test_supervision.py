@@ -21,8 +21,9 @@ import grpc
 import pytest
 
 from sluice.artifacts import Artifacts
-from sluice.launch import Cluster, Ports
+from sluice.launch import Cluster
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
+from tests.integration.conftest import running_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +39,9 @@ RECONNECT = [
 def supervised(
     tiny_artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    base = tmp_path_factory.mktemp("supervised")
-    c = Cluster(
-        artifacts=tiny_artifacts.root,
-        ports=Ports.random(),
-        log_dir=base / "logs",
-        event_log_dir=base / "events",
-        supervise=True,
+    yield from running_cluster(
+        tiny_artifacts, tmp_path_factory.mktemp("supervised"), supervise=True
     )
-    c.start(timeout_s=240)
-    yield c
-    c.stop()
 
 
 @dataclass

@@ -152,3 +152,29 @@ def test_settings_wire_it_up(certs: ClusterTls, tmp_path: Path) -> None:
     assert options.credentials is not None and options.guard is not None
     with pytest.raises(ValueError, match="go together"):
         RerankSettings(tls_cert_file=certs.server_cert)
+
+
+def test_a_tls_service_answers_plain_health_probes_on_its_health_port(certs: ClusterTls) -> None:
+    """Kubernetes' gRPC probes cannot speak TLS: they check the plaintext health port, which
+    serves nothing but health."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from sluice.launch import free_port
+
+    servicer = StageServicer(BINDING, StageLimits(10, 1.0))
+    options = ServerOptions(
+        credentials=server_credentials(certs.server_cert, certs.server_key, None),
+        health_port=free_port(),
+    )
+    svc = bind(ServiceSpec("rerank", servicer.add_to), options)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{options.health_port}") as ch:
+            check = health_pb2_grpc.HealthStub(ch).Check
+            status = check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            svc.set_serving(True)
+            status = check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert _call(ch) == grpc.StatusCode.UNIMPLEMENTED  # only health lives there
+    finally:
+        svc.stop(0.1)

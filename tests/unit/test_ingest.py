@@ -20,6 +20,7 @@ from sluice.state.store import InMemoryStateStore, RedisStateStore
 
 ATTRS = {i: (f"cat{i % 3}", f"brand{i % 2}") for i in range(1, 100)}
 ACCEPTED, DUPLICATE, REJECTED = EventStatus.ACCEPTED, EventStatus.DUPLICATE, EventStatus.REJECTED
+CONFLICT = EventStatus.CONFLICT
 
 
 def ev(eid: str, user: str = "u", item: int = 1, kind: int = 1, ts: int | None = None) -> Event:
@@ -119,6 +120,24 @@ def test_duplicates_within_and_across_batches(ingestor: Ingestor) -> None:
     assert ingestor.track_calls == 2
 
 
+def test_an_id_reused_for_another_event_is_a_conflict(ingestor: Ingestor) -> None:
+    """A retry repeats its payload (DUPLICATE); another event under a used id is a client
+    bug that must not pass as a harmless retry (CONFLICT), within a batch and across them."""
+    first = ingestor.track([ev("a", item=1), ev("a", item=2), ev("a", item=1)])
+    assert statuses(first) == [ACCEPTED, CONFLICT, DUPLICATE]
+    assert "used before" in first[1].error
+    later = ingestor.track(
+        [
+            ev("a", item=1, ts=now_ms() - 1000),  # the same event, restamped: a retry
+            ev("a", item=1, kind=EventType.PURCHASE),  # the same item, another type
+            ev("a", item=1, user="someone-else"),
+        ]
+    )
+    assert statuses(later) == [DUPLICATE, CONFLICT, CONFLICT]
+    assert ingestor.store.history("u") == [1]
+    assert [e.event_id for e in ingestor.log.replay()] == ["a"]
+
+
 def test_concurrent_calls_with_the_same_ids_apply_each_once(ingestor: Ingestor) -> None:
     rounds, n_threads = 20, 4
     results: list[list[EventStatus]] = [[] for _ in range(n_threads)]
@@ -137,7 +156,8 @@ def test_concurrent_calls_with_the_same_ids_apply_each_once(ingestor: Ingestor) 
         t.join()
     flat = [s for per in results for s in per]
     assert flat.count(ACCEPTED) == 2 * rounds
-    assert flat.count(DUPLICATE) == 2 * rounds * (n_threads - 1)
+    # each thread sends its own item under the shared ids: the losers reused an id
+    assert flat.count(CONFLICT) == 2 * rounds * (n_threads - 1)
     assert len(ingestor.store.history("u")) == 2 * rounds
 
 

@@ -70,6 +70,11 @@ def test_apply_is_idempotent_by_event_id(make_store: MakeStore) -> None:
     assert s.seen_many(["a", "zz", "c"]) == [True, False, True]
     assert s.seen_many([]) == []
     assert s.history("u") == [1, 2, 3]
+    # the payload each id was applied with, for telling a retry from a reused id
+    digests = s.digests(["a", "zz", "c"])
+    assert digests == [ev("a", "u", 1).digest, None, ev("c", "u", 3).digest]
+    assert digests[0] != ev("a", "u", 3).digest
+    assert s.digests([]) == []
 
 
 def test_history_is_most_recent_last_and_capped(make_store: MakeStore) -> None:

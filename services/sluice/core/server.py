@@ -240,12 +240,14 @@ class RunningService:
         health_servicer: health.HealthServicer,
         names: list[str],
         port: int,
+        probe_server: grpc.Server | None = None,
     ) -> None:
         self.spec = spec
         self.server = server
         self.health = health_servicer
         self.names = names
         self.port = port
+        self.probe_server = probe_server
         self._stopped = threading.Event()
 
     def set_serving(self, serving: bool) -> None:
@@ -262,6 +264,8 @@ class RunningService:
             return
         self._stopped.set()
         self.set_serving(False)
+        if self.probe_server is not None:
+            self.probe_server.stop(0)
         self.server.stop(grace_s).wait()
         self.spec.shutdown()
         log.info("stopped")
@@ -320,6 +324,9 @@ class ServerOptions:
     """TLS (``core.auth.server_credentials``); None: plaintext."""
     guard: Guard | None = None
     """Caller checks (client certificate identity, storefront credentials, rate limits)."""
+    health_port: int = 0
+    """A second, plaintext port that serves only the health service (0: none): probes that
+    cannot speak TLS, such as Kubernetes' gRPC probes, check a TLS service there."""
 
 
 def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
@@ -349,9 +356,17 @@ def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
         bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"{spec.name}: cannot bind {o.host}:{o.port}")
-    running = RunningService(spec, server, health_servicer, names, bound)
+    probe_server = None
+    if o.health_port:
+        probe_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
+        if probe_server.add_insecure_port(f"{o.host}:{o.health_port}") == 0:
+            raise OSError(f"{spec.name}: cannot bind the health port {o.health_port}")
+    running = RunningService(spec, server, health_servicer, names, bound, probe_server)
     running.set_serving(False)
     server.start()
+    if probe_server is not None:
+        probe_server.start()
     if o.metrics_port:
         start_http_server(o.metrics_port, addr=o.host)
     log.info("listening", extra={"port": bound, "metrics_port": o.metrics_port})

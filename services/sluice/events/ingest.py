@@ -12,6 +12,7 @@ from sluice.core.errors import InvalidArgument, ResourceExhausted, Unavailable
 from sluice.events.log import EventLog, LogError
 from sluice.events.model import (
     ACCEPTED,
+    CONFLICT,
     DUPLICATE,
     MAX_FUTURE_SKEW_MS,
     Event,
@@ -74,7 +75,7 @@ class Ingestor:
         self.events_recovered = 0
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._reserved: set[str] = set()
+        self._reserved: dict[str, str] = {}  # event id -> payload digest, while in flight
 
     @property
     def in_flight(self) -> int:
@@ -145,13 +146,15 @@ class Ingestor:
             self.track_calls += 1
             self.events_received += len(events)
             for i, event in valid:
-                if event.event_id in self._reserved:
-                    results[i] = DUPLICATE
+                held = self._reserved.get(event.event_id)
+                if held is not None:
+                    results[i] = DUPLICATE if held == event.digest else CONFLICT
                 else:
-                    self._reserved.add(event.event_id)
+                    self._reserved[event.event_id] = event.digest
                     reserved.append((i, event))
             if self._in_flight + len(reserved) > self.max_in_flight:
-                self._reserved.difference_update(e.event_id for _, e in reserved)
+                for _, e in reserved:
+                    del self._reserved[e.event_id]
                 self.batches_overloaded += 1
                 raise ResourceExhausted(
                     f"event ingestion is behind ({self._in_flight} events in flight)",
@@ -161,13 +164,15 @@ class Ingestor:
         in_flight = len(reserved)
         try:
             fresh: list[tuple[int, Event]] = []
-            for (i, event), was_seen in zip(
-                reserved, self.store.seen_many([e.event_id for _, e in reserved]), strict=True
+            for (i, event), digest in zip(
+                reserved, self.store.digests([e.event_id for _, e in reserved]), strict=True
             ):
-                if was_seen:
+                if digest is None:
+                    fresh.append((i, event))
+                elif digest in (event.digest, ""):  # "": marked before digests were kept
                     results[i] = DUPLICATE
                 else:
-                    fresh.append((i, event))
+                    results[i] = CONFLICT
             if fresh:
                 to_log = [e for _, e in fresh]
                 try:
@@ -186,7 +191,8 @@ class Ingestor:
         finally:
             with self._lock:
                 self._in_flight -= in_flight
-                self._reserved.difference_update(e.event_id for _, e in reserved)
+                for _, e in reserved:
+                    del self._reserved[e.event_id]
 
         final = [r if r is not None else DUPLICATE for r in results]
         counts = dict.fromkeys(EventStatus, 0)
@@ -195,5 +201,5 @@ class Ingestor:
         with self._lock:
             self.events_accepted += counts[EventStatus.ACCEPTED]
             self.events_duplicate += counts[EventStatus.DUPLICATE]
-            self.events_rejected += counts[EventStatus.REJECTED]
+            self.events_rejected += counts[EventStatus.REJECTED] + counts[EventStatus.CONFLICT]
         return final

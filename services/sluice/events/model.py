@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 import unicodedata
 from collections.abc import Callable
@@ -59,6 +60,13 @@ class Event:
     def weight(self) -> float:
         return EVENT_WEIGHTS[self.type]
 
+    @property
+    def digest(self) -> str:
+        """What a retry of this event must repeat: its user, item, type and query (not the
+        timestamp, which the server sets for a client that sent 0)."""
+        key = f"{self.user_id}\x1f{self.item_id}\x1f{int(self.type)}\x1f{self.query}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
     @classmethod
     def from_wire(
         cls,
@@ -81,6 +89,7 @@ class EventStatus(enum.IntEnum):
     ACCEPTED = 1
     DUPLICATE = 2
     REJECTED = 3
+    CONFLICT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +102,9 @@ class EventResult:
 
 ACCEPTED = EventResult(EventStatus.ACCEPTED)
 DUPLICATE = EventResult(EventStatus.DUPLICATE)
+CONFLICT = EventResult(
+    EventStatus.CONFLICT, "this event_id was used before for another event; not applied"
+)
 
 
 def now_ms() -> int:

@@ -88,6 +88,11 @@ class OnlineStateStore(Protocol):
 
     def seen_many(self, event_ids: Sequence[str]) -> list[bool]: ...
 
+    def digests(self, event_ids: Sequence[str]) -> list[str | None]:
+        """The payload digest (``Event.digest``) each id was applied with; None: not seen.
+        An id marked seen before digests were kept gives ""."""
+        ...
+
     def history(self, user_id: str, limit: int | None = None) -> list[int]:
         """Most recent ``limit`` item ids of the user, most recent last."""
         ...
@@ -211,7 +216,8 @@ class InMemoryStateStore:
         self.config = config or StateConfig()
         self._attributes = attribute_lookup(attributes)
         self._lock = threading.RLock()
-        self._seen: dict[str, float] = {}  # event id -> expiry (monotonic), in expiry order
+        # event id -> (expiry (monotonic), payload digest), in expiry order
+        self._seen: dict[str, tuple[float, str]] = {}
         self._users: dict[str, _User] = {}
         self._short = _Decayed(self.config.popularity_short_half_life_ms, 1)
         self._long = _Decayed(self.config.popularity_long_half_life_ms, 1)
@@ -220,8 +226,13 @@ class InMemoryStateStore:
         self._clock = 0
 
     def _is_seen(self, event_id: str, now: float) -> bool:
-        expiry = self._seen.get(event_id)
-        return expiry is not None and expiry > now
+        entry = self._seen.get(event_id)
+        return entry is not None and entry[0] > now
+
+    def digests(self, event_ids: Sequence[str]) -> list[str | None]:
+        now = time.monotonic()
+        with self._lock:
+            return [self._seen[e][1] if self._is_seen(e, now) else None for e in event_ids]
 
     def seen(self, event_id: str) -> bool:
         with self._lock:
@@ -240,14 +251,14 @@ class InMemoryStateStore:
             seen = self._seen
             while seen:  # drop expired ids; insertion order is expiry order
                 first = next(iter(seen))
-                if seen[first] > now:
+                if seen[first][0] > now:
                     break
                 del seen[first]
             for event in events:
                 if event.event_id in seen:  # everything left is unexpired
                     out.append(False)
                     continue
-                seen[event.event_id] = expiry
+                seen[event.event_id] = (expiry, event.digest)
                 out.append(True)
                 self._apply_one(event)
         return out
@@ -354,7 +365,7 @@ class InMemoryStateStore:
 # One round trip per batch. Keys are derived inside the script, so this needs a
 # standalone Redis (not Cluster). ARGV: prefix, dedupe ttl s, history cap,
 # affinity / short / long half-lives ms, rescale-after half-lives, prune-below,
-# then a JSON array of [id, user, item (string), type, ts, weight, category, brand].
+# then a JSON array of [id, user, item (string), type, ts, weight, category, brand, digest].
 # Per event: SET NX (and SADD for a purchase); per user and batch: HMGET,
 # RPUSH, LTRIM, HSET and one ZINCRBY per category and brand; per item and
 # batch: ZINCRBY x2. Lua numbers reach Redis with full precision.
@@ -402,7 +413,7 @@ local users, order = {}, {}
 local out = {}
 for n, e in ipairs(events) do
   local eid, uid, item, kind, ts, w, cat, brand = e[1], e[2], e[3], e[4], e[5], e[6], e[7], e[8]
-  if redis.call('SET', p .. 'seen:' .. eid, '1', 'NX', 'EX', ttl) then
+  if redis.call('SET', p .. 'seen:' .. eid, e[9], 'NX', 'EX', ttl) then
     out[n] = 1
     local st = users[uid]
     if st == nil then
@@ -550,6 +561,7 @@ class RedisStateStore:
                     _WEIGHTS[e.type],
                     category or "",
                     brand or "",
+                    e.digest,
                 )
             )
         args.append(json.dumps(rows, ensure_ascii=False, separators=(",", ":")))
@@ -566,6 +578,13 @@ class RedisStateStore:
             return []
         values = self._r.mget([f"{self._p}seen:{e}" for e in event_ids])
         return [v is not None for v in values]
+
+    @_redis_call
+    def digests(self, event_ids: Sequence[str]) -> list[str | None]:
+        if not event_ids:
+            return []
+        values = self._r.mget([f"{self._p}seen:{e}" for e in event_ids])
+        return [None if v is None else ("" if v == "1" else str(v)) for v in values]
 
     @_redis_call
     def history(self, user_id: str, limit: int | None = None) -> list[int]:
