@@ -3,9 +3,12 @@ which needs the ``tools`` extra)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from sluice.common.v1 import common_pb2
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
@@ -16,10 +19,40 @@ if TYPE_CHECKING:
 SOURCE_NAMES = {1: "ann", 2: "lexical", 3: "cooc", 4: "popular"}
 
 
+def retry_delay_s(err: grpc.RpcError) -> float | None:
+    """The delay a RESOURCE_EXHAUSTED answer asks for (its RetryInfo); None for any other."""
+    if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    status = rpc_status.from_call(err)
+    info = error_details_pb2.RetryInfo()
+    for detail in status.details if status else ():
+        if detail.Unpack(info):
+            return float(info.retry_delay.ToMilliseconds()) / 1000
+    return None
+
+
 class StorefrontClient:
-    def __init__(self, address: str) -> None:
+    """The storefront API with the manners a client owes it: a refused request (the gateway
+    at its concurrency limit) is retried after the delay its RetryInfo names, at most
+    ``attempts`` times in all, within the call's own deadline."""
+
+    def __init__(self, address: str, attempts: int = 3) -> None:
         self.channel = grpc.insecure_channel(address)
         self.stub = storefront_pb2_grpc.StorefrontServiceStub(self.channel)
+        self.attempts = attempts
+
+    def _call(self, method: Any, request: Any, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        for attempt in range(self.attempts):
+            try:
+                return method(request, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.RpcError as err:
+                delay = retry_delay_s(err)
+                last = attempt == self.attempts - 1
+                if delay is None or last or time.monotonic() + delay >= deadline:
+                    raise
+                time.sleep(delay)  # the server asked for this back-off
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self.channel.close()
@@ -40,7 +73,7 @@ class StorefrontClient:
             filters=filters or [],
             page_token=page_token,
         )
-        resp: storefront_pb2.SearchResponse = self.stub.Search(req, timeout=timeout_s)
+        resp: storefront_pb2.SearchResponse = self._call(self.stub.Search, req, timeout_s)
         return resp
 
     def recommend(
@@ -63,7 +96,7 @@ class StorefrontClient:
             filters=filters or [],
             page_token=page_token,
         )
-        resp: storefront_pb2.RecommendResponse = self.stub.Recommend(req, timeout=timeout_s)
+        resp: storefront_pb2.RecommendResponse = self._call(self.stub.Recommend, req, timeout_s)
         return resp
 
 

@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from sluice.client import retry_delay_s
 from sluice.common.v1 import common_pb2
 from sluice.core.admission import SHED_SECONDS, AdaptiveLimit, AdmissionConfig
 from sluice.core.server import ServerOptions, ServiceSpec, bind
@@ -105,6 +106,8 @@ def test_beyond_the_limit_requests_are_refused_at_once_with_retry_info() -> None
         retry = error_details_pb2.RetryInfo()
         assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
         assert retry.retry_delay.ToMilliseconds() >= 5
+        # what the project's own client reads to back off before its next attempt
+        assert retry_delay_s(err.value) == retry.retry_delay.ToMilliseconds() / 1000
         assert refused_in < 5.0  # not queued behind the blocked requests (they wait 30 s)
         assert shed._sum.get() > count_before
     finally:

@@ -174,7 +174,8 @@ def test_acknowledged_events_are_durable_and_survive_restart(tmp_path: Path) -> 
         assert restarted.recover() == 2
         assert store.history("u") == [3, 4]
         assert store.suppressed("u") == frozenset({3})
-        assert statuses(restarted.track([ev("a"), ev("c")])) == [DUPLICATE, ACCEPTED]
+        retry = ev("a", item=3, kind=EventType.PURCHASE)  # the same event again
+        assert statuses(restarted.track([retry, ev("c")])) == [DUPLICATE, ACCEPTED]
 
 
 def test_recover_into_redis_applies_only_what_is_missing(
@@ -190,7 +191,10 @@ def test_recover_into_redis_applies_only_what_is_missing(
         assert restarted.recover() == 1
         assert restarted.recover() == 0
         assert store.history("u") == [1, 2, 3]
-        assert statuses(restarted.track([ev("c"), ev("d", item=4)])) == [DUPLICATE, ACCEPTED]
+        assert statuses(restarted.track([ev("c", item=3), ev("d", item=4)])) == [
+            DUPLICATE,
+            ACCEPTED,
+        ]
         assert store.history("u") == [1, 2, 3, 4]
 
 
