@@ -100,6 +100,8 @@ def _seeds(name: str, a: Artifacts) -> list[bytes]:
                 ]
             )
         ]
+    elif name == "DeleteUser":
+        reqs = [storefront_pb2.DeleteUserRequest(user_id="fuzz-user")]
     else:
         stage = next(e for e in STAGES if name.startswith(f"{e.name}."))
         ctx = RankContext(

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from sluice.artifacts import Artifacts
+from sluice.common.v1 import common_pb2
 from sluice.launch import Cluster, ClusterTls
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
 from tests.integration.conftest import running_cluster
@@ -86,3 +87,28 @@ def test_a_nodejs_client_over_tls_with_a_key(
     env = {"SLUICE_CA_FILE": str(certs.ca), "SLUICE_API_KEY": KEY}
     report = run_node_client(node_client, secured.gateway_address, item, env)
     check_report(report, tiny_artifacts, item)
+
+
+def test_delete_user_is_authenticated_and_erases_the_build_history(
+    secured: Cluster, certs: ClusterTls, tiny_artifacts: Artifacts
+) -> None:
+    users, histories = tiny_artifacts.users()
+    user = users[-1]  # no other test of this cluster uses this shopper
+    history = set(histories[-1].tolist())
+    stub = _storefront(secured, certs)
+    key = (("x-api-key", KEY),)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DeleteUser(storefront_pb2.DeleteUserRequest(user_id=user), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    req = storefront_pb2.RecommendRequest(user_id=user, page_size=10)
+    before = stub.Recommend(req, timeout=10, metadata=key)
+    assert not set(before.page.item_ids) & history  # known: what they have is excluded
+    assert set(before.page.sources) != {common_pb2.CANDIDATE_SOURCE_POPULARITY}
+    for _ in range(2):  # idempotent
+        stub.DeleteUser(storefront_pb2.DeleteUserRequest(user_id=user), timeout=10, metadata=key)
+    after = stub.Recommend(req, timeout=10, metadata=key)
+    # a stranger now: the cold-start page, and nothing of their history is used
+    assert set(after.page.sources) == {common_pb2.CANDIDATE_SOURCE_POPULARITY}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.DeleteUser(storefront_pb2.DeleteUserRequest(user_id=""), timeout=10, metadata=key)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -255,3 +255,51 @@ def test_empty_and_all_rejected_batches_touch_nothing(ingestor: Ingestor) -> Non
     assert ingestor.track([]) == []
     assert statuses(ingestor.track([ev("")])) == [REJECTED]
     assert ingestor.log.commits == 0
+
+
+def test_delete_user_erases_the_log_and_the_state_and_survives_restart(tmp_path: Path) -> None:
+    directory = tmp_path / "log"
+    with EventLog(directory, segment_bytes=100) as log:  # small segments: several rewritten
+        ingestor = Ingestor(log, InMemoryStateStore(ATTRS))
+        for k in range(6):
+            batch = [ev(f"u{k}", user="u", item=1 + k % 3), ev(f"v{k}", user="v", item=2)]
+            assert statuses(ingestor.track(batch)) == [ACCEPTED, ACCEPTED]
+        assert log.segment_count > 2
+        assert ingestor.delete_user("u") == 6
+        assert ingestor.delete_user("u") == 0  # idempotent
+        assert ingestor.store.history("u") == [] and ingestor.store.erased("u")
+        assert ingestor.store.history("v") == [2] * 6
+        kinds = [(e.user_id, e.type) for e in log.replay()]
+        assert ("u", EventType.VIEW) not in kinds and kinds.count(("v", EventType.VIEW)) == 6
+        # new events after the erasure are new data, and are kept
+        assert statuses(ingestor.track([ev("u-new", user="u", item=3)])) == [ACCEPTED]
+        with pytest.raises(InvalidArgument):
+            ingestor.delete_user(" ")
+    with EventLog(directory, segment_bytes=100) as log:  # a restart replays the erasure
+        store = InMemoryStateStore(ATTRS)
+        Ingestor(log, store).recover()
+        assert store.history("u") == [3] and store.erased("u")
+        assert store.history("v") == [2] * 6
+
+
+def test_delete_user_while_events_stream_in_loses_none_of_the_others(tmp_path: Path) -> None:
+    with EventLog(tmp_path / "log", segment_bytes=2000) as log:
+        ingestor = Ingestor(log, InMemoryStateStore(ATTRS))
+        stop = threading.Event()
+        sent: list[str] = []
+
+        def stream() -> None:
+            k = 0
+            while not stop.is_set() and k < 400:
+                ingestor.track([ev(f"w{k}", user="w", item=1), ev(f"x{k}", user="x", item=2)])
+                sent.append(f"w{k}")
+                k += 1
+
+        writer = threading.Thread(target=stream)
+        writer.start()
+        for _ in range(5):
+            ingestor.delete_user("x")
+        stop.set()
+        writer.join()
+        ids = [e.event_id for e in log.replay()]
+        assert [i for i in ids if i.startswith("w")] == sent  # every other event, in order

@@ -314,3 +314,14 @@ def test_unreachable_redis_is_unavailable() -> None:
         store.apply([ev("a", "u", 1)])
     with pytest.raises(Unavailable):
         store.user_state("u")
+
+
+def test_forget_user_erases_their_state_and_remembers_it(make_store: MakeStore) -> None:
+    s = make_store()
+    s.apply([ev("a", "u", 1), ev("b", "u", 2, EventType.PURCHASE), ev("c", "v", 3)])
+    assert s.history("u") == [1, 2] and not s.erased("u")
+    s.forget_user("u")
+    s.forget_user("u")  # idempotent
+    assert s.history("u") == [] and s.suppressed("u") == frozenset()
+    assert s.erased("u") and not s.erased("v")
+    assert s.history("v") == [3]

@@ -15,11 +15,15 @@ from sluice.events.model import (
     CONFLICT,
     DUPLICATE,
     MAX_FUTURE_SKEW_MS,
+    MAX_USER_ID_CHARS,
     Event,
     EventResult,
     EventStatus,
+    EventType,
+    erase_marker,
     now_ms,
     validate_event,
+    validate_id,
 )
 from sluice.state.store import OnlineStateStore
 
@@ -94,6 +98,11 @@ class Ingestor:
         applied = 0
         batch: list[Event] = []
         for event in self.log.replay(since_ms=since):
+            if event.type is EventType.ERASE:  # a DeleteUser: what came before it goes
+                applied += sum(self.store.apply(batch))
+                batch = []
+                self.store.forget_user(event.user_id)
+                continue
             batch.append(event)
             if len(batch) >= chunk:
                 applied += sum(self.store.apply(batch))
@@ -103,6 +112,24 @@ class Ingestor:
         self.events_recovered += applied
         logger.info("event log replayed", extra={"applied": applied, "since_ms": since})
         return applied
+
+    def delete_user(self, user_id: str) -> int:
+        """Erase a user (a privacy request): their events leave the durable log, a marker
+        takes their place so that a replay erases them again, and the online store forgets
+        their history, purchases and affinities. Idempotent; returns how many logged events
+        went. Aggregates they contributed to (popularity counts) keep no identity and stay."""
+        reason = validate_id("user_id", user_id, MAX_USER_ID_CHARS)
+        if reason is not None:
+            raise InvalidArgument(reason, field_path="user_id")
+        try:
+            removed = self.log.erase_user(user_id)
+            self.log.append([erase_marker(user_id, now_ms())], timeout=self.append_timeout_s)
+        except LogError as exc:
+            raise Unavailable(f"event log unavailable: {exc}") from exc
+        except TimeoutError as exc:
+            raise Unavailable("event log is too slow; retry") from exc
+        self.store.forget_user(user_id)
+        return removed
 
     def _retry_delay_ms(self) -> int:
         per_commit = self.log.records_written / self.log.commits if self.log.commits else 100.0

@@ -162,6 +162,7 @@ class EventLog:
         self.truncated_bytes = 0
 
         self._lock = threading.Lock()
+        self._io = threading.Lock()  # held while a segment file is written or rewritten
         self._work = threading.Condition(self._lock)
         self._done = threading.Condition(self._lock)
         self._pending: list[bytes] = []
@@ -281,11 +282,12 @@ class EventLog:
             data = b"".join(chunks)
             started = time.perf_counter()
             try:
-                self._write_all(data)
-                if self.fsync:
-                    _SYNC(self._fd)
-                if self._size >= self.segment_bytes:
-                    self._rotate()
+                with self._io:
+                    self._write_all(data)
+                    if self.fsync:
+                        _SYNC(self._fd)
+                    if self._size >= self.segment_bytes:
+                        self._rotate()
             except Exception as exc:
                 self._fail(exc)
                 return
@@ -326,6 +328,55 @@ class EventLog:
             self._sealed.append((self._path, self._size))
             self._fd, self._path, self._size, self._durable_size = fd, path, 0, 0
         logger.info("event log rotated", extra={"segment": str(path)})
+
+    # -- erasing ---------------------------------------------------------------
+
+    def erase_user(self, user_id: str) -> int:
+        """Rewrite every segment without the user's events (their erase markers stay);
+        returns how many records went. Each rewritten segment is written beside the old one,
+        synced, and renamed over it, so a crash leaves either the old or the new file.
+        Appends wait meanwhile."""
+        removed = 0
+        with self._io:
+            with self._lock:
+                self._check_usable()
+                segments = [*self._sealed, (self._path, self._size)]
+            sizes: dict[Path, int] = {}
+            for path, size in segments:
+                data = _read_prefix(path, size)
+                kept: list[bytes] = []
+                start = gone = 0
+                for end, _, event in _records(data):
+                    if event.user_id == user_id and event.type is not EventType.ERASE:
+                        gone += 1
+                    else:
+                        kept.append(data[start:end])
+                    start = end
+                sizes[path] = size
+                if not gone:
+                    continue
+                body = b"".join(kept)
+                tmp = path.with_suffix(".compact")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    view = memoryview(body)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                _fsync_dir(self.directory)
+                sizes[path] = len(body)
+                removed += gone
+            with self._lock:
+                self._sealed = [(p, sizes[p]) for p, _ in self._sealed]
+                if sizes[self._path] != self._size:  # the active segment was rewritten
+                    os.close(self._fd)
+                    self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
+                    self._size = self._durable_size = sizes[self._path]
+        logger.info("user erased from the event log", extra={"records": removed})
+        return removed
 
     # -- reading ---------------------------------------------------------------
 

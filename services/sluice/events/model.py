@@ -27,6 +27,9 @@ class EventType(enum.IntEnum):
     CLICK = 2
     ADD_TO_CART = 3
     PURCHASE = 4
+    ERASE = 9
+    """Internal, never accepted from a client: a marker in the event log that the user was
+    erased (DeleteUser), so that a replay erases them again."""
 
 
 EVENT_WEIGHTS: dict[EventType, float] = {
@@ -107,8 +110,26 @@ CONFLICT = EventResult(
 )
 
 
+def erase_marker(user_id: str, at_ms: int) -> Event:
+    """The event log's record of a DeleteUser call."""
+    return Event(f"erase:{user_id}:{at_ms}", user_id, 0, EventType.ERASE, at_ms)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def validate_id(name: str, value: str, limit: int) -> str | None:
+    """Why an id is unacceptable (empty, too long, blank, control characters), or None."""
+    if not value:
+        return f"{name} is empty"
+    if len(value) > limit:
+        return f"{name} is longer than {limit} characters"
+    if not value.strip():
+        return f"{name} is blank"
+    if any(unicodedata.category(c).startswith("C") for c in value):
+        return f"{name} contains control or unassigned characters"
+    return None
 
 
 def validate_event(
@@ -128,14 +149,9 @@ def validate_event(
         ("event_id", event.event_id, MAX_EVENT_ID_CHARS),
         ("user_id", event.user_id, MAX_USER_ID_CHARS),
     ):
-        if not value:
-            return f"{name} is empty"
-        if len(value) > limit:
-            return f"{name} is longer than {limit} characters"
-        if not value.strip():
-            return f"{name} is blank"
-        if any(unicodedata.category(c).startswith("C") for c in value):
-            return f"{name} contains control or unassigned characters"
+        reason = validate_id(name, value, limit)
+        if reason is not None:
+            return reason
     if len(event.query) > MAX_QUERY_CHARS:
         return f"query is longer than {MAX_QUERY_CHARS} characters"
     if event.type not in EVENT_WEIGHTS:

@@ -116,6 +116,15 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
         )
         return storefront_pb2.RecommendResponse(**page_response(result))
 
+    def DeleteUser(  # noqa: N802
+        self, request: storefront_pb2.DeleteUserRequest, context: grpc.ServicerContext
+    ) -> storefront_pb2.DeleteUserResponse:
+        if self.ingestor is None:
+            raise Unavailable("event ingestion is warming up")
+        erased = self.ingestor.delete_user(request.user_id)
+        log.info("user erased", extra={"erased_events": erased})
+        return storefront_pb2.DeleteUserResponse(erased_events=erased)
+
     def Track(  # noqa: N802
         self, request: storefront_pb2.TrackRequest, context: grpc.ServicerContext
     ) -> storefront_pb2.TrackResponse:

@@ -26,6 +26,8 @@ class UserHistory:
     def history(self, user_id: str, limit: int) -> np.ndarray:
         live = np.asarray(self.store.history(user_id, limit), dtype=np.int64)
         past = self.offline.get(user_id)
+        if past is not None and self.store.erased(user_id):
+            past = None  # erased (DeleteUser): the build's history of them is not served
         if past is None or len(live) >= limit:
             return live[-limit:]
         return np.concatenate([past, live])[-limit:].astype(np.int64)

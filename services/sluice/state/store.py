@@ -93,6 +93,15 @@ class OnlineStateStore(Protocol):
         An id marked seen before digests were kept gives ""."""
         ...
 
+    def forget_user(self, user_id: str) -> None:
+        """Erase the user's history, purchases and affinities, and remember the erasure
+        (``erased``) so that history from the build is not served for them either."""
+        ...
+
+    def erased(self, user_id: str) -> bool:
+        """Whether the user was erased (their build-time history must not be served)."""
+        ...
+
     def history(self, user_id: str, limit: int | None = None) -> list[int]:
         """Most recent ``limit`` item ids of the user, most recent last."""
         ...
@@ -219,6 +228,7 @@ class InMemoryStateStore:
         # event id -> (expiry (monotonic), payload digest), in expiry order
         self._seen: dict[str, tuple[float, str]] = {}
         self._users: dict[str, _User] = {}
+        self._erased: set[str] = set()
         self._short = _Decayed(self.config.popularity_short_half_life_ms, 1)
         self._long = _Decayed(self.config.popularity_long_half_life_ms, 1)
         self._pops = (self._short, self._long)
@@ -228,6 +238,15 @@ class InMemoryStateStore:
     def _is_seen(self, event_id: str, now: float) -> bool:
         entry = self._seen.get(event_id)
         return entry is not None and entry[0] > now
+
+    def forget_user(self, user_id: str) -> None:
+        with self._lock:
+            self._users.pop(user_id, None)
+            self._erased.add(user_id)
+
+    def erased(self, user_id: str) -> bool:
+        with self._lock:
+            return user_id in self._erased
 
     def digests(self, event_ids: Sequence[str]) -> list[str | None]:
         now = time.monotonic()
@@ -369,6 +388,9 @@ class InMemoryStateStore:
 # Per event: SET NX (and SADD for a purchase); per user and batch: HMGET,
 # RPUSH, LTRIM, HSET and one ZINCRBY per category and brand; per item and
 # batch: ZINCRBY x2. Lua numbers reach Redis with full precision.
+# Every key the apply script writes for one user (``user_key(user_id, part)``).
+_USER_PARTS = ("seq", "sup", "meta", "cat", "brand")
+
 _APPLY_LUA = """
 local p = ARGV[1]
 local ttl = ARGV[2]
@@ -578,6 +600,17 @@ class RedisStateStore:
             return []
         values = self._r.mget([f"{self._p}seen:{e}" for e in event_ids])
         return [v is not None for v in values]
+
+    @_redis_call
+    def forget_user(self, user_id: str) -> None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(*(self.user_key(user_id, part) for part in _USER_PARTS))
+        pipe.sadd(f"{self._p}erased", user_id)
+        pipe.execute()
+
+    @_redis_call
+    def erased(self, user_id: str) -> bool:
+        return bool(self._r.sismember(f"{self._p}erased", user_id))
 
     @_redis_call
     def digests(self, event_ids: Sequence[str]) -> list[str | None]:
