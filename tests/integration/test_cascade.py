@@ -16,7 +16,7 @@ from sluice.artifacts import Artifacts
 from sluice.client import StorefrontClient
 from sluice.common.v1 import common_pb2
 from sluice.launch import Cluster
-from sluice.v1 import storefront_pb2
+from sluice.v1 import storefront_pb2, storefront_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -191,6 +191,19 @@ def test_bad_input_is_invalid_argument(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert offending in field_violations(err.value)
     assert all(p.poll() is None for p in cluster.processes.values())
+
+
+def test_too_many_filters_are_refused_before_any_work(cluster: Cluster) -> None:
+    """10,000 filters fit in a small message; they are counted before any is looked at."""
+    many = [common_pb2.AttributeFilter(field="brand", any_of=["b"])] * 10_000
+    req = storefront_pb2.SearchRequest(query="shoes", page_size=5, filters=many)
+    assert req.ByteSize() < 200_000
+    with grpc.insecure_channel(cluster.gateway_address) as ch:
+        stub = storefront_pb2_grpc.StorefrontServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Search(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(err.value) == ["filters"]
 
 
 def test_calls_without_a_deadline_get_the_default_budget(client: StorefrontClient) -> None:

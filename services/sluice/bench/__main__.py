@@ -2,6 +2,7 @@
 
     sluice bench load     --start --artifacts DIR [--rates 10,20,50]  open-loop Poisson load
     sluice bench overload --artifacts DIR                             2x saturation: shedding
+    sluice bench edge     --artifacts DIR                             10k filters, 12 MB, restart
     sluice bench scale    --artifacts DIR[,DIR…]                      p99/RSS vs catalog and budgets
     sluice bench compare  grpc|batching|perf-analyzer --artifacts DIR side-by-side ratios
     sluice bench flops    --artifacts DIR                             matmul peak vs the ranker
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from sluice.bench import compare, encoder, flops, load, overload
+    from sluice.bench import compare, edge, encoder, flops, load, overload
 
     ap = parser or argparse.ArgumentParser(prog="sluice bench", description=__doc__)
     sub = ap.add_subparsers(dest="bench", required=True)
@@ -29,6 +30,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     op = sub.add_parser("overload", help="2x the saturation rate: admission control holds?")
     overload.add_overload_args(op)
     op.set_defaults(bench_fn=overload.overload_main)
+    gp = sub.add_parser("edge", help="oversized input and a gateway crash, server-side")
+    edge.add_edge_args(gp)
+    gp.set_defaults(bench_fn=edge.edge_main)
     sp = sub.add_parser("scale", help="p99, RSS and build time vs catalog size and budgets")
     compare.add_scale_args(sp)
     sp.set_defaults(bench_fn=compare.scale_main)
