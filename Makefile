@@ -38,7 +38,7 @@ test: setup
 # with this commit; the internal stage protos are versioned on their own (v2).
 BREAKING_AGAINST ?= 8eb4a55
 
-# The long fuzz run: 2,000 seeded cases for each of the seven methods (the default suite runs 300).
+# The long fuzz run: 2,000 seeded cases for each of the eight methods (the default suite runs 300).
 fuzz: setup
 	SLUICE_FUZZ_CASES=2000 $(PY) -m pytest tests/integration/test_fuzz.py -s
 

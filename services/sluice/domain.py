@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -121,6 +123,34 @@ class RankContext:
         return not self.query and not len(self.history_item_ids) and not self.context_item_id
 
 
+class Cancellation:
+    """Set when the caller goes away; work in flight for it registers how to stop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: list[Callable[[], object]] = []
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled, hooks, self._hooks = True, self._hooks, []
+        for hook in hooks:
+            hook()
+
+    def on_cancel(self, hook: Callable[[], object]) -> None:
+        """Run ``hook`` when cancelled (at once if already)."""
+        with self._lock:
+            if not self.cancelled:
+                self._hooks.append(hook)
+                return
+        hook()
+
+    def forget(self, hook: Callable[[], object]) -> None:
+        with self._lock:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
+
 @dataclass(frozen=True)
 class Budget:
     """What one stage call may spend: how many candidates to return, by when.
@@ -133,12 +163,20 @@ class Budget:
     max_candidates: int
     deadline: float | None = None  # time.monotonic() by which to answer; None: no deadline
     offset: int = 0
+    cancellation: Cancellation | None = None
+    """Set when the caller has gone: a remote stage call in flight is cancelled."""
 
     @classmethod
-    def within(cls, max_candidates: int, timeout_s: float | None, offset: int = 0) -> Budget:
+    def within(
+        cls,
+        max_candidates: int,
+        timeout_s: float | None,
+        offset: int = 0,
+        cancellation: Cancellation | None = None,
+    ) -> Budget:
         """A budget that ends ``timeout_s`` from now (never, for None)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        return cls(max_candidates, deadline, offset)
+        return cls(max_candidates, deadline, offset, cancellation)
 
     def remaining_s(self) -> float | None:
         """Seconds left before the deadline (never below 0), or None without one."""

@@ -159,17 +159,30 @@ def test_validation(gateway: Gateway) -> None:
         assert err.value.field_path == field
 
 
-def test_a_cancelled_call_stops_before_the_next_stage(gateway: Gateway) -> None:
+def test_a_cancelled_call_stops_before_the_next_stage(
+    local_stages: dict[StageName, LocalStage], tiny_artifacts: Artifacts, encoder: MiniLMEncoder
+) -> None:
     from sluice.core.errors import Cancelled
+    from sluice.domain import Cancellation
 
-    asked: list[int] = []
+    cancellation = Cancellation()
 
-    def alive() -> bool:  # the caller hangs up after recall
-        asked.append(1)
-        return len(asked) < 2
+    class HangUpAfterRecall:
+        stage = StageName.RECALL
 
+        def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> StageResult:
+            result = local_stages[StageName.RECALL].call(ctx, cands, budget)
+            cancellation.cancel()  # the caller hangs up while recall runs
+            return result
+
+    gw = Gateway(
+        local_stages | {StageName.RECALL: HangUpAfterRecall()},
+        tiny_artifacts.catalog,
+        UserHistory.from_artifacts(tiny_artifacts, InMemoryStateStore()),
+        QueryEncoder(encoder.encode),
+    )
     with pytest.raises(Cancelled, match="before coarse"):
-        gateway.recommend(user_id="u", page_size=5, alive=alive)
+        gw.recommend(user_id="u", page_size=5, cancellation=cancellation)
 
 
 def test_deadline_too_short(gateway: Gateway) -> None:

@@ -27,7 +27,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 from sluice.core import logging as slog
 from sluice.core.admission import Admission, AdmissionConfig
 from sluice.core.auth import Guard
-from sluice.core.errors import DeadlineExceeded, InvalidArgument, SluiceError
+from sluice.core.errors import Cancelled, DeadlineExceeded, InvalidArgument, SluiceError
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,8 @@ class _Gate:
         if not self._running.acquire(timeout=wait_s):
             raise DeadlineExceeded("the deadline passed while the request waited its turn")
         try:
+            if not context.is_active():  # cancelled while it waited: do not start the work
+                raise Cancelled("the caller went away while the request waited its turn")
             yield
         finally:
             self._running.release()

@@ -59,9 +59,6 @@ class Ranker(Protocol):
     def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates: ...
 
 
-Engine = Retriever | Ranker
-
-
 @dataclass
 class StageResult:
     """What one stage call returned: its window of candidates, how many it had, its report."""

@@ -33,6 +33,7 @@ from sluice.data.catalog import Catalog
 from sluice.data.filters import AttributeFilter, validate
 from sluice.domain import (
     Budget,
+    Cancellation,
     Candidates,
     RankContext,
     RequestKind,
@@ -137,10 +138,6 @@ class _Request:
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def _always() -> bool:
-    return True
-
-
 def _scores_of(cands: Candidates, item_ids: np.ndarray) -> np.ndarray:
     """Each item's score in ``cands`` (NaN where the stage did not return it)."""
     out = np.full(len(item_ids), np.nan, dtype=np.float32)
@@ -200,10 +197,11 @@ class Gateway:
         page_size: int,
         page_token: str = "",
         deadline_s: float | None = None,
-        alive: Callable[[], bool] = _always,
+        cancellation: Cancellation | None = None,
     ) -> PageResult:
-        """A page of results for ``query``; ``deadline_s`` None: the default budget; the work
-        stops before the next stage once ``alive()`` is False (the caller cancelled)."""
+        """A page of results for ``query``; ``deadline_s`` None: the default budget. Once
+        ``cancellation`` is set (the caller went away) the stage call in flight is cancelled
+        and no further stage runs."""
         if not query.strip():
             raise InvalidArgument("query must not be empty", field_path="query")
         if len(query) > self.limits.max_query_chars:
@@ -218,7 +216,7 @@ class Gateway:
             page_size=page_size,
             page_token=page_token,
         )
-        return self._run(req, deadline_s, alive)
+        return self._run(req, deadline_s, cancellation)
 
     def recommend(
         self,
@@ -230,9 +228,10 @@ class Gateway:
         page_size: int,
         page_token: str = "",
         deadline_s: float | None = None,
-        alive: Callable[[], bool] = _always,
+        cancellation: Cancellation | None = None,
     ) -> PageResult:
-        """A page for a recommendation surface; ``deadline_s`` and ``alive`` as in search."""
+        """A page for a recommendation surface; ``deadline_s`` and ``cancellation`` as in
+        search."""
         try:
             kind = Surface(int(surface))
         except ValueError as err:
@@ -256,11 +255,11 @@ class Gateway:
             page_size=page_size,
             page_token=page_token,
         )
-        return self._run(req, deadline_s, alive)
+        return self._run(req, deadline_s, cancellation)
 
     # -- the cascade ------------------------------------------------------------------
     def _run(
-        self, req: _Request, deadline_s: float | None, alive: Callable[[], bool]
+        self, req: _Request, deadline_s: float | None, cancellation: Cancellation | None
     ) -> PageResult:
         start = time.perf_counter()
         if req.page_size <= 0 or req.page_size > self.limits.max_page_size:
@@ -307,7 +306,7 @@ class Gateway:
 
         def budget(stage: StageName, max_candidates: int, offset: int = 0) -> Budget:
             """The stage's share of what is left of the deadline."""
-            if not alive():
+            if cancellation is not None and cancellation.cancelled:
                 raise Cancelled(f"the caller went away before {stage.label}")
             remaining = deadline - time.perf_counter()
             later = [s for s in STAGE_SHARE if s >= stage]
@@ -315,7 +314,7 @@ class Gateway:
             if remaining * 1000 < self.limits.min_deadline_ms * share:
                 raise DeadlineExceeded(f"deadline reached before {stage.label}")
             timeout_s = remaining * share if stage is not StageName.RERANK else remaining
-            return Budget.within(max_candidates, timeout_s, offset)
+            return Budget.within(max_candidates, timeout_s, offset, cancellation)
 
         def call(
             stage: StageName, cands: Candidates | None, max_candidates: int, offset: int = 0

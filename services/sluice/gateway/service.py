@@ -17,7 +17,7 @@ from sluice.core.auth import channel_credentials
 from sluice.core.errors import InvalidArgument, Unavailable
 from sluice.core.server import ServiceSpec, caller_timeout_s
 from sluice.data.filters import AttributeFilter
-from sluice.domain import StageName
+from sluice.domain import Cancellation, StageName
 from sluice.events.ingest import Ingestor
 from sluice.events.log import EventLog
 from sluice.events.metrics import EventMetrics
@@ -59,6 +59,13 @@ def page_to_proto(result: PageResult) -> storefront_pb2.RankedPage:
     )
 
 
+def cancellation_of(context: grpc.ServicerContext) -> Cancellation:
+    """Set when the call ends before its handler does: the client cancelled or left."""
+    cancellation = Cancellation()
+    context.add_callback(cancellation.cancel)
+    return cancellation
+
+
 def page_response(result: PageResult) -> dict[str, Any]:
     """The fields SearchResponse and RecommendResponse share."""
     return {
@@ -97,7 +104,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
             deadline_s=caller_timeout_s(context),
-            alive=context.is_active,
+            cancellation=cancellation_of(context),
         )
         return storefront_pb2.SearchResponse(**page_response(result))
 
@@ -112,7 +119,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
             deadline_s=caller_timeout_s(context),
-            alive=context.is_active,
+            cancellation=cancellation_of(context),
         )
         return storefront_pb2.RecommendResponse(**page_response(result))
 

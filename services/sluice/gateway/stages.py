@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
 
 from sluice.common.v1 import common_pb2
 from sluice.convert import context_to_proto
-from sluice.core.errors import DeadlineExceeded, from_rpc_error
+from sluice.core.errors import Cancelled, DeadlineExceeded, from_rpc_error
 from sluice.core.logging import outgoing_metadata
 from sluice.core.stage import StageBinding, StageResult, run_stage
 from sluice.domain import Budget, Candidates, RankContext, StageName
@@ -81,7 +80,7 @@ class GrpcStage:
             self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
             self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        self._rpc: Callable[..., Any] = self.channel.unary_unary(
+        self._rpc: grpc.UnaryUnaryMultiCallable = self.channel.unary_unary(
             binding.path,
             request_serializer=binding.request.SerializeToString,
             response_deserializer=binding.response.FromString,
@@ -96,10 +95,18 @@ class GrpcStage:
             raise DeadlineExceeded(f"no time left for {self.binding.name}")
         request = self.binding.encode(_MEMO.proto(ctx), cands, budget)
         t0 = time.perf_counter()
+        call = self._rpc.future(request, timeout=timeout_s, metadata=outgoing_metadata())
+        if budget.cancellation is not None:  # the caller went away: so does this call
+            budget.cancellation.on_cancel(call.cancel)
         try:
-            response = self._rpc(request, timeout=timeout_s, metadata=outgoing_metadata())
+            response = call.result()
+        except grpc.FutureCancelledError as err:
+            raise Cancelled(f"the caller went away during {self.binding.name}") from err
         except grpc.RpcError as err:
             raise from_rpc_error(err, self.binding.name) from err
+        finally:
+            if budget.cancellation is not None:
+                budget.cancellation.forget(call.cancel)
         result = self.binding.decode(response)
         # as seen by the caller: includes the network hop
         result.report.duration_us = int((time.perf_counter() - t0) * 1e6)
