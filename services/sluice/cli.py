@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from sluice.config import DEFAULT_ARTIFACTS, ROOT
+from sluice.wiring import SERVICES
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(fn=_build)
 
     s = sub.add_parser("serve", help="run one service")
-    s.add_argument("service", choices=("recall", "coarse", "fine", "rerank", "gateway"))
+    s.add_argument("service", choices=SERVICES)
     s.set_defaults(fn=_serve)
 
     for name, fn, help_text in (

@@ -32,23 +32,24 @@ _MAX_SOURCE = max(int(s) for s in Source)
 
 def candidates_from_proto(msg: common_pb2.Candidates, field: str = "candidates") -> Candidates:
     n = len(msg.item_ids)
-    scores = (
-        np.asarray(msg.scores, dtype=np.float32) if len(msg.scores) else np.zeros(n, np.float32)
-    )
-    sources = np.asarray(msg.sources, dtype=np.int8) if len(msg.sources) else np.zeros(n, np.int8)
-    if len(scores) != n:
+    if len(msg.scores) not in (0, n):
         raise InvalidArgument(
-            f"{len(scores)} scores for {n} item_ids", field_path=f"{field}.scores"
+            f"{len(msg.scores)} scores for {n} item_ids", field_path=f"{field}.scores"
         )
-    if len(sources) != n:
+    if len(msg.sources) not in (0, n):
         raise InvalidArgument(
-            f"{len(sources)} sources for {n} item_ids", field_path=f"{field}.sources"
+            f"{len(msg.sources)} sources for {n} item_ids", field_path=f"{field}.sources"
         )
-    if not np.isfinite(scores).all():
-        raise InvalidArgument("scores must be finite", field_path=f"{field}.scores")
     if len(msg.sources) and not all(0 <= s <= _MAX_SOURCE for s in msg.sources):
         raise InvalidArgument("unknown candidate source", field_path=f"{field}.sources")
-    return Candidates(np.asarray(msg.item_ids, dtype=np.int64), scores, sources)
+    scores = np.asarray(msg.scores, dtype=np.float32) if n and len(msg.scores) else None
+    if scores is not None and not np.isfinite(scores).all():
+        raise InvalidArgument("scores must be finite", field_path=f"{field}.scores")
+    return Candidates(
+        np.asarray(msg.item_ids, dtype=np.int64),
+        scores if scores is not None else np.zeros(n, np.float32),
+        np.asarray(msg.sources, dtype=np.int8) if len(msg.sources) else np.zeros(n, np.int8),
+    )
 
 
 def candidates_to_proto(c: Candidates) -> common_pb2.Candidates:

@@ -167,7 +167,9 @@ class Cluster:
     """How often the supervisor restarted each process."""
     _launch: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     _stopping: threading.Event = field(default_factory=threading.Event)
-    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _changed: threading.Condition = field(
+        default_factory=lambda: threading.Condition(threading.RLock())
+    )
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self, timeout_s: float = 180.0, progress: bool = False) -> Cluster:
@@ -204,7 +206,8 @@ class Cluster:
 
         Each process leads its own process group, so what it started (Triton's python-backend
         stubs) goes with it."""
-        self._stopping.set()
+        with self._changed:  # from here on the supervisor starts nothing
+            self._stopping.set()
         for name in ["gateway", *STAGES, "triton"]:
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is None:
@@ -247,7 +250,7 @@ class Cluster:
             proc = subprocess.Popen(
                 argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        with self._changed:
+        with self._changed:  # re-entrant: the supervisor spawns while holding it
             self.processes[name] = proc
             self._launch[name] = (argv, env)
             self._changed.notify_all()
@@ -275,9 +278,12 @@ class Cluster:
         )
         if self._stopping.wait(delay):
             return
-        self.restarts[name] = count + 1
-        argv, env = self._launch[name]
-        self._spawn(name, argv, env)
+        with self._changed:
+            if self._stopping.is_set() or self.processes.get(name) is not proc:
+                return  # stopping, or someone else (restart()) started it again meanwhile
+            self.restarts[name] = count + 1
+            argv, env = self._launch[name]
+            self._spawn(name, argv, env)
 
     def wait_restarted(self, name: str, times: int, timeout_s: float = 60.0) -> None:
         """Block until the supervisor has restarted ``name`` at least ``times`` times."""
@@ -414,12 +420,16 @@ class Cluster:
     def restart(self, name: str, kill: bool = False) -> None:
         """Stop one process (SIGKILL when ``kill``) and start it again, healthy."""
         proc = self.processes[name]
+        restarted = self.restarts.get(name, 0)
         if kill:
             proc.kill()
         else:
             proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-        self._start_service(name)
+        if self.supervise:  # the supervisor starts it again; starting it here would race
+            self.wait_restarted(name, restarted + 1)
+        else:
+            self._start_service(name)
         self._wait_health(name, getattr(self.ports, name), time.monotonic() + 120)
 
     # -- readiness ---------------------------------------------------------------

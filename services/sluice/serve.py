@@ -9,8 +9,6 @@ from sluice.core import logging as slog
 from sluice.core.server import ServiceSpec, serve_forever
 from sluice.wiring import BY_NAME, stage_spec
 
-SERVICES = ("recall", "coarse", "fine", "rerank", "gateway")
-
 
 def service_spec(name: str) -> tuple[ServiceSettings, ServiceSpec]:
     """The service ``name`` with its settings read from the environment."""

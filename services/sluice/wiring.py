@@ -53,6 +53,8 @@ STAGES: tuple[StageEntry, ...] = (
     StageEntry("rerank", StageName.RERANK, RerankSettings),
 )
 BY_NAME: Mapping[str, StageEntry] = {e.name: e for e in STAGES}
+# Everything ``sluice serve`` runs: the stages, then the gateway in front of them.
+SERVICES: tuple[str, ...] = (*BY_NAME, "gateway")
 
 
 def stage_spec(entry: StageEntry, settings: StageSettings) -> ServiceSpec:

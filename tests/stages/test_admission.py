@@ -82,7 +82,7 @@ def test_beyond_the_limit_requests_are_refused_at_once_with_retry_info() -> None
         candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[2, 1], sources=[1, 1]),
         max_candidates=2,
     )
-    shed = SHED_SECONDS.labels("admission-test", "RankCandidates")
+    shed = SHED_SECONDS.labels("admission-test")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
             call = ch.unary_unary(

@@ -20,11 +20,11 @@ from prometheus_client import Gauge, Histogram
 
 from sluice.core.errors import ResourceExhausted
 
-LIMIT = Gauge("sluice_admission_limit", "Current concurrency limit", ["service", "method"])
+LIMIT = Gauge("sluice_admission_limit", "Current concurrency limit", ["service", "methods"])
 SHED_SECONDS = Histogram(
     "sluice_admission_shed_seconds",
     "Server time spent on a request that admission control refused",
-    ["service", "method"],
+    ["service"],
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025),
 )
 
@@ -99,30 +99,19 @@ class AdaptiveLimit:
 
 
 class Admission:
-    """The limits of one service's methods."""
+    """A service's concurrency limit (one for the methods it governs: they share the CPU)."""
 
     def __init__(self, service: str, config: AdmissionConfig) -> None:
         self.service = service
         self.config = config
-        self._limits: dict[str, AdaptiveLimit] = {}
-        self._lock = threading.Lock()
+        self.limit = AdaptiveLimit(config, (service, "all"))
 
-    def limit(self, method: str) -> AdaptiveLimit:
-        found = self._limits.get(method)
-        if found is None:
-            with self._lock:
-                found = self._limits.setdefault(
-                    method, AdaptiveLimit(self.config, (self.service, method))
-                )
-        return found
-
-    def refuse(self, method: str, started: float) -> ResourceExhausted:
+    def refuse(self, started: float) -> ResourceExhausted:
         """The error for a refused request (and its server time, for the shed histogram)."""
-        lim = self.limit(method)
-        SHED_SECONDS.labels(self.service, method).observe(time.perf_counter() - started)
+        SHED_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         return ResourceExhausted(
-            f"{self.service} is at its concurrency limit ({int(lim.limit)} in flight); "
+            f"{self.service} is at its concurrency limit ({int(self.limit.limit)} in flight); "
             "retry after the delay",
-            retry_delay_ms=lim.retry_delay_ms(),
+            retry_delay_ms=self.limit.retry_delay_ms(),
             reason="CONCURRENCY_LIMIT",
         )

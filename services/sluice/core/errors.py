@@ -83,7 +83,7 @@ class Unavailable(SluiceError):
 class DeadlineExceeded(SluiceError):
     """Too little of the caller's deadline is left to do the work."""
 
-    reason: str = "DEADLINE_TOO_SHORT"
+    reason: str = "DEADLINE_EXCEEDED"
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -112,6 +112,13 @@ class Cancelled(SluiceError):
 
 
 @dataclass
+class DeadlineTooShort(DeadlineExceeded):
+    """The caller's deadline is too short to start: its choice, not a sign of overload."""
+
+    reason: str = "DEADLINE_TOO_SHORT"
+
+
+@dataclass
 class ResourceExhausted(SluiceError):
     """The service is overloaded; retry after ``retry_delay_ms``."""
 
@@ -135,7 +142,9 @@ def from_rpc_error(err: grpc.RpcError, dependency: str) -> SluiceError:
     detail = err.details() if isinstance(err, grpc.Call) else str(err)
     meta = {"dependency": dependency}
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(str(detail), metadata=meta)
+        # the caller built that request: a dependency refusing it is this service's problem
+        # (settings that disagree, a limit it did not check), not its own caller's bad input
+        return Unavailable(f"{dependency} refused the request: {detail}", metadata=meta)
     if code == grpc.StatusCode.NOT_FOUND:
         return NotFound(str(detail), metadata=meta)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

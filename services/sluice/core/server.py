@@ -25,9 +25,16 @@ from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
 
 from sluice.core import logging as slog
-from sluice.core.admission import Admission, AdmissionConfig
-from sluice.core.auth import Guard
-from sluice.core.errors import Cancelled, DeadlineExceeded, InvalidArgument, SluiceError
+from sluice.core.admission import AdaptiveLimit, Admission, AdmissionConfig
+from sluice.core.auth import Guard, RateLimits
+from sluice.core.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    DeadlineTooShort,
+    InvalidArgument,
+    ResourceExhausted,
+    SluiceError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +52,17 @@ class _LogBudget:
     next line that gets through, so a flood of bad requests cannot flood the logs."""
 
     def __init__(self, per_s: float = 5.0) -> None:
-        self.per_s = per_s
-        self._lock = threading.Lock()
-        self._state: dict[tuple[str, str], tuple[float, float, int]] = {}
+        self._bucket = RateLimits(per_s, per_s)
+        self._dropped: dict[tuple[str, str], int] = {}
 
     def admit(self, key: tuple[str, str]) -> int | None:
         """None: stay quiet; else log now, mentioning this many suppressed lines."""
-        now = time.monotonic()
-        with self._lock:
-            tokens, seen, dropped = self._state.get(key, (self.per_s, now, 0))
-            tokens = min(self.per_s, tokens + (now - seen) * self.per_s)
-            if tokens < 1.0:
-                self._state[key] = (tokens, now, dropped + 1)
-                return None
-            self._state[key] = (tokens - 1.0, now, 0)
-            return dropped
+        try:
+            self._bucket.charge("/".join(key))
+        except ResourceExhausted:
+            self._dropped[key] = self._dropped.get(key, 0) + 1
+            return None
+        return self._dropped.pop(key, 0)
 
 
 def _message_name(deserialize: Callable[[bytes], Any]) -> str:
@@ -100,7 +103,7 @@ class _Interceptor(grpc.ServerInterceptor):
         budget = self._log_budget
         gate = self._gate
         guard = self._guard
-        limit = gate.admission.limit(method) if gate is not None else None
+        limit = gate.limit_for(method) if gate is not None else None
 
         def wrapped(raw: Any, context: grpc.ServicerContext) -> Any:
             rid = metadata.get(slog.REQUEST_ID_HEADER) or slog.new_request_id()
@@ -111,20 +114,21 @@ class _Interceptor(grpc.ServerInterceptor):
             # initial metadata would cost an extra send (~0.2 ms CPU per hop measured)
             echo = ((slog.REQUEST_ID_HEADER, slog.request_id_var.get()),)
             admitted = False
+            failure: SluiceError | None = None
             try:
                 context.set_trailing_metadata(echo)
                 if guard is not None:
                     guard.check(metadata, context)
                 if limit is not None and gate is not None:
                     if not limit.try_acquire():
-                        raise gate.admission.refuse(method, start)
+                        raise gate.admission.refuse(start)
                     admitted = True
                     request = _decode(deserialize, raw)
                     with gate.run(context):
                         return inner(request, context)
                 return inner(_decode(deserialize, raw), context)
             except SluiceError as err:
-                code = err.code
+                code, failure = err.code, err
                 dropped = budget.admit((method, code.name))
                 if dropped is not None:
                     log.info(
@@ -150,10 +154,11 @@ class _Interceptor(grpc.ServerInterceptor):
                 elapsed = time.perf_counter() - start
                 if admitted and limit is not None:
                     # what steers the limit: served requests' latency, and running out of time
+                    ran_out = code is grpc.StatusCode.DEADLINE_EXCEEDED and not isinstance(
+                        failure, DeadlineTooShort
+                    )
                     limit.release(
-                        elapsed,
-                        sample=code in (grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED),
-                        ok=code is not grpc.StatusCode.DEADLINE_EXCEEDED,
+                        elapsed, sample=code is grpc.StatusCode.OK or ran_out, ok=not ran_out
                     )
                 RPC_TOTAL.labels(service, method, code.name).inc()
                 RPC_LATENCY.labels(service, method).observe(elapsed)
@@ -196,9 +201,16 @@ class _Gate:
     """Admission control (refuse beyond the adaptive limit) in front of an execution gate
     (at most ``workers`` requests run at once; the admitted rest wait their turn)."""
 
-    def __init__(self, admission: Admission, workers: int) -> None:
+    def __init__(self, admission: Admission, workers: int, methods: frozenset[str] | None) -> None:
         self.admission = admission
+        self.methods = methods
         self._running = threading.BoundedSemaphore(workers)
+
+    def limit_for(self, method: str) -> AdaptiveLimit | None:
+        """The service's one limit, for the methods it governs (all when None)."""
+        if self.methods is not None and method not in self.methods:
+            return None
+        return self.admission.limit
 
     @contextlib.contextmanager
     def run(self, context: grpc.ServicerContext) -> Iterator[None]:
@@ -206,6 +218,9 @@ class _Gate:
         if not self._running.acquire(timeout=wait_s):
             raise DeadlineExceeded("the deadline passed while the request waited its turn")
         try:
+            left = caller_timeout_s(context)
+            if left is not None and left <= 0:
+                raise DeadlineExceeded("the deadline passed while the request waited its turn")
             if not context.is_active():  # cancelled while it waited: do not start the work
                 raise Cancelled("the caller went away while the request waited its turn")
             yield
@@ -230,6 +245,8 @@ class ServiceSpec:
     """Loads models and runs a first request; health turns SERVING after it."""
     shutdown: Callable[[], None] = lambda: None
     """Releases resources after the server has drained."""
+    admitted_methods: frozenset[str] | None = None
+    """The methods admission control governs (None: all); they share one limit."""
 
 
 class RunningService:
@@ -334,7 +351,11 @@ class ServerOptions:
 def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
     """Start listening with health NOT_SERVING; :meth:`RunningService.warm` makes it SERVING."""
     o = options
-    gate = _Gate(Admission(spec.name, o.admission), o.workers) if o.admission else None
+    gate = (
+        _Gate(Admission(spec.name, o.admission), o.workers, spec.admitted_methods)
+        if o.admission
+        else None
+    )
     threads = o.workers + (o.admission.max_limit + 4 if o.admission else 0)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=spec.name),

@@ -333,50 +333,64 @@ class EventLog:
 
     def erase_user(self, user_id: str) -> int:
         """Rewrite every segment without the user's events (their erase markers stay);
-        returns how many records went. Each rewritten segment is written beside the old one,
-        synced, and renamed over it, so a crash leaves either the old or the new file.
-        Appends wait meanwhile."""
+        returns how many records went. What was appended before the call is made durable
+        first, so it is erased too. Each rewritten segment is written beside the old one,
+        synced, and renamed over it: a crash leaves either the old or the new file. Appends
+        wait meanwhile. An I/O failure raises :class:`LogError`."""
+        with self._lock:  # first, everything appended so far is on disk
+            self._check_usable()
+            ticket = self._next_ticket - 1
+            while self._durable_ticket < ticket:
+                if self._failed is not None:
+                    raise LogError("event log write failed") from self._failed
+                self._done.wait()
         removed = 0
         with self._io:
             with self._lock:
                 self._check_usable()
                 segments = [*self._sealed, (self._path, self._size)]
-            sizes: dict[Path, int] = {}
-            for path, size in segments:
-                data = _read_prefix(path, size)
-                kept: list[bytes] = []
-                start = gone = 0
-                for end, _, event in _records(data):
-                    if event.user_id == user_id and event.type is not EventType.ERASE:
-                        gone += 1
-                    else:
-                        kept.append(data[start:end])
-                    start = end
-                sizes[path] = size
-                if not gone:
-                    continue
-                body = b"".join(kept)
-                tmp = path.with_suffix(".compact")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                try:
-                    view = memoryview(body)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-                _fsync_dir(self.directory)
-                sizes[path] = len(body)
-                removed += gone
-            with self._lock:
-                self._sealed = [(p, sizes[p]) for p, _ in self._sealed]
-                if sizes[self._path] != self._size:  # the active segment was rewritten
-                    os.close(self._fd)
-                    self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
-                    self._size = self._durable_size = sizes[self._path]
+            try:
+                for path, size in segments:
+                    removed += self._rewrite_without(path, size, user_id)
+            except OSError as exc:
+                raise LogError(f"erasing from {self.directory} failed: {exc}") from exc
         logger.info("user erased from the event log", extra={"records": removed})
         return removed
+
+    def _rewrite_without(self, path: Path, size: int, user_id: str) -> int:
+        """Rewrite one segment without the user's events (holding ``_io``); the bookkeeping
+        follows each rename at once, so a failure later leaves it consistent."""
+        data = _read_prefix(path, size)
+        kept: list[bytes] = []
+        start = gone = 0
+        for end, _, event in _records(data):
+            if event.user_id == user_id and event.type is not EventType.ERASE:
+                gone += 1
+            else:
+                kept.append(data[start:end])
+            start = end
+        if not gone:
+            return 0
+        body = b"".join(kept)
+        tmp = path.with_suffix(".compact")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        with self._lock:
+            if path == self._path:  # the active segment: append to the new file from now on
+                os.close(self._fd)
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                self._size = self._durable_size = len(body)
+            else:
+                self._sealed = [(p, len(body) if p == path else n) for p, n in self._sealed]
+        _fsync_dir(self.directory)
+        return gone
 
     # -- reading ---------------------------------------------------------------
 
@@ -408,7 +422,7 @@ class EventLog:
             self._closing = True
             self._work.notify()
         self._writer.join()
-        with self._lock:
+        with self._io, self._lock:  # not while a segment is being rewritten
             self._closed = True
             os.close(self._fd)
             os.close(self._lock_fd)  # releases the directory lock

@@ -102,6 +102,9 @@ class TritonBackend:
         self.model_name = model_name
         self.version = model_version
 
+    def close(self) -> None:
+        self._client.close()
+
     def ready(self) -> bool:
         try:
             return bool(self._client.is_model_ready(self.model_name, self.version))

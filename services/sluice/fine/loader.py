@@ -30,6 +30,7 @@ def load(settings: FineSettings, closers: list[Callable[[], None]]) -> FineEngin
     fusion = FusionWeights.load(artifacts.root / "fusion.json")
     backend = make_backend(settings, artifacts)
     if isinstance(backend, TritonBackend):
+        closers.append(backend.close)
         backend.wait_ready(settings.triton_wait_s)
     engine = FineEngine(artifacts.catalog, backend, fusion)
     ids = artifacts.catalog.item_ids[:20]

@@ -16,7 +16,13 @@ import numpy as np
 from sluice.artifacts import Artifacts
 from sluice.data.catalog import Catalog
 from sluice.domain import Budget, Candidates, RankContext, Source
-from sluice.recall.sources import allowed_rows, cooc_neighbours, first_allowed, merge, seed_rows
+from sluice.recall.sources import (
+    StaticPopularity,
+    allowed_rows,
+    cooc_neighbours,
+    merge,
+    seed_rows,
+)
 
 QUOTAS: Mapping[Source, float] = {Source.CO_OCCURRENCE: 0.5, Source.POPULARITY: 0.5}
 
@@ -34,7 +40,7 @@ class FallbackRecall:
         recency_decay: float = 0.85,
     ) -> None:
         self.catalog = catalog
-        self.order = np.argsort(-popularity, kind="stable")
+        self.popularity = StaticPopularity(popularity)
         self.cooc_rows = cooc_rows
         self.cooc_scores = cooc_scores
         self.history_window = history_window
@@ -58,6 +64,6 @@ class FallbackRecall:
             lists[Source.CO_OCCURRENCE] = cooc_neighbours(
                 self.cooc_rows, self.cooc_scores, seeds, weights, k, allowed
             )
-        popular = first_allowed(self.order, k, allowed)
+        popular = self.popularity.top_rows(k, allowed)
         lists[Source.POPULARITY] = (popular, np.zeros(len(popular), np.float32))
         return merge(lists, QUOTAS, k, self.catalog.item_ids)

@@ -21,10 +21,13 @@ import numpy as np
 from cachetools import LRUCache
 from prometheus_client import Counter
 
+from sluice.convert import MAX_EXCLUSIONS
 from sluice.core.errors import (
     Cancelled,
     DeadlineExceeded,
+    DeadlineTooShort,
     InvalidArgument,
+    ResourceExhausted,
     SluiceError,
     Unavailable,
 )
@@ -55,6 +58,10 @@ STAGE_DEGRADED = Counter(
     "Requests answered without a stage (it was down or out of time), by stage and cause",
     ["stage", "code"],
 )
+
+# What a stage call may fail with that the gateway answers around (degrading the page):
+# the stage is down, out of time, or refusing work (its admission control).
+STAGE_FAILURES = (Unavailable, DeadlineExceeded, ResourceExhausted)
 
 # No page starts beyond this many items: recall never returns more candidates than that.
 MAX_PAGE_OFFSET = 10_000
@@ -275,7 +282,7 @@ class Gateway:
         offset = self.page_tokens.decode(req.page_token, req.fingerprint())
         budget_s = deadline_s if deadline_s is not None else self.limits.default_deadline_ms / 1000
         if budget_s * 1000 < self.limits.min_deadline_ms:
-            raise DeadlineExceeded(
+            raise DeadlineTooShort(
                 f"a deadline of {budget_s * 1000:.1f} ms is too short to rank anything; "
                 f"allow at least {self.limits.min_deadline_ms} ms"
             )
@@ -291,6 +298,7 @@ class Gateway:
         exclude = suppressed if search else np.union1d(history, suppressed)
         if req.context_item_id:
             exclude = np.union1d(exclude, [req.context_item_id])
+        exclude = exclude[:MAX_EXCLUSIONS]  # what a stage accepts; beyond it, rerank's window
         ctx = RankContext(
             kind=req.kind,
             surface=req.surface,
@@ -326,7 +334,7 @@ class Gateway:
         try:
             result = self.stages[StageName.RECALL].call(ctx, None, recall_budget)
             report = result.report
-        except (Unavailable, DeadlineExceeded) as err:
+        except STAGE_FAILURES as err:
             if self.fallback is None:
                 raise
             result = run_stage(StageName.RECALL, self.fallback, ctx, None, recall_budget)
@@ -341,7 +349,7 @@ class Gateway:
         try:
             result = call(StageName.COARSE_RANK, cands, keep)
             cands, report = result.candidates, result.report
-        except (Unavailable, DeadlineExceeded) as err:
+        except STAGE_FAILURES as err:
             cands = cands.top(keep)
             report = _degraded(StageName.COARSE_RANK, len(cands), err)
         reports.append(report)
@@ -351,14 +359,14 @@ class Gateway:
             result = call(StageName.FINE_RANK, cands, max(self.limits.fine_candidates, needed))
             cands, report = result.candidates, result.report
             scores[StageName.FINE_RANK] = cands
-        except (Unavailable, DeadlineExceeded) as err:
+        except STAGE_FAILURES as err:
             report = _degraded(StageName.FINE_RANK, len(cands), err)
         reports.append(report)
 
         try:
             result = call(StageName.RERANK, cands, req.page_size, offset)
             page, total, report = result.candidates, result.total_size, result.report
-        except (Unavailable, DeadlineExceeded) as err:
+        except STAGE_FAILURES as err:
             total = len(cands)
             page = cands.top(total).window(offset, req.page_size)
             report = _degraded(StageName.RERANK, len(cands), err)

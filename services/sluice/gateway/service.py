@@ -229,7 +229,8 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             PageTokens.from_settings(
                 [k.get_secret_value() for k in settings.page_token_keys], MAX_PAGE_OFFSET
             ),
-            FallbackRecall.from_artifacts(artifacts),
+            # with the stages in this process recall cannot be down on its own
+            FallbackRecall.from_artifacts(artifacts) if settings.stages == "grpc" else None,
         )
         collector = EventMetrics(event_log, ingestor)
         REGISTRY.register(collector)
@@ -242,4 +243,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         for close in reversed(resources):
             close()
 
-    return ServiceSpec("gateway", register, warmup, shutdown)
+    # Track has its own back-pressure (events in flight); DeleteUser is rare
+    return ServiceSpec(
+        "gateway", register, warmup, shutdown, admitted_methods=frozenset({"Search", "Recommend"})
+    )

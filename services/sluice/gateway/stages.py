@@ -14,7 +14,13 @@ import grpc
 
 from sluice.common.v1 import common_pb2
 from sluice.convert import context_to_proto
-from sluice.core.errors import Cancelled, DeadlineExceeded, from_rpc_error
+from sluice.core.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    Unavailable,
+    from_rpc_error,
+)
 from sluice.core.logging import outgoing_metadata
 from sluice.core.stage import StageBinding, StageResult, run_stage
 from sluice.domain import Budget, Candidates, RankContext, StageName
@@ -107,7 +113,10 @@ class GrpcStage:
         finally:
             if budget.cancellation is not None:
                 budget.cancellation.forget(call.cancel)
-        result = self.binding.decode(response)
+        try:
+            result = self.binding.decode(response)
+        except InvalidArgument as err:  # the stage answered something unusable
+            raise Unavailable(f"{self.binding.name} answered badly: {err.message}") from err
         # as seen by the caller: includes the network hop
         result.report.duration_us = int((time.perf_counter() - t0) * 1e6)
         return result

@@ -30,27 +30,19 @@ from sluice.data.catalog import Catalog
 from sluice.domain import Budget, Candidates, RankContext, Source
 from sluice.recall.ann_index import AnnIndex
 from sluice.recall.lexical import LexicalIndex
-from sluice.recall.sources import allowed_rows, cooc_neighbours, first_allowed, merge, seed_rows
+from sluice.recall.sources import (
+    StaticPopularity,
+    allowed_rows,
+    cooc_neighbours,
+    merge,
+    seed_rows,
+)
 
 
 class PopularitySource(Protocol):
     """Rows ordered by popularity (static counts or live trending)."""
 
     def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray: ...
-
-
-@dataclass
-class StaticPopularity:
-    """Popularity counted at build time."""
-
-    scores: np.ndarray  # float [n]
-    order: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.order = np.argsort(-self.scores, kind="stable")
-
-    def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray:
-        return first_allowed(self.order, k, allowed)
 
 
 @dataclass

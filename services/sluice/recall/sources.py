@@ -8,6 +8,7 @@ while the recall service is down, without FAISS or BM25.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +29,20 @@ def first_allowed(order: np.ndarray, k: int, allowed: np.ndarray | None) -> np.n
     if len(picked) >= k or len(head) == len(order):
         return picked[:k]
     return order[allowed[order]][:k]
+
+
+@dataclass
+class StaticPopularity:
+    """Popularity counted at build time."""
+
+    scores: np.ndarray  # float [n]
+    order: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.order = np.argsort(-self.scores, kind="stable")
+
+    def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray:
+        return first_allowed(self.order, k, allowed)
 
 
 def allowed_rows(catalog: Catalog, ctx: RankContext) -> np.ndarray | None:
