@@ -295,3 +295,48 @@ def test_recall_outage_serves_the_gateways_fallback(
     assert all(a.catalog.brand_of(r) == brand for r in rows)
     search = gw.search(query="shoes", page_size=5)
     assert len(search.candidates) == 5 and search.reports[0].degraded
+
+
+def test_a_stage_refusing_work_or_the_request_degrades_the_page(
+    local_stages: dict[StageName, LocalStage], tiny_artifacts: Artifacts, encoder: MiniLMEncoder
+) -> None:
+    """A stage at its concurrency limit (RESOURCE_EXHAUSTED), or one that refuses what the
+    gateway built (INVALID_ARGUMENT downstream: settings that disagree), is the gateway's
+    problem to route around, not the shopper's error."""
+    import grpc
+
+    from sluice.core.errors import ResourceExhausted, from_rpc_error
+
+    class Refusing:
+        stage = StageName.COARSE_RANK
+
+        def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> StageResult:
+            raise ResourceExhausted("coarse is at its concurrency limit", retry_delay_ms=20)
+
+    gw = Gateway(
+        local_stages | {StageName.COARSE_RANK: Refusing()},
+        tiny_artifacts.catalog,
+        UserHistory.from_artifacts(tiny_artifacts, InMemoryStateStore()),
+        QueryEncoder(encoder.encode),
+    )
+    result = gw.recommend(user_id="u", page_size=5)
+    assert len(result.candidates) == 5
+    assert result.reports[1].degraded and "concurrency limit" in result.reports[1].degraded_reason
+
+    class Refused(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+        """What a stub raises when the stage answered INVALID_ARGUMENT."""
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.INVALID_ARGUMENT
+
+        def details(self) -> str:
+            return "at most 1000 ids"
+
+        def initial_metadata(self) -> None: ...
+        def trailing_metadata(self) -> None: ...
+        def is_active(self) -> bool: ...  # type: ignore[empty-body]
+        def time_remaining(self) -> None: ...
+        def cancel(self) -> None: ...
+        def add_callback(self, callback: object) -> None: ...  # type: ignore[override]
+
+    assert isinstance(from_rpc_error(Refused(), "recall"), Unavailable)
