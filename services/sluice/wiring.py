@@ -2,9 +2,10 @@
 
 Every stage is a folder (``sluice/<name>/``) with ``engine.py`` (pure), ``loader.py``
 (``load(settings, closers)``: the warmed-up engine) and ``service.py`` (its
-:class:`~sluice.core.stage.StageBinding`). This registry is the only place that names
-them: the stage services (:func:`stage_spec`), the one-machine gateway, evaluation and
-the benchmarks (:func:`load_engines`) all load stages through it. Modules are imported
+:class:`~sluice.core.stage.StageBinding`). This registry is how every process loads a
+stage: the stage services (:func:`stage_spec`), the one-machine gateway, evaluation and
+the benchmarks (:func:`load_engines`). (The launcher still names the processes it starts,
+with their ports: ``sluice.launch``.) Modules are imported
 when a stage is used, so a process imports only the stages it serves.
 """
 
