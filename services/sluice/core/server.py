@@ -53,6 +53,7 @@ class _LogBudget:
 
     def __init__(self, per_s: float = 5.0) -> None:
         self._bucket = RateLimits(per_s, per_s)
+        self._lock = threading.Lock()
         self._dropped: dict[tuple[str, str], int] = {}
 
     def admit(self, key: tuple[str, str]) -> int | None:
@@ -60,9 +61,11 @@ class _LogBudget:
         try:
             self._bucket.charge("/".join(key))
         except ResourceExhausted:
-            self._dropped[key] = self._dropped.get(key, 0) + 1
+            with self._lock:
+                self._dropped[key] = self._dropped.get(key, 0) + 1
             return None
-        return self._dropped.pop(key, 0)
+        with self._lock:
+            return self._dropped.pop(key, 0)
 
 
 def _message_name(deserialize: Callable[[bytes], Any]) -> str:

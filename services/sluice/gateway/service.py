@@ -94,6 +94,11 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             raise Unavailable("gateway is warming up")
         return self.gateway
 
+    def _ingesting(self) -> Ingestor:
+        if self.ingestor is None:
+            raise Unavailable("event ingestion is warming up")
+        return self.ingestor
+
     def Search(  # noqa: N802
         self, request: storefront_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> storefront_pb2.SearchResponse:
@@ -126,17 +131,14 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
     def DeleteUser(  # noqa: N802
         self, request: storefront_pb2.DeleteUserRequest, context: grpc.ServicerContext
     ) -> storefront_pb2.DeleteUserResponse:
-        if self.ingestor is None:
-            raise Unavailable("event ingestion is warming up")
-        erased = self.ingestor.delete_user(request.user_id)
+        erased = self._ingesting().delete_user(request.user_id)
         log.info("user erased", extra={"erased_events": erased})
         return storefront_pb2.DeleteUserResponse(erased_events=erased)
 
     def Track(  # noqa: N802
         self, request: storefront_pb2.TrackRequest, context: grpc.ServicerContext
     ) -> storefront_pb2.TrackResponse:
-        if self.ingestor is None:
-            raise Unavailable("event ingestion is warming up")
+        ingestor = self._ingesting()
         if len(request.events) == 0:
             raise InvalidArgument("at least one event is required", field_path="events")
         if len(request.events) > self.settings.max_track_events:
@@ -147,8 +149,8 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             Event.from_wire(e.event_id, e.user_id, e.item_id, int(e.type), e.timestamp_ms, e.query)
             for e in request.events
         ]
-        results = self.ingestor.track(events)
-        IN_FLIGHT.set(self.ingestor.in_flight)
+        results = ingestor.track(events)
+        IN_FLIGHT.set(ingestor.in_flight)
         for r in results:
             EVENTS.labels(r.status.name.lower()).inc()
         return storefront_pb2.TrackResponse(
