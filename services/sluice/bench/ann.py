@@ -37,7 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from sluice.config import ROOT
+from sluice import paths
 from sluice.recall.ann_index import (
     DEFAULT_LARGE_KIND,
     AnnIndex,
@@ -48,8 +48,8 @@ from sluice.recall.ann_index import (
 
 log = logging.getLogger(__name__)
 
-ITEMS_TSV = ROOT.parent / "shared" / "data" / "amazon-beauty" / "items.tsv"
-CACHE = ROOT / "var" / "cache" / "beauty_minilm.npy"
+ITEMS_TSV = paths.shared_data() / "amazon-beauty" / "items.tsv"
+CACHE = paths.var("cache", "beauty_minilm.npy")
 K = 100
 SIGMA = 0.3
 N_NEIGHBOURS = 10

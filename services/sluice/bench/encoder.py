@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sluice import paths
 from sluice.bench.load import (
-    ROOT,
     command_line,
     machine_info,
     make_requests,
@@ -37,7 +37,7 @@ def add_encoder_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--titles", type=int, default=2000, help="titles for the batch throughput")
     ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench" / "encoder")
+    ap.add_argument("--out", type=Path, default=paths.var("bench", "encoder"))
 
 
 def encoder_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:

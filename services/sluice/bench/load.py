@@ -55,7 +55,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[3]
+from sluice import paths
+
 KIND_RECOMMEND, KIND_SEARCH, KIND_TRITON = 0, 1, 2
 KIND_NAMES = {KIND_RECOMMEND: "recommend", KIND_SEARCH: "search", KIND_TRITON: "fine_ranker"}
 STAGES = ("recall", "coarse", "fine", "rerank")  # StageName 1..4
@@ -1326,7 +1327,7 @@ def add_load_args(ap: argparse.ArgumentParser) -> None:
         default="grpc",
         help="local: one gateway process runs the stages (only Triton beside it)",
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench" / "load")
+    ap.add_argument("--out", type=Path, default=paths.var("bench", "load"))
     ap.add_argument("--figures", type=Path, default=None, help="also copy the PNGs here")
     ap.add_argument("--tag", default="load", help="label in the CSV and figure names")
     ap.add_argument("--seed", type=int, default=0)

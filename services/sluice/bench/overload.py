@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from sluice import paths
 from sluice.bench.load import (
     ClientPool,
     Records,
@@ -41,7 +42,6 @@ from sluice.bench.load import (
     started_cluster,
     write_csv,
 )
-from sluice.config import ROOT
 
 OK, DEADLINE, SHED = 0, 4, 8  # gRPC status codes
 
@@ -237,4 +237,4 @@ def add_overload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--search-share", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench" / "overload")
+    ap.add_argument("--out", type=Path, default=paths.var("bench", "overload"))

@@ -7,8 +7,10 @@ same graph in about 4 ms and gives the same vectors (cosine 1.0 to float error; 
 ``tests/stages/test_onnx_encoder.py``).
 
 ``sluice build`` exports the graph (the transformer, masked mean pooling and L2 normalisation)
-into the artifacts as :data:`ONNX_FILE`; the gateway loads it with :func:`query_encoder`, which
-falls back to sentence-transformers for artifacts built before the export existed.
+into the artifacts as :data:`ONNX_FILE`, with the model's tokenizer (truncation included) as
+:data:`TOKENIZER_FILE`, so that serving needs neither torch nor the model package. The gateway
+loads them with :func:`query_encoder`, which falls back to sentence-transformers for
+artifacts built before the export existed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sluice.embed.text import TEXT_DIM, MiniLMEncoder, TextEncoder
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "text_encoder.onnx"
+TOKENIZER_FILE = "text_tokenizer.json"
 OPSET = 17
 
 
@@ -82,12 +85,24 @@ def export_onnx(path: Path) -> Path:
             dynamo=False,
         )
     tmp.replace(path)
+    tokenizer = _model_tokenizer()
+    tokenizer.save(str(path.parent / TOKENIZER_FILE))
     return path
+
+
+def _model_tokenizer() -> Any:
+    """The model package's tokenizer, truncating where sentence-transformers does."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(_model_path() / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=max_seq_length())
+    return tokenizer
 
 
 class OnnxMiniLMEncoder:
     """The exported encoder on ONNX Runtime's CPU provider, with the model's own tokenizer
-    (``tokenizer.json`` read by the ``tokenizers`` library: no torch, no transformers)."""
+    (read by the ``tokenizers`` library: no torch, no transformers) from the artifacts, or
+    from the model package for a build that predates :data:`TOKENIZER_FILE`."""
 
     dim = TEXT_DIM
 
@@ -102,8 +117,8 @@ class OnnxMiniLMEncoder:
         self._session: Any = ort.InferenceSession(
             str(path), options, providers=["CPUExecutionProvider"]
         )
-        tokenizer = Tokenizer.from_file(str(_model_path() / "tokenizer.json"))
-        tokenizer.enable_truncation(max_length=max_seq_length())
+        saved = path.parent / TOKENIZER_FILE
+        tokenizer = Tokenizer.from_file(str(saved)) if saved.exists() else _model_tokenizer()
         tokenizer.enable_padding()  # to the longest text of each batch
         self._tokenizer = tokenizer
         self.path = path

@@ -36,14 +36,14 @@ from typing import Any
 
 import numpy as np
 
+from sluice import paths
 from sluice.artifacts import Artifacts
-from sluice.config import ROOT
 from sluice.data.catalog import Catalog
 from sluice.data.products import LabelledQueries, load_queries
 from sluice.eval.served import EVAL_ROOT, ensure_build, eval_dir, fan_out
 
 K = 10
-CACHE = ROOT / "var" / "cache"
+CACHE = paths.var("cache")
 
 
 # -- the metric -----------------------------------------------------------------------------

@@ -53,15 +53,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from sluice import paths
 from sluice.artifacts import Artifacts
-from sluice.config import ROOT
 from sluice.core.stage import StageResult
 from sluice.domain import Budget, Candidates, RankContext, StageName, Surface
 from sluice.eval.metrics import KS, evaluate, leave_one_out
 
 log = logging.getLogger(__name__)
 
-EVAL_ROOT = ROOT / "var" / "eval"
+EVAL_ROOT = paths.var("eval")
 PAGE_SIZE = 50
 STAGE_KS = {"recall": 1000, "coarse": 200, "fine": 10}
 

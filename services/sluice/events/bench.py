@@ -32,6 +32,7 @@ from pathlib import Path
 
 import redis
 
+import sluice
 from sluice.core.errors import ResourceExhausted
 from sluice.events.ingest import Ingestor
 from sluice.events.log import EventLog, encode_record
@@ -342,7 +343,7 @@ def soak(store_name: str, redis_url: str | None, *, kills: int = 10, seed: int =
 
 def worker_env() -> dict[str, str]:
     """This environment with the ``sluice`` package importable."""
-    services = str(Path(__file__).resolve().parents[2])
+    services = str(Path(sluice.__file__).resolve().parent.parent)  # wherever it is installed
     existing = os.environ.get("PYTHONPATH")
     return {
         **os.environ,

@@ -37,8 +37,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from sluice import paths
 from sluice.artifacts import Artifacts
-from sluice.config import DEFAULT_ARTIFACTS
 from sluice.launch import Cluster, Ports
 from sluice.state.store import RedisStateStore
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
@@ -479,7 +479,7 @@ def render(r: Report) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sluice.events.visibility")
-    parser.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
+    parser.add_argument("--artifacts", default=str(paths.default_artifacts()))
     parser.add_argument("--state", choices=("embedded", "redis"), default="embedded")
     parser.add_argument("--redis-url", help="an existing Redis (flushed!); default: start one")
     parser.add_argument("--clients", type=int, default=4, help="ingest client processes")
