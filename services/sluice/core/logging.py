@@ -1,4 +1,4 @@
-"""Structured JSON logs carrying the request id and the stage."""
+"""Structured JSON logs carrying the request id, the stage and (when traced) the trace id."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import sys
 import time
 import uuid
+
+from opentelemetry import trace
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 _stage = "-"
@@ -42,6 +44,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:  # the line joins its trace in the tracing backend
+            payload["trace_id"] = trace.format_trace_id(span.trace_id)
+            payload["span_id"] = trace.format_span_id(span.span_id)
         for key, value in vars(record).items():
             if key not in self._skip and not key.startswith("_"):
                 payload[key] = value
