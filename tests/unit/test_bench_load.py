@@ -282,7 +282,7 @@ def test_strip_block_removes_only_dynamic_batching() -> None:
     assert "dynamic_batching" in text
     assert "dynamic_batching" not in out
     assert "max_queue_delay_microseconds" not in out
-    for kept in ("max_batch_size: 64", "instance_group", "torch_threads", "output ["):
+    for kept in ("max_batch_size: 64", "instance_group", "intra_op_thread_count", "output ["):
         assert kept in out
     assert out.count("{") == out.count("}")
     assert strip_block(out, "dynamic_batching") == out

@@ -44,12 +44,12 @@ from typing import Any
 
 import numpy as np
 
+from sluice import paths
 from sluice.bench.load import (
     DEFAULT_BUDGETS_MS,
     KIND_RECOMMEND,
     KIND_SEARCH,
     KIND_TRITON,
-    ROOT,
     ClientPool,
     LoadConfig,
     Records,
@@ -69,7 +69,7 @@ from sluice.bench.load import (
     write_csv,
 )
 
-TOOLS = ROOT / "var" / "tools"
+TOOLS = paths.var("tools")
 PA_VERSION = "2.51.0"
 TRITON_METRICS = (
     "nv_inference_request_success",
@@ -114,9 +114,9 @@ def strip_block(text: str, name: str) -> str:
 def temp_repository(
     artifacts: Path, dynamic_batching: bool, into: Path, overrides: dict[str, str] | None = None
 ) -> Path:
-    """A model repository under ``into`` with only the build's ranker version; its config
-    (and configs/gpu.pbtxt) without ``dynamic_batching`` when asked. Weights are symlinked;
-    ``model_repository/`` is never touched."""
+    """A model repository under ``into`` with only the build's ranker version; its configs
+    (config.pbtxt and every configs/*.pbtxt) without ``dynamic_batching`` when asked.
+    Weights are symlinked; ``model_repository/`` is never touched."""
     from sluice.artifacts import Artifacts
 
     a = Artifacts(artifacts)
@@ -129,10 +129,8 @@ def temp_repository(
         target = vdir / f.name
         if not target.exists():
             target.symlink_to(f.resolve())
-    for rel in ("config.pbtxt", "configs/gpu.pbtxt"):
-        p = src / rel
-        if not p.exists():
-            continue
+    for p in [src / "config.pbtxt", *sorted((src / "configs").glob("*.pbtxt"))]:
+        rel = p.relative_to(src)
         text = p.read_text()
         if not dynamic_batching:
             text = strip_block(text, "dynamic_batching")
@@ -177,8 +175,11 @@ class TritonServer:
             "--log-verbose=0",
             "--exit-timeout-secs=10",
         ]
-        if self.gpu:
-            argv.append("--model-config-name=gpu")
+        from sluice.fine.contract import model_config_name
+
+        config_name = model_config_name(backend_dir(), gpu=self.gpu)
+        if config_name:
+            argv.append(f"--model-config-name={config_name}")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = self.log_path.open("ab")
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=triton_env())
@@ -1263,7 +1264,7 @@ def add_scale_args(ap: argparse.ArgumentParser) -> None:
         default=[],
         help="KEY=VALUE for Triton and the services in every point (repeatable)",
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench" / "scale")
+    ap.add_argument("--out", type=Path, default=paths.var("bench", "scale"))
     ap.add_argument("--figures", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
 
@@ -1541,7 +1542,7 @@ def _print_table(rows: Sequence[dict[str, Any]]) -> None:
 def add_compare_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("what", choices=("grpc", "batching", "perf-analyzer"))
     ap.add_argument("--artifacts", type=Path, required=True)
-    ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench" / "compare")
+    ap.add_argument("--out", type=Path, default=paths.var("bench", "compare"))
     ap.add_argument("--figures", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--search-share", type=float, default=0.5)

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from sluice import paths
 from sluice.bench.load import (
-    ROOT,
     ClientPool,
     apply_env,
     command_line,
@@ -43,7 +43,7 @@ from sluice.bench.load import (
 )
 
 TARGET_FRACTION = 0.30
-PY_SPY = ROOT / "var" / "tools" / "py-spy"  # pip download py-spy; unzip its script here
+PY_SPY = paths.var("tools", "py-spy")  # pip download py-spy; unzip its script here
 
 
 def _print(s: str) -> None:
@@ -311,7 +311,7 @@ def add_flops_args(ap: argparse.ArgumentParser) -> None:
         default=[],
         help="KEY=VALUE for this process and Triton (repeatable)",
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "var" / "bench" / "flops")
+    ap.add_argument("--out", type=Path, default=paths.var("bench", "flops"))
     ap.add_argument("--figures", type=Path, default=None)
 
 
@@ -321,7 +321,7 @@ def _config_threads(artifacts: Path) -> int:
     from sluice.artifacts import Artifacts
 
     cfg = (Artifacts(artifacts).model_repository / "fine_ranker" / "config.pbtxt").read_text()
-    m = re.search(r'torch_threads"\s*value:\s*\{\s*string_value:\s*"(\d+)"', cfg)
+    m = re.search(r'intra_op_thread_count"\s*value:\s*\{\s*string_value:\s*"(\d+)"', cfg)
     return int(m.group(1)) if m else 1
 
 

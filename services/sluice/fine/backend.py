@@ -10,17 +10,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from sluice.core import tracing
 from sluice.core.errors import DeadlineExceeded, Unavailable
+from sluice.fine import contract
+from sluice.fine.contract import CANDIDATES_PER_ROW, HISTORY_LEN
 
 log = logging.getLogger(__name__)
 
-HISTORY_LEN = 50
-CANDIDATES_PER_ROW = 256
+__all__ = [
+    "CANDIDATES_PER_ROW",
+    "HISTORY_LEN",
+    "RankerBackend",
+    "RankerContractError",
+    "TorchBackend",
+    "TritonBackend",
+]
+# the CLIENT span of a Triton inference, named as the gRPC instrumentation names calls
+TRITON_SPAN = "/inference.GRPCInferenceService/ModelInfer"
 
 
 class RankerBackend(Protocol):
@@ -73,6 +85,13 @@ class TorchBackend:
         return out.float().cpu().numpy()
 
 
+@dataclass
+class RankerContractError(Unavailable):
+    """The configured Triton model does not declare the ranker contract: the stage stays down."""
+
+    reason: str = "RANKER_CONTRACT"
+
+
 class TritonBackend:
     """The ranker on Triton Inference Server, over gRPC with tritonclient."""
 
@@ -101,6 +120,16 @@ class TritonBackend:
         self.url = url
         self.model_name = model_name
         self.version = model_version
+        host, _, port = url.rpartition(":")
+        self._span_attributes: dict[str, str | int] = {
+            "rpc.system": "grpc",
+            "rpc.service": "inference.GRPCInferenceService",
+            "rpc.method": "ModelInfer",
+            "server.address": host or url,
+            "server.port": int(port) if port.isdigit() else 0,
+            "sluice.triton.model": model_name,
+            "sluice.triton.model_version": model_version or "latest",
+        }
 
     def close(self) -> None:
         self._client.close()
@@ -128,6 +157,42 @@ class TritonBackend:
             # Triton has no push notification for "model loaded": poll with back-off
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 1.0)
+        self.check_contract()
+
+    def check_contract(self) -> None:
+        """Refuse a model that does not declare the ranker contract (sluice.fine.contract).
+
+        Reads the model's metadata from Triton (names, datatypes, shapes). Without a version
+        configured, pins the newest one Triton serves, so every answer names its version.
+        """
+        try:
+            meta = self._client.get_model_metadata(self.model_name, self.version, as_json=True)
+        except Exception as err:
+            raise Unavailable(f"triton gave no metadata for {self.model_name}: {err}") from err
+        problems = contract.check_metadata(meta)
+        if problems:
+            log.error(
+                "the model does not declare the ranker contract; not serving",
+                extra={
+                    "model": self.model_name,
+                    "version": self.version or "latest",
+                    "problems": problems,
+                    "contract": contract.describe(),
+                },
+            )
+            raise RankerContractError(
+                f"model {self.model_name} on triton at {self.url} does not declare the ranker "
+                f"contract: {'; '.join(problems)} (wanted: {contract.describe()})"
+            )
+        if not self.version:
+            versions = [str(v) for v in meta.get("versions", [])]
+            newest = max(versions, key=lambda v: (len(v), v), default="")
+            if newest:
+                self.version = newest
+                self._span_attributes["sluice.triton.model_version"] = newest
+        log.info(
+            "ranker contract checked", extra={"model": self.model_name, "version": self.version}
+        )
 
     def score(
         self,
@@ -148,19 +213,25 @@ class TritonBackend:
         ]
         for tensor, value in zip(inputs, (history, candidates, query_emb, has_query), strict=True):
             tensor.set_data_from_numpy(value)
-        try:
-            result = self._client.infer(
-                self.model_name,
-                inputs,
-                model_version=self.version,
-                outputs=[g.InferRequestedOutput("SCORES")],
-                client_timeout=timeout_s,
-            )
-        except InferenceServerException as err:
-            status = str(err.status() or "")
-            if "DEADLINE" in status.upper() or "Deadline" in str(err):
-                raise DeadlineExceeded(f"triton did not answer in time: {err.message()}") from err
-            raise Unavailable(f"triton inference failed: {err.message()}") from err
+        attributes = {**self._span_attributes, "sluice.triton.rows": int(history.shape[0])}
+        # the span's W3C trace context goes to Triton in the request's headers
+        with tracing.client_span(TRITON_SPAN, attributes) as headers:
+            try:
+                result = self._client.infer(
+                    self.model_name,
+                    inputs,
+                    model_version=self.version,
+                    outputs=[g.InferRequestedOutput("SCORES")],
+                    client_timeout=timeout_s,
+                    headers=headers or None,
+                )
+            except InferenceServerException as err:
+                status = str(err.status() or "")
+                if "DEADLINE" in status.upper() or "Deadline" in str(err):
+                    raise DeadlineExceeded(
+                        f"triton did not answer in time: {err.message()}"
+                    ) from err
+                raise Unavailable(f"triton inference failed: {err.message()}") from err
         scores = result.as_numpy("SCORES")
         if scores is None:
             raise Unavailable("triton returned no SCORES output")

@@ -8,6 +8,7 @@ from sluice.artifacts import Artifacts
 from sluice.config import FineSettings
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.fine.backend import RankerBackend, TorchBackend, TritonBackend
+from sluice.fine.contract import BUILD_MODEL
 from sluice.fine.engine import FineEngine
 from sluice.fine.fusion import FusionWeights
 
@@ -20,7 +21,10 @@ def make_backend(settings: FineSettings, artifacts: Artifacts) -> RankerBackend:
         if settings.triton_tls_ca_file
         else None
     )
-    return TritonBackend(settings.triton_url, settings.model_name, artifacts.ranker_version, tls)
+    version = settings.model_version
+    if version is None:  # a model brought alongside the build's has versions of its own
+        version = artifacts.ranker_version if settings.model_name == BUILD_MODEL else ""
+    return TritonBackend(settings.triton_url, settings.model_name, version, tls)
 
 
 def load(settings: FineSettings, closers: list[Callable[[], None]]) -> FineEngine:

@@ -1,0 +1,225 @@
+"""The ONNX ranker that `sluice build` writes scores as the torch ranker does, and every
+Triton config of the model repository declares what the ONNX graph takes and returns."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from sluice.artifacts import Artifacts
+from sluice.domain import Candidates, RankContext
+from sluice.fine import contract
+from sluice.fine.backend import TorchBackend
+from sluice.fine.engine import FineEngine
+from sluice.fine.model import FineRanker
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "model_repository" / "fine_ranker"
+CONFIGS = sorted([TEMPLATE / "config.pbtxt", *(TEMPLATE / "configs").glob("*.pbtxt")])
+
+TRITON_TO_ONNX = {
+    mc.TYPE_INT64: onnx.TensorProto.INT64,
+    mc.TYPE_FP32: onnx.TensorProto.FLOAT,
+    mc.TYPE_BOOL: onnx.TensorProto.BOOL,
+}
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tiny_artifacts: Artifacts) -> Path:
+    path = tiny_artifacts.ranker_dir / contract.ONNX_FILE
+    assert path.is_file(), "sluice build wrote no model.onnx"
+    return path
+
+
+@pytest.fixture(scope="module")
+def session(onnx_path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def ranker(tiny_artifacts: Artifacts) -> FineRanker:
+    return FineRanker.load(tiny_artifacts.ranker_dir)
+
+
+def served_tensors(artifacts: Artifacts) -> list[tuple[np.ndarray, ...]]:
+    """What the fine stage sends: real users' histories, real candidates (more than one row,
+    so the last row is padded), with the query of a real title and without one."""
+    catalog = artifacts.catalog
+    ids, histories = artifacts.users()
+    longest = max(range(len(ids)), key=lambda i: len(histories[i]))
+    engine = FineEngine(catalog, TorchBackend(artifacts.ranker_dir))
+    text = np.load(artifacts.root / "text_vectors.npy")
+    rng = np.random.default_rng(7)
+    batches = []
+    for user, n_cands, query_row in ((longest, 300, None), (0, 40, 5), (longest, 256, 11)):
+        cands = rng.choice(catalog.item_ids, size=n_cands, replace=False)
+        ctx = RankContext(
+            history_item_ids=histories[user],
+            query_embedding=None if query_row is None else text[query_row],
+        )
+        batches.append(engine.tensors(ctx, Candidates(cands, cands * 0.0, cands * 0)))
+    return batches
+
+
+def run_onnx(session: ort.InferenceSession, tensors: tuple[np.ndarray, ...]) -> np.ndarray:
+    feed = {spec.name: t for spec, t in zip(contract.INPUTS, tensors, strict=True)}
+    (scores,) = session.run(["SCORES"], feed)
+    return np.asarray(scores)
+
+
+def run_torch(ranker: FineRanker, tensors: tuple[np.ndarray, ...]) -> np.ndarray:
+    h, c, q, s = (torch.from_numpy(t) for t in tensors)
+    return ranker.score(h, c, q, s.reshape(-1)).numpy()
+
+
+def test_onnx_scores_equal_torch_on_served_tensors(
+    tiny_artifacts: Artifacts, session: ort.InferenceSession, ranker: FineRanker
+) -> None:
+    batches = served_tensors(tiny_artifacts)
+    # one request alone, and all of them as one dynamic batch (mixed query / no query)
+    merged = tuple(np.concatenate(parts) for parts in zip(*batches, strict=True))
+    for tensors in [*batches, merged]:
+        got, want = run_onnx(session, tensors), run_torch(ranker, tensors)
+        assert got.shape == want.shape == (len(tensors[0]), contract.CANDIDATES_PER_ROW)
+        assert np.abs(got - want).max() <= 1e-4
+    # the batch covered what it should: padded candidates, padded history, both kinds of row
+    history, candidates, _, has_query = merged
+    assert (candidates == 0).any() and (candidates > 0).any()
+    assert (history == 0).any()
+    assert has_query.any() and not has_query.all()
+
+
+def test_a_query_changes_the_onnx_scores(
+    tiny_artifacts: Artifacts, session: ort.InferenceSession
+) -> None:
+    """The query inputs reach the graph: the same row with and without its query differs."""
+    history, candidates, query, has_query = served_tensors(tiny_artifacts)[1]
+    assert has_query.all()
+    with_query = run_onnx(session, (history, candidates, query, has_query))
+    without = run_onnx(session, (history, candidates, query, np.zeros_like(has_query)))
+    real = candidates > 0
+    assert np.abs(with_query - without)[real].max() > 1e-3
+
+
+def test_the_onnx_graph_declares_the_contract(onnx_path: Path) -> None:
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    onnx.checker.check_model(model)
+    assert model.ir_version <= 8  # loads in the onnxruntime of older Triton releases too
+    assert {o.domain: o.version for o in model.opset_import}[""] <= 18
+    for declared, specs in (
+        (model.graph.input, contract.INPUTS),
+        (model.graph.output, contract.OUTPUTS),
+    ):
+        assert [v.name for v in declared] == [s.name for s in specs]
+        for value, spec in zip(declared, specs, strict=True):
+            dims = value.type.tensor_type.shape.dim
+            assert dims[0].dim_param and not dims[0].dim_value, f"{spec.name}: batch not dynamic"
+            assert tuple(d.dim_value for d in dims[1:]) == spec.dims
+            np_type = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+            assert np_type == spec.numpy_dtype
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_matches_the_onnx_graph(path: Path, onnx_path: Path) -> None:
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    assert config.name == "fine_ranker"
+    assert config.max_batch_size > 0, "the graph's first dimension is the batch"
+    for declared, values in ((config.input, graph.input), (config.output, graph.output)):
+        assert [t.name for t in declared] == [v.name for v in values]
+        for tensor, value in zip(declared, values, strict=True):
+            assert TRITON_TO_ONNX[tensor.data_type] == value.type.tensor_type.elem_type
+            graph_dims = [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
+            assert list(tensor.dims) == graph_dims, tensor.name
+    # two versions loaded at once: a rollout serves the new build while the old one drains
+    assert config.version_policy.WhichOneof("policy_choice") == "latest"
+    assert config.version_policy.latest.num_versions == 2
+    assert config.HasField("dynamic_batching")
+
+
+def test_the_configs_run_where_they_say() -> None:
+    configs = {p.stem: text_format.Parse(p.read_text(), mc.ModelConfig()) for p in CONFIGS}
+    kind = {name: {g.kind for g in c.instance_group} for name, c in configs.items()}
+    cpu, gpu = mc.ModelInstanceGroup.KIND_CPU, mc.ModelInstanceGroup.KIND_GPU
+    assert configs["config"].backend == "onnxruntime" and kind["config"] == {cpu}
+    assert configs["gpu"].backend == "onnxruntime" and kind["gpu"] == {gpu}
+    trt = configs["gpu-tensorrt"]
+    assert trt.backend == "onnxruntime" and kind["gpu-tensorrt"] == {gpu}
+    accelerators = trt.optimization.execution_accelerators.gpu_execution_accelerator
+    assert [a.name for a in accelerators] == ["tensorrt"]
+    assert configs["local"].backend == "python" and kind["local"] == {cpu}
+    # the python-backend runner reads the onnxruntime backend's thread settings
+    assert dict(configs["local"].parameters).keys() == dict(configs["config"].parameters).keys()
+
+
+def test_the_python_backend_runner_stays_thin() -> None:
+    """model.py (configs/local.pbtxt) needs numpy and onnxruntime only: no sluice, no torch."""
+    tree = ast.parse((TEMPLATE / "model.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported == {"json", "pathlib", "numpy", "onnxruntime", "triton_python_backend_utils"}
+
+
+# -- the contract check the fine stage runs at warm-up ---------------------------------------
+def metadata(**changes: dict[str, object]) -> dict[str, list[dict[str, object]]]:
+    """Triton model metadata (as JSON) declaring the contract, with some tensors changed."""
+
+    def entry(spec: contract.TensorSpec) -> dict[str, object]:
+        base = {"name": spec.name, "datatype": spec.datatype, "shape": ["-1", *map(str, spec.dims)]}
+        return {**base, **changes.get(spec.name, {})}
+
+    return {
+        "inputs": [entry(s) for s in contract.INPUTS],
+        "outputs": [entry(s) for s in contract.OUTPUTS],
+    }
+
+
+def test_the_contract_accepts_what_the_build_exports() -> None:
+    assert contract.check_metadata(metadata()) == []
+    # a model may leave a non-batch dimension variable
+    assert contract.check_metadata(metadata(HISTORY={"shape": ["-1", "-1"]})) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"SCORES": {"name": "LOGITS"}}, "output SCORES is missing"),
+        ({"QUERY_EMB": {"datatype": "FP16"}}, "input QUERY_EMB is FP16, not FP32"),
+        ({"CANDIDATES": {"shape": ["-1", "128"]}}, "input CANDIDATES has shape [-1, 128]"),
+        ({"HAS_QUERY": {"shape": ["1"]}}, "input HAS_QUERY has shape [1]"),
+        ({"HISTORY": {"name": "USER_ITEMS"}}, "input USER_ITEMS is not part of the contract"),
+    ],
+)
+def test_the_contract_names_what_is_wrong(
+    changes: dict[str, dict[str, object]], problem: str
+) -> None:
+    problems = contract.check_metadata(metadata(**changes))
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_the_local_config_is_chosen_without_an_onnxruntime_backend(tmp_path: Path) -> None:
+    from sluice.tools.triton_setup import backend_dir
+
+    (tmp_path / "python").mkdir()
+    (tmp_path / "python" / "libtriton_python.so").touch()
+    assert contract.model_config_name(tmp_path, gpu=False) == "local"
+    with pytest.raises(ValueError, match="onnxruntime backend"):
+        contract.model_config_name(tmp_path, gpu=True)  # said plainly, not by Triton's log
+    (tmp_path / "onnxruntime").mkdir()
+    (tmp_path / "onnxruntime" / "libtriton_onnxruntime.so").touch()
+    assert contract.model_config_name(tmp_path, gpu=False) is None
+    assert contract.model_config_name(tmp_path, gpu=True) == "gpu"
+    # the nvidia-pytriton tritonserver of this environment has the python backend only
+    assert contract.model_config_name(backend_dir(), gpu=False) == "local"
