@@ -1,4 +1,5 @@
-"""The same behaviour tests against the in-memory store and a real Redis."""
+"""The same behaviour tests against the in-memory store, a real Redis and a real Redis Cluster
+(three masters, ``tests/redis_fixture.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from collections.abc import Callable
 import pytest
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
+from tests.redis_fixture import RedisClusterServer
 
 from sluice.core.errors import Unavailable
 from sluice.events.model import Event, EventType
@@ -22,6 +25,7 @@ from sluice.state.store import (
     StateConfig,
     UserState,
     Window,
+    connect,
 )
 
 T0 = 1_700_000_000_000
@@ -43,11 +47,21 @@ def ev(eid: str, user: str, item: int, kind: EventType = EventType.VIEW, ts: int
     return Event(eid, user, item, kind, ts)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_any(request: pytest.FixtureRequest) -> redis.Redis | RedisCluster:
+    """A flushed client of one Redis server, then of a Redis Cluster."""
+    name = "redis_client" if request.param == "redis" else "redis_cluster_client"
+    client: redis.Redis | RedisCluster = request.getfixturevalue(name)
+    return client
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 def make_store(request: pytest.FixtureRequest) -> MakeStore:
-    client: redis.Redis | None = None
+    client: redis.Redis | RedisCluster | None = None
     if request.param == "redis":
         client = request.getfixturevalue("redis_client")
+    elif request.param == "redis-cluster":
+        client = request.getfixturevalue("redis_cluster_client")
 
     def make(
         config: StateConfig | None = None, attributes: dict[int, tuple[str, str]] | None = None
@@ -247,13 +261,14 @@ def test_concurrent_apply(make_store: MakeStore) -> None:
     assert sum(score for _, score in s.top_popular(10)) == pytest.approx(n_threads * per_thread)
 
 
-def test_redis_seen_ids_expire(redis_client: redis.Redis) -> None:
-    s = RedisStateStore(redis_client, ATTRS, config=StateConfig(dedupe_ttl_s=123), prefix="x:")
+def test_redis_seen_ids_expire(redis_any: redis.Redis | RedisCluster) -> None:
+    s = RedisStateStore(redis_any, ATTRS, config=StateConfig(dedupe_ttl_s=123), prefix="x:")
     s.apply([ev("a", "u", 1)])
-    assert 0 < redis_client.ttl("x:seen:a") <= 123
+    assert 0 < redis_any.ttl(s.event_key("a")) <= 123  # the commit marker
+    assert 0 < redis_any.ttl(s.user_key("u", "ev:a")) <= 123  # the user half's marker
 
 
-def test_both_stores_agree_on_a_random_stream(redis_client: redis.Redis) -> None:
+def test_both_stores_agree_on_a_random_stream(redis_any: redis.Redis | RedisCluster) -> None:
     config = StateConfig(
         history_cap=20,
         affinity_half_life_ms=20_000,
@@ -264,7 +279,7 @@ def test_both_stores_agree_on_a_random_stream(redis_client: redis.Redis) -> None
     rng = random.Random(11)
     attrs = {i: (f"c{i % 7}", f"b{i % 5}" if i % 3 else "") for i in range(1, 60)}
     memory = InMemoryStateStore(attrs, config=config)
-    red = RedisStateStore(redis_client, attrs, config=config, prefix="eq:")
+    red = RedisStateStore(redis_any, attrs, config=config, prefix="eq:")
     events = []
     ts = T0
     for n in range(3000):
@@ -325,3 +340,119 @@ def test_forget_user_erases_their_state_and_remembers_it(make_store: MakeStore) 
     assert s.history("u") == [] and s.suppressed("u") == frozenset()
     assert s.erased("u") and not s.erased("v")
     assert s.history("v") == [3]
+
+
+# -- the split apply on one server and on a cluster -------------------------------------------
+
+
+def test_one_users_keys_share_a_slot_and_popularity_has_its_own(
+    redis_cluster_client: RedisCluster,
+) -> None:
+    s = RedisStateStore(redis_cluster_client, ATTRS, prefix="slots:")
+    for user in ("u", "用户-ü", "{brace}", "}x{", "50%"):
+        keys = [s.user_key(user, part) for part in ("seq", "sup", "meta", "cat", "brand")]
+        keys += [s.user_key(user, "erased"), s.user_key(user, "ev:some-event")]
+        assert len({redis_cluster_client.keyslot(k) for k in keys}) == 1, user
+    pop = [s.popularity_key(p) for p in ("short", "long", "meta")] + [s.event_key("e1")]
+    assert len({redis_cluster_client.keyslot(k) for k in pop}) == 1
+    users = {redis_cluster_client.keyslot(s.user_key(f"user{i}", "seq")) for i in range(50)}
+    assert len(users) > 40  # users spread over slots (and so over the masters)
+    s.apply([ev("a", "}x{", 1, EventType.PURCHASE), ev("b", "50%", 2)])
+    assert s.history("}x{") == [1] and s.suppressed("}x{") == frozenset({1})
+    s.forget_user("}x{")
+    assert s.erased("}x{") and s.history("}x{") == [] and s.history("50%") == [2]
+
+
+def test_a_crash_between_the_two_halves_is_completed_once_by_the_retry(
+    redis_any: redis.Redis | RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user half lands, then Redis goes away before the popularity half: the event must
+    read as not applied (so Track does not call its retry a duplicate), and the retry must
+    finish it without counting the user half twice."""
+    from sluice.state import store as store_module
+
+    s = RedisStateStore(redis_any, ATTRS, prefix="crash:")
+    real = store_module.run_scripts
+    calls = 0
+
+    def dies_before_popularity(client: object, batch: list[object]) -> list[object]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the popularity half
+            raise redis.ConnectionError("connection lost")
+        return real(client, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module, "run_scripts", dies_before_popularity)
+    batch = [ev("a", "u", 1, EventType.PURCHASE), ev("b", "v", 2, EventType.CLICK)]
+    with pytest.raises(Unavailable):
+        s.apply(batch)
+    assert s.history("u") == [1] and s.history("v") == [2]  # the user half is there
+    assert s.seen_many(["a", "b"]) == [False, False]  # not committed: a retry applies it
+    assert s.digests(["a", "b"]) == [None, None]
+    assert s.top_popular(5) == []
+    monkeypatch.setattr(store_module, "run_scripts", real)
+    assert s.apply(batch) == [True, True]  # the retry completes it
+    assert s.apply(batch) == [False, False]  # and a third time nothing
+    assert s.history("u") == [1] and s.history("v") == [2]  # once
+    assert s.category_affinities("u") == [("shoes", pytest.approx(8.0))]  # not 16
+    assert dict(s.top_popular(5)) == {1: pytest.approx(8.0), 2: pytest.approx(2.0)}
+
+
+def test_concurrent_retries_of_one_batch_apply_it_once(
+    redis_any: redis.Redis | RedisCluster,
+) -> None:
+    """Several gateways apply the same batch at once (a client retried on each): every event
+    is applied by exactly one of them, history and popularity count it once."""
+    s = RedisStateStore(redis_any, ATTRS, config=StateConfig(history_cap=1000), prefix="race:")
+    batch = [ev(f"e{i}", f"u{i % 7}", 1 + i % 6, EventType.CLICK) for i in range(60)]
+    n_threads = 4
+    barrier = threading.Barrier(n_threads)
+    results: list[list[bool]] = [[] for _ in range(n_threads)]
+
+    def work(t: int) -> None:
+        barrier.wait()
+        results[t] = s.apply(batch)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    per_event = [sum(r[i] for r in results) for i in range(len(batch))]
+    assert per_event == [1] * len(batch)
+    for u in range(7):
+        assert s.history(f"u{u}") == [e.item_id for e in batch if e.user_id == f"u{u}"]
+    assert sum(score for _, score in s.top_popular(10)) == pytest.approx(2.0 * len(batch))
+
+
+def test_an_id_reused_by_another_user_is_not_applied_again(make_store: MakeStore) -> None:
+    s = make_store()
+    assert s.apply([ev("a", "u", 1)]) == [True]
+    assert s.apply([ev("a", "v", 2), ev("b", "w", 3), ev("b", "x", 4)]) == [False, True, False]
+    assert s.history("v") == [] and s.history("x") == [] and s.history("w") == [3]
+    assert s.digests(["a", "b"]) == [ev("a", "u", 1).digest, ev("b", "w", 3).digest]
+
+
+def test_an_erasure_recorded_before_the_cluster_layout_still_holds(
+    redis_any: redis.Redis | RedisCluster,
+) -> None:
+    redis_any.sadd("old:erased", "gone")  # how erasures were kept before
+    s = RedisStateStore(redis_any, ATTRS, prefix="old:")
+    assert s.erased("gone") and not s.erased("here")
+
+
+def test_redis_cluster_url(redis_cluster_server: RedisClusterServer) -> None:
+    url = redis_cluster_server.url
+    assert url.startswith("redis+cluster://")
+    store = RedisStateStore.from_url(url, ATTRS, prefix="url:")
+    try:
+        assert store.clustered
+        assert store.apply([ev("a", "u", 1)]) == [True]
+        assert store.history("u") == [1]
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="host:port"):
+        connect("redis+cluster://nohostport/")
+    plain = connect("redis://127.0.0.1:1/0")
+    assert isinstance(plain, redis.Redis)
+    plain.close()

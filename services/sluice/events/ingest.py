@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import Protocol
 
 from sluice.core.errors import InvalidArgument, ResourceExhausted, Unavailable
-from sluice.events.log import EventLog, LogError
+from sluice.events.log import LogError
 from sluice.events.model import (
     ACCEPTED,
     CONFLICT,
@@ -33,10 +34,41 @@ MAX_BATCH = 1000
 """Most events per :meth:`Ingestor.track` call (``TrackRequest`` allows 1000)."""
 
 
+class DurableLog(Protocol):
+    """What the ingestor needs of its log: the group-commit file log of one process
+    (:class:`sluice.events.log.EventLog`) or the shared log on Redis Streams
+    (:class:`sluice.events.stream.RedisEventStream`). Both raise ``LogError`` when they
+    cannot take a write durably, and keep these counters (``sluice.events.metrics``)."""
+
+    commits: int
+    fsyncs: int
+    records_written: int
+    bytes_written: int
+    commit_seconds_total: float
+    last_commit_records: int
+    commit_ms_ewma: float
+    truncated_bytes: int
+
+    def append(self, events: Sequence[Event], *, timeout: float | None = None) -> None:
+        """Return once ``events`` are durable."""
+        ...
+
+    def erase_user(self, user_id: str) -> int:
+        """Remove the user's events (not their erase markers); return how many went."""
+        ...
+
+    def replay(self, since_ms: int | None = None) -> Iterator[Event]:
+        """The durable events appended at or after ``since_ms``, in append order per user."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Ingestor:
     """Validates, dedupes, durably logs and applies events.
 
-    An event is acknowledged ACCEPTED only after it is fsync-durable in the log
+    An event is acknowledged ACCEPTED only after it is durable in the log (fsync-ed in the
+    file log; in Redis Streams, written to the AOF and, where configured, held by replicas)
     and applied to the store. Duplicates (by event id, also within one batch
     or across concurrent calls) are acknowledged DUPLICATE and not applied.
     Thread-safe; one ingestor per log and per store.
@@ -44,7 +76,7 @@ class Ingestor:
 
     def __init__(
         self,
-        log: EventLog,
+        log: DurableLog,
         store: OnlineStateStore,
         *,
         known_item: Callable[[int], bool] | None = None,

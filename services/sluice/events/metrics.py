@@ -13,14 +13,13 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sluice.events.ingest import Ingestor
-from sluice.events.log import EventLog
+from sluice.events.ingest import DurableLog, Ingestor
 
 
 class EventMetrics(Collector):
-    """Exports one event log's and one ingestor's counters."""
+    """Exports one event log's (file or Redis Streams) and one ingestor's counters."""
 
-    def __init__(self, log: EventLog, ingestor: Ingestor) -> None:
+    def __init__(self, log: DurableLog, ingestor: Ingestor) -> None:
         self.log = log
         self.ingestor = ingestor
 

@@ -13,11 +13,14 @@ multiplied by ``2**(-(T - L) / H)``. When ``t`` moves past ``L`` by
 Scores are reported as of the store clock, the latest event time applied.
 Ties are broken like Redis sorted sets: by the member as a string, descending.
 
-:class:`InMemoryStateStore` and :class:`RedisStateStore` behave the same.
+:class:`InMemoryStateStore` and :class:`RedisStateStore` behave the same. The Redis store
+runs on one server or on a Redis Cluster (``redis+cluster://`` URLs): its keys carry hash tags
+and each script touches one slot (see the key layout below ``# -- Redis``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import heapq
 import json
@@ -26,9 +29,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
 from sluice.core.errors import Unavailable
 from sluice.events.model import WEIGHT_BY_TYPE, Event, EventType
@@ -380,25 +394,42 @@ class InMemoryStateStore:
 
 
 # -- Redis ---------------------------------------------------------------------
+#
+# Key layout (``P`` is the prefix, default ``sluice:``). Every key carries a Redis Cluster hash
+# tag (the part in braces decides the slot), so that each script below touches one slot:
+#
+#   P{u:<user>}:seq   list    the user's recent items, most recent last (capped)
+#   P{u:<user>}:sup   set     items the user bought
+#   P{u:<user>}:cat   zset    forward-decayed category affinities
+#   P{u:<user>}:brand zset    forward-decayed brand affinities
+#   P{u:<user>}:meta  hash    last (latest event ms), land (affinity landmark)
+#   P{u:<user>}:ev:<event id>   "1", TTL dedupe_ttl_s: this event is in the user's state
+#   P{u:<user>}:erased          "1": DeleteUser erased them (build-time history is not served)
+#   P{pop}:short / P{pop}:long  zsets  forward-decayed item popularity, 1 h / 24 h half-life
+#   P{pop}:meta       hash    clock (latest event ms applied), ls / ll (their landmarks)
+#   P{pop}:ev:<event id>        payload digest, TTL dedupe_ttl_s: the event is fully applied
+#
+# ``<user>`` is the user id with ``%``, ``{`` and ``}`` percent-encoded, so that the tag is
+# the whole id. Applying a batch takes one script call per user it touches, then one more:
+#
+# 1. per user, in the user's slot: for each event not yet marked there, mark it and add it to
+#    the user's history, purchases and affinities, atomically (the calls for one master go in
+#    one pipeline);
+# 2. in the popularity slot: for each event not yet marked there, mark it with its digest and
+#    add its weight to both popularity windows, atomically.
+#
+# Each call is idempotent on its own, guarded by its own marker, so a retried or replayed
+# event completes whatever half a crash cut off and never counts twice. The popularity marker
+# is written last: it is the commit point that ``seen``/``digests`` read, so an event whose
+# user half was applied and whose popularity half was not still reads as new, and its retry
+# (or the replay of the log) finishes it. Before step 1, events whose popularity marker exists
+# are skipped (fully applied earlier, possibly under another user: an id reused), and an id
+# repeated within the batch counts once. Only two gateways applying one id under two users at
+# the same instant (a client bug: ids are unique) may both apply their user halves, where the
+# in-memory store would take one; popularity still counts it once.
 
-# One round trip per batch. Keys are derived inside the script, so this needs a
-# standalone Redis (not Cluster). ARGV: prefix, dedupe ttl s, history cap,
-# affinity / short / long half-lives ms, rescale-after half-lives, prune-below,
-# then a JSON array of [id, user, item (string), type, ts, weight, category, brand, digest].
-# Per event: SET NX (and SADD for a purchase); per user and batch: HMGET,
-# RPUSH, LTRIM, HSET and one ZINCRBY per category and brand; per item and
-# batch: ZINCRBY x2. Lua numbers reach Redis with full precision.
-# Every key the apply script writes for one user (``user_key(user_id, part)``).
-_USER_PARTS = ("seq", "sup", "meta", "cat", "brand")
-
-_APPLY_LUA = """
-local p = ARGV[1]
-local ttl = ARGV[2]
-local cap = tonumber(ARGV[3])
-local h_aff, h_short, h_long = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local rescale_after = tonumber(ARGV[7])
-local prune = '(' .. ARGV[8]
-local events = cjson.decode(ARGV[9])
+_DECAY_LUA = """
+local rescale_after, prune
 
 local function advance(land, ts, h, keys)
   if land == nil then return ts end
@@ -413,71 +444,179 @@ local function advance(land, ts, h, keys)
   return land
 end
 
-local pm = p .. 'pop:meta'
-local pshort, plong = {p .. 'pop:short'}, {p .. 'pop:long'}
-local meta = redis.call('HMGET', pm, 'clock', 'ls', 'll')
-local clock, ls, ll = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
-
--- Increments are summed per member and written once per batch (and before a
--- rescale of their key).
+-- Increments are summed per member and written once per call (and before a rescale of
+-- their key).
 local function flush(keys, pending)
   for i, key in ipairs(keys) do
     for member, inc in pairs(pending[i]) do redis.call('ZINCRBY', key, inc, member) end
     pending[i] = {}
   end
 end
+
 local function add(pending, i, member, inc)
   pending[i][member] = (pending[i][member] or 0) + inc
 end
+"""
 
-local pop_pending_s, pop_pending_l = {{}}, {{}}
-local users, order = {}, {}
+# KEYS[1]: the user's meta key (routes the call to the user's slot). ARGV: the user's key
+# base ``P{u:<user>}:``, dedupe ttl s, history cap, affinity half-life ms, rescale-after
+# half-lives, prune-below, then a JSON array of [id, item (string), type, ts, weight,
+# category, brand]. Lua numbers reach Redis with full precision.
+_USER_APPLY_LUA = (
+    _DECAY_LUA
+    + """
+local u = ARGV[1]
+local ttl = ARGV[2]
+local cap = tonumber(ARGV[3])
+local h = tonumber(ARGV[4])
+rescale_after = tonumber(ARGV[5])
+prune = '(' .. ARGV[6]
+local events = cjson.decode(ARGV[7])
+
+local aff = {u .. 'cat', u .. 'brand'}
+local um = redis.call('HMGET', u .. 'meta', 'last', 'land')
+local last, land = tonumber(um[1]), tonumber(um[2])
+local pending = {{}, {}}
+local items = {}
 local out = {}
 for n, e in ipairs(events) do
-  local eid, uid, item, kind, ts, w, cat, brand = e[1], e[2], e[3], e[4], e[5], e[6], e[7], e[8]
-  if redis.call('SET', p .. 'seen:' .. eid, e[9], 'NX', 'EX', ttl) then
+  local eid, item, kind, ts, w, cat, brand = e[1], e[2], e[3], e[4], e[5], e[6], e[7]
+  if redis.call('SET', u .. 'ev:' .. eid, '1', 'NX', 'EX', ttl) then
     out[n] = 1
-    local st = users[uid]
-    if st == nil then
-      local u = p .. 'u:' .. uid
-      local um = redis.call('HMGET', u .. ':meta', 'last', 'land')
-      st = {last = tonumber(um[1]), land = tonumber(um[2]), key = u, items = {},
-            aff = {u .. ':cat', u .. ':brand'}, pending = {{}, {}}}
-      users[uid] = st
-      order[#order + 1] = st
-    end
-    st.items[#st.items + 1] = item
-    if kind == 4 then redis.call('SADD', st.key .. ':sup', item) end
-    if st.land ~= nil and ts - st.land > rescale_after * h_aff then flush(st.aff, st.pending) end
-    st.land = advance(st.land, ts, h_aff, st.aff)
-    local g = w * 2 ^ ((ts - st.land) / h_aff)
-    if cat ~= '' then add(st.pending, 1, cat, g) end
-    if brand ~= '' then add(st.pending, 2, brand, g) end
-    if st.last == nil or ts > st.last then st.last = ts end
-    if clock == nil or ts > clock then clock = ts end
-    if ls ~= nil and ts - ls > rescale_after * h_short then flush(pshort, pop_pending_s) end
-    ls = advance(ls, ts, h_short, pshort)
-    add(pop_pending_s, 1, item, w * 2 ^ ((ts - ls) / h_short))
-    if ll ~= nil and ts - ll > rescale_after * h_long then flush(plong, pop_pending_l) end
-    ll = advance(ll, ts, h_long, plong)
-    add(pop_pending_l, 1, item, w * 2 ^ ((ts - ll) / h_long))
+    items[#items + 1] = item
+    if kind == 4 then redis.call('SADD', u .. 'sup', item) end
+    if land ~= nil and ts - land > rescale_after * h then flush(aff, pending) end
+    land = advance(land, ts, h, aff)
+    local g = w * 2 ^ ((ts - land) / h)
+    if cat ~= '' then add(pending, 1, cat, g) end
+    if brand ~= '' then add(pending, 2, brand, g) end
+    if last == nil or ts > last then last = ts end
   else
     out[n] = 0
   end
 end
-flush(pshort, pop_pending_s)
-flush(plong, pop_pending_l)
-for _, st in ipairs(order) do
-  flush(st.aff, st.pending)
-  redis.call('RPUSH', st.key .. ':seq', unpack(st.items))
-  redis.call('LTRIM', st.key .. ':seq', -cap, -1)
-  redis.call('HSET', st.key .. ':meta', 'last', st.last, 'land', st.land)
+flush(aff, pending)
+if #items > 0 then
+  redis.call('RPUSH', u .. 'seq', unpack(items))
+  redis.call('LTRIM', u .. 'seq', -cap, -1)
+  redis.call('HSET', u .. 'meta', 'last', last, 'land', land)
 end
-if #order > 0 then
+return out
+"""
+)
+
+# KEYS[1]: the popularity meta key. ARGV: the popularity key base ``P{pop}:``, dedupe ttl s,
+# short and long half-lives ms, rescale-after half-lives, prune-below, then a JSON array of
+# [id, digest, item (string), ts, weight].
+_POP_APPLY_LUA = (
+    _DECAY_LUA
+    + """
+local p = ARGV[1]
+local ttl = ARGV[2]
+local h_short, h_long = tonumber(ARGV[3]), tonumber(ARGV[4])
+rescale_after = tonumber(ARGV[5])
+prune = '(' .. ARGV[6]
+local events = cjson.decode(ARGV[7])
+
+local pm = p .. 'meta'
+local pshort, plong = {p .. 'short'}, {p .. 'long'}
+local meta = redis.call('HMGET', pm, 'clock', 'ls', 'll')
+local clock, ls, ll = tonumber(meta[1]), tonumber(meta[2]), tonumber(meta[3])
+local pending_s, pending_l = {{}}, {{}}
+local applied = false
+local out = {}
+for n, e in ipairs(events) do
+  local eid, digest, item, ts, w = e[1], e[2], e[3], e[4], e[5]
+  if redis.call('SET', p .. 'ev:' .. eid, digest, 'NX', 'EX', ttl) then
+    out[n] = 1
+    applied = true
+    if clock == nil or ts > clock then clock = ts end
+    if ls ~= nil and ts - ls > rescale_after * h_short then flush(pshort, pending_s) end
+    ls = advance(ls, ts, h_short, pshort)
+    add(pending_s, 1, item, w * 2 ^ ((ts - ls) / h_short))
+    if ll ~= nil and ts - ll > rescale_after * h_long then flush(plong, pending_l) end
+    ll = advance(ll, ts, h_long, plong)
+    add(pending_l, 1, item, w * 2 ^ ((ts - ll) / h_long))
+  else
+    out[n] = 0
+  end
+end
+flush(pshort, pending_s)
+flush(plong, pending_l)
+if applied then
   redis.call('HSET', pm, 'clock', clock, 'ls', ls, 'll', ll)
 end
 return out
 """
+)
+
+# KEYS: the user's seq, sup, meta, cat, brand keys, then the erased marker (one slot).
+_FORGET_LUA = """
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SET', KEYS[6], '1')
+return 1
+"""
+
+# Every key of a user's state that DeleteUser removes (``user_key(user_id, part)``).
+_USER_PARTS = ("seq", "sup", "meta", "cat", "brand")
+
+RedisClient = redis.Redis | RedisCluster
+"""A standalone server's client or a Redis Cluster's (``connect``)."""
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes that name a Redis Cluster, and the scheme of its nodes."""
+
+
+def connect(url: str, **kwargs: Any) -> RedisClient:
+    """A client for ``url``, decoding replies to ``str``.
+
+    ``redis://``, ``rediss://`` and ``unix://`` name one server (redis-py's URL syntax).
+    ``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster://`` for
+    TLS) names a Redis Cluster: redis-py's cluster client discovers every node and slot from
+    whichever of those seed nodes answers, and follows the cluster through failovers.
+    """
+    scheme, _, rest = url.partition("://")
+    node_scheme = CLUSTER_SCHEMES.get(scheme.lower())
+    if node_scheme is None:
+        return redis.Redis.from_url(url, decode_responses=True, **kwargs)
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    userinfo, at, hosts = authority.rpartition("@")
+    seeds = [h.strip() for h in hosts.split(",") if h.strip()]
+    nodes = []
+    for seed in seeds:
+        host, colon, port = seed.rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"cluster node {seed!r} in {scheme}:// URL needs host:port")
+        nodes.append(ClusterNode(host.strip("[]"), int(port)))
+    if not nodes:
+        raise ValueError(f"a {scheme}:// URL needs at least one host:port")
+    first = f"{node_scheme}://{userinfo}{at}{seeds[0]}{tail}"
+    return RedisCluster.from_url(first, startup_nodes=nodes[1:], decode_responses=True, **kwargs)
+
+
+_OUT_OF_MEMORY: type[Exception] = getattr(redis.exceptions, "OutOfMemoryError", ReadOnlyError)
+# (types-redis lacks OutOfMemoryError; redis-py raises it for "OOM command not allowed")
+
+
+def redis_down(exc: BaseException) -> bool:
+    """Whether a redis-py error means Redis (or part of a cluster) cannot serve now: not
+    reachable, timed out, failing over, loading, read-only, out of memory. Anything else
+    (a wrong command, a script bug) is a bug and stays one."""
+    if isinstance(
+        exc,
+        redis.ConnectionError  # also BusyLoadingError, MaxConnectionsError
+        | redis.TimeoutError
+        | ClusterError  # also ClusterDownError, MasterDownError, "TTL exhausted"
+        | TryAgainError
+        | ReadOnlyError
+        | SlotNotCoveredError,
+    ):
+        return True
+    if isinstance(exc, _OUT_OF_MEMORY):
+        return True  # maxmemory reached: writes are refused until memory is freed
+    # "Redis Cluster cannot be connected": no seed node answered
+    return type(exc) is RedisClusterException
 
 
 _P = ParamSpec("_P")
@@ -485,18 +624,99 @@ _R = TypeVar("_R")
 
 
 def _redis_call(method: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Report an unreachable or timed-out Redis as ``Unavailable``."""
+    """Report an unreachable, timed-out or failing-over Redis as ``Unavailable``."""
 
     @functools.wraps(method)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return method(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except (redis.RedisError, RedisClusterException) as exc:
+            if not redis_down(exc):
+                raise
             raise Unavailable(
                 f"redis state store unavailable: {exc}", metadata={"dependency": "redis"}
             ) from exc
 
     return wrapper
+
+
+def hash_tag(value: str) -> str:
+    """``value`` made safe as the inside of a Redis Cluster hash tag (no braces)."""
+    return value.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+ScriptCall = tuple[Any, Sequence[str], Sequence[Any]]
+"""A registered script (``client.register_script``), its keys and its other arguments."""
+
+
+MOVED_ELSEWHERE = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
+"""Replies that mean a command did not run on the node it was sent to: its slot moved (MOVED
+is an AskError) or is migrating, the cluster is re-forming, or the node became a replica."""
+
+
+def by_master(client: RedisClient, first_keys: Sequence[str]) -> list[tuple[Any, list[int]]]:
+    """Positions of ``first_keys`` grouped by the master that holds each key's slot, with a
+    plain client of that master (its own connection pool). One server: one group. redis-py's
+    cluster pipeline asks the server for the keys of every script call (``COMMAND GETKEYS``,
+    a round trip each); slots computed here cost nothing."""
+    if not isinstance(client, RedisCluster):
+        return [(client, list(range(len(first_keys))))]
+    any_client: Any = client  # (types-redis lacks part of RedisCluster)
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    for i, key in enumerate(first_keys):
+        node = any_client.get_node_from_key(key)
+        if node.name not in groups:
+            groups[node.name] = (any_client.get_redis_connection(node), [])
+        groups[node.name][1].append(i)
+    return list(groups.values())
+
+
+def refresh_layout(client: RedisClient) -> None:
+    """Re-read which master serves which slot (after a failover or a moved slot)."""
+    if isinstance(client, RedisCluster):
+        any_client: Any = client
+        any_client.nodes_manager.initialize()
+
+
+def run_scripts(client: RedisClient, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Run idempotent ``(script, keys, args)`` calls, each in its first key's slot: one
+    pipeline per master; return their results in order. A call the node did not run (script
+    not loaded there yet, slot moved elsewhere) is sent again after loading the script or
+    re-reading the cluster's layout. A node that cannot be reached raises (redis-py's
+    ConnectionError), after the layout is re-read for the next call."""
+    results: list[Any] = [None] * len(calls)
+    pending = list(range(len(calls)))
+    for _ in range(4):
+        again: list[int] = []
+        moved = False
+        try:
+            for node, positions in by_master(client, [calls[i][1][0] for i in pending]):
+                todo = [pending[p] for p in positions]
+                pipe = node.pipeline(transaction=False)
+                for i in todo:
+                    script, keys, args = calls[i]
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                for i, reply in zip(todo, pipe.execute(raise_on_error=False), strict=True):
+                    if isinstance(reply, NoScriptError):
+                        node.script_load(calls[i][0].script)
+                        again.append(i)
+                    elif isinstance(reply, MOVED_ELSEWHERE):
+                        moved = True
+                        again.append(i)
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        results[i] = reply
+        except (redis.ConnectionError, redis.TimeoutError):
+            with contextlib.suppress(redis.RedisError, RedisClusterException):
+                refresh_layout(client)
+            raise
+        if not again:
+            return results
+        if moved:
+            refresh_layout(client)
+        pending = sorted(again)
+    raise ClusterError("script calls kept landing on nodes that do not serve their slots")
 
 
 def _text(value: Any) -> str:
@@ -508,41 +728,65 @@ def _num(value: Any) -> float | None:
 
 
 class RedisStateStore:
-    """State in Redis (standalone); ``apply`` is one atomic script call per batch.
+    """State in Redis: a standalone server or a Redis Cluster (``connect``), with the same key
+    layout, so that one user's keys share a slot (see the layout above).
 
-    A connection failure or timeout raises ``sluice.core.errors.Unavailable``.
+    A connection failure, a timeout or a cluster failing over raises
+    ``sluice.core.errors.Unavailable``.
 
-    Idempotency: each applied event id is kept as ``{prefix}seen:{id}`` with a
-    TTL of ``config.dedupe_ttl_s``.
+    Idempotency: an event id is marked in the user's slot and in the popularity slot, each
+    with a TTL of ``config.dedupe_ttl_s``; ``apply`` skips what either marker covers.
     """
 
     persistent = True
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         attributes: ItemAttributes | Mapping[int, tuple[str, str]] | None = None,
         *,
         config: StateConfig | None = None,
         prefix: str = "sluice:",
     ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the key prefix must not contain braces (Redis Cluster hash tags)")
         self.config = config or StateConfig()
-        self._r = client
+        self._r: Any = cast(Any, client)  # (types-redis lacks part of RedisCluster)
         self._attributes = attribute_lookup(attributes)
         self._p = prefix
-        self._apply = client.register_script(_APPLY_LUA)
+        self._pop = f"{prefix}{{pop}}:"
+        self._user_apply = self._r.register_script(_USER_APPLY_LUA)
+        self._pop_apply = self._r.register_script(_POP_APPLY_LUA)
+        self._forget = self._r.register_script(_FORGET_LUA)
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> Any:
+        """The ``redis.Redis`` or ``redis.cluster.RedisCluster`` client."""
         return self._r
 
     @property
     def prefix(self) -> str:
         return self._p
 
+    @property
+    def clustered(self) -> bool:
+        return isinstance(self._r, RedisCluster)
+
+    def _user_base(self, user_id: str) -> str:
+        return f"{self._p}{{u:{hash_tag(user_id)}}}:"
+
     def user_key(self, user_id: str, part: str) -> str:
-        """Key of a user's ``seq`` (list), ``cat``/``brand`` (zsets), ``sup`` (set), ``meta``."""
-        return f"{self._p}u:{user_id}:{part}"
+        """Key of a user's ``seq`` (list), ``cat``/``brand`` (zsets), ``sup`` (set), ``meta``,
+        ``erased``; every one in the user's slot."""
+        return self._user_base(user_id) + part
+
+    def event_key(self, event_id: str) -> str:
+        """The marker of a fully applied event (its payload digest), in the popularity slot."""
+        return f"{self._pop}ev:{event_id}"
+
+    def popularity_key(self, part: str) -> str:
+        """``short``/``long`` (zsets) or ``meta`` (hash) of item popularity (one slot)."""
+        return self._pop + part
 
     @classmethod
     def from_url(
@@ -551,72 +795,87 @@ class RedisStateStore:
         attributes: ItemAttributes | Mapping[int, tuple[str, str]] | None = None,
         **kwargs: Any,
     ) -> RedisStateStore:
-        client = redis.Redis.from_url(url, decode_responses=True)
-        return cls(client, attributes, **kwargs)
+        """``redis://...`` for one server, ``redis+cluster://host:port[,...]`` for a cluster."""
+        return cls(connect(url), attributes, **kwargs)
 
     @_redis_call
     def apply(self, events: Sequence[Event]) -> list[bool]:
+        out = [False] * len(events)
         if not events:
-            return []
+            return out
+        first: dict[str, int] = {}
+        for i, e in enumerate(events):
+            first.setdefault(e.event_id, i)  # an id repeated in the batch counts once
+        candidates = list(first.values())
+        known = self._r.mget([self.event_key(events[i].event_id) for i in candidates])
+        todo = [events[i] for i, mark in zip(candidates, known, strict=True) if mark is None]
+        if not todo:
+            return out
         cfg = self.config
-        args: list[Any] = [
-            self._p,
+        shared = [repr(RESCALE_AFTER), repr(PRUNE_BELOW)]
+        by_user: dict[str, list[Event]] = {}
+        for e in todo:
+            by_user.setdefault(e.user_id, []).append(e)
+        lookup = self._attributes
+        user_calls: list[ScriptCall] = []
+        for user_id, user_events in by_user.items():
+            rows = []
+            for e in user_events:
+                category, brand = lookup(e.item_id) or ("", "")
+                row = (e.event_id, str(e.item_id), int(e.type), e.timestamp_ms, _WEIGHTS[e.type])
+                rows.append((*row, category or "", brand or ""))
+            base = self._user_base(user_id)
+            args = [base, cfg.dedupe_ttl_s, cfg.history_cap, cfg.affinity_half_life_ms, *shared]
+            user_calls.append((self._user_apply, [base + "meta"], [*args, _json(rows)]))
+        run_scripts(self._r, user_calls)  # 1: every user's half, before
+        pop_rows = [
+            (e.event_id, e.digest, str(e.item_id), e.timestamp_ms, _WEIGHTS[e.type]) for e in todo
+        ]
+        pop_args = [
+            self._pop,
             cfg.dedupe_ttl_s,
-            cfg.history_cap,
-            cfg.affinity_half_life_ms,
             cfg.popularity_short_half_life_ms,
             cfg.popularity_long_half_life_ms,
-            repr(RESCALE_AFTER),
-            repr(PRUNE_BELOW),
+            *shared,
+            _json(pop_rows),
         ]
-        lookup = self._attributes
-        rows = []
-        for e in events:
-            category, brand = lookup(e.item_id) or ("", "")
-            rows.append(
-                (
-                    e.event_id,
-                    e.user_id,
-                    str(e.item_id),
-                    int(e.type),
-                    e.timestamp_ms,
-                    _WEIGHTS[e.type],
-                    category or "",
-                    brand or "",
-                    e.digest,
-                )
-            )
-        args.append(json.dumps(rows, ensure_ascii=False, separators=(",", ":")))
-        result = self._apply(args=args)
-        return [bool(x) for x in result]
+        # 2: the popularity half, whose markers commit the events
+        (applied,) = run_scripts(self._r, [(self._pop_apply, [self._pop + "meta"], pop_args)])
+        for e, ok in zip(todo, applied, strict=True):
+            out[first[e.event_id]] = bool(ok)
+        return out
 
     @_redis_call
     def seen(self, event_id: str) -> bool:
-        return bool(self._r.exists(f"{self._p}seen:{event_id}"))
+        return bool(self._r.exists(self.event_key(event_id)))
 
     @_redis_call
     def seen_many(self, event_ids: Sequence[str]) -> list[bool]:
         if not event_ids:
             return []
-        values = self._r.mget([f"{self._p}seen:{e}" for e in event_ids])
+        values = self._r.mget([self.event_key(e) for e in event_ids])  # one slot
         return [v is not None for v in values]
 
     @_redis_call
     def forget_user(self, user_id: str) -> None:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.delete(*(self.user_key(user_id, part) for part in _USER_PARTS))
-        pipe.sadd(f"{self._p}erased", user_id)
-        pipe.execute()
+        keys = [self.user_key(user_id, part) for part in (*_USER_PARTS, "erased")]
+        self._forget(keys=keys)
 
     @_redis_call
     def erased(self, user_id: str) -> bool:
-        return bool(self._r.sismember(f"{self._p}erased", user_id))
+        # also the set that recorded erasures before the cluster layout (``P`` + "erased"), so
+        # that nobody erased before an upgrade has their build-time history served again
+        pipe = self._r.pipeline(transaction=False)
+        pipe.exists(self.user_key(user_id, "erased"))
+        pipe.sismember(f"{self._p}erased", user_id)
+        marked, listed = pipe.execute()
+        return bool(marked) or bool(listed)
 
     @_redis_call
     def digests(self, event_ids: Sequence[str]) -> list[str | None]:
         if not event_ids:
             return []
-        values = self._r.mget([f"{self._p}seen:{e}" for e in event_ids])
+        values = self._r.mget([self.event_key(e) for e in event_ids])
         return [None if v is None else ("" if v == "1" else str(v)) for v in values]
 
     @_redis_call
@@ -641,7 +900,7 @@ class RedisStateStore:
         pipe = self._r.pipeline(transaction=False)
         self._queue_affinities(pipe, user_id, part, k)
         pipe.hget(self.user_key(user_id, "meta"), "land")
-        pipe.hget(f"{self._p}pop:meta", "clock")
+        pipe.hget(self.popularity_key("meta"), "clock")
         rows, land, clock = pipe.execute()
         return self._scale(rows, _num(clock), _num(land), self.config.affinity_half_life_ms)
 
@@ -659,13 +918,15 @@ class RedisStateStore:
     def user_state(
         self, user_id: str, *, history_limit: int | None = None, top_k: int = 10
     ) -> UserState:
+        # the user's keys share a slot; the store clock lives in the popularity slot (on a
+        # cluster the pipeline sends each node its part)
         pipe = self._r.pipeline(transaction=False)
         pipe.lrange(self.user_key(user_id, "seq"), -history_limit if history_limit else 0, -1)
         self._queue_affinities(pipe, user_id, "cat", top_k)
         self._queue_affinities(pipe, user_id, "brand", top_k)
         pipe.smembers(self.user_key(user_id, "sup"))
         pipe.hmget(self.user_key(user_id, "meta"), ["last", "land"])
-        pipe.hget(f"{self._p}pop:meta", "clock")
+        pipe.hget(self.popularity_key("meta"), "clock")
         seq, cats, brands, sup, (last, land), clock = pipe.execute()
         if last is None:
             return UserState(user_id)
@@ -681,8 +942,8 @@ class RedisStateStore:
 
     def _popular(self, window: Window, k: int) -> list[tuple[int, float]]:
         pipe = self._r.pipeline(transaction=False)
-        pipe.zrevrange(f"{self._p}pop:{window}", 0, k - 1, withscores=True)
-        pipe.hmget(f"{self._p}pop:meta", ["clock", "ls" if window == "short" else "ll"])
+        pipe.zrevrange(self.popularity_key(window), 0, k - 1, withscores=True)
+        pipe.hmget(self.popularity_key("meta"), ["clock", "ls" if window == "short" else "ll"])
         rows, (clock, landmark) = pipe.execute()
         cfg = self.config
         h = (
@@ -705,8 +966,8 @@ class RedisStateStore:
         if not short:
             return []
         pipe = self._r.pipeline(transaction=False)
-        pipe.zmscore(f"{self._p}pop:long", [str(item) for item, _ in short])
-        pipe.hmget(f"{self._p}pop:meta", ["clock", "ll"])
+        pipe.zmscore(self.popularity_key("long"), [str(item) for item, _ in short])
+        pipe.hmget(self.popularity_key("meta"), ["clock", "ll"])
         raw, (clock, landmark) = pipe.execute()
         h = cfg.popularity_long_half_life_ms
         clock_f, land_f = _num(clock) or 0.0, _num(landmark) or 0.0
@@ -715,3 +976,7 @@ class RedisStateStore:
 
     def close(self) -> None:
         self._r.close()
+
+
+def _json(rows: Any) -> str:
+    return json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
