@@ -3,36 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from sluice.artifacts import Artifacts
 from sluice.launch import ClusterTls
 
+if TYPE_CHECKING:
+    from sluice.build.pipeline import BuildOptions
+
 pytest_plugins = ["tests.redis_fixture"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
-    """A complete `sluice build` of a small generated shop (real MiniLM, FAISS, ranker)."""
-    from sluice.build.pipeline import BuildOptions, build
+def tiny_build(out: Path, model_repository: Path, **options: Any) -> BuildOptions:
+    """The options of the small generated shop the tests build (``options`` override)."""
+    from sluice.build.pipeline import BuildOptions
     from sluice.data.synthetic import ShopSpec
     from sluice.fine.model import RankerConfig
 
+    fields: dict[str, Any] = {
+        "shop": ShopSpec(num_items=800, num_users=600, mean_events_per_user=12, seed=3),
+        "epochs": 30,
+        "ranker": RankerConfig(dim=64, layers=2, patience=3),
+        "coarse_users": 300,
+        "cache_dir": ROOT / "var" / "cache",
+        "progress": False,
+        **options,
+    }
+    return BuildOptions(out=out, model_repository=model_repository, **fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
+    """A complete `sluice build` of a small generated shop (real MiniLM, FAISS, ranker)."""
+    from sluice.build.pipeline import build
+
     root = tmp_path_factory.mktemp("build")
-    options = BuildOptions(
-        out=root / "artifacts",
-        shop=ShopSpec(num_items=800, num_users=600, mean_events_per_user=12, seed=3),
-        model_repository=root / "model_repository",
-        epochs=30,
-        ranker=RankerConfig(dim=64, layers=2, patience=3),
-        coarse_users=300,
-        cache_dir=ROOT / "var" / "cache",
-        progress=False,
-    )
-    return build(options)
+    return build(tiny_build(root / "artifacts", root / "model_repository"))
 
 
 @pytest.fixture(scope="session")

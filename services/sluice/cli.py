@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from sluice.config import DEFAULT_ARTIFACTS, ROOT
+from sluice import paths
 from sluice.wiring import SERVICES
 
 
@@ -19,8 +19,16 @@ def _build(args: argparse.Namespace) -> int:
     from sluice.fine.model import RankerConfig
 
     ranker = RankerConfig()
+    build_id = ""
+    out = Path(args.out)
+    if args.store:  # a new build beside the store's others, published only when asked
+        from sluice.builds import BUILDS, new_build_id
+
+        build_id = new_build_id()
+        out = Path(args.store) / BUILDS / build_id
     options = BuildOptions(
-        out=Path(args.out),
+        out=out,
+        build_id=build_id,
         data=Path(args.data) if args.data else None,
         shop=ShopSpec(num_items=args.items, num_users=args.users, seed=args.seed),
         model_repository=Path(args.model_repository),
@@ -30,6 +38,26 @@ def _build(args: argparse.Namespace) -> int:
         ranker=ranker,
     )
     (refit if args.refit else build)(options)
+    if args.store:
+        print(f"built {build_id} in {args.store}", flush=True)
+        if args.publish:
+            return _publish(argparse.Namespace(store=args.store, build_id=build_id))
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from sluice.builds import BUILDS, publish
+
+    store = Path(args.store)
+    build_id = args.build_id
+    if not build_id:  # the newest complete build (ids sort by time)
+        done = sorted(p.parent.name for p in (store / BUILDS).glob("*/manifest.json"))
+        if not done:
+            print(f"no complete build in {store / BUILDS}", file=sys.stderr)
+            return 1
+        build_id = done[-1]
+    publish(store, build_id)
+    print(f"published {build_id}: the services of {store} swap to it", flush=True)
     return 0
 
 
@@ -45,12 +73,14 @@ def _cluster(args: argparse.Namespace, supervise: bool = False) -> object:
 
     return Cluster(
         artifacts=Path(args.artifacts),
-        log_dir=ROOT / "var" / "logs",
-        event_log_dir=ROOT / "var" / "events",
+        log_dir=paths.var("logs"),
+        event_log_dir=paths.var("events"),
         fine_backend=args.fine_backend,
         triton_gpu=args.gpu,
         stages=args.stages,
         supervise=supervise,
+        replicas=args.replicas,
+        stage_replicas=args.stage_replicas or 0,
     )
 
 
@@ -61,8 +91,10 @@ def _up(args: argparse.Namespace) -> int:
     assert isinstance(cluster, Cluster)
     print("starting Triton and the services (logs in var/logs/) …", flush=True)
     cluster.start(progress=True)
+    behind = f", HAProxy in front of {cluster.replicas} gateways" if cluster.replicas > 1 else ""
     print(
-        f"Sluice is up: storefront API at {cluster.gateway_address} (Ctrl-C stops it)", flush=True
+        f"Sluice is up: storefront API at {cluster.gateway_address}{behind} (Ctrl-C stops it)",
+        flush=True,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -93,7 +125,7 @@ def _demo(args: argparse.Namespace) -> int:
                 items=args.items,
                 users=args.users,
                 seed=0,
-                model_repository=str(ROOT / "model_repository"),
+                model_repository=str(paths.default_model_repository()),
                 holdout=0,
                 epochs=200,
                 refit=False,
@@ -147,6 +179,13 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
@@ -156,8 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument(
         "--data", help="dataset directory (amazon-beauty layout); default: generated shop"
     )
-    b.add_argument("--out", default=str(DEFAULT_ARTIFACTS))
-    b.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    b.add_argument("--out", default=str(paths.default_artifacts()))
+    b.add_argument(
+        "--store",
+        help="write a new versioned build into this build store (<store>/builds/<id>) "
+        "instead of --out; the services serving the store swap to it once published",
+    )
+    b.add_argument(
+        "--publish", action="store_true", help="with --store: publish the build when it is done"
+    )
+    b.add_argument("--model-repository", default=str(paths.default_model_repository()))
     b.add_argument("--items", type=int, default=5000, help="generated shop: items")
     b.add_argument("--users", type=int, default=3000, help="generated shop: users")
     b.add_argument("--holdout", type=int, default=0, help="drop each user's last n interactions")
@@ -170,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.set_defaults(fn=_build)
 
+    pb = sub.add_parser(
+        "publish", help="make a build of a build store current (services swap without restart)"
+    )
+    pb.add_argument("store", help="the build store (--store of `sluice build`)")
+    pb.add_argument("build_id", nargs="?", default="", help="default: the newest build")
+    pb.set_defaults(fn=_publish)
+
     s = sub.add_parser("serve", help="run one service")
     s.add_argument("service", choices=SERVICES)
     s.set_defaults(fn=_serve)
@@ -179,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         ("demo", _demo, "build if needed, start everything, send sample queries"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
+        p.add_argument("--artifacts", default=str(paths.default_artifacts()))
         p.add_argument("--fine-backend", choices=("triton", "torch"), default="triton")
         p.add_argument("--gpu", action="store_true", help="Triton with the KIND_GPU config")
         p.add_argument(
@@ -187,6 +241,20 @@ def main(argv: list[str] | None = None) -> int:
             choices=("grpc", "local"),
             default="grpc",
             help="local: one gateway process runs the four stages beside Triton",
+        )
+        p.add_argument(
+            "--replicas",
+            type=_positive,
+            default=1,
+            help="gateway processes; more than one run behind HAProxy (on the storefront "
+            "port) and share their state and event log in a redis-server the layout starts",
+        )
+        p.add_argument(
+            "--stage-replicas",
+            type=_positive,
+            default=None,
+            help="processes of each stage service (default: 2 with --replicas above 1, else "
+            "1), reached with round_robin, health checks and retries",
         )
         if name == "demo":
             p.add_argument("--rebuild", action="store_true")

@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sluice.balancer import parse_target
 from sluice.core.admission import AdmissionConfig
 from sluice.core.auth import Guard, PeerPolicy, RateLimits, StorefrontAuth, server_credentials
 from sluice.core.server import ServerOptions
-
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_ARTIFACTS = ROOT / "artifacts" / "default"
+from sluice.core.tracing import TracingConfig
+from sluice.paths import default_artifacts, var
 
 
 def _cpu_bound_workers() -> Any:
@@ -37,7 +37,23 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
-    artifacts: Path = DEFAULT_ARTIFACTS
+    artifacts: Path = Field(
+        default_factory=default_artifacts,
+        description="the build to serve (default: <home>/artifacts/default, sluice.paths)",
+    )
+    build_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=300,
+        description="with artifacts naming a build store: how often its CURRENT pointer is read "
+        "(a newly published build is loaded in the background, then swapped in)",
+    )
+    build_retain_s: float = Field(
+        30.0,
+        ge=0,
+        description="how long the previous build stays loaded after a swap, for requests "
+        "pinned to it; longer than any request's deadline",
+    )
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics; 0 disables")
@@ -92,6 +108,34 @@ class ServiceSettings(BaseSettings):
         "certificate the CA signed (needs tls_client_ca_file)",
     )
 
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OpenTelemetry collector (OTLP/gRPC) that receives this service's spans: "
+        "http://host:4317 (plaintext) or https://host:4317 (TLS); unset: no tracing",
+    )
+    otlp_ca_file: Path | None = Field(
+        None, description="verify an https:// collector with this CA (default: system roots)"
+    )
+    trace_sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of new traces recorded; a caller's traceparent decides for its own",
+    )
+    trace_service_name: str | None = Field(
+        None, description="service.name of the spans; unset: sluice-<service>"
+    )
+    trace_export_delay_ms: int = Field(
+        5000, ge=1, le=60_000, description="longest a finished span waits before its batch goes"
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("otlp_endpoint must start with http:// (plaintext) or https:// (TLS)")
+        return value
+
     @model_validator(mode="after")
     def _tls_pairs(self) -> ServiceSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -100,6 +144,8 @@ class ServiceSettings(BaseSettings):
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.allowed_peers and not self.tls_client_ca_file:
             raise ValueError("allowed_peers needs tls_client_ca_file (mTLS)")
+        if self.otlp_ca_file and not (self.otlp_endpoint or "").startswith("https://"):
+            raise ValueError("otlp_ca_file needs an https:// otlp_endpoint")
         return self
 
     def guard(self) -> Guard | None:
@@ -113,6 +159,18 @@ class ServiceSettings(BaseSettings):
             target_ms=self.admission_target_ms,
             initial=min(self.server_workers(), self.admission_max),
             max_limit=self.admission_max,
+        )
+
+    def tracing_config(self) -> TracingConfig | None:
+        """OpenTelemetry export (``core.tracing``); None unless an endpoint is set."""
+        if self.otlp_endpoint is None:
+            return None
+        return TracingConfig(
+            endpoint=self.otlp_endpoint,
+            service_name=self.trace_service_name or "",
+            sample_ratio=self.trace_sample_ratio,
+            export_delay_ms=self.trace_export_delay_ms,
+            ca_file=self.otlp_ca_file,
         )
 
     def serves_reflection(self) -> bool:
@@ -134,6 +192,7 @@ class ServiceSettings(BaseSettings):
             else None,
             guard=self.guard(),
             health_port=self.health_port,
+            tracing=self.tracing_config(),
         )
 
     def server_workers(self) -> int:
@@ -163,7 +222,12 @@ class RecallSettings(StageSettings):
     state: Literal["embedded", "redis"] = Field(
         "embedded", description="redis: blend live popularity from the shared state store"
     )
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="the shared state store: redis://host:port/db (one server) or "
+        "redis+cluster://host:port[,host:port...] (a Redis Cluster, found from those seeds; "
+        "rediss+cluster:// with TLS)",
+    )
     live_popularity_refresh_s: float = Field(
         1.0, gt=0.0, le=60.0, description="how often live popularity is read from the store"
     )
@@ -186,7 +250,16 @@ class FineSettings(StageSettings):
     triton_tls_ca_file: Path | None = Field(None, description="verify Triton's gRPC TLS")
     triton_tls_cert_file: Path | None = Field(None, description="client certificate for Triton")
     triton_tls_key_file: Path | None = Field(None, description="its private key")
-    model_name: str = "fine_ranker"
+    model_name: str = Field(
+        "fine_ranker",
+        description="the Triton model the stage calls: the build's ranker, or any model that "
+        "declares the ranker contract (sluice.fine.contract), checked at warm-up",
+    )
+    model_version: str | None = Field(
+        None,
+        description="its Triton version; unset: the build's version for fine_ranker, the "
+        "newest loaded for any other model",
+    )
     triton_wait_s: float = Field(
         300.0, gt=0, description="how long warm-up waits for Triton to load the model"
     )
@@ -215,12 +288,30 @@ class GatewaySettings(ServiceSettings):
         ge=1024,
         description="a storefront request needs a few KiB; Track's 1000 events fit in 1 MiB",
     )
+    # Each stage address is a gRPC target (sluice.balancer): one host:port (gRPC's defaults,
+    # as always), or several replicas: ipv4:a:p,b:p (or the bare list a:p,b:p) or
+    # dns:///name:port (every address of the name) get round_robin, health checks, retries.
     recall_addr: str = "127.0.0.1:50061"
     coarse_addr: str = "127.0.0.1:50062"
     fine_addr: str = "127.0.0.1:50063"
     rerank_addr: str = "127.0.0.1:50064"
+    stage_attempts: int = Field(
+        3,
+        ge=1,
+        le=5,
+        description="with several replicas behind a stage address: tries of a stage call that "
+        "meets UNAVAILABLE (each on the next healthy replica, within the call's deadline); "
+        "1: no retries",
+    )
     deadline_ms: int = Field(250, ge=1, description="used when the caller sets no deadline")
     min_deadline_ms: int = Field(5, ge=1, description="below this nothing is attempted")
+    build_switch_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="how long a newly published build waits for every stage service to load "
+        "it before the gateway gives up on it (and tries again later); meanwhile the current "
+        "build keeps serving",
+    )
     recall_candidates: int = Field(1000, ge=10)
     coarse_candidates: int = Field(200, ge=10)
     fine_candidates: int = Field(200, ge=1)
@@ -240,8 +331,44 @@ class GatewaySettings(ServiceSettings):
         "RESOURCE_EXHAUSTED with a retry delay",
     )
     state: Literal["embedded", "redis"] = "embedded"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    event_log_dir: Path = ROOT / "var" / "events"
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="the shared state store: redis://host:port/db (one server) or "
+        "redis+cluster://host:port[,host:port...] (a Redis Cluster, found from those seeds; "
+        "rediss+cluster:// with TLS)",
+    )
+    event_log: Literal["file", "redis"] = Field(
+        "file",
+        description="file: the group-commit log in event_log_dir, this process's own; redis: "
+        "Redis Streams at redis_url, shared by every gateway (needs state=redis)",
+    )
+    event_log_dir: Path = Field(default_factory=lambda: var("events"))
+    stream_partitions: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="event_log=redis: streams the log is split into by user id (one cluster "
+        "slot each; a user's events stay in order in one). Keep it across restarts",
+    )
+    stream_retention_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="event_log=redis: entries older than this are trimmed (XADD MINID ~)",
+    )
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="event_log=redis: Track acknowledges once this many replicas hold the "
+        "events (WAIT); 0: the master's AOF alone",
+    )
+    redis_wait_timeout_ms: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="event_log=redis: how long WAIT may block; short of the replicas after "
+        "it, Track answers UNAVAILABLE",
+    )
     local_workers: int = _cpu_bound_workers()
     """The handler threads with ``stages=local`` (``workers`` applies with ``grpc``, where the
     gateway mostly waits on the stages)."""
@@ -295,10 +422,18 @@ class GatewaySettings(ServiceSettings):
             self.jwt_audience,
         )
 
+    @field_validator("recall_addr", "coarse_addr", "fine_addr", "rerank_addr")
+    @classmethod
+    def _stage_target(cls, value: str) -> str:
+        parse_target(value)  # ValueError names what is wrong
+        return value
+
     @model_validator(mode="after")
     def _budgets(self) -> GatewaySettings:
         if self.coarse_candidates > self.recall_candidates:
             raise ValueError("coarse_candidates must not exceed recall_candidates")
+        if self.event_log == "redis" and self.state != "redis":
+            raise ValueError("event_log=redis needs state=redis (the gateways share their state)")
         if self.profile == "production" and not (self.api_keys or self.jwt_jwks_file):
             raise ValueError("the production profile needs api_keys or jwt_jwks_file")
         return self

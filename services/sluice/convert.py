@@ -25,6 +25,7 @@ from sluice.embed.text import TEXT_DIM
 MAX_QUERY_CHARS = 2048
 MAX_HISTORY = 1000
 MAX_EXCLUSIONS = 10_000
+MAX_BUILD_ID_CHARS = 128
 
 
 _MAX_SOURCE = max(int(s) for s in Source)
@@ -176,7 +177,16 @@ def context_from_proto(msg: common_pb2.RankContext, field: str = "context") -> R
         context_item_id=int(msg.context_item_id),
         filters=item_filters_from_proto(msg.filters, f"{field}.filters"),
         exclude_item_ids=_ids(msg.exclude_item_ids, f"{field}.exclude_item_ids", MAX_EXCLUSIONS),
+        build_id=_build_id(msg.build_id, f"{field}.build_id"),
     )
+
+
+def _build_id(value: str, field: str) -> str:
+    if len(value) > MAX_BUILD_ID_CHARS or not value.isprintable():
+        raise InvalidArgument(
+            f"at most {MAX_BUILD_ID_CHARS} printable characters", field_path=field
+        )
+    return value
 
 
 def context_to_proto(ctx: RankContext) -> common_pb2.RankContext:
@@ -190,6 +200,7 @@ def context_to_proto(ctx: RankContext) -> common_pb2.RankContext:
         context_item_id=ctx.context_item_id,
         exclude_item_ids=ctx.exclude_item_ids.tolist(),
         filters=item_filters_to_proto(ctx.filters),
+        build_id=ctx.build_id,
     )
 
 
@@ -201,6 +212,7 @@ def report_to_proto(r: StageReport) -> common_pb2.StageReport:
         duration_us=r.duration_us,
         degraded=r.degraded,
         degraded_reason=r.degraded_reason,
+        build_id=r.build_id,
     )
 
 
@@ -212,6 +224,7 @@ def report_from_proto(m: common_pb2.StageReport) -> StageReport:
         duration_us=m.duration_us,
         degraded=m.degraded,
         degraded_reason=m.degraded_reason,
+        build_id=m.build_id,
     )
 
 

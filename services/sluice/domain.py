@@ -108,6 +108,8 @@ class RankContext:
     context_item_id: int = 0
     filters: tuple[AttributeFilter, ...] = ()
     exclude_item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    build_id: str = ""
+    """The build the gateway pinned for this request ("": the stage's current build)."""
 
     @property
     def is_search(self) -> bool:
@@ -193,3 +195,5 @@ class StageReport:
     duration_us: int = 0
     degraded: bool = False
     degraded_reason: str = ""
+    build_id: str = ""
+    """The build the stage answered from."""

@@ -7,9 +7,11 @@ tests exercise exactly what an operator runs.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -26,9 +28,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.artifacts import Artifacts
+from sluice.balancer import Backend, haproxy_config
+from sluice.builds import resolve
+from sluice.fine.contract import model_config_name
 from sluice.tools.triton_setup import backend_dir, install_stub, triton_env, tritonserver_binary
 
 STAGES = ("recall", "coarse", "fine", "rerank")
+STOREFRONT_SERVICE = "sluice.v1.StorefrontService"
+"""What HAProxy's health check asks the gateways about (SERVING once warm)."""
 
 # Six processes share the machine's cores and each serves one request per thread: OpenMP
 # threads that spin while waiting for work, and BLAS thread pools, only steal CPU from the
@@ -93,6 +100,11 @@ class Ports:
             "rerank": 9164,
         }
     )
+    replicas: dict[str, int] = field(default_factory=dict)
+    """gRPC ports of the processes of a service started several times (``gateway-1``,
+    ``recall-2``, ...) and of the redis-server they share (``redis``), by process name; their
+    metrics ports are in ``metrics`` under the same names (HAProxy's under ``lb``). What is
+    missing is chosen when the cluster starts."""
 
     @classmethod
     def random(cls) -> Ports:
@@ -162,10 +174,19 @@ class Cluster:
     """TLS on every port, mTLS from the gateway to the stages and from fine to Triton."""
     api_keys: tuple[str, ...] = ()
     """Storefront API keys: with any, Search, Recommend and Track need one."""
+    replicas: int = 1
+    """Gateway processes. More than one: they run behind HAProxy, which listens on
+    ``ports.gateway`` (the storefront address), and share their state, Track's event log
+    (Redis Streams) and their page-token key; without a ``redis_url`` the cluster starts a
+    redis-server (AOF, ``appendfsync always``) for them. See :mod:`sluice.balancer`."""
+    stage_replicas: int = 0
+    """Processes of each stage service (0: 2 with several gateways, else 1). The gateways reach
+    several with round_robin, health checks and retries over ``ipv4:a,b``."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     """How often the supervisor restarted each process."""
     _launch: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    _page_token_key: str = ""
     _stopping: threading.Event = field(default_factory=threading.Event)
     _changed: threading.Condition = field(
         default_factory=lambda: threading.Condition(threading.RLock())
@@ -176,26 +197,45 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout_s
         try:
-            stage_services = STAGES if self.stages == "grpc" else ()
+            self._plan_replicas()
+            if "redis" in self.ports.replicas:  # the gateways' own (no redis_url given)
+                self._start_redis()
+                self._wait_ready("redis", deadline)
+                self.redis_url = f"redis://127.0.0.1:{self.ports.replicas['redis']}/0"
+                if progress:
+                    print(
+                        f"  redis     127.0.0.1:{self.ports.replicas['redis']}  ready", flush=True
+                    )
+            stage_processes = [n for s in self._stage_services() for n in self.process_names(s)]
             if self.fine_backend == "triton":
                 self._start_triton()
-            for name in stage_services:
+            for name in stage_processes:
                 self._start_service(name)
             if self.fine_backend == "triton":
                 self._wait_triton(deadline)
                 if progress:
                     print(f"  triton    grpc 127.0.0.1:{self.ports.triton_grpc}  ready", flush=True)
-            for name in stage_services:
-                self._wait_health(name, getattr(self.ports, name), deadline)
+            gateways = self.process_names("gateway")
+            for name in stage_processes:
+                self._wait_health(name, self.port_of(name), deadline)
+                if progress:
+                    print(f"  {name:<9} grpc 127.0.0.1:{self.port_of(name)}  serving", flush=True)
+            for name in gateways:
+                self._start_service(name)
+            for name in gateways:
+                self._wait_health(name, self.port_of(name), deadline)
+                if progress:
+                    print(f"  {name:<9} grpc 127.0.0.1:{self.port_of(name)}  serving", flush=True)
+            if self.replicas > 1:
+                self._start_lb()
+                self._wait_ready("lb", deadline)
                 if progress:
                     print(
-                        f"  {name:<9} grpc 127.0.0.1:{getattr(self.ports, name)}  serving",
+                        f"  haproxy   grpc {self.gateway_address}  in front of "
+                        f"{', '.join(gateways)}; stats http://127.0.0.1:"
+                        f"{self.ports.metrics['lb']}/stats",
                         flush=True,
                     )
-            self._start_service("gateway")
-            self._wait_health("gateway", self.ports.gateway, deadline)
-            if progress:
-                print(f"  gateway   grpc 127.0.0.1:{self.ports.gateway}  serving", flush=True)
         except BaseException:
             self.stop()
             raise
@@ -208,7 +248,9 @@ class Cluster:
         stubs) goes with it."""
         with self._changed:  # from here on the supervisor starts nothing
             self._stopping.set()
-        for name in ["gateway", *STAGES, "triton"]:
+        stages = [n for s in STAGES for n in self.process_names(s)]
+        order = ["lb", *self.process_names("gateway"), *stages, "triton", "redis"]
+        for name in [*order, *(n for n in self.processes if n not in order)]:
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is None:
                 _signal_group(proc, signal.SIGTERM)
@@ -233,8 +275,72 @@ class Cluster:
         return f"127.0.0.1:{self.ports.gateway}"
 
     def address(self, service: str) -> str:
-        """Where a service (gateway, recall, coarse, fine, rerank) listens."""
-        return f"127.0.0.1:{getattr(self.ports, service)}"
+        """Where a service (gateway, recall, coarse, fine, rerank) or one process (``lb``,
+        ``gateway-2``, ``recall-1``) listens. A stage with several replicas: the gRPC target
+        naming them all (``ipv4:127.0.0.1:a,127.0.0.1:b``); the gateway with several: the
+        load balancer."""
+        if service in STAGES and self.replica_count(service) > 1:
+            names = self.process_names(service)
+            return "ipv4:" + ",".join(f"127.0.0.1:{self.port_of(n)}" for n in names)
+        return f"127.0.0.1:{self.port_of(service)}"
+
+    # -- replicas ----------------------------------------------------------------
+    def replica_count(self, service: str) -> int:
+        """How many processes of ``service`` (gateway or a stage) this cluster runs."""
+        if service == "gateway":
+            return max(1, self.replicas)
+        if self.stages != "grpc":  # the gateways run the stages in their own processes
+            return 1
+        if self.stage_replicas:
+            return self.stage_replicas
+        return 2 if self.replicas > 1 else 1
+
+    def process_names(self, service: str) -> list[str]:
+        """The processes of a service: its name alone, or ``<service>-1`` ... ``-N``."""
+        count = self.replica_count(service)
+        return [service] if count == 1 else [f"{service}-{i}" for i in range(1, count + 1)]
+
+    def port_of(self, name: str) -> int:
+        """The port of one process (``gateway``, ``recall-2``, ``lb``, ``redis``, ...)."""
+        if name in ("lb", "gateway"):
+            return self.ports.gateway
+        if name in self.ports.replicas:
+            return self.ports.replicas[name]
+        return int(getattr(self.ports, name))
+
+    def metrics_port_of(self, name: str) -> int:
+        """Where one process serves Prometheus metrics (``lb``: HAProxy's, with ``/stats``)."""
+        return self.ports.metrics[name]
+
+    def _stage_services(self) -> tuple[str, ...]:
+        return STAGES if self.stages == "grpc" else ()
+
+    def _plan_replicas(self) -> None:
+        """Choose the ports the replicas lack; several gateways share Redis."""
+        if self.replicas > 1:
+            self.state = "redis"  # what one gateway acknowledged, every other one sees
+        names = [
+            n
+            for s in ("gateway", *self._stage_services())
+            if self.replica_count(s) > 1
+            for n in self.process_names(s)
+        ]
+        grpc_ports = [n for n in names if n not in self.ports.replicas]
+        if self.replicas > 1 and not self.redis_url and "redis" not in self.ports.replicas:
+            grpc_ports.append("redis")
+        lb = ["lb"] if self.replicas > 1 else []
+        metrics = [n for n in [*names, *lb] if n not in self.ports.metrics]
+        p = self.ports
+        taken = {p.gateway, *(getattr(p, s) for s in STAGES), p.triton_http, p.triton_grpc}
+        taken |= {p.triton_metrics, *p.replicas.values(), *p.metrics.values()}
+        fresh = free_ports(len(grpc_ports) + len(metrics) + len(taken))
+        fresh = [port for port in fresh if port not in taken]
+        for name in grpc_ports:
+            self.ports.replicas[name] = fresh.pop()
+        for name in metrics:
+            self.ports.metrics[name] = fresh.pop()
+        if self.replicas > 1 and not self._page_token_key:
+            self._page_token_key = secrets.token_hex(32)
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.log_dir / f"{name}.log"
@@ -293,7 +399,7 @@ class Cluster:
 
     def _start_triton(self) -> None:
         install_stub()
-        repo = Artifacts(self.artifacts).model_repository
+        repo = Artifacts(resolve(self.artifacts)).model_repository
         argv = [
             str(tritonserver_binary()),
             f"--model-repository={repo}",
@@ -308,9 +414,16 @@ class Cluster:
             "--allow-metrics=true",
             "--log-verbose=0",
             "--exit-timeout-secs=10",
+            # a build published later exports a new model version into the repository:
+            # Triton loads it beside the serving one (version_policy keeps two) without restart
+            "--model-control-mode=poll",
+            "--repository-poll-secs=1",
         ]
-        if self.triton_gpu:
-            argv.append("--model-config-name=gpu")
+        # gpu: configs/gpu.pbtxt; configs/local.pbtxt (python backend running model.onnx)
+        # where this tritonserver has no onnxruntime backend; else the stock config.pbtxt
+        config_name = model_config_name(backend_dir(), gpu=self.triton_gpu)
+        if config_name:
+            argv.append(f"--model-config-name={config_name}")
         if self.tls is not None:
             t = self.tls
             argv += [
@@ -323,27 +436,31 @@ class Cluster:
         env = triton_env({**CPU_SHARING_ENV, **os.environ, **self.extra_env})
         self._spawn("triton", argv, env)
 
-    def _service_env(self, name: str) -> dict[str, str]:
+    def _service_env(self, process: str) -> dict[str, str]:
         env = {**CPU_SHARING_ENV, **os.environ}
         env.update(self.extra_env)
         p = self.ports
+        name = process.split("-")[0]  # the service of a replica (recall-2: recall)
         prefix = f"SLUICE_{name.upper()}_"
         env[prefix + "ARTIFACTS"] = str(self.artifacts.resolve())
-        env[prefix + "PORT"] = str(getattr(p, name))
-        env[prefix + "METRICS_PORT"] = str(p.metrics[name])
+        env[prefix + "PORT"] = str(self.port_of(process))
+        env[prefix + "METRICS_PORT"] = str(p.metrics[process])
         if name == "fine" or (name == "gateway" and self.stages == "local"):
             env["SLUICE_FINE_BACKEND"] = self.fine_backend
             env["SLUICE_FINE_TRITON_URL"] = f"127.0.0.1:{p.triton_grpc}"
         if name == "gateway":
             env[prefix + "STAGES"] = self.stages
-            env[prefix + "RECALL_ADDR"] = f"127.0.0.1:{p.recall}"
-            env[prefix + "COARSE_ADDR"] = f"127.0.0.1:{p.coarse}"
-            env[prefix + "FINE_ADDR"] = f"127.0.0.1:{p.fine}"
-            env[prefix + "RERANK_ADDR"] = f"127.0.0.1:{p.rerank}"
-            env[prefix + "EVENT_LOG_DIR"] = str(self.event_log_dir.resolve())
+            for stage in STAGES:  # several replicas: an ipv4: target naming them all
+                env[prefix + f"{stage.upper()}_ADDR"] = self.address(stage)
+            logs = self.event_log_dir if self.replicas == 1 else self.event_log_dir / process
+            env[prefix + "EVENT_LOG_DIR"] = str(logs.resolve())
             env[prefix + "STATE"] = self.state
             if self.redis_url:
                 env[prefix + "REDIS_URL"] = self.redis_url
+            if self.replicas > 1:  # unless the caller chose otherwise
+                env.setdefault(prefix + "EVENT_LOG", "redis")  # shared by every replica
+                keys = json.dumps([self._page_token_key])  # a page from one, the next from another
+                env.setdefault(prefix + "PAGE_TOKEN_KEYS", keys)
         if name == "recall":
             # with a shared (redis) store, recall blends live popularity into its popularity
             env[prefix + "STATE"] = self.state
@@ -376,15 +493,114 @@ class Cluster:
         return grpc.secure_channel(address, self.tls.channel_credentials())
 
     def _start_service(self, name: str) -> None:
-        self._spawn(
-            name, [sys.executable, "-m", "sluice.cli", "serve", name], self._service_env(name)
+        argv = [sys.executable, "-m", "sluice.cli", "serve", name.split("-")[0]]
+        self._spawn(name, argv, self._service_env(name))
+
+    def _start_redis(self) -> None:
+        """The redis-server several gateways share: AOF with ``appendfsync always`` (what
+        Track acknowledged is on disk), in ``event_log_dir/redis``."""
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        data = self.event_log_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [
+            binary,
+            "--port", str(self.ports.replicas["redis"]),
+            "--bind", "127.0.0.1",
+            "--dir", str(data.resolve()),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--save", "",
+            "--daemonize", "no",
+        ]  # fmt: skip
+        self._spawn("redis", argv, {**os.environ})
+
+    def _start_lb(self) -> None:
+        """HAProxy in front of the gateways, its configuration written to the log dir."""
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        if not Path(binary).exists():
+            raise StartupError("several gateways run behind HAProxy: apt-get install haproxy")
+        if self.tls is not None:
+            raise StartupError("the load balancer does not terminate TLS yet: use replicas=1")
+        config = self.log_dir / "haproxy.cfg"
+        config.write_text(
+            haproxy_config(
+                bind=self.gateway_address,
+                servers=[
+                    Backend(n, f"127.0.0.1:{self.port_of(n)}")
+                    for n in self.process_names("gateway")
+                ],
+                stats_bind=f"127.0.0.1:{self.ports.metrics['lb']}",
+                health_service=STOREFRONT_SERVICE,
+            )
         )
+        self._spawn("lb", [binary, "-f", str(config.resolve()), "-db"], {**os.environ})
+
+    def lb_servers(self) -> dict[str, str]:
+        """HAProxy's view of each gateway: ``UP``, ``DOWN``, ``MAINT``, ... by name."""
+        url = f"http://127.0.0.1:{self.ports.metrics['lb']}/stats;csv"
+        with urllib.request.urlopen(url, timeout=2.0) as resp:
+            rows = csv.DictReader(resp.read().decode().lstrip("# ").splitlines())
+            return {
+                row["svname"]: row["status"]
+                for row in rows
+                if row["pxname"] == "gateways" and row["svname"] not in ("FRONTEND", "BACKEND")
+            }
+
+    def _wait_ready(self, name: str, deadline: float) -> None:
+        """Until a process serves: Triton its model, redis PONG, HAProxy every gateway UP
+        and a health check through it SERVING, a service its health SERVING."""
+        if name == "triton":
+            self._wait_triton(deadline)
+        elif name == "redis":
+            self._wait_redis(deadline)
+        elif name == "lb":
+            self._wait_lb(deadline)
+        else:
+            self._wait_health(name, self.port_of(name), deadline)
+
+    def _wait_redis(self, deadline: float) -> None:
+        import redis
+
+        client = redis.Redis(port=self.ports.replicas["redis"], socket_timeout=1.0)
+        try:
+            while True:
+                self._check_alive("redis")
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise StartupError(f"redis not ready in time:\n{self.log_tail('redis')}")
+                time.sleep(0.1)
+        finally:
+            client.close()
+
+    def _wait_lb(self, deadline: float) -> None:
+        gateways = set(self.process_names("gateway"))
+        while True:
+            self._check_alive("lb")
+            try:
+                states = self.lb_servers()
+            except OSError:
+                states = {}
+            if gateways <= {n for n, state in states.items() if state == "UP"}:
+                break
+            if time.monotonic() > deadline:
+                raise StartupError(f"haproxy: gateways {states} not all UP:\n{self.log_tail('lb')}")
+            time.sleep(0.1)  # HAProxy checks every 250 ms; its stats are the only signal
+        self._wait_health("lb", self.ports.gateway, deadline)
 
     def start_process(self, name: str) -> None:
-        """Start one process on its port without waiting (``triton`` or a service name)."""
+        """Start one process on its port without waiting (``triton``, ``lb``, ``redis`` or a
+        service's process name)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if name == "triton":
             self._start_triton()
+        elif name == "lb":
+            self._start_lb()
+        elif name == "redis":
+            self._start_redis()
         else:
             self._start_service(name)
 
@@ -410,12 +626,9 @@ class Cluster:
             time.sleep(0.1)  # a log file has no change notification worth the dependency
 
     def wait_serving(self, name: str, timeout_s: float = 120.0) -> None:
-        """Wait until a service reports SERVING, or Triton serves the model."""
-        deadline = time.monotonic() + timeout_s
-        if name == "triton":
-            self._wait_triton(deadline)
-        else:
-            self._wait_health(name, getattr(self.ports, name), deadline)
+        """Wait until a service reports SERVING, or Triton serves the model (redis: answers,
+        lb: HAProxy sees every gateway UP)."""
+        self._wait_ready(name, time.monotonic() + timeout_s)
 
     def restart(self, name: str, kill: bool = False) -> None:
         """Stop one process (SIGKILL when ``kill``) and start it again, healthy."""
@@ -429,8 +642,8 @@ class Cluster:
         if self.supervise:  # the supervisor starts it again; starting it here would race
             self.wait_restarted(name, restarted + 1)
         else:
-            self._start_service(name)
-        self._wait_health(name, getattr(self.ports, name), time.monotonic() + 120)
+            self.start_process(name)
+        self._wait_ready(name, time.monotonic() + 120)
 
     # -- readiness ---------------------------------------------------------------
     def _check_alive(self, name: str) -> None:

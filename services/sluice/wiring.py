@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sluice.builds import BuildWatcher, LoadedBuilds, health_name, is_store, resolve
 from sluice.config import (
     CoarseSettings,
     FineSettings,
     RecallSettings,
     RerankSettings,
+    ServiceSettings,
     StageSettings,
 )
 from sluice.core.server import ServiceSpec
@@ -59,20 +61,39 @@ SERVICES: tuple[str, ...] = (*BY_NAME, "gateway")
 
 
 def stage_spec(entry: StageEntry, settings: StageSettings) -> ServiceSpec:
-    """A stage's service process: the generic servicer around its engine."""
-    servicer = StageServicer(
-        entry.binding(), StageLimits(settings.max_candidates, settings.deadline_ms / 1000)
+    """A stage's service process: the generic servicer around the engines of its builds
+    (one, or while a newly published build swaps in, two: see :mod:`sluice.builds`)."""
+    builds: LoadedBuilds[Any] = LoadedBuilds(
+        lambda build, closers: entry.load(
+            settings.model_copy(update={"artifacts": build}), closers
+        ),
+        retain_s=settings.build_retain_s,
     )
-    closers: list[Callable[[], None]] = []
+    servicer = StageServicer(
+        entry.binding(), StageLimits(settings.max_candidates, settings.deadline_ms / 1000), builds
+    )
+    return ServiceSpec(entry.name, servicer.add_to, **serve_builds(builds, settings))
+
+
+def serve_builds(builds: LoadedBuilds[Any], settings: ServiceSettings) -> dict[str, Any]:
+    """The warm-up, shutdown and health hooks of a service that serves ``builds``: the
+    build ``settings.artifacts`` names, and each build published to its store later."""
+    watcher: list[BuildWatcher[Any]] = []
+
+    def attach_health(set_health: Callable[[str, bool], None]) -> None:
+        builds.on_change = lambda build_id, loaded: set_health(health_name(build_id), loaded)
 
     def warmup() -> None:
-        servicer.engine = entry.load(settings, closers)
+        builds.load(resolve(settings.artifacts))
+        if is_store(settings.artifacts):
+            watcher.append(BuildWatcher(settings.artifacts, builds, settings.build_poll_s).start())
 
     def shutdown() -> None:
-        for close in reversed(closers):
-            close()
+        for w in watcher:
+            w.stop()
+        builds.close()
 
-    return ServiceSpec(entry.name, servicer.add_to, warmup, shutdown)
+    return {"warmup": warmup, "shutdown": shutdown, "attach_health": attach_health}
 
 
 def load_engines(

@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from sluice.builds import LoadedBuilds
 from sluice.client import retry_delay_s
 from sluice.common.v1 import common_pb2
 from sluice.core.admission import SHED_SECONDS, AdaptiveLimit, AdmissionConfig
@@ -72,7 +73,7 @@ class Blocking:
 
 def test_beyond_the_limit_requests_are_refused_at_once_with_retry_info() -> None:
     engine = Blocking()
-    servicer = StageServicer(BINDING, StageLimits(100, 10.0), engine)
+    servicer = StageServicer(BINDING, StageLimits(100, 10.0), LoadedBuilds.fixed(engine))
     config = AdmissionConfig(target_ms=1000, initial=2, min_limit=2, max_limit=2)
     svc = bind(
         ServiceSpec("admission-test", servicer.add_to), ServerOptions(workers=2, admission=config)

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from sluice.builds import LoadedBuilds
 from sluice.core.admission import AdmissionConfig
 from sluice.core.errors import Cancelled
 from sluice.core.server import ServerOptions, ServiceSpec, bind
@@ -19,7 +20,7 @@ from tests.stages.test_admission import Blocking
 
 def test_cancelling_reaches_the_stage_call_in_flight_and_the_one_waiting() -> None:
     engine = Blocking()
-    servicer = StageServicer(BINDING, StageLimits(100, 30.0), engine)
+    servicer = StageServicer(BINDING, StageLimits(100, 30.0), LoadedBuilds.fixed(engine))
     options = ServerOptions(workers=1, admission=AdmissionConfig(initial=4, max_limit=4))
     svc = bind(ServiceSpec("cancel-test", servicer.add_to), options)
     svc.set_serving(True)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from sluice.builds import LoadedBuilds
 from sluice.common.v1 import common_pb2
 from sluice.core.auth import (
     Guard,
@@ -41,7 +42,7 @@ REQUEST = rerank_pb2.RankCandidatesRequest(
 def stage(certs: ClusterTls) -> Iterator[int]:
     """A stage service on mTLS that serves only the gateway's identity."""
     engine = RerankEngine(Catalog.from_columns([1, 2], ["a", "b"]), np.eye(2, dtype=np.float32))
-    servicer = StageServicer(BINDING, StageLimits(10, 1.0), engine)
+    servicer = StageServicer(BINDING, StageLimits(10, 1.0), LoadedBuilds.fixed(engine))
     options = ServerOptions(
         credentials=server_credentials(certs.server_cert, certs.server_key, certs.ca),
         guard=Guard(peers=PeerPolicy(["sluice-gateway"])),
@@ -161,7 +162,7 @@ def test_a_tls_service_answers_plain_health_probes_on_its_health_port(certs: Clu
 
     from sluice.launch import free_port
 
-    servicer = StageServicer(BINDING, StageLimits(10, 1.0))
+    servicer = StageServicer(BINDING, StageLimits(10, 1.0), LoadedBuilds())
     options = ServerOptions(
         credentials=server_credentials(certs.server_cert, certs.server_key, None),
         health_port=free_port(),

@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from sluice.builds import LoadedBuilds
 from sluice.common.v1 import common_pb2
 from sluice.core.server import RPC_TOTAL, RunningService, ServerOptions, ServiceSpec, bind
 from sluice.core.stage import StageLimits, StageServicer
@@ -29,12 +30,14 @@ SERVICE = "sluice.rerank.v2.RerankService"
 def service() -> Iterator[tuple[RunningService, threading.Event, StageServicer]]:
     """A real rerank service on a free port whose warm-up waits for the test."""
     release = threading.Event()
-    servicer = StageServicer(BINDING, StageLimits(max_candidates=100, default_deadline_s=1.0))
+    servicer = StageServicer(
+        BINDING, StageLimits(max_candidates=100, default_deadline_s=1.0), LoadedBuilds()
+    )
     catalog = Catalog.from_columns([1, 2, 3], ["a", "b", "c"])
 
     def warmup() -> None:
         assert release.wait(30)
-        servicer.engine = RerankEngine(catalog, np.eye(3, dtype=np.float32))
+        servicer.builds.add("test", RerankEngine(catalog, np.eye(3, dtype=np.float32)))
 
     svc = bind(ServiceSpec("rerank", servicer.add_to, warmup), ServerOptions())
     yield svc, release, servicer
@@ -244,7 +247,7 @@ def test_reflection_serves_v1_and_v1alpha_or_nothing() -> None:
     assert not RerankSettings(profile="production").serves_reflection()
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     for enabled in (True, False):
-        servicer = StageServicer(BINDING, StageLimits(10, 1.0))
+        servicer = StageServicer(BINDING, StageLimits(10, 1.0), LoadedBuilds())
         svc = bind(ServiceSpec("rerank", servicer.add_to), ServerOptions(reflection=enabled))
         try:
             with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:

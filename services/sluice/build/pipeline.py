@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from importlib.abc import Traversable
 from pathlib import Path
 
 import numpy as np
 
+from sluice import paths
 from sluice.artifacts import MANIFEST, Artifacts, save_cooc, save_users
+from sluice.builds import new_build_id
 from sluice.data.catalog import Catalog
 from sluice.data.interactions import Interactions, load_data
 from sluice.data.products import is_search_only, load_products
@@ -29,8 +32,6 @@ from sluice.data.synthetic import ShopSpec, generate_shop
 from sluice.fine.model import RankerConfig
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[3]
-DEFAULT_REPOSITORY = ROOT / "model_repository"
 # Without interactions the transformer has no behaviour to learn from: it is exported
 # untrained (Triton still serves the stage) and the fine stage's fused score is the
 # coarse score (z(fine) + beta * z(coarse) with a beta so large the fine score only
@@ -45,15 +46,16 @@ class BuildOptions:
     out: Path
     data: Path | None = None  # None: the embedded synthetic shop
     shop: ShopSpec = field(default_factory=ShopSpec)
-    model_repository: Path = DEFAULT_REPOSITORY
+    model_repository: Path = field(default_factory=paths.default_model_repository)
     holdout: int = 0  # drop each user's last n interactions (leave-one-out evaluation)
     seed: int = 0
     epochs: int = 200
     train_budget_s: float = 1080.0
     ranker: RankerConfig = field(default_factory=RankerConfig)
     coarse_users: int = 3000
-    cache_dir: Path = ROOT / "var" / "cache"
+    cache_dir: Path = field(default_factory=lambda: paths.var("cache"))
     progress: bool = True
+    build_id: str = ""  # "": a new one (sluice.builds.new_build_id)
 
 
 class Console:
@@ -151,18 +153,33 @@ def next_version(repository: Path, model: str = "fine_ranker") -> int:
 
 
 def export_ranker(model_dir_writer: Callable[[Path], None], repository: Path) -> tuple[Path, int]:
-    """Write a new fine_ranker version into a Triton model repository."""
-    template = DEFAULT_REPOSITORY / "fine_ranker"
+    """Write a new fine_ranker version into a Triton model repository.
+
+    The model's configs come from the package (:func:`sluice.paths.model_templates`) and are
+    written only where the repository has none: an operator's edited config is kept.
+    """
+    template = paths.model_templates() / "fine_ranker"
     target = repository / "fine_ranker"
-    target.mkdir(parents=True, exist_ok=True)
-    if repository.resolve() != DEFAULT_REPOSITORY.resolve():
-        shutil.copy2(template / "config.pbtxt", target / "config.pbtxt")
-        shutil.copytree(template / "configs", target / "configs", dirs_exist_ok=True)
+    _copy_missing(template, target)
     version = next_version(repository)
     version_dir = target / str(version)
-    model_dir_writer(version_dir)
-    shutil.copy2(template / "model.py", version_dir / "model.py")
+    # written aside and renamed into place: a Triton that polls the repository (a server
+    # swapping builds without restart) never loads a half-written version
+    partial = target / f".partial-{version}-{os.getpid()}"
+    model_dir_writer(partial)
+    (partial / "model.py").write_bytes((template / "model.py").read_bytes())
+    partial.rename(version_dir)
     return version_dir, version
+
+
+def _copy_missing(source: Traversable, target: Path) -> None:
+    """Copy the config files of ``source`` (not ``model.py``) that ``target`` lacks."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.is_dir():
+            _copy_missing(entry, target / entry.name)
+        elif entry.name != "model.py" and not (target / entry.name).exists():
+            (target / entry.name).write_bytes(entry.read_bytes())
 
 
 def fit_cascade(
@@ -325,7 +342,12 @@ def build(options: BuildOptions) -> Artifacts:
                 pseudo_queries=pseudo,
             )
             info = dict(getattr(ranker, "train_info", {}))
-        version_dir, version = export_ranker(ranker.save, options.model_repository)
+        from sluice.fine.onnx_export import save_version
+
+        # torch files (in-process scoring, benchmarks) and model.onnx (what Triton serves)
+        version_dir, version = export_ranker(
+            lambda d: save_version(ranker, d), options.model_repository
+        )
         console.print(f"  exported {version_dir} {info}")
 
     with steps.step("item vectors and FAISS indexes"):
@@ -346,6 +368,7 @@ def build(options: BuildOptions) -> Artifacts:
         save_users(out / "users.npz", held.user_ids, user_hist)
 
     manifest = {
+        "build_id": options.build_id or new_build_id(),
         "version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         "dataset": source,
         "holdout": options.holdout,

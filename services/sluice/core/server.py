@@ -2,8 +2,9 @@
 
 It owns the server, standard health checking (NOT_SERVING until the service
 is warm), reflection, the request-id / error-mapping / metrics interceptor,
-the Prometheus endpoint and graceful shutdown on SIGTERM. A service supplies
-only its servicers and a warm-up function.
+OpenTelemetry tracing (``core.tracing``, when configured), the Prometheus
+endpoint and graceful shutdown on SIGTERM. A service supplies only its
+servicers and a warm-up function.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
 
 from sluice.core import logging as slog
+from sluice.core import tracing
 from sluice.core.admission import AdaptiveLimit, Admission, AdmissionConfig
 from sluice.core.auth import Guard, RateLimits
 from sluice.core.errors import (
@@ -35,6 +37,7 @@ from sluice.core.errors import (
     ResourceExhausted,
     SluiceError,
 )
+from sluice.core.tracing import TracingConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +85,13 @@ class _Interceptor(grpc.ServerInterceptor):
     invalid UTF-8 in a string field, are the caller's fault and get INVALID_ARGUMENT.
     """
 
-    def __init__(self, gate: _Gate | None = None, guard: Guard | None = None) -> None:
+    def __init__(
+        self, gate: _Gate | None = None, guard: Guard | None = None, traced: bool = False
+    ) -> None:
         self._log_budget = _LogBudget()
         self._gate = gate
         self._guard = guard
+        self._traced = traced
 
     def intercept_service(
         self,
@@ -107,9 +113,15 @@ class _Interceptor(grpc.ServerInterceptor):
         gate = self._gate
         guard = self._guard
         limit = gate.limit_for(method) if gate is not None else None
+        traced = self._traced
 
         def wrapped(raw: Any, context: grpc.ServicerContext) -> Any:
-            rid = metadata.get(slog.REQUEST_ID_HEADER) or slog.new_request_id()
+            # the caller's x-request-id; else, when traced, the trace id (the tracing
+            # interceptor runs first and has opened the server span)
+            rid = metadata.get(slog.REQUEST_ID_HEADER)
+            if rid and traced:
+                tracing.annotate_request(str(rid)[:64])
+            rid = rid or (tracing.current_trace_id() if traced else "") or slog.new_request_id()
             token = slog.request_id_var.set(str(rid)[:64])
             start = time.perf_counter()
             code = grpc.StatusCode.OK
@@ -165,6 +177,8 @@ class _Interceptor(grpc.ServerInterceptor):
                     )
                 RPC_TOTAL.labels(service, method, code.name).inc()
                 RPC_LATENCY.labels(service, method).observe(elapsed)
+                if traced:
+                    tracing.record_outcome(code, failure.message if failure else "")
                 slog.request_id_var.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -250,6 +264,9 @@ class ServiceSpec:
     """Releases resources after the server has drained."""
     admitted_methods: frozenset[str] | None = None
     """The methods admission control governs (None: all); they share one limit."""
+    attach_health: Callable[[Callable[[str, bool], None]], None] | None = None
+    """Given ``set_health(name, serving)`` before warm-up: reports named parts (a loaded
+    build, ``sluice.builds.health_name``) in the health service beside the service."""
 
 
 class RunningService:
@@ -263,6 +280,7 @@ class RunningService:
         names: list[str],
         port: int,
         probe_server: grpc.Server | None = None,
+        telemetry: tracing.Tracing | None = None,
     ) -> None:
         self.spec = spec
         self.server = server
@@ -270,7 +288,9 @@ class RunningService:
         self.names = names
         self.port = port
         self.probe_server = probe_server
+        self.telemetry = telemetry
         self._stopped = threading.Event()
+        self._parts: set[str] = set()
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -280,6 +300,19 @@ class RunningService:
         )
         for name in ["", *self.names]:
             self.health.set(name, status)
+        if not serving:
+            for name in list(self._parts):
+                self.set_health(name, False)
+
+    def set_health(self, name: str, serving: bool) -> None:
+        """Report a named part of the service (see :attr:`ServiceSpec.attach_health`)."""
+        self._parts.add(name)
+        self.health.set(
+            name,
+            health_pb2.HealthCheckResponse.SERVING
+            if serving and not self._stopped.is_set()
+            else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
 
     def stop(self, grace_s: float = 5.0) -> None:
         if self._stopped.is_set():
@@ -290,6 +323,8 @@ class RunningService:
             self.probe_server.stop(0)
         self.server.stop(grace_s).wait()
         self.spec.shutdown()
+        if self.telemetry is not None:  # exports the spans still buffered
+            self.telemetry.shutdown()
         log.info("stopped")
 
     def warm(self) -> None:
@@ -349,6 +384,8 @@ class ServerOptions:
     health_port: int = 0
     """A second, plaintext port that serves only the health service (0: none): probes that
     cannot speak TLS, such as Kubernetes' gRPC probes, check a TLS service there."""
+    tracing: TracingConfig | None = None
+    """OpenTelemetry spans exported over OTLP (``core.tracing``); None: no tracing."""
 
 
 def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
@@ -360,9 +397,15 @@ def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
         else None
     )
     threads = o.workers + (o.admission.max_limit + 4 if o.admission else 0)
+    telemetry = tracing.install(o.tracing, spec.name) if o.tracing is not None else None
+    interceptors: list[grpc.ServerInterceptor] = [
+        _Interceptor(gate, o.guard, telemetry is not None)
+    ]
+    if telemetry is not None:  # first: its server span encloses everything the others do
+        interceptors.insert(0, telemetry.server_interceptor())
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=spec.name),
-        interceptors=[_Interceptor(gate, o.guard)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", o.max_request_bytes),
             ("grpc.so_reuseport", 0),
@@ -388,8 +431,10 @@ def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
         if probe_server.add_insecure_port(f"{o.host}:{o.health_port}") == 0:
             raise OSError(f"{spec.name}: cannot bind the health port {o.health_port}")
-    running = RunningService(spec, server, health_servicer, names, bound, probe_server)
+    running = RunningService(spec, server, health_servicer, names, bound, probe_server, telemetry)
     running.set_serving(False)
+    if spec.attach_health is not None:
+        spec.attach_health(running.set_health)
     server.start()
     if probe_server is not None:
         probe_server.start()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
+from sluice.builds import LoadedBuilds
 from sluice.convert import (
     candidates_from_proto,
     candidates_to_proto,
@@ -69,9 +70,15 @@ class StageResult:
 
 
 def run_stage(
-    stage: StageName, engine: Any, ctx: RankContext, cands: Candidates | None, budget: Budget
+    stage: StageName,
+    engine: Any,
+    ctx: RankContext,
+    cands: Candidates | None,
+    budget: Budget,
+    build_id: str = "",
 ) -> StageResult:
-    """Run one engine under ``budget`` (``cands`` None: retrieve) and report on it."""
+    """Run one engine (of build ``build_id``) under ``budget`` (``cands`` None: retrieve)
+    and report on it."""
     t0 = time.perf_counter()
     if cands is None:
         out = engine.retrieve(ctx, budget)
@@ -81,7 +88,7 @@ def run_stage(
         n_in = len(cands)
     page = out.window(budget.offset, budget.max_candidates)
     us = int((time.perf_counter() - t0) * 1e6)
-    return StageResult(page, len(out), StageReport(stage, n_in, len(page), us))
+    return StageResult(page, len(out), StageReport(stage, n_in, len(page), us, build_id=build_id))
 
 
 def _no_extras(engine: Any, response: Any) -> None:
@@ -170,11 +177,12 @@ def deadline_of(context: grpc.ServicerContext, default_s: float) -> float:
 
 @dataclass
 class StageServicer:
-    """Serves one stage's gRPC service from its engine (None until warm)."""
+    """Serves one stage's gRPC service from the engines of the builds it has loaded; each
+    request is answered by the build its context names (the current one if none)."""
 
     binding: StageBinding
     limits: StageLimits
-    engine: Any = field(default=None)
+    builds: LoadedBuilds[Any]
 
     def add_to(self, server: grpc.Server) -> list[str]:
         """Register the handler; returns the full service name (for health and reflection)."""
@@ -195,8 +203,7 @@ class StageServicer:
     def serve(self, request: Any, deadline: float) -> Message:
         """Validate, run the engine before ``deadline`` (monotonic), build the response."""
         b, limit = self.binding, self.limits.max_candidates
-        engine = self.engine
-        if engine is None:
+        if not self.builds.current_id:
             raise Unavailable(f"{b.name} is warming up")
         keep = check_range(request.max_candidates, "max_candidates", 1, limit)
         offset = check_range(request.offset, "offset", 0, MAX_OFFSET) if b.paged else 0
@@ -208,9 +215,10 @@ class StageServicer:
                 )
             cands = candidates_from_proto(request.candidates)
         ctx = context_from_proto(request.context)
+        build_id, engine = self.builds.get(ctx.build_id)
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"{b.name}: the deadline passed before the work began")
-        result = run_stage(b.stage, engine, ctx, cands, Budget(keep, deadline, offset))
+        result = run_stage(b.stage, engine, ctx, cands, Budget(keep, deadline, offset), build_id)
         response: Any = b.response(
             candidates=candidates_to_proto(result.candidates),
             report=report_to_proto(result.report),

@@ -118,6 +118,8 @@ class PageResult:
     next_page_token: str
     total_size: int
     duration_us: int
+    build_id: str = ""
+    """The build every stage of this page answered from."""
 
 
 @dataclass
@@ -193,6 +195,8 @@ class Gateway:
     )
     fallback: Retriever | None = None
     """Recalls while the recall stage is down (``FallbackRecall``); None: such requests fail."""
+    build_id: str = ""
+    """The build this gateway serves: every stage call is pinned to it (``RankContext``)."""
 
     # -- entry points ---------------------------------------------------------------
     def search(
@@ -308,6 +312,7 @@ class Gateway:
             context_item_id=req.context_item_id,
             filters=req.filters,
             exclude_item_ids=exclude.astype(np.int64),
+            build_id=self.build_id,
         )
         reports: list[StageReport] = []
         scores: dict[StageName, Candidates] = {}
@@ -327,12 +332,14 @@ class Gateway:
         def call(
             stage: StageName, cands: Candidates | None, max_candidates: int, offset: int = 0
         ) -> StageResult:
-            return self.stages[stage].call(ctx, cands, budget(stage, max_candidates, offset))
+            return self._pinned(
+                self.stages[stage].call(ctx, cands, budget(stage, max_candidates, offset))
+            )
 
         # recall: without it, the gateway's own fallback (popularity, co-occurrence), if any
         recall_budget = budget(StageName.RECALL, self.limits.recall_candidates)
         try:
-            result = self.stages[StageName.RECALL].call(ctx, None, recall_budget)
+            result = self._pinned(self.stages[StageName.RECALL].call(ctx, None, recall_budget))
             report = result.report
         except STAGE_FAILURES as err:
             if self.fallback is None:
@@ -384,7 +391,18 @@ class Gateway:
             next_page_token=next_token,
             total_size=total,
             duration_us=int((time.perf_counter() - start) * 1e6),
+            build_id=self.build_id,
         )
+
+    def _pinned(self, result: StageResult) -> StageResult:
+        """A stage's answer, refused (the stage degrades) if it came from another build."""
+        answered = result.report.build_id
+        if self.build_id and answered and answered != self.build_id:
+            raise Unavailable(
+                f"{result.report.stage.label} answered from build {answered!r}, "
+                f"not {self.build_id!r}"
+            )
+        return result
 
 
 def _degraded(stage: StageName, n: int, err: SluiceError) -> StageReport:

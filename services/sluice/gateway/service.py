@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
 from prometheus_client import REGISTRY, Counter, Gauge
 
 from sluice.artifacts import Artifacts
+from sluice.builds import LoadedBuilds, build_id_of
 from sluice.config import GatewaySettings
 from sluice.convert import filters_from_proto, item_filters_from_proto, report_to_proto
 from sluice.core.auth import channel_credentials
@@ -18,10 +21,11 @@ from sluice.core.errors import InvalidArgument, Unavailable
 from sluice.core.server import ServiceSpec, caller_timeout_s
 from sluice.data.filters import AttributeFilter
 from sluice.domain import Cancellation, StageName
-from sluice.events.ingest import Ingestor
+from sluice.events.ingest import DurableLog, Ingestor
 from sluice.events.log import EventLog
 from sluice.events.metrics import EventMetrics
 from sluice.events.model import Event
+from sluice.events.stream import RedisEventStream, StreamConfig, durability_warnings
 from sluice.gateway.fallback import FallbackRecall
 from sluice.gateway.pipeline import (
     MAX_PAGE_OFFSET,
@@ -35,7 +39,7 @@ from sluice.gateway.tokens import PageTokens
 from sluice.gateway.users import UserHistory, item_attributes
 from sluice.state.store import InMemoryStateStore, OnlineStateStore, RedisStateStore
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
-from sluice.wiring import STAGES, load_engines
+from sluice.wiring import STAGES, load_engines, serve_builds
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,7 @@ def page_response(result: PageResult) -> dict[str, Any]:
         "next_page_token": result.next_page_token,
         "stages": [report_to_proto(r) for r in result.reports],
         "duration_us": result.duration_us,
+        "build_id": result.build_id,
     }
 
 
@@ -84,15 +89,14 @@ def request_filters(
 
 
 class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, builds: LoadedBuilds[Gateway]) -> None:
         self.settings = settings
-        self.gateway: Gateway | None = None
+        self.builds = builds
         self.ingestor: Ingestor | None = None
 
     def _ready(self) -> Gateway:
-        if self.gateway is None:
-            raise Unavailable("gateway is warming up")
-        return self.gateway
+        """The current build's gateway: one request runs on it from start to end."""
+        return self.builds.get()[1]
 
     def _ingesting(self) -> Ingestor:
         if self.ingestor is None:
@@ -167,85 +171,145 @@ def make_store(
     return InMemoryStateStore(attributes)
 
 
-def make_stages(
+def make_event_log(settings: GatewaySettings) -> DurableLog:
+    """Track's durable log: this process's file log, or Redis Streams shared by every gateway
+    (``event_log=redis``; the AOF settings of its masters are checked and any shortfall
+    logged)."""
+    if settings.event_log == "file":
+        return EventLog(settings.event_log_dir)
+    stream = RedisEventStream.from_url(
+        settings.redis_url,
+        StreamConfig(
+            partitions=settings.stream_partitions,
+            retention_s=settings.stream_retention_s,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
+        ),
+    )
+    for warning in durability_warnings(stream.client):
+        log.warning("event stream durability falls short", extra={"detail": warning})
+    return stream
+
+
+def stage_clients(
     settings: GatewaySettings, closers: list[Callable[[], None]]
-) -> dict[StageName, StageClient]:
-    """The four stages: their services over gRPC, or (``stages=local``) their engines loaded
-    into this process through the same wiring their services use, from the same artifacts."""
-    if settings.stages == "grpc":
-        tls = (
-            channel_credentials(
-                settings.stage_tls_ca_file,
-                settings.stage_tls_cert_file,
-                settings.stage_tls_key_file,
-            )
-            if settings.stage_tls_ca_file
-            else None
+) -> dict[StageName, GrpcStage]:
+    """The four stage services over gRPC (``stages=grpc``), shared by every build."""
+    tls = (
+        channel_credentials(
+            settings.stage_tls_ca_file,
+            settings.stage_tls_cert_file,
+            settings.stage_tls_key_file,
         )
-        remote = [GrpcStage(e.binding(), getattr(settings, f"{e.name}_addr"), tls) for e in STAGES]
-        # connect now, so that the first requests after a (re)start do not pay for it; a stage
-        # that is down is not waited for: its calls degrade until it is back
-        for client in remote:
-            closers.append(client.close)
-            with contextlib.suppress(grpc.FutureTimeoutError):
-                grpc.channel_ready_future(client.channel).result(timeout=1.0)
-        return {client.stage: client for client in remote}
+        if settings.stage_tls_ca_file
+        else None
+    )
+    remote = [
+        GrpcStage(e.binding(), getattr(settings, f"{e.name}_addr"), tls, settings.stage_attempts)
+        for e in STAGES
+    ]
+    # connect now, so that the first requests after a (re)start do not pay for it; a stage
+    # that is down is not waited for: its calls degrade until it is back (with several
+    # replicas: until one is back; the channel is ready once any replica is)
+    for client in remote:
+        closers.append(client.close)
+        with contextlib.suppress(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(client.channel).result(timeout=1.0)
+    return {client.stage: client for client in remote}
+
+
+def local_stages(
+    settings: GatewaySettings, build: Path, closers: list[Callable[[], None]]
+) -> dict[StageName, StageClient]:
+    """The four stages' engines of one build in this process (``stages=local``), loaded
+    through the same wiring their services use."""
     shared_state = {"state": settings.state, "redis_url": settings.redis_url}
-    engines = load_engines(settings.artifacts, closers, {"recall": shared_state})
-    return {stage: LocalStage(stage, engine) for stage, engine in engines.items()}
+    engines = load_engines(build, closers, {"recall": shared_state})
+    build_id = build_id_of(build)
+    return {stage: LocalStage(stage, engine, build_id) for stage, engine in engines.items()}
 
 
 def spec(settings: GatewaySettings) -> ServiceSpec:
-    servicer = StorefrontServicer(settings)
     resources: list[Callable[[], None]] = []
+    remote: dict[StageName, GrpcStage] = {}
+    first = threading.Event()  # set once the first build is loaded: later ones wait for stages
+
+    def current() -> Gateway:
+        return builds.get()[1]
+
+    store = make_store(settings, lambda item: item_attributes(current().catalog)(item))
+
+    def load_build(build: Path, closers: list[Callable[[], None]]) -> Gateway:
+        """One build's gateway. A build published later becomes current only once every
+        stage service has it loaded (so no request is pinned to a build a stage lacks)."""
+        from sluice.embed.onnx import query_encoder
+
+        artifacts = Artifacts(build)
+        build_id = build_id_of(build)
+        encoder = query_encoder(build, threads=settings.torch_threads)
+        stages: Mapping[StageName, StageClient] = (
+            remote if settings.stages == "grpc" else local_stages(settings, build, closers)
+        )
+        gateway = Gateway(
+            stages,
+            artifacts.catalog,
+            UserHistory.from_artifacts(artifacts, store),
+            QueryEncoder(encoder.encode),
+            GatewayLimits.from_settings(settings),
+            tokens,
+            # with the stages in this process recall cannot be down on its own
+            FallbackRecall.from_artifacts(artifacts) if settings.stages == "grpc" else None,
+            build_id=build_id,
+        )
+        gateway.encode_query("warm up")
+        if first.is_set() and settings.stages == "grpc":
+            for client in remote.values():
+                client.wait_for_build(build_id, settings.build_switch_wait_s)
+        return gateway
+
+    builds: LoadedBuilds[Gateway] = LoadedBuilds(load_build, retain_s=settings.build_retain_s)
+    tokens = PageTokens.from_settings(
+        [k.get_secret_value() for k in settings.page_token_keys], MAX_PAGE_OFFSET
+    )
+    servicer = StorefrontServicer(settings, builds)
+    hooks = serve_builds(builds, settings)
 
     def register(server: grpc.Server) -> list[str]:
         storefront_pb2_grpc.add_StorefrontServiceServicer_to_server(servicer, server)
         return [storefront_pb2.DESCRIPTOR.services_by_name["StorefrontService"].full_name]
 
     def warmup() -> None:
-        from sluice.embed.onnx import query_encoder
-
-        artifacts = Artifacts(settings.artifacts)
-        catalog = artifacts.catalog
-        store = make_store(settings, item_attributes(catalog))
-        event_log = EventLog(settings.event_log_dir)
+        resources.append(store.close)
+        if settings.stages == "grpc":
+            remote.update(stage_clients(settings, resources))
+        hooks["warmup"]()  # the first build, and the watcher of later ones
+        first.set()
+        event_log = make_event_log(settings)
         ingestor = Ingestor(
             event_log,
             store,
-            known_item=catalog.contains,
+            known_item=lambda item: current().catalog.contains(item),
             max_in_flight=settings.track_max_in_flight,
         )
         recovered = ingestor.recover()
         log.info("event log replayed", extra={"events": recovered})
-        resources.extend([event_log.close, store.close])
-        encoder = query_encoder(settings.artifacts, threads=settings.torch_threads)
-        stages = make_stages(settings, resources)
-        limits = GatewayLimits.from_settings(settings)
-        gateway = Gateway(
-            stages,
-            catalog,
-            UserHistory.from_artifacts(artifacts, store),
-            QueryEncoder(encoder.encode),
-            limits,
-            PageTokens.from_settings(
-                [k.get_secret_value() for k in settings.page_token_keys], MAX_PAGE_OFFSET
-            ),
-            # with the stages in this process recall cannot be down on its own
-            FallbackRecall.from_artifacts(artifacts) if settings.stages == "grpc" else None,
-        )
+        resources.append(event_log.close)
         collector = EventMetrics(event_log, ingestor)
         REGISTRY.register(collector)
         resources.append(lambda: REGISTRY.unregister(collector))
-        gateway.encode_query("warm up")
-        servicer.gateway = gateway
         servicer.ingestor = ingestor
 
     def shutdown() -> None:
+        hooks["shutdown"]()
         for close in reversed(resources):
             close()
 
     # Track has its own back-pressure (events in flight); DeleteUser is rare
     return ServiceSpec(
-        "gateway", register, warmup, shutdown, admitted_methods=frozenset({"Search", "Recommend"})
+        "gateway",
+        register,
+        warmup,
+        shutdown,
+        admitted_methods=frozenset({"Search", "Recommend"}),
+        attach_health=hooks["attach_health"],
     )

@@ -11,9 +11,13 @@ import time
 from typing import Any, Protocol
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sluice.balancer import channel_options, parse_target, replica_addresses
+from sluice.builds import health_name
 from sluice.common.v1 import common_pb2
 from sluice.convert import context_to_proto
+from sluice.core import tracing
 from sluice.core.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -46,14 +50,17 @@ class StageClient(Protocol):
 
 
 class LocalStage:
-    """A stage's engine in this process."""
+    """A stage's engine (of build ``build_id``) in this process."""
 
-    def __init__(self, stage: StageName, engine: Any) -> None:
+    def __init__(self, stage: StageName, engine: Any, build_id: str = "") -> None:
         self.stage = stage
         self.engine = engine
+        self.build_id = build_id
 
     def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> StageResult:
-        return run_stage(self.stage, self.engine, ctx, cands, budget)
+        label = self.stage.label  # with tracing on: one INTERNAL span per stage
+        with tracing.internal_span(f"stage {label}", {tracing.STAGE_ATTRIBUTE: label}):
+            return run_stage(self.stage, self.engine, ctx, cands, budget, self.build_id)
 
 
 class _ContextMemo(threading.local):
@@ -79,18 +86,34 @@ class GrpcStage:
         binding: StageBinding,
         address: str,
         credentials: grpc.ChannelCredentials | None = None,
+        attempts: int = 3,
     ) -> None:
+        """``address`` is a gRPC target (:mod:`sluice.balancer`): one ``host:port`` is called
+        as it always was; several replicas get round_robin, health checks and up to
+        ``attempts`` tries of a call that meets UNAVAILABLE."""
         self.stage = binding.stage
         self.binding = binding
-        if credentials is None:
-            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        self._rpc: grpc.UnaryUnaryMultiCallable = self.channel.unary_unary(
+        self.target = parse_target(address)
+        self._credentials = credentials
+        options = channel_options(
+            self.target,
+            binding.service.full_name,
+            attempts,
+            CHANNEL_OPTIONS,
+            tls=credentials is not None,
+        )
+        self.channel = self._dial(self.target.target, options)
+        # with tracing on, each call gets a CLIENT span and carries its W3C trace context
+        self._rpc: grpc.UnaryUnaryMultiCallable = tracing.traced_channel(self.channel).unary_unary(
             binding.path,
             request_serializer=binding.request.SerializeToString,
             response_deserializer=binding.response.FromString,
         )
+
+    def _dial(self, target: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+        if self._credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, self._credentials, options=options)
 
     def close(self) -> None:
         self.channel.close()
@@ -120,3 +143,46 @@ class GrpcStage:
         # as seen by the caller: includes the network hop
         result.report.duration_us = int((time.perf_counter() - t0) * 1e6)
         return result
+
+    def wait_for_build(self, build_id: str, timeout_s: float) -> None:
+        """Block until every replica the gateway may call reports ``build_id`` loaded (its
+        health service, under :func:`sluice.builds.health_name`); Unavailable if one does not
+        within ``timeout_s``. The replicas are those of :func:`sluice.balancer.replica_addresses`:
+        a fixed list's, or what a DNS name resolves to now; one that is down is waited for."""
+        deadline = time.monotonic() + timeout_s
+        if not self.target.balanced:
+            self._watch_build(self.channel, build_id, timeout_s, self.target.address)
+            return
+        try:
+            replicas = replica_addresses(self.target)
+        except OSError as err:
+            raise Unavailable(f"cannot resolve {self.target.address}: {err}") from err
+        if not replicas:
+            raise Unavailable(f"{self.target.address} names no replica")
+        options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+        if self._credentials is not None and self.target.kind == "dns":
+            # the certificates name the service, not each replica's address
+            options.append(("grpc.ssl_target_name_override", self.target.host))
+        for address in replicas:
+            with self._dial(address, options) as channel:
+                self._watch_build(channel, build_id, deadline - time.monotonic(), address)
+
+    def _watch_build(
+        self, channel: grpc.Channel, build_id: str, timeout_s: float, address: str
+    ) -> None:
+        request = health_pb2.HealthCheckRequest(service=health_name(build_id))
+        waited = f"{self.binding.name} at {address} did not load build {build_id!r} in time"
+        if timeout_s <= 0:
+            raise Unavailable(waited)
+        updates = health_pb2_grpc.HealthStub(channel).Watch(
+            request, timeout=timeout_s, wait_for_ready=True
+        )
+        try:
+            for update in updates:  # SERVICE_UNKNOWN until the stage has loaded the build
+                if update.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as err:
+            raise Unavailable(waited) from err
+        finally:
+            updates.cancel()
+        raise Unavailable(f"{self.binding.name} at {address} ended the watch of {build_id!r}")
