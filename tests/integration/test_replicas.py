@@ -17,8 +17,6 @@ build swap waits for every replica.
 
 from __future__ import annotations
 
-import json
-import shutil
 import socket
 import statistics
 import threading
@@ -28,8 +26,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -37,10 +33,9 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from sluice.artifacts import MANIFEST, Artifacts
+from sluice.artifacts import Artifacts
 from sluice.balancer import SERVING_REPLY, grpc_health_probe, parse_target, service_config
-from sluice.builds import BUILDS, build_id_of, current_build, health_name, new_build_id, publish
-from sluice.common.v1 import common_pb2
+from sluice.builds import current_build, health_name, publish
 from sluice.core.errors import Unavailable
 from sluice.core.stage import StageBinding
 from sluice.domain import Budget, RankContext
@@ -49,7 +44,13 @@ from sluice.launch import STOREFRONT_SERVICE, Cluster, Ports
 from sluice.state.store import RedisStateStore
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
 from sluice.wiring import STAGES
-from tests.conftest import tiny_build
+from tests.integration.storefront_load import (
+    CHANNEL_OPTIONS,
+    HeldBuild,
+    Load,
+    Store,
+    assert_swapped_cleanly,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -57,12 +58,6 @@ CLICK = storefront_pb2.EVENT_TYPE_CLICK
 ACCEPTED = storefront_pb2.EVENT_STATUS_ACCEPTED
 DUPLICATE = storefront_pb2.EVENT_STATUS_DUPLICATE
 RECALL = STAGES[0].binding()
-# a restarted process is dialled again within half a second, not after gRPC's 2 min back-off
-CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 500),
-]
 
 
 def poll(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
@@ -341,28 +336,9 @@ def test_the_load_balancer_health_probe_is_a_grpc_health_call() -> None:
 # -- the layout ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Store:
-    root: Path
-    first: str
-    repository: Path
-
-
 @pytest.fixture(scope="module")
 def store(tiny_artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """A build store holding the tiny build, published; its own copy of the model repository
-    (a later build exports its ranker there and Triton loads it)."""
-    root = tmp_path_factory.mktemp("replicas-store")
-    repository = root / "model_repository"
-    shutil.copytree(tiny_artifacts.model_repository, repository)
-    first = build_id_of(tiny_artifacts.root)
-    build = root / BUILDS / first
-    shutil.copytree(tiny_artifacts.root, build)
-    manifest = json.loads((build / MANIFEST).read_text())
-    manifest["fine_ranker"]["repository"] = str(repository)
-    (build / MANIFEST).write_text(json.dumps(manifest))
-    publish(root, first)
-    return Store(root, first, repository)
+    return Store.of(tiny_artifacts, tmp_path_factory.mktemp("replicas-store"))
 
 
 @pytest.fixture(scope="module")
@@ -552,101 +528,6 @@ def test_an_event_tracked_through_the_balancer_is_visible_through_every_gateway(
 # -- failover under load ---------------------------------------------------------------------
 
 
-def stage_name(stage: int) -> str:
-    """``recall``, ``coarse_rank``, ``fine_rank``, ``rerank`` from a StageReport's stage."""
-    return common_pb2.Stage.Name(stage).removeprefix("STAGE_").lower()
-
-
-@dataclass
-class Answer:
-    started: float
-    ended: float
-    code: grpc.StatusCode
-    degraded: dict[str, str] = field(default_factory=dict)
-    """Stage name -> reason, for the stages that degraded."""
-    build_id: str = ""
-    stage_builds: list[str] = field(default_factory=list)
-
-
-class Load:
-    """Search and Recommend at ``rate`` calls a second in all from ``threads`` threads, through
-    one address, each with no deadline; every answer recorded."""
-
-    def __init__(
-        self, address: str, users: Sequence[str], rate: float = 20.0, threads: int = 4
-    ) -> None:
-        self.answers: list[Answer] = []
-        self.changed = threading.Condition()
-        self._stop = threading.Event()
-        self._users = users
-        self._rate = rate
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = storefront_pb2_grpc.StorefrontServiceStub(self._channel)
-        self._threads = [
-            threading.Thread(target=self._run, args=(i, threads), daemon=True)
-            for i in range(threads)
-        ]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        self._channel.close()
-
-    def _run(self, worker: int, threads: int) -> None:
-        start = time.monotonic()
-        n = 0
-        while True:
-            # this thread's share of an even schedule; a slow call only delays its own thread
-            due = start + (n * threads + worker) / self._rate
-            if self._stop.wait(max(0.0, due - time.monotonic())):
-                return
-            n += 1
-            user = self._users[(n * threads + worker) % len(self._users)]
-            started = time.monotonic()
-            try:
-                if n % 2:
-                    resp = self._stub.Search(
-                        storefront_pb2.SearchRequest(query="shoes", user_id=user, page_size=10)
-                    )
-                else:
-                    resp = self._stub.Recommend(
-                        storefront_pb2.RecommendRequest(user_id=user, page_size=10)
-                    )
-                answer = Answer(
-                    started,
-                    time.monotonic(),
-                    grpc.StatusCode.OK,
-                    {stage_name(s.stage): s.degraded_reason for s in resp.stages if s.degraded},
-                    resp.build_id,
-                    [s.build_id for s in resp.stages if not s.degraded],
-                )
-            except grpc.RpcError as err:
-                answer = Answer(started, time.monotonic(), err.code())
-            except Exception as exc:  # a bug here must fail the test, not end the thread
-                answer = Answer(started, time.monotonic(), grpc.StatusCode.UNKNOWN, {"": repr(exc)})
-            with self.changed:
-                self.answers.append(answer)
-                self.changed.notify_all()
-
-    def wait_for(self, count: int, after: float = 0.0, timeout_s: float = 120.0) -> None:
-        """Until ``count`` calls that started after ``after`` have answered."""
-        with self.changed:
-            ok = self.changed.wait_for(
-                lambda: sum(a.started >= after for a in self.answers) >= count, timeout_s
-            )
-        assert ok, f"fewer than {count} answers within {timeout_s} s"
-
-    def between(self, start: float, end: float) -> list[Answer]:
-        with self.changed:
-            return [a for a in self.answers if start <= a.started <= end]
-
-
 class Tracker:
     """Track through one address: batches of 4 clicks, 5 batches a second, over 40 shoppers.
     A failed batch is sent again, same event ids, until acknowledged (ACCEPTED, or DUPLICATE
@@ -805,35 +686,18 @@ def test_a_build_published_under_load_swaps_without_errors_or_mixing(
 ) -> None:
     """With two processes of every stage, the gateways switch to a newly published build only
     once every replica has it loaded: no call fails and no page mixes two builds."""
-    from sluice.build.pipeline import build
-
     assert current_build(store.root).name == store.first
-    new = new_build_id()
-    staged = store.root / "staged-ranker"
-    made = build(
-        tiny_build(store.root / BUILDS / new, store.repository, build_id=new, seed=11, epochs=4)
-    )
-    made.ranker_dir.rename(staged)  # held back from Triton until the swap
+    held = HeldBuild.make(store)
     users, _ = tiny_artifacts.users()
     with Load(layout.gateway_address, users[:50]) as load:
         load.wait_for(30)
-        staged.rename(made.ranker_dir)  # Triton loads it beside the first build's
-        publish(store.root, new)
-
-        def switched() -> bool:
-            with load.changed:
-                return sum(a.build_id == new for a in load.answers) >= 60
-
-        poll(switched, "60 answers from the new build", timeout_s=240)
+        held.release()  # Triton loads it beside the first build's
+        publish(store.root, held.build_id)
+        load.wait_for_build(held.build_id, 60, timeout_s=240)
     answers = load.answers
-    failed = [a.code for a in answers if a.code is not grpc.StatusCode.OK]
     print(
         f"\nbuild swap with 3 gateways and 2 processes per stage: {len(answers)} calls, "
         f"{sum(a.build_id == store.first for a in answers)} from the first build, "
-        f"{sum(a.build_id == new for a in answers)} from the new one, {len(failed)} failed"
+        f"{sum(a.build_id == held.build_id for a in answers)} from the new one"
     )
-    assert not failed, f"{len(failed)} of {len(answers)} calls failed: {set(failed)}"
-    assert {a.build_id for a in answers} == {store.first, new}
-    mixed = [a for a in answers if any(b != a.build_id for b in a.stage_builds)]
-    assert not mixed, f"{len(mixed)} pages mixed builds, e.g. {mixed[0]}"
-    assert not [r for a in answers for r in a.degraded.values() if "build" in r]
+    assert_swapped_cleanly(answers, store.first, held.build_id, one_gateway=False)
