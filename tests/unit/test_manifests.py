@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]
 
+from sluice.bench.compare import TRITON_METRICS as BENCH_TRITON_METRICS
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu", "podman")
@@ -99,18 +101,8 @@ EXPECTED_EGRESS: dict[str, set[str]] = {
     "sluice-build": DNS,
 }
 
-# What Triton exports (docs: Triton Inference Server, "Metrics").
-TRITON_METRICS = {
-    "nv_inference_request_success",
-    "nv_inference_request_failure",
-    "nv_inference_count",
-    "nv_inference_exec_count",
-    "nv_inference_request_duration_us",
-    "nv_inference_queue_duration_us",
-    "nv_inference_compute_input_duration_us",
-    "nv_inference_compute_infer_duration_us",
-    "nv_inference_compute_output_duration_us",
-}
+# What Triton exports (docs: Triton Inference Server, "Metrics"), as the benchmarks read it.
+TRITON_METRICS = set(BENCH_TRITON_METRICS)
 
 
 # -- rendering ---------------------------------------------------------------------------
