@@ -83,6 +83,25 @@ def resolve(artifacts: Path) -> Path:
     return current_build(artifacts) if is_store(artifacts) else artifacts
 
 
+def first_build(artifacts: Path, poll_s: float = 1.0) -> Path:
+    """The build a service starts with: ``artifacts`` itself, a store's current build, or,
+    while the store is still empty or absent (a fresh volume before the first build Job
+    ran), the first build published to it, waited for."""
+    waited = 0.0
+    while True:
+        if (artifacts / MANIFEST).exists() or (artifacts / CURRENT).is_file():
+            return resolve(artifacts)
+        if artifacts.is_dir() and any(artifacts.iterdir()) and not is_store(artifacts):
+            raise NotFound(
+                f"{artifacts} is neither a build (no {MANIFEST}) nor a build store: run "
+                "`sluice build`"
+            )
+        if waited % 30 < poll_s:
+            log.warning("no build published yet: waiting", extra={"artifacts": str(artifacts)})
+        time.sleep(poll_s)  # a file that does not exist yet has nothing to watch
+        waited += poll_s
+
+
 def publish(store: Path, build_id: str) -> Path:
     """Make ``build_id`` the store's current build (an atomic rename of ``CURRENT``)."""
     build = store / BUILDS / build_id

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sluice.builds import BuildWatcher, LoadedBuilds, health_name, is_store, resolve
+from sluice.builds import BuildWatcher, LoadedBuilds, first_build, health_name, is_store
 from sluice.config import (
     CoarseSettings,
     FineSettings,
@@ -84,7 +84,7 @@ def serve_builds(builds: LoadedBuilds[Any], settings: ServiceSettings) -> dict[s
         builds.on_change = lambda build_id, loaded: set_health(health_name(build_id), loaded)
 
     def warmup() -> None:
-        builds.load(resolve(settings.artifacts))
+        builds.load(first_build(settings.artifacts, settings.build_poll_s))
         if is_store(settings.artifacts):
             watcher.append(BuildWatcher(settings.artifacts, builds, settings.build_poll_s).start())
 
