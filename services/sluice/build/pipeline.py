@@ -176,6 +176,8 @@ def _copy_missing(source: Traversable, target: Path) -> None:
     """Copy the config files of ``source`` (not ``model.py``) that ``target`` lacks."""
     target.mkdir(parents=True, exist_ok=True)
     for entry in source.iterdir():
+        if entry.name == "__pycache__":
+            continue
         if entry.is_dir():
             _copy_missing(entry, target / entry.name)
         elif entry.name != "model.py" and not (target / entry.name).exists():
