@@ -3,10 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTO_OUT := services
-PROTOS := $(shell find protos -name '*.proto')
+PROTOS := $(shell find protos -name '*.proto') $(shell find model_repository -maxdepth 3 -name '*.pbtxt' -o -maxdepth 3 -name model.py)
 STAMP := $(VENV)/.sluice-installed
 
-.PHONY: demo test fuzz proto lint typecheck check build up bench eval clean
+.PHONY: demo test test-slow fuzz proto lint typecheck check build up bench eval clean images test-containers
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m sluice.tools.triton_setup
 	@touch $(STAMP)
 
-# Generated gRPC/protobuf code: never edited by hand, never committed.
+# Generated gRPC/protobuf code and model templates (the package build makes them too):
+# never edited by hand, never committed.
 $(PROTO_OUT)/sluice/v1/storefront_pb2.py: $(PROTOS) | $(STAMP)
 	$(PY) -m sluice.tools.protogen
 
@@ -31,12 +32,18 @@ demo: setup
 # The whole default test suite (CI runs exactly this).
 test: setup
 	@command -v redis-server >/dev/null && command -v node >/dev/null && command -v npm >/dev/null \
-		|| { apt-get update -qq && apt-get install -y -qq redis-server nodejs npm; }
+		&& { command -v haproxy || test -x /usr/sbin/haproxy; } >/dev/null \
+		|| { apt-get update -qq && apt-get install -y -qq redis-server nodejs npm haproxy; }
 	$(PY) -m pytest
 
 # The public contract (sluice.v1 and the sluice.common.v1 it imports) stays wire-compatible
 # with this commit; the internal stage protos are versioned on their own (v2).
 BREAKING_AGAINST ?= 8eb4a55
+
+# The suites kept out of the default run: several service processes for minutes (slow), and
+# the container images built and run with podman (container; see docs/deploy.md).
+test-slow: setup
+	$(PY) -m pytest -m slow
 
 # The long fuzz run: 2,000 seeded cases for each of the eight methods (the default suite runs 300).
 fuzz: setup
@@ -49,6 +56,18 @@ lint: setup
 	cd protos && ../$(VENV)/bin/buf lint
 	cd protos && ../$(VENV)/bin/buf breaking --against '../.git#ref=$(BREAKING_AGAINST),subdir=protos' \
 		--path sluice/v1 --path sluice/common/v1
+
+# Container images with podman (deploy/images/build.sh): installs podman, buildah, mmdebstrap
+# and runc if missing, makes the Debian base, builds the images, prints their sizes.
+images:
+	deploy/images/build.sh
+
+# The container test (marker `container`, not in `make test`): builds the images (podman's
+# layer cache makes an unchanged tree quick; SLUICE_CONTAINER_REUSE=1 uses what `make images`
+# built, if it is current), trains a small shop in the build image, serves the cascade from
+# the images and through the podman overlay's `podman kube play`.
+test-containers: setup
+	$(PY) -m pytest -m container tests/container
 
 clean:
 	rm -rf var artifacts
