@@ -234,10 +234,10 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
     remote: dict[StageName, GrpcStage] = {}
     first = threading.Event()  # set once the first build is loaded: later ones wait for stages
 
+    state: list[OnlineStateStore] = []  # made in warm-up: it may connect to Redis
+
     def current() -> Gateway:
         return builds.get()[1]
-
-    store = make_store(settings, lambda item: item_attributes(current().catalog)(item))
 
     def load_build(build: Path, closers: list[Callable[[], None]]) -> Gateway:
         """One build's gateway. A build published later becomes current only once every
@@ -253,7 +253,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         gateway = Gateway(
             stages,
             artifacts.catalog,
-            UserHistory.from_artifacts(artifacts, store),
+            UserHistory.from_artifacts(artifacts, state[0]),
             QueryEncoder(encoder.encode),
             GatewayLimits.from_settings(settings),
             tokens,
@@ -279,6 +279,8 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         return [storefront_pb2.DESCRIPTOR.services_by_name["StorefrontService"].full_name]
 
     def warmup() -> None:
+        store = make_store(settings, lambda item: item_attributes(current().catalog)(item))
+        state.append(store)
         resources.append(store.close)
         if settings.stages == "grpc":
             remote.update(stage_clients(settings, resources))
