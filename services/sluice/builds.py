@@ -10,8 +10,10 @@ A *build store* is a directory::
 it current. A service whose ``artifacts`` setting names a store loads the current build at
 start and then watches ``CURRENT`` (:class:`BuildWatcher`): a new id is loaded in the
 background while the old build keeps serving, and becomes current only once loaded
-(:class:`LoadedBuilds`). The old build stays loaded for ``retain_s`` so that requests pinned
-to it finish on it. A service whose ``artifacts`` names a build directory serves it alone.
+(:class:`LoadedBuilds`). The old build stays loaded until no request has asked for it for
+``retain_s``, so that requests pinned to it finish on it, and a gateway that still pins it
+(waiting for another stage) keeps it. A service whose ``artifacts`` names a build directory
+serves it alone.
 
 Each request is pinned to one build: the gateway picks its current build, names it in the
 request context (``RankContext.build_id``) and every stage answers from that build, so a
@@ -121,6 +123,7 @@ def publish(store: Path, build_id: str) -> Path:
 class _Loaded(Generic[T]):
     value: T
     closers: Closers = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
 
 
 class LoadedBuilds(Generic[T]):
@@ -191,25 +194,45 @@ class LoadedBuilds(Generic[T]):
             self.on_change(build_id, True)
         log.info("build current", extra={"build_id": build_id, "previous": previous})
         if previous and previous != build_id:
-            timer = threading.Timer(self._retain_s, self._retire, (previous,))
-            timer.daemon = True
-            self._timers.append(timer)
-            timer.start()
+            with self._lock:
+                if previous in self._builds:
+                    self._builds[previous].last_used = time.monotonic()
+                    self._schedule_retire(previous, self._retain_s)
+
+    def _schedule_retire(self, build_id: str, delay_s: float) -> None:
+        self._timers = [t for t in self._timers if t.is_alive()]
+        timer = threading.Timer(delay_s, self._retire, (build_id,))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     def get(self, build_id: str = "") -> tuple[str, T]:
         """The build a request is pinned to ("": the current one)."""
-        loaded = self._builds.get(build_id or self._current)
+        current = self._current
+        wanted = build_id or current
+        loaded = self._builds.get(wanted)
         if loaded is None:
-            if not self._current:
+            if not current:
                 raise Unavailable("warming up: no build loaded yet")
-            raise Unavailable(f"build {build_id!r} is not loaded here (current: {self._current!r})")
-        return build_id or self._current, loaded.value
+            raise Unavailable(f"build {build_id!r} is not loaded here (current: {current!r})")
+        loaded.last_used = time.monotonic()
+        return wanted, loaded.value
 
     def _retire(self, build_id: str) -> None:
+        """Drop a build no longer current once no request has asked for it for ``retain_s``:
+        a caller that still pins it (a gateway waiting for another stage to load the new
+        build) keeps it loaded, and no request holds an engine that is being closed."""
         with self._lock:
             if build_id == self._current:
                 return
-            loaded = self._builds.pop(build_id, None)
+            loaded = self._builds.get(build_id)
+            if loaded is None:
+                return
+            idle = time.monotonic() - loaded.last_used
+            if idle < self._retain_s:
+                self._schedule_retire(build_id, self._retain_s - idle)
+                return
+            del self._builds[build_id]
         if loaded is not None:
             self.on_change(build_id, False)
             _close(loaded.closers)

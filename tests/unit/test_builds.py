@@ -155,3 +155,21 @@ def test_a_directory_that_is_neither_build_nor_store_is_refused(tmp_path: Path) 
     (tmp_path / "notes.txt").write_text("not a build")
     with pytest.raises(NotFound, match="neither a build"):
         first_build(tmp_path)
+
+
+def test_an_old_build_still_asked_for_is_kept_until_it_has_been_idle(tmp_path: Path) -> None:
+    """A gateway that still pins the old build (waiting for another stage to load the new
+    one) keeps it loaded here: retirement counts from the last request for it."""
+    rec = Recorder()
+    builds: LoadedBuilds[str] = LoadedBuilds(rec.load, retain_s=3600, on_change=rec.on_change)
+    builds.load(make_build(tmp_path, "a"))
+    builds.load(make_build(tmp_path, "b"))
+    assert builds.get("a") == ("a", "engine of a")  # a request pinned to the old build
+    builds._retire("a")  # its timer fires: asked for just now, so it stays
+    assert builds.get("a") == ("a", "engine of a") and rec.closed == []
+    builds._builds["a"].last_used -= 3600  # an hour without a request for it
+    builds._retire("a")
+    assert rec.closed == ["a"] and ("a", False) in rec.changes
+    with pytest.raises(Unavailable):
+        builds.get("a")
+    builds.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,11 @@ import grpc
 from prometheus_client import REGISTRY, Counter, Gauge
 
 from sluice.artifacts import Artifacts
-from sluice.builds import LoadedBuilds, build_id_of
+from sluice.builds import LoadedBuilds, build_id_of, resolve
 from sluice.config import GatewaySettings
 from sluice.convert import filters_from_proto, item_filters_from_proto, report_to_proto
 from sluice.core.auth import channel_credentials
-from sluice.core.errors import InvalidArgument, Unavailable
+from sluice.core.errors import InvalidArgument, SluiceError, Unavailable
 from sluice.core.server import ServiceSpec, caller_timeout_s
 from sluice.data.filters import AttributeFilter
 from sluice.domain import Cancellation, StageName
@@ -263,9 +264,28 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         )
         gateway.encode_query("warm up")
         if first.is_set() and settings.stages == "grpc":
-            for client in remote.values():
-                client.wait_for_build(build_id, settings.build_switch_wait_s)
+            wait_for_stages(build_id)
         return gateway
+
+    def wait_for_stages(build_id: str) -> None:
+        """Until every stage replica has ``build_id``; Unavailable (the build is tried again
+        later) after ``build_switch_wait_s``, or at once when another build is published
+        meanwhile, so that the watcher moves on to it."""
+        deadline = time.monotonic() + settings.build_switch_wait_s
+        for client in remote.values():
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    client.wait_for_build(build_id, max(0.1, min(remaining, 5.0)))
+                    break
+                except Unavailable:
+                    if remaining <= 5.0 or published() != build_id:
+                        raise
+
+    def published() -> str:
+        with contextlib.suppress(OSError, ValueError, SluiceError):
+            return build_id_of(resolve(settings.artifacts))
+        return ""
 
     builds: LoadedBuilds[Gateway] = LoadedBuilds(load_build, retain_s=settings.build_retain_s)
     tokens = PageTokens.from_settings(
