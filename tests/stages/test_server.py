@@ -183,6 +183,8 @@ def test_the_page_window_and_total(service: tuple) -> None:
         (lambda r: r.context.filters.add(), "context.filters[0]"),
         (lambda r: r.context.filters.add().brand.SetInParent(), "context.filters[0].brand.values"),
         (lambda r: setattr(r.context, "query", "q" * 3000), "context.query"),
+        (lambda r: setattr(r.context, "build_id", "b" * 129), "context.build_id"),
+        (lambda r: setattr(r.context, "build_id", "a\x00b"), "context.build_id"),
         (lambda r: r.context.history_item_ids.extend(range(1001)), "context.history_item_ids"),
         (lambda r: setattr(r, "max_candidates", 101), "max_candidates"),
         (lambda r: setattr(r, "offset", -1), "offset"),
@@ -202,6 +204,25 @@ def test_bad_stage_input_names_the_field(service: tuple, mutate: Any, field: str
         rerank(svc.port, req)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert _violations(err.value) == [field]
+
+
+def test_a_request_is_answered_by_the_build_it_names_or_unavailable(service: tuple) -> None:
+    """A caller pins a build (``context.build_id``): the stage answers from it and says so;
+    a build it has not loaded is UNAVAILABLE (another replica may have it), not another."""
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    resp = rerank(svc.port, GOOD)  # no build named: the current one
+    assert resp.report.build_id == "test"
+    req = rerank_pb2.RankCandidatesRequest()
+    req.CopyFrom(GOOD)
+    req.context.build_id = "test"
+    assert rerank(svc.port, req).report.build_id == "test"
+    req.context.build_id = "20991231T000000Z-abcdef"
+    with pytest.raises(grpc.RpcError) as err:
+        rerank(svc.port, req)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "not loaded here" in (err.value.details() or "")
 
 
 def _raw_call(port: int, body: bytes) -> grpc.RpcError:
