@@ -18,7 +18,9 @@ def _build(args: argparse.Namespace) -> int:
     from sluice.data.synthetic import ShopSpec
     from sluice.fine.model import RankerConfig
 
-    ranker = RankerConfig()
+    ranker = RankerConfig(loss=args.loss)
+    if args.negatives is not None:
+        ranker.num_negatives = args.negatives
     build_id = ""
     out = Path(args.out)
     if args.store:  # a new build beside the store's others, published only when asked
@@ -36,6 +38,10 @@ def _build(args: argparse.Namespace) -> int:
         seed=args.seed,
         epochs=args.epochs,
         ranker=ranker,
+        shards=args.shards,
+        shard_index_kind=args.shard_index_kind,
+        valid_users=args.valid_users,
+        encoder=args.encoder,
     )
     (refit if args.refit else build)(options)
     if args.store:
@@ -61,6 +67,16 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(args: argparse.Namespace) -> int:
+    from sluice.artifacts import Artifacts
+    from sluice.build.shards import write_shards
+
+    manifest = write_shards(Artifacts(Path(args.artifacts)), args.count, args.index_kind)
+    sizes = ", ".join(str(b - a) for a, b in manifest.ranges)
+    print(f"wrote {manifest.count} recall shards of {args.artifacts} ({sizes} items)")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from sluice.serve import serve
 
@@ -81,6 +97,7 @@ def _cluster(args: argparse.Namespace, supervise: bool = False) -> object:
         supervise=supervise,
         replicas=args.replicas,
         stage_replicas=args.stage_replicas or 0,
+        recall_shards=args.recall_shards,
     )
 
 
@@ -211,6 +228,45 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--epochs", type=int, default=200)
     b.add_argument(
+        "--loss",
+        choices=("full", "sampled"),
+        default="full",
+        help="fine ranker training: full softmax over every item, or the sampled softmax "
+        "(in-batch and log-uniform negatives, logQ-corrected; for large catalogs)",
+    )
+    b.add_argument(
+        "--negatives",
+        type=_positive,
+        default=None,
+        help="--loss sampled: shared negatives per batch (default: RankerConfig's, 2048)",
+    )
+    b.add_argument(
+        "--valid-users",
+        type=int,
+        default=0,
+        help="validate the ranker's training on this many users (a seeded sample); 0: all",
+    )
+    b.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        help="also cut recall into this many shards (sluice.recall.shards); 0: none",
+    )
+    b.add_argument(
+        "--shard-index-kind",
+        default="auto",
+        help="each shard's FAISS index (sluice.recall.ann_index: auto, flat, ivf_flat, ...)",
+    )
+    from sluice.embed.batch import BUILD_ENCODERS, DEFAULT_ENCODER
+
+    b.add_argument(
+        "--encoder",
+        choices=list(BUILD_ENCODERS),
+        default=DEFAULT_ENCODER,
+        help="how item texts and pseudo-queries are embedded: "
+        + "; ".join(f"{e.name}: {e.help}" for e in BUILD_ENCODERS.values()),
+    )
+    b.add_argument(
         "--refit",
         action="store_true",
         help="only fit the coarse weights and the fusion of the build in --out again",
@@ -223,6 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     pb.add_argument("store", help="the build store (--store of `sluice build`)")
     pb.add_argument("build_id", nargs="?", default="", help="default: the newest build")
     pb.set_defaults(fn=_publish)
+
+    sh = sub.add_parser(
+        "shard", help="cut a build's recall into shards (contiguous row ranges), in place"
+    )
+    sh.add_argument("artifacts", help="the build (its directory)")
+    sh.add_argument("count", type=_positive, help="how many shards")
+    sh.add_argument(
+        "--index-kind",
+        default="auto",
+        help="each shard's FAISS index (sluice.recall.ann_index: auto, flat, ivf_flat, ...); "
+        "flat shards answer exactly what the whole build does",
+    )
+    sh.set_defaults(fn=_shard)
 
     s = sub.add_parser("serve", help="run one service")
     s.add_argument("service", choices=SERVICES)
@@ -255,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
             default=None,
             help="processes of each stage service (default: 2 with --replicas above 1, else "
             "1), reached with round_robin, health checks and retries",
+        )
+        p.add_argument(
+            "--recall-shards",
+            type=int,
+            default=0,
+            help="serve the build's sharded catalog (`sluice shard`): one process per shard, "
+            "recall a front over them",
         )
         if name == "demo":
             p.add_argument("--rebuild", action="store_true")

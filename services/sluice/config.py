@@ -234,6 +234,48 @@ class RecallSettings(StageSettings):
     live_popularity_weight: float = Field(
         0.7, ge=0.0, le=1.0, description="most weight live popularity gets over build-time counts"
     )
+    shard: int | None = Field(
+        None,
+        ge=0,
+        description="serve shard i of the build's sharded catalog (RecallShardService) instead "
+        "of the whole catalog; see sluice.recall.shards",
+    )
+    shard_addrs: str = Field(
+        "",
+        description="a recall front over a sharded catalog: the shards' gRPC targets in shard "
+        "order, ';'-separated (each a stage address: host:port, several replicas, or dns:///); "
+        "'local': every shard in this process",
+    )
+    shard_attempts: int = Field(
+        2, ge=1, le=5, description="tries of a shard call that meets UNAVAILABLE (replicas)"
+    )
+    shard_wait_s: float = Field(
+        600.0, gt=0, description="how long the front waits for every shard to load a build"
+    )
+    shard_tls_ca_file: Path | None = Field(None, description="verify the shards' TLS with this CA")
+    shard_tls_cert_file: Path | None = Field(None, description="client certificate for the shards")
+    shard_tls_key_file: Path | None = Field(None, description="its private key")
+
+    @property
+    def shard_targets(self) -> list[str]:
+        """The shards' addresses, in shard order (empty: not a front, or 'local')."""
+        if self.shard_addrs.strip() in ("", "local"):
+            return []
+        return [part.strip() for part in self.shard_addrs.split(";")]
+
+    @field_validator("shard_addrs")
+    @classmethod
+    def _shard_targets(cls, value: str) -> str:
+        if value.strip() not in ("", "local"):
+            for part in value.split(";"):
+                parse_target(part)  # ValueError names what is wrong
+        return value
+
+    @model_validator(mode="after")
+    def _shard_or_front(self) -> RecallSettings:
+        if self.shard is not None and self.shard_addrs:
+            raise ValueError("a recall process is a shard or a front (shard_addrs), not both")
+        return self
 
 
 class CoarseSettings(StageSettings):

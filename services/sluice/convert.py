@@ -14,6 +14,7 @@ from sluice.domain import (
     Candidates,
     RankContext,
     RequestKind,
+    ShardReport,
     Source,
     StageName,
     StageReport,
@@ -213,6 +214,16 @@ def report_to_proto(r: StageReport) -> common_pb2.StageReport:
         degraded=r.degraded,
         degraded_reason=r.degraded_reason,
         build_id=r.build_id,
+        shards=[
+            common_pb2.ShardReport(
+                shard_index=s.index,
+                answered=s.answered,
+                error=s.error,
+                duration_us=s.duration_us,
+                candidates_out=s.candidates_out,
+            )
+            for s in r.shards
+        ],
     )
 
 
@@ -225,6 +236,10 @@ def report_from_proto(m: common_pb2.StageReport) -> StageReport:
         degraded=m.degraded,
         degraded_reason=m.degraded_reason,
         build_id=m.build_id,
+        shards=[
+            ShardReport(s.shard_index, s.answered, s.error, s.duration_us, s.candidates_out)
+            for s in m.shards
+        ],
     )
 
 

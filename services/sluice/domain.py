@@ -197,3 +197,23 @@ class StageReport:
     degraded_reason: str = ""
     build_id: str = ""
     """The build the stage answered from."""
+    shards: list[ShardReport] = field(default_factory=list)
+    """How each shard answered, for a recall stage over a sharded catalog."""
+
+
+@dataclass
+class ShardReport:
+    """How one shard of a sharded recall stage answered one request."""
+
+    index: int
+    answered: bool = True
+    error: str = ""
+    duration_us: int = 0
+    candidates_out: int = 0
+
+
+@dataclass
+class Gathered(Candidates):
+    """Candidates merged from the shards of a sharded catalog, with how each answered."""
+
+    shards: list[ShardReport] = field(default_factory=list)

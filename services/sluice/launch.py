@@ -182,6 +182,10 @@ class Cluster:
     stage_replicas: int = 0
     """Processes of each stage service (0: 2 with several gateways, else 1). The gateways reach
     several with round_robin, health checks and retries over ``ipv4:a,b``."""
+    recall_shards: int = 0
+    """Recall shards (0: recall holds the whole catalog). With N, processes ``shard-0`` ...
+    ``shard-<N-1>`` each serve one shard of the build's sharded catalog (``sluice shard``),
+    and every recall process is a front over them (:mod:`sluice.recall.shards`)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     """How often the supervisor restarted each process."""
@@ -207,6 +211,7 @@ class Cluster:
                         f"  redis     127.0.0.1:{self.ports.replicas['redis']}  ready", flush=True
                     )
             stage_processes = [n for s in self._stage_services() for n in self.process_names(s)]
+            stage_processes = [*self.shard_names(), *stage_processes]  # a front waits for them
             if self.fine_backend == "triton":
                 self._start_triton()
             for name in stage_processes:
@@ -249,7 +254,8 @@ class Cluster:
         with self._changed:  # from here on the supervisor starts nothing
             self._stopping.set()
         stages = [n for s in STAGES for n in self.process_names(s)]
-        order = ["lb", *self.process_names("gateway"), *stages, "triton", "redis"]
+        order = ["lb", *self.process_names("gateway"), *stages, *self.shard_names()]
+        order += ["triton", "redis"]
         for name in [*order, *(n for n in self.processes if n not in order)]:
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is None:
@@ -295,6 +301,12 @@ class Cluster:
             return self.stage_replicas
         return 2 if self.replicas > 1 else 1
 
+    def shard_names(self) -> list[str]:
+        """The recall shards' processes, in shard order."""
+        if self.stages != "grpc":
+            return []
+        return [f"shard-{i}" for i in range(self.recall_shards)]
+
     def process_names(self, service: str) -> list[str]:
         """The processes of a service: its name alone, or ``<service>-1`` ... ``-N``."""
         count = self.replica_count(service)
@@ -324,7 +336,7 @@ class Cluster:
             for s in ("gateway", *self._stage_services())
             if self.replica_count(s) > 1
             for n in self.process_names(s)
-        ]
+        ] + self.shard_names()
         grpc_ports = [n for n in names if n not in self.ports.replicas]
         if self.replicas > 1 and not self.redis_url and "redis" not in self.ports.replicas:
             grpc_ports.append("redis")
@@ -440,8 +452,10 @@ class Cluster:
         env = {**CPU_SHARING_ENV, **os.environ}
         env.update(self.extra_env)
         p = self.ports
-        name = process.split("-")[0]  # the service of a replica (recall-2: recall)
+        name = _service_of(process)
         prefix = f"SLUICE_{name.upper()}_"
+        if process in self.shard_names():
+            env[prefix + "SHARD"] = process.split("-")[1]
         env[prefix + "ARTIFACTS"] = str(self.artifacts.resolve())
         env[prefix + "PORT"] = str(self.port_of(process))
         env[prefix + "METRICS_PORT"] = str(p.metrics[process])
@@ -462,6 +476,9 @@ class Cluster:
                 keys = json.dumps([self._page_token_key])  # a page from one, the next from another
                 env.setdefault(prefix + "PAGE_TOKEN_KEYS", keys)
         if name == "recall":
+            if process not in self.shard_names() and self.shard_names():
+                addrs = [f"127.0.0.1:{self.port_of(n)}" for n in self.shard_names()]
+                env[prefix + "SHARD_ADDRS"] = ";".join(addrs)
             # with a shared (redis) store, recall blends live popularity into its popularity
             env[prefix + "STATE"] = self.state
             if self.state == "redis" and self.redis_url:
@@ -476,9 +493,13 @@ class Cluster:
                 env[prefix + "STAGE_TLS_CA_FILE"] = str(t.ca)
                 env[prefix + "STAGE_TLS_CERT_FILE"] = str(t.gateway_client_cert)
                 env[prefix + "STAGE_TLS_KEY_FILE"] = str(t.gateway_client_key)
-            else:  # a stage serves only the gateway's identity
+            else:  # a stage (a recall shard too) serves only the gateway's identity
                 env[prefix + "TLS_CLIENT_CA_FILE"] = str(t.ca)
                 env[prefix + "ALLOWED_PEERS"] = json.dumps([t.gateway_identity])
+            if name == "recall" and process not in self.shard_names() and self.shard_names():
+                env[prefix + "SHARD_TLS_CA_FILE"] = str(t.ca)  # a front calls its shards as
+                env[prefix + "SHARD_TLS_CERT_FILE"] = str(t.gateway_client_cert)  # the gateway
+                env[prefix + "SHARD_TLS_KEY_FILE"] = str(t.gateway_client_key)  # calls stages
             if name == "fine" or (name == "gateway" and self.stages == "local"):
                 env["SLUICE_FINE_TRITON_TLS_CA_FILE"] = str(t.ca)
                 env["SLUICE_FINE_TRITON_TLS_CERT_FILE"] = str(t.fine_client_cert)
@@ -493,7 +514,7 @@ class Cluster:
         return grpc.secure_channel(address, self.tls.channel_credentials())
 
     def _start_service(self, name: str) -> None:
-        argv = [sys.executable, "-m", "sluice.cli", "serve", name.split("-")[0]]
+        argv = [sys.executable, "-m", "sluice.cli", "serve", _service_of(name)]
         self._spawn(name, argv, self._service_env(name))
 
     def _start_redis(self) -> None:
@@ -686,6 +707,12 @@ class Cluster:
         url = f"http://127.0.0.1:{self.ports.triton_metrics}/metrics"
         with urllib.request.urlopen(url, timeout=5.0) as resp:
             return str(resp.read().decode())
+
+
+def _service_of(process: str) -> str:
+    """The service a process runs: ``recall-2`` a recall replica, ``shard-0`` a recall shard."""
+    name = process.split("-")[0]
+    return "recall" if name == "shard" else name
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:

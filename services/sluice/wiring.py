@@ -39,9 +39,21 @@ class StageEntry:
     stage: StageName
     settings: type[StageSettings]
 
-    def binding(self) -> StageBinding:
-        binding: StageBinding = importlib.import_module(f"sluice.{self.name}.service").BINDING
+    def binding(self, settings: StageSettings | None = None) -> StageBinding:
+        """The stage's gRPC service (as ``settings`` have it serve, if the stage has variants:
+        a recall shard serves another service than the whole catalog's)."""
+        module = importlib.import_module(f"sluice.{self.name}.service")
+        if settings is not None and hasattr(module, "binding"):
+            return module.binding(settings)
+        binding: StageBinding = module.BINDING
         return binding
+
+    def limits(self, settings: StageSettings) -> StageLimits:
+        """What the stage's service accepts."""
+        module = importlib.import_module(f"sluice.{self.name}.service")
+        if hasattr(module, "limits"):
+            return module.limits(settings)
+        return StageLimits(settings.max_candidates, settings.deadline_ms / 1000)
 
     def load(self, settings: StageSettings, closers: list[Callable[[], None]]) -> Any:
         """The stage's engine, loaded and warmed up as its service runs it."""
@@ -69,9 +81,7 @@ def stage_spec(entry: StageEntry, settings: StageSettings) -> ServiceSpec:
         ),
         retain_s=settings.build_retain_s,
     )
-    servicer = StageServicer(
-        entry.binding(), StageLimits(settings.max_candidates, settings.deadline_ms / 1000), builds
-    )
+    servicer = StageServicer(entry.binding(settings), entry.limits(settings), builds)
     return ServiceSpec(entry.name, servicer.add_to, **serve_builds(builds, settings))
 
 

@@ -13,7 +13,7 @@ def test_rows_agree_with_a_dict_lookup(spread: int) -> None:
     rng = np.random.default_rng(spread)
     ids = rng.choice(500 * spread, size=500, replace=False).astype(np.int64)
     catalog = Catalog.from_columns(ids.tolist(), [f"item {i}" for i in ids])
-    assert (catalog._dense_rows is not None) == (spread < 4)
+    assert (catalog.index._dense_rows is not None) == (spread < 4)
     row_of = {int(i): r for r, i in enumerate(ids)}
     queries = np.concatenate(
         [ids, rng.integers(-5, 500 * spread + 50, 2000), [np.iinfo(np.int64).max, -1]]

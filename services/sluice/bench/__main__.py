@@ -7,6 +7,7 @@
     sluice bench compare  grpc|batching|perf-analyzer --artifacts DIR side-by-side ratios
     sluice bench flops    --artifacts DIR                             matmul peak vs the ranker
     sluice bench encoder  --artifacts DIR                             query encoder: torch vs ONNX
+    sluice bench shards   --artifacts DIR [--counts 1,2,4]            sharded vs whole recall
 
 The ANN index comparison is ``python -m sluice.bench.ann`` (its own module).
 """
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from sluice.bench import compare, edge, encoder, flops, load, overload
+    from sluice.bench import compare, edge, encoder, flops, load, overload, shards
 
     ap = parser or argparse.ArgumentParser(prog="sluice bench", description=__doc__)
     sub = ap.add_subparsers(dest="bench", required=True)
@@ -45,6 +46,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     ep = sub.add_parser("encoder", help="query encoding: sentence-transformers vs ONNX Runtime")
     encoder.add_encoder_args(ep)
     ep.set_defaults(bench_fn=encoder.encoder_main)
+    hp = sub.add_parser("shards", help="sharded recall vs the whole catalog's: overlap, latency")
+    shards.add_shards_args(hp)
+    hp.set_defaults(bench_fn=shards.shards_main)
     return ap
 
 

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -940,8 +940,10 @@ def started_cluster(
     timeout_s: float = 420.0,
     stages: str = "grpc",
     retries: int = 1,
+    layout: Mapping[str, int] | None = None,
 ) -> Iterator[Any]:
-    """A fresh :class:`~sluice.launch.Cluster` on random ports (events to a temp dir)."""
+    """A fresh :class:`~sluice.launch.Cluster` on random ports (events to a temp dir);
+    ``layout`` sets its ``replicas``, ``stage_replicas`` and ``recall_shards``."""
     from sluice.launch import Cluster, Ports
 
     env = dict(extra_env or {})  # FAISS on GPU: SLUICE_RECALL_USE_GPU=1 in the environment
@@ -958,6 +960,9 @@ def started_cluster(
                 extra_env=env,
                 triton_gpu=gpu,
                 stages=stages,
+                replicas=(layout or {}).get("replicas", 1),
+                stage_replicas=(layout or {}).get("stage_replicas", 0),
+                recall_shards=(layout or {}).get("recall_shards", 0),
             )
             t = time.monotonic()
             try:
@@ -1327,6 +1332,13 @@ def add_load_args(ap: argparse.ArgumentParser) -> None:
         default="grpc",
         help="local: one gateway process runs the stages (only Triton beside it)",
     )
+    ap.add_argument(
+        "--replicas", type=int, default=1, help="with --start: gateways (behind HAProxy if > 1)"
+    )
+    ap.add_argument("--stage-replicas", type=int, default=0, help="with --start: per stage")
+    ap.add_argument(
+        "--recall-shards", type=int, default=0, help="with --start: recall shards (sluice shard)"
+    )
     ap.add_argument("--out", type=Path, default=paths.var("bench", "load"))
     ap.add_argument("--figures", type=Path, default=None, help="also copy the PNGs here")
     ap.add_argument("--tag", default="load", help="label in the CSV and figure names")
@@ -1372,7 +1384,16 @@ def load_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
             print("starting Triton and the services …", flush=True)
             cluster = stack.enter_context(
                 started_cluster(
-                    args.artifacts, env, args.gpu, args.fine_backend, stages=args.stages
+                    args.artifacts,
+                    env,
+                    args.gpu,
+                    args.fine_backend,
+                    stages=args.stages,
+                    layout={
+                        "replicas": args.replicas,
+                        "stage_replicas": args.stage_replicas,
+                        "recall_shards": args.recall_shards,
+                    },
                 )
             )
             address = cluster.gateway_address

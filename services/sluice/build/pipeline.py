@@ -56,6 +56,10 @@ class BuildOptions:
     cache_dir: Path = field(default_factory=lambda: paths.var("cache"))
     progress: bool = True
     build_id: str = ""  # "": a new one (sluice.builds.new_build_id)
+    shards: int = 0  # recall shards to cut (sluice.recall.shards); 0: none
+    valid_users: int = 0  # users the ranker's early stopping validates on; 0: every user
+    shard_index_kind: str = "auto"
+    encoder: str = "minilm"  # build-time text encoder (sluice.embed.batch.BUILD_ENCODERS)
 
 
 class Console:
@@ -248,7 +252,12 @@ def refit(options: BuildOptions) -> Artifacts:
         ):
             raise ValueError(f"{options.out} was built from other data or another holdout")
         pseudo = pseudo_query_table(
-            catalog, per_item=2, seed=options.seed, cache_dir=options.cache_dir, progress=False
+            catalog,
+            per_item=2,
+            seed=options.seed,
+            cache_dir=options.cache_dir,
+            progress=False,
+            encoder=options.encoder,
         )
     fit_cascade(
         artifacts,
@@ -293,7 +302,12 @@ def build(options: BuildOptions) -> Artifacts:
         catalog.save(out)
 
     with steps.step("embed item text (all-MiniLM-L6-v2)"):
-        table = text_table(catalog, cache_dir=options.cache_dir, progress=options.progress)
+        table = text_table(
+            catalog,
+            cache_dir=options.cache_dir,
+            progress=options.progress,
+            encoder=options.encoder,
+        )
         text_vectors = np.ascontiguousarray(table[1:])
         np.save(out / "text_vectors.npy", text_vectors)
 
@@ -313,6 +327,9 @@ def build(options: BuildOptions) -> Artifacts:
     search_only = len(held) == 0
     with steps.step("train the fine ranker"):
         valid = [s for s in sequences if len(s) >= 3]
+        if 0 < options.valid_users < len(valid):  # full ranking of 1M items is costly
+            keep = np.random.default_rng(rng_seed).choice(len(valid), options.valid_users, False)
+            valid = [valid[i] for i in np.sort(keep)]
         train_seqs = [s[:-1] for s in sequences]
         pseudo = pseudo_query_table(
             catalog,
@@ -320,6 +337,7 @@ def build(options: BuildOptions) -> Artifacts:
             seed=rng_seed,
             cache_dir=options.cache_dir,
             progress=options.progress,
+            encoder=options.encoder,
         )
         if search_only:
             import torch
@@ -368,6 +386,12 @@ def build(options: BuildOptions) -> Artifacts:
     with steps.step("users' histories"):
         user_hist = [catalog.item_ids[s] for s in sequences]
         save_users(out / "users.npz", held.user_ids, user_hist)
+
+    if options.shards:
+        from sluice.build.shards import write_shards
+
+        with steps.step(f"recall shards ({options.shards})"):
+            write_shards(Artifacts(out), options.shards, options.shard_index_kind)
 
     manifest = {
         "build_id": options.build_id or new_build_id(),

@@ -40,7 +40,7 @@ from sluice.convert import (
 )
 from sluice.core.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from sluice.core.server import caller_timeout_s
-from sluice.domain import Budget, Candidates, RankContext, StageName, StageReport
+from sluice.domain import Budget, Candidates, Gathered, RankContext, StageName, StageReport
 
 MAX_OFFSET = 1_000_000
 
@@ -88,7 +88,17 @@ def run_stage(
         n_in = len(cands)
     page = out.window(budget.offset, budget.max_candidates)
     us = int((time.perf_counter() - t0) * 1e6)
-    return StageResult(page, len(out), StageReport(stage, n_in, len(page), us, build_id=build_id))
+    report = StageReport(stage, n_in, len(page), us, build_id=build_id)
+    if isinstance(out, Gathered):  # a sharded catalog: a missing shard degrades the page
+        report.shards = out.shards
+        missing = [str(s.index) for s in out.shards if not s.answered]
+        if missing:
+            report.degraded = True
+            report.degraded_reason = (
+                f"recall shards {', '.join(missing)} of {len(out.shards)} did not answer; "
+                "their items are missing"
+            )
+    return StageResult(page, len(out), report)
 
 
 def _no_extras(engine: Any, response: Any) -> None:

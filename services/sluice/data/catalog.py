@@ -34,10 +34,7 @@ class Catalog:
     price_cents: np.ndarray  # int64 [n]
     in_stock: np.ndarray  # bool [n]
     descriptions: list[str] = field(default_factory=list)
-    _row_of: dict[int, int] = field(default_factory=dict, repr=False)
-    _id_order: np.ndarray = field(init=False, repr=False)
-    _sorted_ids: np.ndarray = field(init=False, repr=False)
-    _dense_rows: np.ndarray | None = field(init=False, repr=False, default=None)
+    index: RowIndex = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -48,37 +45,35 @@ class Catalog:
                 )
         if len(self.titles) != n:
             raise ValueError("catalog titles do not match item ids")
-        self._row_of = {int(i): r for r, i in enumerate(self.item_ids.tolist())}
-        if len(self._row_of) != n:
-            raise ValueError("catalog item ids are not unique")
-        self._id_order = np.argsort(self.item_ids, kind="stable")
-        self._sorted_ids = self.item_ids[self._id_order]
-        # ids are usually compact: then a table indexed by id answers rows() without a search
-        if n and self._sorted_ids[0] >= 0 and self._sorted_ids[-1] < 4 * n + 1024:
-            self._dense_rows = np.full(int(self._sorted_ids[-1]) + 1, -1, dtype=np.int64)
-            self._dense_rows[self.item_ids] = np.arange(n, dtype=np.int64)
+        self.index = RowIndex(self.item_ids)
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
     def rows(self, item_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows of the given external ids; -1 for ids not in the catalog."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        if len(self._sorted_ids) == 0 or len(ids) == 0:
-            return np.full(len(ids), -1, dtype=np.int64)
-        if self._dense_rows is not None:
-            table = self._dense_rows
-            inside = (ids >= 0) & (ids < len(table))
-            return np.where(inside, table[np.where(inside, ids, 0)], -1)
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        found = self._sorted_ids[pos] == ids
-        return np.where(found, self._id_order[pos], -1).astype(np.int64)
+        return self.index.rows(item_ids)
 
     def row(self, item_id: int) -> int:
-        return self._row_of.get(int(item_id), -1)
+        return self.index.row(item_id)
 
     def contains(self, item_id: int) -> bool:
-        return int(item_id) in self._row_of
+        return self.index.row(item_id) >= 0
+
+    def take(self, rows: np.ndarray) -> Catalog:
+        """The catalog of ``rows`` only, in that order (a recall shard's slice)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Catalog(
+            item_ids=self.item_ids[rows],
+            titles=[self.titles[r] for r in rows.tolist()],
+            category_codes=self.category_codes[rows],
+            categories=self.categories,
+            brand_codes=self.brand_codes[rows],
+            brands=self.brands,
+            price_cents=self.price_cents[rows],
+            in_stock=self.in_stock[rows],
+            descriptions=[self.descriptions[r] for r in rows.tolist()] if self.descriptions else [],
+        )
 
     def text(self, row: int) -> str:
         """Text that represents an item for embedding and lexical match."""
@@ -169,3 +164,39 @@ def _encode(values: Sequence[str]) -> tuple[list[str], np.ndarray]:
         count=len(values),
     )
     return list(vocab), codes
+
+
+class RowIndex:
+    """Item id -> row lookups over an id column (unique ids)."""
+
+    def __init__(self, item_ids: np.ndarray) -> None:
+        ids = np.asarray(item_ids, dtype=np.int64)
+        n = len(ids)
+        self._id_order = np.argsort(ids, kind="stable")
+        self._sorted_ids = ids[self._id_order]
+        if n > 1 and bool((self._sorted_ids[1:] == self._sorted_ids[:-1]).any()):
+            raise ValueError("catalog item ids are not unique")
+        # ids are usually compact: then a table indexed by id answers rows() without a search
+        self._dense_rows: np.ndarray | None = None
+        if n and self._sorted_ids[0] >= 0 and self._sorted_ids[-1] < 4 * n + 1024:
+            self._dense_rows = np.full(int(self._sorted_ids[-1]) + 1, -1, dtype=np.int64)
+            self._dense_rows[ids] = np.arange(n, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._sorted_ids)
+
+    def rows(self, item_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows of the given ids; -1 for ids not in the column."""
+        ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        if len(self._sorted_ids) == 0 or len(ids) == 0:
+            return np.full(len(ids), -1, dtype=np.int64)
+        if self._dense_rows is not None:
+            table = self._dense_rows
+            inside = (ids >= 0) & (ids < len(table))
+            return np.where(inside, table[np.where(inside, ids, 0)], -1)
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        found = self._sorted_ids[pos] == ids
+        return np.where(found, self._id_order[pos], -1).astype(np.int64)
+
+    def row(self, item_id: int) -> int:
+        return int(self.rows(np.array([item_id], dtype=np.int64))[0])

@@ -31,8 +31,10 @@ from sluice.domain import Budget, Candidates, RankContext, Source
 from sluice.recall.ann_index import AnnIndex
 from sluice.recall.lexical import LexicalIndex
 from sluice.recall.sources import (
+    RowLookup,
     StaticPopularity,
     allowed_rows,
+    best_first,
     cooc_neighbours,
     merge,
     seed_rows,
@@ -44,20 +46,32 @@ class PopularitySource(Protocol):
 
     def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray: ...
 
+    def scores_of(self, rows: np.ndarray) -> np.ndarray:
+        """The score the order follows, for ``rows``."""
+        ...
+
 
 @dataclass
 class RecallAssets:
-    """Everything recall reads, loaded once per process."""
+    """Everything recall reads, loaded once per process.
+
+    Rows are those of ``catalog``, the items this engine returns. The user stands for
+    *seeds*, items of the whole catalog found with ``seeds`` (for a recall shard, which
+    serves a slice of the catalog, these are the whole catalog's rows)."""
 
     catalog: Catalog
-    behaviour_vectors: np.ndarray  # float32 [n, d], L2-normalised
+    behaviour_vectors: np.ndarray  # float32 [seed rows, d], L2-normalised: the user vector
     behaviour_index: AnnIndex
-    text_vectors: np.ndarray  # float32 [n, 384], L2-normalised
     text_index: AnnIndex
     lexical: LexicalIndex
-    cooc_rows: np.ndarray  # int64 [n, k], -1 padded
-    cooc_scores: np.ndarray  # float32 [n, k]
+    cooc_rows: np.ndarray  # int [seed rows, k]: rows that follow each seed, -1 padded
+    cooc_scores: np.ndarray  # float32 [seed rows, k]
     popularity: PopularitySource
+    seeds: RowLookup | None = None  # None: the catalog itself
+
+    @property
+    def seed_lookup(self) -> RowLookup:
+        return self.catalog if self.seeds is None else self.seeds
 
     @classmethod
     def from_artifacts(
@@ -68,7 +82,6 @@ class RecallAssets:
             catalog=a.catalog,
             behaviour_vectors=a.behaviour_vectors,
             behaviour_index=AnnIndex.load(a.root / "behaviour.faiss", use_gpu=use_gpu),
-            text_vectors=a.text_vectors,
             text_index=AnnIndex.load(a.root / "text.faiss", use_gpu=use_gpu),
             lexical=LexicalIndex.load(a.root / "lexical"),
             cooc_rows=top_rows,
@@ -102,41 +115,38 @@ class RecallEngine:
     def catalog_size(self) -> int:
         return len(self.assets.catalog)
 
+    def quotas(self, ctx: RankContext) -> Mapping[Source, float]:
+        return self.config.search_quotas if ctx.is_search else self.config.recommend_quotas
+
     # -- public --------------------------------------------------------------
     def retrieve(self, ctx: RankContext, budget: Budget) -> Candidates:
-        max_candidates = budget.max_candidates
-        catalog = self.assets.catalog
-        allowed = allowed_rows(catalog, ctx)
+        k = budget.max_candidates
+        return merge(self.source_lists(ctx, k), self.quotas(ctx), k, self.assets.catalog.item_ids)
 
+    def source_lists(self, ctx: RankContext, k: int) -> dict[Source, tuple[np.ndarray, np.ndarray]]:
+        """Each source's best ``k`` allowed rows with its scores, in
+        :func:`~sluice.recall.sources.best_first` order (unmerged: a recall shard's answer)."""
+        allowed = allowed_rows(self.assets.catalog, ctx)
         lists: dict[Source, tuple[np.ndarray, np.ndarray]] = {}
         if ctx.is_search:
-            quotas = self.config.search_quotas
-            lists[Source.LEXICAL] = self.assets.lexical.search(ctx.query, max_candidates, allowed)
+            lists[Source.LEXICAL] = self.assets.lexical.search(ctx.query, k, allowed)
             if ctx.query_embedding is not None:
                 lists[Source.ANN] = self._ann(
-                    self.assets.text_index, ctx.query_embedding, max_candidates, allowed
+                    self.assets.text_index, ctx.query_embedding, k, allowed
                 )
         else:
-            quotas = self.config.recommend_quotas
             seeds, weights = seed_rows(
-                catalog, ctx, self.config.history_window, self.config.recency_decay
+                self.assets.seed_lookup, ctx, self.config.history_window, self.config.recency_decay
             )
             if len(seeds):
                 user_vec = weights @ self.assets.behaviour_vectors[seeds]
-                lists[Source.ANN] = self._ann(
-                    self.assets.behaviour_index, user_vec, max_candidates, allowed
-                )
+                lists[Source.ANN] = self._ann(self.assets.behaviour_index, user_vec, k, allowed)
                 lists[Source.CO_OCCURRENCE] = cooc_neighbours(
-                    self.assets.cooc_rows,
-                    self.assets.cooc_scores,
-                    seeds,
-                    weights,
-                    max_candidates,
-                    allowed,
+                    self.assets.cooc_rows, self.assets.cooc_scores, seeds, weights, k, allowed
                 )
-        pop_rows = self.assets.popularity.top_rows(max_candidates, allowed)
-        lists[Source.POPULARITY] = (pop_rows, np.zeros(len(pop_rows), np.float32))
-        return merge(lists, quotas, max_candidates, catalog.item_ids)
+        pop_rows = self.assets.popularity.top_rows(k, allowed)
+        lists[Source.POPULARITY] = (pop_rows, self.assets.popularity.scores_of(pop_rows))
+        return lists
 
     # -- sources ---------------------------------------------------------------
     @staticmethod
@@ -153,4 +163,4 @@ class RecallEngine:
         else:
             scores, rows = index.search_filtered(q, k, allowed)
         keep = rows[0] >= 0
-        return rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32)
+        return best_first(rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32))

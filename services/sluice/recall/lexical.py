@@ -9,6 +9,7 @@ is built with ``stem=False`` (plain BM25, the usual reference setting).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 import bm25s
 import numpy as np
 import Stemmer
+from scipy import sparse
 
 _TOKEN = re.compile(r"(?u)\b\w+\b")
 _stemmer = Stemmer.Stemmer("english")
@@ -87,6 +89,26 @@ class LexicalIndex:
             title_bm25 = _bm25([tokenize(t, stem) or ["\x00"] for t in titles], k1, b)
         return cls(_bm25(corpus, k1, b), len(titles), stem, title_bm25)
 
+    def slice_rows(self, start: int, stop: int) -> LexicalIndex:
+        """The index of rows ``start`` to ``stop`` only (a recall shard's): each row keeps the
+        score it has in the whole index, term statistics included, so a query scores every
+        row as the whole index does. Without the title index (the coarse stage's)."""
+        if not 0 <= start <= stop <= self.size:
+            raise ValueError(f"rows {start}:{stop} are not within 0:{self.size}")
+        sc = self._bm25.scores
+        terms = len(sc["indptr"]) - 1
+        matrix = sparse.csr_matrix(
+            (sc["data"], sc["indices"], sc["indptr"]), shape=(terms, int(sc["num_docs"]))
+        )[:, start:stop]
+        part = copy.copy(self._bm25)
+        part.scores = {
+            "data": matrix.data.astype(sc["data"].dtype, copy=False),
+            "indices": matrix.indices.astype(sc["indices"].dtype, copy=False),
+            "indptr": matrix.indptr.astype(sc["indptr"].dtype, copy=False),
+            "num_docs": stop - start,
+        }
+        return LexicalIndex(part, stop - start, self.stem, None)
+
     def tokens(self, query: str) -> list[str]:
         return tokenize(query, self.stem)
 
@@ -103,14 +125,17 @@ class LexicalIndex:
     def search(
         self, query: str, k: int, mask: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` rows with a positive score among the rows ``mask`` allows."""
+        """Top ``k`` rows with a positive score among the rows ``mask`` allows, best first;
+        equal scores in row order (also at the cut, so a slice of the rows agrees)."""
         s = self.scores(query)
         if mask is not None:
             s = np.where(mask, s, 0.0)
         hits = np.flatnonzero(s > 0)
         if len(hits) > k:
-            hits = hits[np.argpartition(-s[hits], k - 1)[:k]]
-        order = hits[np.argsort(-s[hits], kind="stable")]
+            kth = s[hits[np.argpartition(-s[hits], k - 1)[k - 1]]]
+            above, tied = hits[s[hits] > kth], hits[s[hits] == kth]  # hits is in row order
+            hits = np.concatenate([above, tied[: k - len(above)]])
+        order = hits[np.lexsort((hits, -s[hits]))]
         return order.astype(np.int64), s[order]
 
     def save(self, directory: Path) -> None:

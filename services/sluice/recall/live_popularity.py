@@ -36,6 +36,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from sluice.core.errors import Unavailable
+from sluice.data.catalog import RowIndex
 from sluice.recall.sources import first_allowed
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class Snapshot:
     """Catalog rows that had live signal."""
     read_at: float
     """``time.monotonic()`` of the store read (0 for the build-time order)."""
+    scores: np.ndarray
+    """The score each row is ordered by (the blend, or the build-time score)."""
 
 
 def _shares(n: int, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -146,11 +149,9 @@ class LivePopularity:
         self.config = config or BlendConfig()
         self.store = store
         self._clock = clock
-        ids = np.asarray(item_ids, dtype=np.int64)
-        self._sorted_rows = np.argsort(ids, kind="stable")
-        self._sorted_ids = ids[self._sorted_rows]
+        self._index = RowIndex(np.asarray(item_ids, dtype=np.int64))
         self._static_order = np.argsort(-self.static, kind="stable")
-        self._static = Snapshot(self._static_order, 0.0, 0, 0.0)
+        self._static = Snapshot(self._static_order, 0.0, 0, 0.0, self.static)
         self._snapshot = self._static
         self._last_ok = 0.0
         self._failing = False
@@ -165,6 +166,9 @@ class LivePopularity:
         order = self._snapshot.order  # one reference read: never a half-built order
         return first_allowed(order, k, allowed)
 
+    def scores_of(self, rows: np.ndarray) -> np.ndarray:
+        return self._snapshot.scores[rows].astype(np.float32)
+
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
@@ -172,11 +176,7 @@ class LivePopularity:
     # -- refreshing ----------------------------------------------------------------
     def rows(self, item_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Catalog rows of ``item_ids``; -1 for ids not in the catalog."""
-        ids = np.asarray(item_ids, dtype=np.int64)
-        if len(self._sorted_ids) == 0 or len(ids) == 0:
-            return np.full(len(ids), -1, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        return np.where(self._sorted_ids[pos] == ids, self._sorted_rows[pos], -1)
+        return self._index.rows(item_ids)
 
     def _pairs(self, pairs: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
         rows = self.rows([item for item, _ in pairs])
@@ -203,11 +203,11 @@ class LivePopularity:
         live = self._pairs(windowed), self._pairs(trending)
         scores, alpha = blend(self.static, *live, self.config)
         if alpha == 0.0:
-            order = self._static_order
+            order, scores = self._static_order, self.static
         else:  # sort the build-time order by blended score: ties keep the build-time order
             order = self._static_order[np.argsort(-scores[self._static_order], kind="stable")]
         live_items = int(np.count_nonzero(self.rows([i for i, _ in windowed]) >= 0))
-        self._snapshot = Snapshot(order, alpha, live_items, now)
+        self._snapshot = Snapshot(order, alpha, live_items, now, scores)
         self._last_ok = now
         self.refreshes += 1
         if self._failing:

@@ -7,8 +7,9 @@ while the recall service is down, without FAISS or BM25.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -44,6 +45,26 @@ class StaticPopularity:
     def top_rows(self, k: int, allowed: np.ndarray | None) -> np.ndarray:
         return first_allowed(self.order, k, allowed)
 
+    def scores_of(self, rows: np.ndarray) -> np.ndarray:
+        return self.scores[rows].astype(np.float32)
+
+
+class RowLookup(Protocol):
+    """Item ids to rows (a :class:`~sluice.data.catalog.Catalog` or its id index)."""
+
+    def rows(self, item_ids: Sequence[int] | np.ndarray) -> np.ndarray: ...
+
+    def row(self, item_id: int) -> int: ...
+
+
+def best_first(rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A source's list in the one order every layout uses: score descending, ties by row.
+
+    Recall shards hold contiguous row ranges, so this is also the order a front merging the
+    shards' lists gets by shard, then position (:mod:`sluice.recall.shards`)."""
+    order = np.lexsort((rows, -scores))
+    return rows[order], scores[order]
+
 
 def allowed_rows(catalog: Catalog, ctx: RankContext) -> np.ndarray | None:
     """The rows the request's filters and exclusions let through (None: every row)."""
@@ -59,10 +80,11 @@ def allowed_rows(catalog: Catalog, ctx: RankContext) -> np.ndarray | None:
 
 
 def seed_rows(
-    catalog: Catalog, ctx: RankContext, window: int, decay: float
+    catalog: RowLookup, ctx: RankContext, window: int, decay: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows that stand for the user, with weights: the anchor item alone when there is one,
-    else the last ``window`` history items, the most recent weighted highest."""
+    else the last ``window`` history items, the most recent weighted highest. ``catalog``
+    looks up every item (a recall shard looks up items outside its slice too)."""
     anchor = catalog.row(ctx.context_item_id) if ctx.context_item_id else -1
     if anchor >= 0:
         return np.array([anchor], dtype=np.int64), np.ones(1, dtype=np.float32)
