@@ -11,12 +11,18 @@ into the artifacts as :data:`ONNX_FILE`, with the model's tokenizer (truncation 
 :data:`TOKENIZER_FILE`, so that serving needs neither torch nor the model package. The gateway
 loads them with :func:`query_encoder`, which falls back to sentence-transformers for
 artifacts built before the export existed.
+
+``export_onnx(path, quantize=True)`` writes the same graph dynamically quantized to int8 (ONNX
+Runtime's ``quantize_dynamic``: per-channel int8 weights of every ``MatMul``, activations
+quantized per batch). ``sluice build --encoder minilm-int8`` embeds item texts with it
+(:mod:`sluice.embed.batch`); the gateway's query encoder stays fp32.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,8 +52,10 @@ def max_seq_length() -> int:
     return int(json.loads(config.read_text()).get("max_seq_length", 256))
 
 
-def export_onnx(path: Path) -> Path:
-    """Write the encoder (token ids and mask in, unit vectors out) as ONNX, atomically."""
+def export_onnx(path: Path, quantize: bool = False) -> Path:
+    """Write the encoder (token ids and mask in, unit vectors out) as ONNX, atomically.
+
+    ``quantize``: the int8 variant (:func:`quantize_int8`) instead of fp32."""
     import torch
     from transformers import AutoModel
 
@@ -84,10 +92,39 @@ def export_onnx(path: Path) -> Path:
             opset_version=OPSET,
             dynamo=False,
         )
+    if quantize:
+        quantize_int8(tmp, tmp)
     tmp.replace(path)
     tokenizer = _model_tokenizer()
     tokenizer.save(str(path.parent / TOKENIZER_FILE))
     return path
+
+
+def quantize_int8(source: Path, target: Path) -> Path:
+    """Dynamic int8 quantization of an exported encoder (``source`` may be ``target``).
+
+    Weights: int8 per output channel, for every ``MatMul`` with a constant weight (the
+    embedding tables and the attention products stay fp32); activations: uint8 with a scale
+    computed per batch. Per-tensor weights, the library's default, lose much more: cosine to
+    the fp32 vectors 0.96 on average instead of 0.99 (measured on generated titles).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="sluice-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quantized = Path(tmp) / "quantized.onnx"
+        # graph clean-up and ONNX shape inference; the symbolic pass fails on this graph
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_dynamic(
+            str(prepared),
+            str(quantized),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+        )
+        quantized.replace(target)
+    return target
 
 
 def _model_tokenizer() -> Any:
@@ -102,11 +139,14 @@ def _model_tokenizer() -> Any:
 class OnnxMiniLMEncoder:
     """The exported encoder on ONNX Runtime's CPU provider, with the model's own tokenizer
     (read by the ``tokenizers`` library: no torch, no transformers) from the artifacts, or
-    from the model package for a build that predates :data:`TOKENIZER_FILE`."""
+    from the model package for a build that predates :data:`TOKENIZER_FILE`.
+
+    ``max_length`` truncates texts to fewer tokens than the model's limit (special tokens
+    included, as sentence-transformers counts them); ``None`` keeps the model's."""
 
     dim = TEXT_DIM
 
-    def __init__(self, path: Path, threads: int = 1) -> None:
+    def __init__(self, path: Path, threads: int = 1, max_length: int | None = None) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -119,31 +159,43 @@ class OnnxMiniLMEncoder:
         )
         saved = path.parent / TOKENIZER_FILE
         tokenizer = Tokenizer.from_file(str(saved)) if saved.exists() else _model_tokenizer()
-        tokenizer.enable_padding()  # to the longest text of each batch
+        if max_length is not None:
+            if max_length < 2:
+                raise ValueError(
+                    f"max_length must be at least 2 (the special tokens), not {max_length}"
+                )
+            limit = tokenizer.truncation["max_length"] if tokenizer.truncation else max_length
+            tokenizer.enable_truncation(max_length=min(max_length, limit))
+        tokenizer.no_padding()  # each batch is padded to its longest text in encode()
         self._tokenizer = tokenizer
+        self.max_length = tokenizer.truncation["max_length"] if tokenizer.truncation else None
         self.path = path
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 128, progress: bool = False
     ) -> np.ndarray:
+        """Unit vectors in input order. Texts are tokenized a chunk at a time and run in
+        batches of similar token counts (sorted by length), each padded to its longest."""
+        from tqdm.auto import tqdm
+
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if len(texts) == 0:
             return out
-        # sort by length so each batch pads to similar lengths (as sentence-transformers does)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
-            encodings = self._tokenizer.encode_batch([texts[i] for i in rows])
-            (vectors,) = self._session.run(
-                None,
-                {
-                    "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-                    "attention_mask": np.array(
-                        [e.attention_mask for e in encodings], dtype=np.int64
-                    ),
-                },
-            )
-            out[rows] = vectors
+        chunk = batch_size * 64
+        with tqdm(total=len(texts), disable=not progress, desc="encode", unit="text") as bar:
+            for first in range(0, len(texts), chunk):
+                encodings = self._tokenizer.encode_batch(list(texts[first : first + chunk]))
+                lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
+                order = np.argsort(-lengths, kind="stable")
+                for start in range(0, len(order), batch_size):
+                    rows = order[start : start + batch_size]
+                    ids = np.zeros((len(rows), int(lengths[rows[0]])), dtype=np.int64)
+                    for j, row in enumerate(rows):
+                        ids[j, : lengths[row]] = encodings[row].ids
+                    mask = (np.arange(ids.shape[1]) < lengths[rows][:, None]).astype(np.int64)
+                    (vectors,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
+                    out[first + rows] = vectors
+                    bar.update(len(rows))
         return out
 
 

@@ -31,7 +31,7 @@ from sluice.data.interactions import load_catalog, load_interactions
 from sluice.eval.baselines import CoocModel, PopularityModel, neighbour_table_scores
 from sluice.eval.metrics import KS, ScoreFn, evaluate, leave_one_out, mask_history
 from sluice.fine.model import FineRanker, RankerConfig
-from sluice.fine.train import full_scores, make_pseudo_queries, train_ranker
+from sluice.fine.train import full_scores, make_pseudo_queries, pseudo_query_texts, train_ranker
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +46,32 @@ def _key(catalog: Catalog) -> str:
 
 
 def text_table(
-    catalog: Catalog, cache_dir: Path = DEFAULT_CACHE, progress: bool = True
+    catalog: Catalog,
+    cache_dir: Path = DEFAULT_CACHE,
+    progress: bool = True,
+    encoder: str = "minilm",
 ) -> np.ndarray:
-    """MiniLM title embeddings by dense index ``[n + 1, 384]`` (row 0 zeros), cached."""
-    path = cache_dir / f"titles-{_key(catalog)}.npy"
+    """MiniLM title embeddings by dense index ``[n + 1, 384]`` (row 0 zeros), cached.
+
+    ``encoder``: a :data:`sluice.embed.batch.BUILD_ENCODERS` choice; the default is the
+    original path (same cache file, same vectors), the others cache under their own name.
+    """
+    from sluice.embed.batch import build_encoder, encode_distinct, text_encoder
+
+    choice = build_encoder(encoder)
+    path = cache_dir / f"titles-{_key(catalog)}{choice.cache_tag}.npy"
     if path.exists():
         cached: np.ndarray = np.load(path)
         return cached
-    from sluice.embed.text import MiniLMEncoder
-
-    vectors = MiniLMEncoder().encode(
-        [catalog.text(r) for r in range(len(catalog))], progress=progress
-    )
-    table = np.zeros((len(catalog) + 1, vectors.shape[1]), dtype=np.float32)
-    table[1:] = vectors
+    model = text_encoder(choice, cache_dir)
+    texts = [catalog.text(r) for r in range(len(catalog))]
+    if choice.onnx_int8:
+        table = np.zeros((len(catalog) + 1, model.dim), dtype=np.float32)
+        encode_distinct(model, texts, progress=progress, out=table[1:])
+    else:
+        vectors = model.encode(texts, progress=progress)
+        table = np.zeros((len(catalog) + 1, vectors.shape[1]), dtype=np.float32)
+        table[1:] = vectors
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.save(path, table)
     return table
@@ -71,15 +83,26 @@ def pseudo_query_table(
     seed: int,
     cache_dir: Path = DEFAULT_CACHE,
     progress: bool = True,
+    encoder: str = "minilm",
 ) -> np.ndarray:
-    """Pseudo-query embeddings ``[n + 1, per_item, 384]`` (see ``make_pseudo_queries``), cached."""
-    path = cache_dir / f"pseudo-queries-{_key(catalog)}-{per_item}-{seed}.npy"
+    """Pseudo-query embeddings ``[n + 1, per_item, 384]`` (see ``make_pseudo_queries``), cached.
+
+    ``encoder`` as for :func:`text_table`.
+    """
+    from sluice.embed.batch import build_encoder, encode_distinct, text_encoder
+
+    choice = build_encoder(encoder)
+    path = cache_dir / f"pseudo-queries-{_key(catalog)}-{per_item}-{seed}{choice.cache_tag}.npy"
     if path.exists():
         cached: np.ndarray = np.load(path)
         return cached
-    from sluice.embed.text import MiniLMEncoder
-
-    table = make_pseudo_queries(catalog.titles, MiniLMEncoder(), per_item, seed, progress=progress)
+    model = text_encoder(choice, cache_dir)
+    if choice.onnx_int8:  # the texts of make_pseudo_queries, each distinct one encoded once
+        texts = pseudo_query_texts(catalog.titles, per_item, seed)
+        table = np.zeros((len(catalog) + 1, per_item, model.dim), dtype=np.float32)
+        encode_distinct(model, texts, progress=progress, out=table[1:].reshape(len(texts), -1))
+    else:
+        table = make_pseudo_queries(catalog.titles, model, per_item, seed, progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.save(path, table)
     return table

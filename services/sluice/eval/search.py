@@ -205,7 +205,6 @@ def in_process_search_cascade(
         catalog=catalog,
         behaviour_vectors=vectors,
         behaviour_index=index,
-        text_vectors=vectors,
         text_index=index,
         lexical=lexical,
         cooc_rows=np.full((n, 1), -1, np.int64),

@@ -36,6 +36,8 @@ from torch import Tensor, nn
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 TEXT_FILE = "text_emb.npy"
+LOSSES = ("full", "sampled")
+SAMPLERS = ("log_uniform", "uniform")
 
 
 @dataclass
@@ -59,6 +61,25 @@ class RankerConfig:
     patience: int = 3  # validation checks without improvement before stopping
     eval_every: int = 1  # epochs between validation checks
     num_threads: int = 2
+    # the training loss: "full" (softmax over every item) or "sampled" (sampling-bias-
+    # corrected softmax over in-batch targets and shared sampled negatives, see train.py)
+    loss: str = "full"
+    num_negatives: int = 2048  # "sampled": shared negatives drawn per batch
+    sampler: str = "log_uniform"  # "sampled": "log_uniform" over popularity rank, or "uniform"
+    in_batch_negatives: bool = True  # "sampled": the batch's other targets are negatives too
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.num_negatives < 0:
+            raise ValueError(f"num_negatives must be 0 or more, got {self.num_negatives}")
+        if self.loss == "sampled":
+            if self.num_negatives == 0 and not self.in_batch_negatives:
+                raise ValueError("the sampled loss needs num_negatives > 0 or in_batch_negatives")
+            if self.label_smoothing:
+                raise ValueError("label_smoothing applies to the full softmax only")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
