@@ -31,9 +31,12 @@ demo: setup
 
 # The whole default test suite (CI runs exactly this).
 test: setup
-	@command -v redis-server >/dev/null && command -v node >/dev/null && command -v npm >/dev/null \
-		&& { command -v haproxy || test -x /usr/sbin/haproxy; } >/dev/null \
-		|| { apt-get update -qq && apt-get install -y -qq redis-server nodejs npm haproxy; }
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	{ command -v haproxy || test -x /usr/sbin/haproxy; } >/dev/null || missing="$$missing haproxy"; \
+	test -z "$$missing" || { apt-get update -qq && apt-get install -y -qq $$missing; }
 	$(PY) -m pytest
 
 # The public contract (sluice.v1 and the sluice.common.v1 it imports) stays wire-compatible

@@ -42,16 +42,18 @@ def candidates_from_proto(msg: common_pb2.Candidates, field: str = "candidates")
         raise InvalidArgument(
             f"{len(msg.sources)} sources for {n} item_ids", field_path=f"{field}.sources"
         )
-    if len(msg.sources) and not all(0 <= s <= _MAX_SOURCE for s in msg.sources):
-        raise InvalidArgument("unknown candidate source", field_path=f"{field}.sources")
-    scores = np.asarray(msg.scores, dtype=np.float32) if n and len(msg.scores) else None
-    if scores is not None and not np.isfinite(scores).all():
-        raise InvalidArgument("scores must be finite", field_path=f"{field}.scores")
-    return Candidates(
-        np.asarray(msg.item_ids, dtype=np.int64),
-        scores if scores is not None else np.zeros(n, np.float32),
-        np.asarray(msg.sources, dtype=np.int8) if len(msg.sources) else np.zeros(n, np.int8),
-    )
+    sources = np.zeros(n, np.int8)
+    if len(msg.sources):  # checked as integers: an unknown enum value may be any int32
+        wide = np.fromiter(msg.sources, dtype=np.int64, count=len(msg.sources))
+        if wide.min() < 0 or wide.max() > _MAX_SOURCE:
+            raise InvalidArgument("unknown candidate source", field_path=f"{field}.sources")
+        sources = wide.astype(np.int8)
+    scores = np.zeros(n, np.float32)
+    if n and len(msg.scores):
+        scores = np.fromiter(msg.scores, dtype=np.float32, count=n)
+        if not np.isfinite(scores).all():
+            raise InvalidArgument("scores must be finite", field_path=f"{field}.scores")
+    return Candidates(np.fromiter(msg.item_ids, dtype=np.int64, count=n), scores, sources)
 
 
 def candidates_to_proto(c: Candidates) -> common_pb2.Candidates:
