@@ -42,6 +42,7 @@ def _build(args: argparse.Namespace) -> int:
         shard_index_kind=args.shard_index_kind,
         valid_users=args.valid_users,
         encoder=args.encoder,
+        progress=not args.no_progress,
     )
     (refit if args.refit else build)(options)
     if args.store:
@@ -266,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         help="how item texts and pseudo-queries are embedded: "
         + "; ".join(f"{e.name}: {e.help}" for e in BUILD_ENCODERS.values()),
     )
+    b.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     b.add_argument(
         "--refit",
         action="store_true",

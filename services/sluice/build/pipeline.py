@@ -402,6 +402,7 @@ def build(options: BuildOptions) -> Artifacts:
         "num_items": len(catalog),
         "num_users": interactions.num_users,
         "num_interactions": len(held),
+        "text_encoder": options.encoder,
         "fine_ranker": {
             "repository": str(options.model_repository.resolve()),
             "version": version,

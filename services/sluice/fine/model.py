@@ -164,7 +164,11 @@ class FineRanker(nn.Module):
                 raise ValueError(
                     f"text table has shape {table.shape}, expected {(num_items + 1, cfg.text_dim)}"
                 )
-            self.register_buffer("text_emb", torch.from_numpy(table.copy()), persistent=False)
+            # shared with the caller's table (never written; 1.5 GiB at 1M items), unless
+            # it is read-only (a memory map)
+            if not table.flags.writeable:
+                table = table.copy()
+            self.register_buffer("text_emb", torch.from_numpy(table), persistent=False)
             self.text_proj: nn.Linear | None = nn.Linear(cfg.text_dim, d)
         else:
             self.register_buffer("text_emb", torch.zeros(0, cfg.text_dim), persistent=False)

@@ -290,10 +290,16 @@ def sampled_loss(
     )
 
 
+VALID_SCORES = 2**24
+"""Most scores one validation batch holds (users x items, float32: 64 MiB); at 1M items
+a batch of 512 users would hold 2 GiB, several times over while it is ranked."""
+
+
 def _validate(model: FineRanker, valid_sequences: Sequence[np.ndarray]) -> dict[str, float]:
     hist = [np.asarray(s[:-1]) for s in valid_sequences]
     tgt = np.array([s[-1] if len(s) >= 2 else -1 for s in valid_sequences], dtype=np.int64)
-    return evaluate(lambda h: full_scores(model, h), hist, tgt, ks=(10,))
+    batch = max(8, min(512, VALID_SCORES // max(model.num_items, 1)))
+    return evaluate(lambda h: full_scores(model, h), hist, tgt, ks=(10,), batch_size=batch)
 
 
 def train_ranker(
