@@ -297,3 +297,37 @@ def test_sampled_training_learns_the_generated_shop() -> None:
     assert ranker["NDCG@10"] > 1.4 * popular["NDCG@10"]
     assert ranker["NDCG@10"] > 0.9 * full.train_info["best_val_ndcg10"]
     assert 0 < model.train_info["train_seconds"] <= model.train_info["seconds"]
+
+
+def _run(label: str, loss: str, ndcgs: list[float], epoch_s: float) -> dict[str, object]:
+    best = max(range(len(ndcgs)), key=lambda i: ndcgs[i])
+    return {
+        "label": label,
+        "config": {"loss": loss},
+        "val_ndcg10": ndcgs[best],
+        "val_hr10": 2 * ndcgs[best],
+        "train_s": epoch_s * len(ndcgs),
+        "train_s_to_best": epoch_s * (best + 1),
+        "epoch_s": epoch_s,
+        "epochs": len(ndcgs),
+        "best_epoch": best + 1,
+        "history": [{"epoch_s": epoch_s, "val_ndcg10": v} for v in ndcgs],
+    }
+
+
+def test_softmax_bench_ratios_and_time_to_98_percent() -> None:
+    from sluice.bench.softmax import compare, table_markdown
+
+    full = _run("full", "full", [0.10, 0.20, 0.19], epoch_s=100.0)
+    quick = _run("sampled(a)", "sampled", [0.150, 0.197, 0.199, 0.198], epoch_s=10.0)
+    weak = _run("sampled(b)", "sampled", [0.05, 0.10], epoch_s=10.0)
+    ratios = {r["label"]: r for r in compare([full, quick, weak])}
+    # 0.197 >= 0.98 * 0.20 first at the second epoch: 20 s against the full run's 200 s
+    assert ratios["sampled(a)"]["train_s_to_98pct"] == 20.0
+    assert ratios["sampled(a)"]["time_ratio_to_98pct"] == 0.1
+    assert ratios["sampled(a)"]["ndcg_ratio"] == 0.995
+    assert ratios["sampled(a)"]["meets_target"]
+    assert ratios["sampled(b)"]["train_s_to_98pct"] is None
+    assert not ratios["sampled(b)"]["meets_target"]
+    table = table_markdown([full, quick, weak], list(ratios.values()))
+    assert "| sampled(b) |" in table and table.count("\n") == 4

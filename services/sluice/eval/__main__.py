@@ -74,6 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--threads", type=int, default=4, help="client threads for the served run")
     s.add_argument("--out", type=Path, help="evaluation folder (default var/eval/<dataset>)")
     s.add_argument("--no-progress", action="store_true")
+    from sluice.embed.batch import BUILD_ENCODERS, DEFAULT_ENCODER
+
+    s.add_argument(
+        "--encoder",
+        choices=list(BUILD_ENCODERS),
+        default=DEFAULT_ENCODER,
+        help="the build's text encoder (sluice build --encoder); a cached build made with "
+        "another is rebuilt, so give each its own --out",
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
@@ -114,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 threads=args.threads,
                 progress=not args.no_progress,
                 root=args.out,
+                build_kwargs={"encoder": args.encoder},
             )
         )
     return 0

@@ -391,6 +391,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
     queries = load_queries(opts.data)
     report: dict[str, Any] = {
         "dataset": str(opts.data),
+        "text_encoder": opts.build_kwargs.get("encoder", "minilm"),
         "queries": len(queries),
         "judgments": sum(len(j) for j in queries.judgments),
         "protocol": "whole corpus; NDCG@10, gain 2^grade-1, unjudged = 0; mean over queries",
@@ -401,7 +402,10 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         rows.append((name, value, note))
         print(f"| {name} | {value:.4f} | {note} |", flush=True)
 
-    print(f"\n{opts.data.name}: {len(queries)} queries, {len(catalog)} products")
+    print(
+        f"\n{opts.data.name}: {len(queries)} queries, {len(catalog)} products, "
+        f"text encoder {report['text_encoder']}"
+    )
     print("| ranking | NDCG@10 | note |\n|---|---|---|")
     add(
         "BM25 plain tokens (title x2 + description)",

@@ -83,7 +83,7 @@ def ensure_build(
 ) -> Artifacts:
     """The cached build of ``data`` under ``root`` (default ``var/eval/<name>``), built if needed.
 
-    A cached build is reused when its manifest names the same dataset and
+    A cached build is reused when its manifest names the same dataset, text encoder and
     holdout. ``build_kwargs`` go to :class:`sluice.build.pipeline.BuildOptions`.
     """
     from sluice.build.pipeline import BuildOptions, build
@@ -94,10 +94,12 @@ def ensure_build(
     if manifest.exists() and not rebuild:
         info = json.loads(manifest.read_text())
         same = info.get("dataset") == str(data) and int(info.get("holdout", -1)) == holdout
+        encoder = build_kwargs.get("encoder", "minilm")  # builds before the choice: minilm
+        same = same and info.get("text_encoder", "minilm") == encoder
         if same:
             _warn_if_stale(info)
             return Artifacts(out)
-        log.warning("cached build at %s is for another dataset/holdout: rebuilding", out)
+        log.warning("cached build at %s is for another dataset/holdout/encoder: rebuilding", out)
     for path in (out, repository):
         if path.exists():
             shutil.rmtree(path)
