@@ -7,6 +7,7 @@ filters, exclusions, anchors), searches and cold starts.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -155,3 +156,36 @@ def test_in_range_neighbours_keeps_order_and_scores() -> None:
     got_rows, got_scores = in_range_neighbours(rows, scores, 2, 8)
     assert got_rows.tolist() == [[3, 5, 0], [1, -1, -1]]
     assert got_scores.tolist() == [[9.0, 7.0, 6.0], [3.0, 0.0, 0.0]]
+
+
+def test_sizing_table_follows_the_measured_shards(
+    sharded: dict[int, Artifacts], tmp_path: Path
+) -> None:
+    from sluice.bench.sizing import cpu_per_request, measured_bytes, plan
+
+    artifacts = sharded[4]
+    measured = measured_bytes(artifacts.root)
+    n = len(artifacts.catalog)
+    folders = [artifacts.root / "shards" / str(i) for i in range(4)]
+    on_disk = sum(
+        p.stat().st_size
+        for f in folders
+        for p in f.rglob("*")
+        if p.is_file() and p.name != "cooc.npz"
+    )
+    own = sum(v for k, v in measured.items() if k.startswith("own:"))
+    assert own * n == pytest.approx(on_disk)  # each item's own parts are in one shard
+    load = tmp_path / "load.json"
+    step = {"offered_qps": 20, "gateway": {"cpu_ms_per_request": 4.0}}
+    step |= {f"shard-{i}": {"cpu_ms_per_request": 1.0} for i in range(4)}
+    load.write_text(json.dumps({"services": [step]}))
+    rate, cpu = cpu_per_request(load, None)
+    assert rate == 20 and cpu["gateway"] == 4.0
+    args = {"node_memory_gib": 64.0, "node_cores": 16, "utilization": 0.5, "rates": [1000.0]}
+    small = plan(measured, cpu, n // 4, 10 * n, 2 * n, **args)
+    large = plan(measured, cpu, n // 4, 100 * n, 2 * n, **args)
+    assert (small["shards"], large["shards"]) == (5, 50)
+    # shards of 2n items cost 8x the measured n/4 shard: 4 + 5 * 8 ms; at 50% of a core
+    assert small["cpu_ms_per_request"] == pytest.approx(44.0)
+    assert small["replicas"]["1000"]["cores"] == 88
+    assert large["shard_gib"] > small["shard_gib"]  # whole-catalog parts grow with the catalog
