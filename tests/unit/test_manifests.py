@@ -35,8 +35,9 @@ from sluice.bench.compare import TRITON_METRICS as BENCH_TRITON_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("cpu", "gpu", "podman")
-CLUSTER_OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "podman", "cpu-sharded")
+CLUSTER_OVERLAYS = ("cpu", "gpu", "cpu-sharded")
+SHARDS = 4  # components/recall-shards, as overlays/cpu-sharded uses it
 PROBE_SCRIPT = K8S / "overlays" / "podman" / "probe.py"
 SERVICEMONITOR_CRD = K8S / "schemas" / "monitoring.coreos.com_servicemonitors.yaml"
 
@@ -100,6 +101,22 @@ EXPECTED_EGRESS: dict[str, set[str]] = {
     "redis": DNS,
     "sluice-build": DNS,
 }
+
+
+
+def expected_policies(name: str) -> tuple[dict[str, dict[int, set[str]]], dict[str, set[str]]]:
+    """Who may reach each workload, and what each may reach, in overlay ``name``: with a
+    sharded catalog, only the recall front reaches the shards, which reach Redis."""
+    ingress, egress = dict(EXPECTED_INGRESS), dict(EXPECTED_EGRESS)
+    if name.endswith("-sharded"):
+        shards = [f"recall-shard-{i}" for i in range(SHARDS)]
+        for shard in shards:
+            ingress[shard] = {50061: {"recall"}, 9161: {"ns:monitoring"}}
+            egress[shard] = DNS | {"redis TCP/6379"}
+        ingress["redis"] = {6379: EXPECTED_INGRESS["redis"][6379] | set(shards)}
+        egress["recall"] = egress["recall"] | {f"{s} TCP/50061" for s in shards}
+    return ingress, egress
+
 
 # What Triton exports (docs: Triton Inference Server, "Metrics"), as the benchmarks read it.
 TRITON_METRICS = set(BENCH_TRITON_METRICS)
@@ -420,7 +437,8 @@ def egress_allowed(objects: tuple[Obj, ...]) -> dict[str, set[str]]:
     return allowed
 
 
-def network_policy_problems(objects: tuple[Obj, ...]) -> list[str]:
+def network_policy_problems(objects: tuple[Obj, ...], name: str = "cpu") -> list[str]:
+    expected_ingress, expected_egress = expected_policies(name)
     problems = []
     deny_all = [
         p
@@ -433,13 +451,13 @@ def network_policy_problems(objects: tuple[Obj, ...]) -> list[str]:
     if not deny_all:
         problems.append("no default-deny NetworkPolicy (ingress and egress) for every pod")
     ingress, egress = ingress_allowed(objects), egress_allowed(objects)
-    for name in sorted(set(ingress) | set(EXPECTED_INGRESS)):
-        if ingress.get(name) != EXPECTED_INGRESS.get(name):
+    for load in sorted(set(ingress) | set(expected_ingress)):
+        if ingress.get(load) != expected_ingress.get(load):
             problems.append(
-                f"ingress of {name}: {ingress.get(name)} != {EXPECTED_INGRESS.get(name)}"
+                f"ingress of {load}: {ingress.get(load)} != {expected_ingress.get(load)}"
             )
-        if egress.get(name) != EXPECTED_EGRESS.get(name):
-            problems.append(f"egress of {name}: {egress.get(name)} != {EXPECTED_EGRESS.get(name)}")
+        if egress.get(load) != expected_egress.get(load):
+            problems.append(f"egress of {load}: {egress.get(load)} != {expected_egress.get(load)}")
     return problems
 
 
@@ -640,7 +658,7 @@ def test_event_log_and_redis_data_are_durable(name: str) -> None:
 @needs_kustomize
 @pytest.mark.parametrize("name", CLUSTER_OVERLAYS)
 def test_network_policies_admit_exactly_the_intended_peers(name: str) -> None:
-    problems = network_policy_problems(overlay(name))
+    problems = network_policy_problems(overlay(name), name)
     assert not problems, "\n".join(problems)
 
 
@@ -818,7 +836,7 @@ def test_triton_polls_the_shared_model_repository(name: str) -> None:
         assert {"mountPath": "/var/lib/sluice", "name": "sluice", "readOnly": True} in c[
             "volumeMounts"
         ]
-    expected = {"cpu": None, "gpu": "gpu", "podman": "local"}[name]
+    expected = {"cpu": None, "gpu": "gpu", "podman": "local", "cpu-sharded": None}[name]
     given = [a.split("=", 1)[1] for a in args if a.startswith("--model-config-name=")]
     assert given == ([expected] if expected else [])
     if expected:
