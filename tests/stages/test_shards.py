@@ -189,3 +189,8 @@ def test_sizing_table_follows_the_measured_shards(
     assert small["cpu_ms_per_request"] == pytest.approx(44.0)
     assert small["replicas"]["1000"]["cores"] == 88
     assert large["shard_gib"] > small["shard_gib"]  # whole-catalog parts grow with the catalog
+    # with the engine timed at two sizes, the fixed part stays and the work follows the line
+    timed = plan(measured, cpu, n // 4, 10 * n, 2 * n, **args, engine=(1.0, 3.0, n // 4, n))
+    assert timed["shard_cpu_ms"] == pytest.approx(
+        1.0 + 2.0 / (n - n // 4) * (2 * n - n // 4), abs=0.01
+    )

@@ -13,10 +13,12 @@ What is measured comes from two files:
 
 What is assumed is printed with the table (``--items-per-shard``, ``--node-memory-gib``,
 ``--node-cores``, ``--utilization``): a shard's own parts grow with its items; its
-whole-catalog parts with the catalog. A shard's CPU per request is scaled linearly with its
-items from the measured shard, an upper bound (the IVF scan is constant in the shard's size,
-since ``nprobe`` is chosen for a fixed number of scanned vectors; BM25 and filter masks are
-linear). Every other process's CPU per request does not depend on the catalog's size.
+whole-catalog parts with the catalog. Every process but the shards costs the same CPU per
+request whatever the catalog's size. A shard's CPU per request is its measured cost, split
+into a fixed part (gRPC, conversion) and its engine's work; the engine's work is timed in
+this process on the same requests for one shard and for the whole build, and extrapolated
+along the line through those two sizes (``--engine-requests``; 0 scales the whole measured
+cost linearly with the shard's items instead, an upper bound).
 """
 
 from __future__ import annotations
@@ -85,6 +87,40 @@ def cpu_per_request(load_json: Path, rate: float | None) -> tuple[float, dict[st
     return float(step["offered_qps"]), per
 
 
+def engine_times(artifacts: Path, requests: int, seed: int = 0) -> tuple[float, float, int, int]:
+    """Mean CPU milliseconds, in process, of shard 0's engine and of the whole build's engine on
+    the same requests (Recommend and Search, as ``sluice bench shards`` draws them), with
+    the items of each."""
+    import time
+
+    import faiss
+    import numpy as np
+
+    from sluice.artifacts import Artifacts
+    from sluice.bench.shards import _requests
+    from sluice.domain import Budget
+    from sluice.recall.engine import RecallAssets, RecallEngine
+    from sluice.recall.shards import SOURCE_LISTS, ShardEngine, shard_assets
+
+    faiss.omp_set_num_threads(1)  # process time is then the work, not OpenMP's spinning
+    a = Artifacts(artifacts)
+    whole = RecallEngine(RecallAssets.from_artifacts(a))
+    shard = ShardEngine(RecallEngine(shard_assets(a, 0)))
+    ctxs = _requests(a, requests, seed)
+    for ctx in ctxs[:5]:  # first calls (page faults, FAISS set-up) are not counted
+        shard.retrieve(ctx, Budget(1000 * SOURCE_LISTS))
+        whole.retrieve(ctx, Budget(1000))
+    t_shard, t_whole = [], []
+    for ctx in ctxs:  # CPU time of this process, alternating: robust to a busy machine
+        t0 = time.process_time()
+        shard.retrieve(ctx, Budget(1000 * SOURCE_LISTS))  # a front's ask for a 1,000 budget
+        t1 = time.process_time()
+        whole.retrieve(ctx, Budget(1000))
+        t_whole.append((time.process_time() - t1) * 1e3)
+        t_shard.append((t1 - t0) * 1e3)
+    return float(np.mean(t_shard)), float(np.mean(t_whole)), shard.catalog_size, len(a.catalog)
+
+
 def plan(
     bytes_per_item: dict[str, float],
     cpu: dict[str, float],
@@ -95,8 +131,12 @@ def plan(
     node_cores: int,
     utilization: float,
     rates: Sequence[float],
+    engine: tuple[float, float, int, int] | None = None,
 ) -> dict[str, Any]:
-    """One catalog size's row: shards, memory per shard, shards per node, CPU and replicas."""
+    """One catalog size's row: shards, memory per shard, shards per node, CPU and replicas.
+
+    ``engine``: :func:`engine_times` on the measured build; without it a shard's whole CPU
+    per request grows linearly with its items."""
     shards = max(1, math.ceil(items / items_per_shard))
     per_shard = items / shards
     own = sum(v for k, v in bytes_per_item.items() if k.startswith("own:")) * per_shard
@@ -109,9 +149,13 @@ def plan(
     # memory decides how many shards a node holds (the shared table once per node)
     by_memory = max(0, math.floor((0.8 * node_memory_gib - shared_gib) / max(shard_gib, 1e-9)))
     shard_names = [k for k in cpu if k.startswith("shard")]
-    shard_cpu = (sum(cpu[k] for k in shard_names) / len(shard_names) if shard_names else 0.0) * (
-        per_shard / measured_shard_items
-    )
+    measured = sum(cpu[k] for k in shard_names) / len(shard_names) if shard_names else 0.0
+    if engine is None:
+        shard_cpu = measured * per_shard / measured_shard_items
+    else:  # the fixed part as measured, the engine's work along the line of its two sizes
+        t_shard, t_whole, n_shard, n_whole = engine
+        slope = (t_whole - t_shard) / max(n_whole - n_shard, 1)  # ms per item
+        shard_cpu = max(measured - t_shard, 0.0) + max(t_shard + slope * (per_shard - n_shard), 0)
     other_cpu = sum(v for k, v in cpu.items() if k not in shard_names)
     total_ms = other_cpu + shards * shard_cpu
     replicas = {}
@@ -131,6 +175,7 @@ def plan(
         "shared_per_node_gib": round(shared_gib, 2),
         "shards_per_node_by_memory": by_memory,
         "shard_cpu_ms": round(shard_cpu, 2),
+        "shard_cpu_model": "linear in items" if engine is None else "fixed + engine line",
         "cpu_ms_per_request": round(total_ms, 1),
         "replicas": replicas,
     }
@@ -171,12 +216,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--node-cores", type=int, default=16)
     ap.add_argument("--utilization", type=float, default=0.6, help="target CPU utilization")
     ap.add_argument("--rates", default="1000,10000", help="req/s to plan for")
+    ap.add_argument(
+        "--engine-requests",
+        type=int,
+        default=100,
+        help="requests of each kind timed in process on shard 0 and the whole build (0: none)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     manifest = ShardManifest.load(args.artifacts)
     measured = measured_bytes(args.artifacts)
     rate, cpu = cpu_per_request(args.load, args.rate)
     rates = [float(x) for x in args.rates.split(",")]
+    engine = engine_times(args.artifacts, args.engine_requests) if args.engine_requests else None
+    if engine is not None:
+        print(
+            f"recall engine in process: shard of {engine[2]:,} items {engine[0]:.2f} ms, "
+            f"whole {engine[3]:,} items {engine[1]:.2f} ms (mean CPU per request)"
+        )
     rows = [
         plan(
             measured,
@@ -188,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.node_cores,
             args.utilization,
             rates,
+            engine,
         )
         for items in args.items.split(",")
     ]
@@ -201,7 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"bytes_per_item": measured, "cpu": cpu, "rate": rate, "rows": rows}, indent=2
+                {
+                    "bytes_per_item": measured,
+                    "cpu": cpu,
+                    "rate": rate,
+                    "engine_ms": engine,
+                    "rows": rows,
+                },
+                indent=2,
             )
         )
     return 0

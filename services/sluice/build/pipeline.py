@@ -9,6 +9,7 @@ coarse ranker on recall's own candidates.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -365,8 +366,11 @@ def build(options: BuildOptions) -> Artifacts:
         from sluice.fine.onnx_export import save_version
 
         # torch files (in-process scoring, benchmarks) and model.onnx (what Triton serves)
+        # the pseudo-queries (3 GiB at 1M items) are cached on disk: read back for the fit
+        # below, so that the export's copies of the model do not sit on top of them
+        del pseudo
         version_dir, version = export_ranker(
-            lambda d: save_version(ranker, d), options.model_repository
+            functools.partial(save_version, ranker), options.model_repository
         )
         console.print(f"  exported {version_dir} {info}")
 
@@ -413,6 +417,16 @@ def build(options: BuildOptions) -> Artifacts:
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     artifacts = Artifacts(out)
+    # the fit reads the build back from disk: what was made in memory goes first
+    del table, text_vectors, cooc, top_rows, top_scores, ranker, vectors, behaviour_vectors
+    pseudo = pseudo_query_table(
+        catalog,
+        per_item=2,
+        seed=rng_seed,
+        cache_dir=options.cache_dir,
+        progress=False,
+        encoder=options.encoder,
+    )
 
     fit_cascade(
         artifacts,
