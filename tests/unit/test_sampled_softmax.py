@@ -28,7 +28,7 @@ from sluice.fine.train import (
     train_ranker,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "var" / "cache"  # the text tables the other tests' tiny shop caches too
 NUM_ITEMS = 60
 TEXT_DIM = 384
