@@ -103,7 +103,6 @@ EXPECTED_EGRESS: dict[str, set[str]] = {
 }
 
 
-
 def expected_policies(name: str) -> tuple[dict[str, dict[int, set[str]]], dict[str, set[str]]]:
     """Who may reach each workload, and what each may reach, in overlay ``name``: with a
     sharded catalog, only the recall front reaches the shards, which reach Redis."""
