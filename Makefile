@@ -41,6 +41,7 @@ test: setup
 
 # The public contract (sluice.v1 and the sluice.common.v1 it imports) stays wire-compatible
 # with this commit; the internal stage protos are versioned on their own (v2).
+# buf clones 50 commits deep by default: depth= reaches back to it
 BREAKING_AGAINST ?= 8eb4a55
 
 # The suites kept out of the default run: several service processes for minutes (slow), and
@@ -57,7 +58,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check services tests
 	$(VENV)/bin/mypy
 	cd protos && ../$(VENV)/bin/buf lint
-	cd protos && ../$(VENV)/bin/buf breaking --against '../.git#ref=$(BREAKING_AGAINST),subdir=protos' \
+	cd protos && ../$(VENV)/bin/buf breaking --against '../.git#ref=$(BREAKING_AGAINST),subdir=protos,depth=100000' \
 		--path sluice/v1 --path sluice/common/v1
 
 # Container images with podman (deploy/images/build.sh): installs podman, buildah, mmdebstrap

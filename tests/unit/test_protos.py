@@ -34,7 +34,8 @@ def test_the_public_v1_contract_is_wire_compatible() -> None:
     have = subprocess.run(["git", "cat-file", "-e", f"{ref[1]}^{{commit}}"], cwd=ROOT)
     if have.returncode != 0:
         pytest.skip(f"commit {ref[1]} is not in this clone's history (a shallow clone)")
-    against = f"../.git#ref={ref[1]},subdir=protos"
+    # buf clones 50 commits deep by default; the reference commit may lie further back
+    against = f"../.git#ref={ref[1]},subdir=protos,depth=100000"
     out = _buf(
         "breaking", "--against", against, "--path", "sluice/v1", "--path", "sluice/common/v1"
     )
