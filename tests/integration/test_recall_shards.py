@@ -3,7 +3,8 @@
 What ``sluice up --recall-shards 4`` starts (``Cluster(recall_shards=4)``) on the tiny build
 cut into four flat shards: the front merges the shards' answers over gRPC into what one
 recall engine answers; a shard killed with SIGKILL, or one that stops answering, degrades
-the pages it would have filled (flagged per shard) and fails none.
+the pages it would have filled (flagged per shard) and fails none; fuzzed requests to a shard
+and to the front get a clear status, never INTERNAL.
 """
 
 from __future__ import annotations
@@ -22,17 +23,20 @@ from sluice.artifacts import Artifacts
 from sluice.build.shards import write_shards
 from sluice.common.v1 import common_pb2
 from sluice.config import RecallSettings
+from sluice.convert import context_to_proto
 from sluice.domain import Budget, RankContext
 from sluice.gateway.stages import GrpcStage
 from sluice.launch import Cluster, Ports
 from sluice.recall.loader import load
-from sluice.recall.service import BINDING
+from sluice.recall.service import BINDING, SHARD_BINDING
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
+from tests.integration.fuzzing import fuzz
 from tests.integration.storefront_load import Load
 
 pytestmark = pytest.mark.integration
 
 SHARDS = 4
+FUZZ_CASES = int(os.environ.get("SLUICE_FUZZ_CASES", "300"))
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +157,28 @@ def test_a_shard_that_stops_answering_misses_the_budget_not_the_page(
     assert all(shards[i].answered for i in (0, 2, 3))
     assert recall.degraded and len(response.page.item_ids) == 10
     assert took < 5.0, f"the page waited {took:.1f} s for a stopped shard"
+
+
+@pytest.mark.parametrize("process", ["shard-0", "recall"])
+def test_fuzzed_requests_to_a_shard_and_the_front_get_a_clear_status(
+    process: str, layout: Cluster, tiny_artifacts: Artifacts
+) -> None:
+    """The shard method as a foreign client would call it, and the front that scatters it."""
+    binding = SHARD_BINDING if process.startswith("shard-") else BINDING
+    _, histories = tiny_artifacts.users()
+    catalog = tiny_artifacts.catalog
+    seeds = [
+        binding.encode(context_to_proto(ctx), None, Budget(40, offset=0)).SerializeToString()
+        for ctx in (
+            RankContext(history_item_ids=histories[2], exclude_item_ids=histories[2]),
+            RankContext(context_item_id=int(catalog.item_ids[7])),
+            RankContext(query=" ".join(catalog.titles[3].split()[:2])),
+        )
+    ]
+    codes, bad = fuzz(layout.address(process), binding.path, binding.request, seeds, FUZZ_CASES)
+    print(f"\n{process} {binding.path}: {sum(codes.values())} cases, {dict(codes)}")
+    assert not bad, f"{len(bad)} bad answers, first: {bad[:5]}"
+    assert sum(codes.values()) >= FUZZ_CASES
+    assert codes["OK"] > 0 and len(codes) > 1, codes  # both well-formed and rejected requests
+    dead = [p for p, proc in layout.processes.items() if proc.poll() is not None]
+    assert not dead, f"died under fuzzing: {dead}"
