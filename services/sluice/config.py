@@ -365,6 +365,13 @@ class GatewaySettings(ServiceSettings):
         "random key per process",
     )
     max_query_chars: int = Field(512, ge=1)
+    rules_file: Path | None = Field(
+        None,
+        description="the merchant's rules (blocks, age-restricted categories, query list, pins, "
+        "boosts; sluice.rules): a JSON file, re-read when it changes. A file that does not "
+        "parse stops the start; a bad change later is logged and the rules in force stay",
+    )
+    rules_poll_s: float = Field(1.0, gt=0, le=60, description="how often the rules file is checked")
     max_track_events: int = Field(1000, ge=1)
     track_max_in_flight: int = Field(
         10_000,

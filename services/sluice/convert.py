@@ -9,9 +9,17 @@ import numpy as np
 
 from sluice.common.v1 import common_pb2
 from sluice.core.errors import InvalidArgument
-from sluice.data.filters import MAX_FILTER_VALUES, MAX_FILTERS, AttributeFilter, validate
+from sluice.data.filters import (
+    MAX_FILTER_VALUES,
+    MAX_FILTERS,
+    MAX_VALUE_CHARS,
+    AttributeFilter,
+    validate,
+)
 from sluice.domain import (
+    Boost,
     Candidates,
+    Pin,
     RankContext,
     RequestKind,
     ShardReport,
@@ -27,6 +35,10 @@ MAX_QUERY_CHARS = 2048
 MAX_HISTORY = 1000
 MAX_EXCLUSIONS = 10_000
 MAX_BUILD_ID_CHARS = 128
+MAX_PINS = 100
+MAX_BOOSTS = 100
+# a pin may sit anywhere a page can reach (the gateway's MAX_PAGE_OFFSET plus a page)
+MAX_PIN_POSITION = 10_100
 
 
 _MAX_SOURCE = max(int(s) for s in Source)
@@ -94,15 +106,20 @@ def item_filters_from_proto(
         case = f.WhichOneof("condition")
         if case is None:
             raise InvalidArgument(
-                "set one condition: category, brand, price_cents or in_stock", field_path=where
+                "set one condition: category, brand, price_cents, in_stock, not_category or "
+                "not_brand",
+                field_path=where,
             )
-        if case in ("category", "brand"):
+        if case in ("category", "brand", "not_category", "not_brand"):
             values = tuple(getattr(f, case).values)
             if not values or len(values) > MAX_FILTER_VALUES:
                 raise InvalidArgument(
                     f"needs 1 to {MAX_FILTER_VALUES} values", field_path=f"{where}.{case}.values"
                 )
-            out.append(AttributeFilter(case, any_of=values))
+            if case.startswith("not_"):
+                out.append(AttributeFilter(case.removeprefix("not_"), none_of=values))
+            else:
+                out.append(AttributeFilter(case, any_of=values))
         elif case == "price_cents":
             r = f.price_cents
             low = float(r.min) if r.HasField("min") else None
@@ -130,7 +147,10 @@ def item_filters_to_proto(filters: Iterable[AttributeFilter]) -> list[common_pb2
     for f in filters:
         if f.field in ("category", "brand"):
             msg = common_pb2.ItemFilter()
-            getattr(msg, f.field).values.extend(f.any_of)
+            if f.none_of:
+                getattr(msg, f"not_{f.field}").values.extend(f.none_of)
+            else:
+                getattr(msg, f.field).values.extend(f.any_of)
         elif f.field == "price_cents":
             rng = common_pb2.Int64Range()
             if f.min is not None:
@@ -181,7 +201,63 @@ def context_from_proto(msg: common_pb2.RankContext, field: str = "context") -> R
         filters=item_filters_from_proto(msg.filters, f"{field}.filters"),
         exclude_item_ids=_ids(msg.exclude_item_ids, f"{field}.exclude_item_ids", MAX_EXCLUSIONS),
         build_id=_build_id(msg.build_id, f"{field}.build_id"),
+        pins=pins_from_proto(msg.pins, f"{field}.pins"),
+        boosts=boosts_from_proto(msg.boosts, f"{field}.boosts"),
     )
+
+
+def pins_from_proto(pins: Sequence[common_pb2.ItemPin], field: str) -> tuple[Pin, ...]:
+    if len(pins) > MAX_PINS:
+        raise InvalidArgument(f"at most {MAX_PINS} pins", field_path=field)
+    out = []
+    for i, p in enumerate(pins):
+        if not 1 <= p.position <= MAX_PIN_POSITION:
+            raise InvalidArgument(
+                f"position must be 1 to {MAX_PIN_POSITION}", field_path=f"{field}[{i}].position"
+            )
+        out.append(Pin(int(p.item_id), int(p.position)))
+    return tuple(out)
+
+
+def boosts_from_proto(boosts: Sequence[common_pb2.ItemBoost], field: str) -> tuple[Boost, ...]:
+    if len(boosts) > MAX_BOOSTS:
+        raise InvalidArgument(f"at most {MAX_BOOSTS} boosts", field_path=field)
+    out = []
+    for i, b in enumerate(boosts):
+        where = f"{field}[{i}]"
+        if not (math.isfinite(b.weight) and -1.0 <= b.weight <= 1.0):
+            raise InvalidArgument(
+                "weight must be a finite number from -1 to 1", field_path=f"{where}.weight"
+            )
+        case = b.WhichOneof("target")
+        if case is None:
+            raise InvalidArgument("set one target: item_id, brand or category", field_path=where)
+        if case in ("brand", "category"):
+            value = getattr(b, case)
+            if not 1 <= len(value) <= MAX_VALUE_CHARS:
+                raise InvalidArgument(
+                    f"1 to {MAX_VALUE_CHARS} characters", field_path=f"{where}.{case}"
+                )
+            out.append(Boost(float(b.weight), **{case: value}))
+        else:
+            out.append(Boost(float(b.weight), item_id=int(b.item_id)))
+    return tuple(out)
+
+
+def pins_to_proto(pins: Iterable[Pin]) -> list[common_pb2.ItemPin]:
+    return [common_pb2.ItemPin(item_id=p.item_id, position=p.position) for p in pins]
+
+
+def boosts_to_proto(boosts: Iterable[Boost]) -> list[common_pb2.ItemBoost]:
+    out = []
+    for b in boosts:
+        if b.brand:
+            out.append(common_pb2.ItemBoost(brand=b.brand, weight=b.weight))
+        elif b.category:
+            out.append(common_pb2.ItemBoost(category=b.category, weight=b.weight))
+        else:
+            out.append(common_pb2.ItemBoost(item_id=b.item_id, weight=b.weight))
+    return out
 
 
 def _build_id(value: str, field: str) -> str:
@@ -204,6 +280,8 @@ def context_to_proto(ctx: RankContext) -> common_pb2.RankContext:
         exclude_item_ids=ctx.exclude_item_ids.tolist(),
         filters=item_filters_to_proto(ctx.filters),
         build_id=ctx.build_id,
+        pins=pins_to_proto(ctx.pins),
+        boosts=boosts_to_proto(ctx.boosts),
     )
 
 

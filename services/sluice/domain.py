@@ -96,6 +96,26 @@ class Candidates:
         return self.take(order)
 
 
+@dataclass(frozen=True)
+class Pin:
+    """A merchant's pin (``sluice.common.v1.ItemPin``): ``item_id`` at 1-based ``position``
+    of the whole ranked list, if the request may show it."""
+
+    item_id: int
+    position: int
+
+
+@dataclass(frozen=True)
+class Boost:
+    """A merchant's boost (``sluice.common.v1.ItemBoost``): ``weight`` (-1 to 1) added to the
+    relevance (scaled to 0..1) of one item, or of every item of a brand or a category."""
+
+    weight: float
+    item_id: int = 0
+    brand: str = ""
+    category: str = ""
+
+
 @dataclass
 class RankContext:
     """What every stage may read about the request (``sluice.common.v1.RankContext``)."""
@@ -110,6 +130,10 @@ class RankContext:
     exclude_item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     build_id: str = ""
     """The build the gateway pinned for this request ("": the stage's current build)."""
+    pins: tuple[Pin, ...] = ()
+    """The merchant's pins for this request (:mod:`sluice.rules`); re-ranking places them."""
+    boosts: tuple[Boost, ...] = ()
+    """The merchant's boosts for this request; re-ranking applies them."""
 
     @property
     def is_search(self) -> bool:

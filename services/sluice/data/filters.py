@@ -24,13 +24,15 @@ MAX_VALUE_CHARS = 256
 
 @dataclass(frozen=True)
 class AttributeFilter:
-    """Keep items whose attribute ``field`` satisfies every given condition."""
+    """Keep items whose attribute ``field`` satisfies every given condition. A string
+    attribute takes ``any_of`` (keep these values) or ``none_of`` (keep all but these)."""
 
     field: str
     any_of: tuple[str, ...] = ()
     min: float | None = None
     max: float | None = None
     equals: bool | None = None
+    none_of: tuple[str, ...] = ()
 
 
 @dataclass
@@ -59,11 +61,12 @@ def validate(filters: Sequence[AttributeFilter], prefix: str = "filters") -> Non
         raise InvalidArgument(f"at most {MAX_FILTERS} filters", field_path=prefix)
     for i, f in enumerate(filters):
         where = f"{prefix}[{i}]"
-        if len(f.any_of) > MAX_FILTER_VALUES or any(len(v) > MAX_VALUE_CHARS for v in f.any_of):
-            raise InvalidArgument(
-                f"at most {MAX_FILTER_VALUES} values of at most {MAX_VALUE_CHARS} characters",
-                field_path=f"{where}.any_of",
-            )
+        for name, values in (("any_of", f.any_of), ("none_of", f.none_of)):
+            if len(values) > MAX_FILTER_VALUES or any(len(v) > MAX_VALUE_CHARS for v in values):
+                raise InvalidArgument(
+                    f"at most {MAX_FILTER_VALUES} values of at most {MAX_VALUE_CHARS} characters",
+                    field_path=f"{where}.{name}",
+                )
         for name, bound in (("min", f.min), ("max", f.max)):
             if bound is not None and not math.isfinite(bound):
                 raise InvalidArgument("must be a finite number", field_path=f"{where}.{name}")
@@ -73,9 +76,10 @@ def validate(filters: Sequence[AttributeFilter], prefix: str = "filters") -> Non
                 field_path=f"{where}.field",
             )
         if f.field in STRING_ATTRIBUTES:
-            if not f.any_of:
+            if bool(f.any_of) == bool(f.none_of):
                 raise InvalidArgument(
-                    f"filter on {f.field!r} needs any_of values", field_path=f"{where}.any_of"
+                    f"filter on {f.field!r} needs any_of or none_of values (one of them)",
+                    field_path=f"{where}.any_of",
                 )
             if f.min is not None or f.max is not None or f.equals is not None:
                 raise InvalidArgument(
@@ -88,7 +92,7 @@ def validate(filters: Sequence[AttributeFilter], prefix: str = "filters") -> Non
                 )
             if f.min is not None and f.max is not None and f.min > f.max:
                 raise InvalidArgument("min is above max", field_path=f"{where}.min")
-            if f.any_of or f.equals is not None:
+            if f.any_of or f.none_of or f.equals is not None:
                 raise InvalidArgument(f"{f.field!r} is numeric: use min/max only", field_path=where)
         elif f.field in BOOL_ATTRIBUTES and f.equals is None:
             raise InvalidArgument(
@@ -103,12 +107,16 @@ def compile_filters(catalog: Catalog, filters: Sequence[AttributeFilter]) -> Fil
         return FilterSet()
     mask = np.ones(len(catalog), dtype=bool)
     for f in filters:
-        if f.field == "category":
-            wanted = [catalog.categories.index(v) for v in f.any_of if v in catalog.categories]
-            mask &= np.isin(catalog.category_codes, wanted)
-        elif f.field == "brand":
-            wanted = [catalog.brands.index(v) for v in f.any_of if v in catalog.brands]
-            mask &= np.isin(catalog.brand_codes, wanted)
+        if f.field in STRING_ATTRIBUTES:
+            names, codes = (
+                (catalog.categories, catalog.category_codes)
+                if f.field == "category"
+                else (catalog.brands, catalog.brand_codes)
+            )
+            values = f.any_of or f.none_of
+            wanted = [names.index(v) for v in values if v in names]
+            hit = np.isin(codes, wanted)
+            mask &= hit if f.any_of else ~hit
         elif f.field == "price_cents":
             if f.min is not None:
                 mask &= catalog.price_cents >= f.min

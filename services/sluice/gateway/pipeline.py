@@ -33,7 +33,7 @@ from sluice.core.errors import (
 )
 from sluice.core.stage import Retriever, StageResult, run_stage
 from sluice.data.catalog import Catalog
-from sluice.data.filters import AttributeFilter, validate
+from sluice.data.filters import MAX_FILTERS, AttributeFilter, compile_filters, validate
 from sluice.domain import (
     Budget,
     Cancellation,
@@ -46,6 +46,7 @@ from sluice.domain import (
 )
 from sluice.events.model import MAX_USER_ID_CHARS
 from sluice.gateway.tokens import PageTokens
+from sluice.rules import GUARD_DROPPED, RequestRules, RulesWatcher, apply_boosts, place_pins
 
 if TYPE_CHECKING:
     from sluice.config import GatewaySettings
@@ -120,6 +121,12 @@ class PageResult:
     duration_us: int
     build_id: str = ""
     """The build every stage of this page answered from."""
+    rules_version: str = ""
+    """The merchant rules' version that served the page ("": no rules file)."""
+    searched_query: str = ""
+    """What was searched: the query after the rules' rewrites."""
+    query_blocked: bool = False
+    """The query matched the rules' blocked-query list: an empty page, no stage ran."""
 
 
 @dataclass
@@ -132,6 +139,7 @@ class _Request:
     filters: tuple[AttributeFilter, ...] = ()
     page_size: int = 10
     page_token: str = ""
+    include_age_restricted: bool = False
 
     def fingerprint(self) -> str:
         key = json.dumps(
@@ -142,6 +150,7 @@ class _Request:
                 int(self.surface),
                 self.context_item_id,
                 repr(self.filters),
+                self.include_age_restricted,
             ]
         )
         return hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -197,6 +206,8 @@ class Gateway:
     """Recalls while the recall stage is down (``FallbackRecall``); None: such requests fail."""
     build_id: str = ""
     """The build this gateway serves: every stage call is pinned to it (``RankContext``)."""
+    rules: RulesWatcher | None = None
+    """The merchant's rules file in force (:mod:`sluice.rules`); None: no rules."""
 
     # -- entry points ---------------------------------------------------------------
     def search(
@@ -209,23 +220,34 @@ class Gateway:
         page_token: str = "",
         deadline_s: float | None = None,
         cancellation: Cancellation | None = None,
+        include_age_restricted: bool = False,
     ) -> PageResult:
         """A page of results for ``query``; ``deadline_s`` None: the default budget. Once
         ``cancellation`` is set (the caller went away) the stage call in flight is cancelled
-        and no further stage runs."""
+        and no further stage runs. ``include_age_restricted``: the storefront verified the
+        shopper's age, so the rules' age-restricted categories may show."""
         if not query.strip():
             raise InvalidArgument("query must not be empty", field_path="query")
         if len(query) > self.limits.max_query_chars:
             raise InvalidArgument(
                 f"query is longer than {self.limits.max_query_chars} characters", field_path="query"
             )
+        start = time.perf_counter()
+        query = query.strip()
+        rules = self.rules.current if self.rules is not None else None
+        if rules is not None:
+            decision = rules.query(query)
+            if decision.blocked:
+                return self._blocked(query, rules.version, start)
+            query = decision.query
         req = _Request(
             RequestKind.SEARCH,
             user_id,
-            query=query.strip(),
+            query=query,
             filters=filters,
             page_size=page_size,
             page_token=page_token,
+            include_age_restricted=include_age_restricted,
         )
         return self._run(req, deadline_s, cancellation)
 
@@ -240,9 +262,9 @@ class Gateway:
         page_token: str = "",
         deadline_s: float | None = None,
         cancellation: Cancellation | None = None,
+        include_age_restricted: bool = False,
     ) -> PageResult:
-        """A page for a recommendation surface; ``deadline_s`` and ``cancellation`` as in
-        search."""
+        """A page for a recommendation surface; the other arguments as in search."""
         try:
             kind = Surface(int(surface))
         except ValueError as err:
@@ -265,8 +287,25 @@ class Gateway:
             filters=filters,
             page_size=page_size,
             page_token=page_token,
+            include_age_restricted=include_age_restricted,
         )
         return self._run(req, deadline_s, cancellation)
+
+    def _blocked(self, query: str, rules_version: str, start: float) -> PageResult:
+        """The empty page of a query the merchant's rules block."""
+        return PageResult(
+            candidates=Candidates.empty(),
+            titles=[],
+            stage_scores={},
+            reports=[],
+            next_page_token="",
+            total_size=0,
+            duration_us=int((time.perf_counter() - start) * 1e6),
+            build_id=self.build_id,
+            rules_version=rules_version,
+            searched_query=query,
+            query_blocked=True,
+        )
 
     # -- the cascade ------------------------------------------------------------------
     def _run(
@@ -302,6 +341,19 @@ class Gateway:
         exclude = suppressed if search else np.union1d(history, suppressed)
         if req.context_item_id:
             exclude = np.union1d(exclude, [req.context_item_id])
+        rules = self._rules_for(req)
+        filters = req.filters
+        if rules is not None:  # blocked items first: they must survive the cut below
+            if len(filters) + len(rules.filters) > MAX_FILTERS:
+                raise InvalidArgument(
+                    f"at most {MAX_FILTERS - len(rules.filters)} filters on this surface: the "
+                    "merchant's rules take the rest",
+                    field_path="filters",
+                )
+            filters += rules.filters
+            exclude = np.concatenate(
+                [rules.exclude_item_ids, np.setdiff1d(exclude, rules.exclude_item_ids)]
+            )
         exclude = exclude[:MAX_EXCLUSIONS]  # what a stage accepts; beyond it, rerank's window
         ctx = RankContext(
             kind=req.kind,
@@ -310,9 +362,11 @@ class Gateway:
             query_embedding=self.encode_query(req.query) if req.query else None,
             history_item_ids=history,
             context_item_id=req.context_item_id,
-            filters=req.filters,
+            filters=filters,
             exclude_item_ids=exclude.astype(np.int64),
             build_id=self.build_id,
+            pins=rules.pins if rules is not None else (),
+            boosts=rules.boosts if rules is not None else (),
         )
         reports: list[StageReport] = []
         scores: dict[StageName, Candidates] = {}
@@ -373,11 +427,14 @@ class Gateway:
         try:
             result = call(StageName.RERANK, cands, req.page_size, offset)
             page, total, report = result.candidates, result.total_size, result.report
-        except STAGE_FAILURES as err:
-            total = len(cands)
-            page = cands.top(total).window(offset, req.page_size)
+        except STAGE_FAILURES as err:  # the gateway applies the merchant's rules itself
+            ranked = self._arrange(ctx, cands.top(len(cands)), rules)
+            total = len(ranked)
+            page = ranked.window(offset, req.page_size)
             report = _degraded(StageName.RERANK, len(cands), err)
         reports.append(report)
+        if rules is not None and rules.blocked_rows is not None:
+            page = self._guard(page, rules)
 
         rows = self.catalog.rows(page.item_ids)
         titles = [self.catalog.titles[r] if r >= 0 else "" for r in rows.tolist()]
@@ -392,7 +449,47 @@ class Gateway:
             total_size=total,
             duration_us=int((time.perf_counter() - start) * 1e6),
             build_id=self.build_id,
+            rules_version=rules.version if rules is not None else "",
+            searched_query=req.query,
         )
+
+    # -- the merchant's rules --------------------------------------------------------
+    def _rules_for(self, req: _Request) -> RequestRules | None:
+        if self.rules is None:
+            return None
+        return self.rules.current.for_request(
+            self.catalog, req.kind, req.surface, req.query, req.include_age_restricted
+        )
+
+    def _may_show(self, ctx: RankContext, item_ids: np.ndarray) -> np.ndarray:
+        """In the catalog, in stock, within the filters (the rules' too), not excluded."""
+        rows = self.catalog.rows(item_ids)
+        ok = compile_filters(self.catalog, ctx.filters).allows_rows(rows)
+        ok &= np.where(rows >= 0, self.catalog.in_stock[np.maximum(rows, 0)], False)
+        return ok & ~np.isin(item_ids, ctx.exclude_item_ids)
+
+    def _arrange(
+        self, ctx: RankContext, ranked: Candidates, rules: RequestRules | None
+    ) -> Candidates:
+        """What re-ranking does with the rules, for when it cannot: drop what the request
+        may not show, apply the boosts, place the pins."""
+        if rules is None:
+            return ranked
+        ranked = ranked.take(np.flatnonzero(self._may_show(ctx, ranked.item_ids)))
+        ranked = apply_boosts(self.catalog, ranked, rules.boosts)
+        return place_pins(ranked, rules.pins, lambda ids: self._may_show(ctx, ids))
+
+    def _guard(self, page: Candidates, rules: RequestRules) -> Candidates:
+        """The page without anything the rules block: the last line, after every stage."""
+        allowed = rules.allowed(self.catalog, page.item_ids)
+        if allowed.all():
+            return page
+        GUARD_DROPPED.inc(int((~allowed).sum()))
+        log.error(
+            "a stage returned items the rules block; dropped from the page",
+            extra={"items": page.item_ids[~allowed].tolist(), "rules_version": rules.version},
+        )
+        return page.take(np.flatnonzero(allowed))
 
     def _pinned(self, result: StageResult) -> StageResult:
         """A stage's answer, refused (the stage degrades) if it came from another build."""

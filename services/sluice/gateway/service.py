@@ -38,6 +38,7 @@ from sluice.gateway.pipeline import (
 from sluice.gateway.stages import GrpcStage, LocalStage, StageClient
 from sluice.gateway.tokens import PageTokens
 from sluice.gateway.users import UserHistory, item_attributes
+from sluice.rules import RulesWatcher
 from sluice.state.store import InMemoryStateStore, OnlineStateStore, RedisStateStore
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
 from sluice.wiring import STAGES, load_engines, serve_builds
@@ -79,6 +80,7 @@ def page_response(result: PageResult) -> dict[str, Any]:
         "stages": [report_to_proto(r) for r in result.reports],
         "duration_us": result.duration_us,
         "build_id": result.build_id,
+        "rules_version": result.rules_version,
     }
 
 
@@ -115,8 +117,13 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             page_token=request.page_token,
             deadline_s=caller_timeout_s(context),
             cancellation=cancellation_of(context),
+            include_age_restricted=request.include_age_restricted,
         )
-        return storefront_pb2.SearchResponse(**page_response(result))
+        return storefront_pb2.SearchResponse(
+            **page_response(result),
+            searched_query=result.searched_query,
+            query_blocked=result.query_blocked,
+        )
 
     def Recommend(  # noqa: N802
         self, request: storefront_pb2.RecommendRequest, context: grpc.ServicerContext
@@ -130,6 +137,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             page_token=request.page_token,
             deadline_s=caller_timeout_s(context),
             cancellation=cancellation_of(context),
+            include_age_restricted=request.include_age_restricted,
         )
         return storefront_pb2.RecommendResponse(**page_response(result))
 
@@ -261,6 +269,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             # with the stages in this process recall cannot be down on its own
             FallbackRecall.from_artifacts(artifacts) if settings.stages == "grpc" else None,
             build_id=build_id,
+            rules=rules,
         )
         gateway.encode_query("warm up")
         if first.is_set() and settings.stages == "grpc":
@@ -287,6 +296,12 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             return build_id_of(resolve(settings.artifacts))
         return ""
 
+    # the merchant's rules: one file for every build, read now (a bad file stops the start)
+    rules = (
+        RulesWatcher(settings.rules_file, settings.rules_poll_s) if settings.rules_file else None
+    )
+    if rules is not None:
+        resources.append(rules.start().close)
     builds: LoadedBuilds[Gateway] = LoadedBuilds(load_build, retain_s=settings.build_retain_s)
     tokens = PageTokens.from_settings(
         [k.get_secret_value() for k in settings.page_token_keys], MAX_PAGE_OFFSET

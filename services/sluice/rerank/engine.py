@@ -1,4 +1,9 @@
-"""Re-ranking: business rules, dedupe, per-brand caps, MMR diversity, pagination."""
+"""Re-ranking: business rules, dedupe, per-brand caps, MMR diversity, pagination.
+
+The merchant's rules reach it in the context (:mod:`sluice.rules`): blocks as ``not_brand``
+and ``not_category`` filters and excluded ids, which :meth:`RerankEngine._eligible` drops
+like any filter; boosts, added to the scaled relevance before MMR; pins, placed last.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import numpy as np
 from sluice.data.catalog import Catalog
 from sluice.data.filters import compile_filters
 from sluice.domain import Budget, Candidates, RankContext
+from sluice.rules import apply_boosts, place_pins
 
 _VARIANT = re.compile(r"\s+-\s+[^-]*$")
 
@@ -41,18 +47,25 @@ class RerankEngine:
     def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
         """Every eligible candidate, in final order up to the end of the budget's page
         (``offset + max_candidates``) and in relevance order after it."""
-        eligible = self._eligible(ctx, cands)
-        return self._mmr(eligible, budget.offset + budget.max_candidates)
+        eligible = apply_boosts(self.catalog, self._eligible(ctx, cands), ctx.boosts)
+        ranked = self._mmr(eligible, budget.offset + budget.max_candidates)
+        return place_pins(ranked, ctx.pins, lambda ids: self.allows(ctx, ids))
+
+    def allows(self, ctx: RankContext, item_ids: np.ndarray) -> np.ndarray:
+        """Which items the request may show: in the catalog, filters, stock, exclusions."""
+        rows = self.catalog.rows(item_ids)
+        keep = compile_filters(self.catalog, ctx.filters).allows_rows(rows)
+        if self.config.require_in_stock:
+            keep &= np.where(rows >= 0, self.catalog.in_stock[np.maximum(rows, 0)], False)
+        if len(ctx.exclude_item_ids):
+            keep &= ~np.isin(item_ids, ctx.exclude_item_ids)
+        return keep
 
     def _eligible(self, ctx: RankContext, cands: Candidates) -> Candidates:
         """Apply filters, stock, exclusions and dedupe; keep the relevance order."""
         cands = cands.top(len(cands))
         rows = self.catalog.rows(cands.item_ids)
-        keep = compile_filters(self.catalog, ctx.filters).allows_rows(rows)
-        if self.config.require_in_stock:
-            keep &= np.where(rows >= 0, self.catalog.in_stock[np.maximum(rows, 0)], False)
-        if len(ctx.exclude_item_ids):
-            keep &= ~np.isin(cands.item_ids, ctx.exclude_item_ids)
+        keep = self.allows(ctx, cands.item_ids)
         seen_ids: set[int] = set()
         seen_titles: set[str] = set()
         for i in np.flatnonzero(keep).tolist():
