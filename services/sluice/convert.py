@@ -17,6 +17,9 @@ from sluice.data.filters import (
     validate,
 )
 from sluice.domain import (
+    MAX_BOOSTS,
+    MAX_PIN_POSITION,
+    MAX_PINS,
     Boost,
     Candidates,
     Pin,
@@ -35,10 +38,6 @@ MAX_QUERY_CHARS = 2048
 MAX_HISTORY = 1000
 MAX_EXCLUSIONS = 10_000
 MAX_BUILD_ID_CHARS = 128
-MAX_PINS = 100
-MAX_BOOSTS = 100
-# a pin may sit anywhere a page can reach (the gateway's MAX_PAGE_OFFSET plus a page)
-MAX_PIN_POSITION = 10_100
 
 
 _MAX_SOURCE = max(int(s) for s in Source)

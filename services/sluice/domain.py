@@ -96,6 +96,13 @@ class Candidates:
         return self.take(order)
 
 
+# What one request may carry (``sluice.common.v1.RankContext``): every stage enforces it, and
+# a rules file that would exceed it on some surface is refused when it is read.
+MAX_PINS = 100
+MAX_BOOSTS = 100
+MAX_PIN_POSITION = 10_100  # anywhere a page can reach: the gateway's MAX_PAGE_OFFSET + 100
+
+
 @dataclass(frozen=True)
 class Pin:
     """A merchant's pin (``sluice.common.v1.ItemPin``): ``item_id`` at 1-based ``position``

@@ -50,8 +50,17 @@ from pydantic import (
 )
 
 from sluice.data.catalog import Catalog
-from sluice.data.filters import AttributeFilter, compile_filters
-from sluice.domain import Boost, Candidates, Pin, RequestKind, Surface
+from sluice.data.filters import MAX_FILTER_VALUES, AttributeFilter, compile_filters
+from sluice.domain import (
+    MAX_BOOSTS,
+    MAX_PIN_POSITION,
+    MAX_PINS,
+    Boost,
+    Candidates,
+    Pin,
+    RequestKind,
+    Surface,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +73,6 @@ GUARD_DROPPED = Counter(
 )
 LOADED_AT = Gauge("sluice_rules_loaded_timestamp_seconds", "When the rules in force were loaded")
 
-# the limits of sluice.common.v1.RankContext (convert.MAX_PINS ...), repeated here so that
-# a rules file is refused at load time rather than on every request
-MAX_PINS = 100
-MAX_BOOSTS = 100
-MAX_PIN_POSITION = 10_100
 MAX_BLOCKED_ITEMS = 5_000  # half the context's exclusions: room for the user's own
 
 SurfaceName = Literal["search", "home", "similar_items"]
@@ -157,6 +161,15 @@ class RulesFile(_Strict):
             )
             if len(blocked) > MAX_BLOCKED_ITEMS:
                 raise ValueError(f"at most {MAX_BLOCKED_ITEMS} blocked items per surface")
+            extra = self.surfaces.get(surface, Blocks())
+            brands = set(self.blocked.brands) | set(extra.brands)
+            categories = set(self.blocked.categories) | set(extra.categories)
+            categories |= set(self.age_restricted_categories)
+            if max(len(brands), len(categories)) > MAX_FILTER_VALUES:
+                raise ValueError(
+                    f"at most {MAX_FILTER_VALUES} blocked brands, and as many blocked or "
+                    f"age-restricted categories, per surface ({surface})"
+                )
         return self
 
 

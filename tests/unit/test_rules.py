@@ -63,6 +63,13 @@ def ids_of(catalog: Catalog, mask: np.ndarray) -> list[int]:
         ({"blocked": {"brand": ["acme"]}}, "blocked.brand"),
         ({"queries": {"blocked": ["   "]}}, "queries.blocked.0"),
         ({"pins": [{"item_id": i, "position": 1} for i in range(101)]}, "(the file)"),
+        (
+            {
+                "blocked": {"categories": [f"c{i}" for i in range(200)]},
+                "age_restricted_categories": [f"a{i}" for i in range(57)],
+            },
+            "(the file)",
+        ),
     ],
 )
 def test_a_bad_rules_file_is_refused_naming_the_field(
