@@ -261,3 +261,41 @@ def test_triton_dynamic_batching_merges_concurrent_requests(
     executions = _metric(after, "nv_inference_exec_count") - exec0
     assert requests >= n, "the fine ranker did not run on Triton for every request"
     assert executions < requests, f"no batching: {executions} executions for {requests} requests"
+
+
+def test_page_views_basic_drops_internals_and_explains_debug_keeps_both(
+    cluster: Cluster, known_user: tuple[str, np.ndarray]
+) -> None:
+    stub = storefront_pb2_grpc.StorefrontServiceStub(grpc.insecure_channel(cluster.gateway_address))
+    user, history = known_user
+    pages = {
+        view: stub.Recommend(
+            storefront_pb2.RecommendRequest(user_id=user, page_size=8, view=view), timeout=10
+        ).page
+        for view in (
+            storefront_pb2.PAGE_VIEW_UNSPECIFIED,
+            storefront_pb2.PAGE_VIEW_BASIC,
+            storefront_pb2.PAGE_VIEW_DEBUG,
+        )
+    }
+    v1, basic, debug = pages.values()
+    assert len(v1.sources) == 8 and len(v1.fine_scores) == 8 and not v1.reasons  # as in v1
+    assert len(basic.reasons) == 8 and len(basic.titles) == 8
+    assert not basic.sources and not basic.recall_scores and not basic.fine_scores
+    assert len(debug.reasons) == 8 and len(debug.sources) == 8 and len(debug.coarse_scores) == 8
+    recent = set(history.tolist())
+    because = [r for r in basic.reasons if r.code == storefront_pb2.REASON_CODE_BECAUSE_YOU_VIEWED]
+    assert because and all(set(r.evidence_item_ids) <= recent for r in because)
+    search = stub.Search(
+        storefront_pb2.SearchRequest(
+            query="shoes", page_size=5, view=storefront_pb2.PAGE_VIEW_BASIC
+        ),
+        timeout=10,
+    ).page
+    assert len(search.reasons) == len(search.item_ids)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Recommend(
+            storefront_pb2.RecommendRequest(user_id=user, page_size=8, view=7), timeout=10
+        )
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(err.value) == ["view"]

@@ -45,6 +45,7 @@ from sluice.domain import (
     Surface,
 )
 from sluice.events.model import MAX_USER_ID_CHARS
+from sluice.gateway.explain import Explainer, Reason
 from sluice.gateway.tokens import PageTokens
 from sluice.rules import GUARD_DROPPED, RequestRules, RulesWatcher, apply_boosts, place_pins
 
@@ -127,6 +128,8 @@ class PageResult:
     """What was searched: the query after the rules' rewrites."""
     query_blocked: bool = False
     """The query matched the rules' blocked-query list: an empty page, no stage ran."""
+    reasons: list[Reason] = field(default_factory=list)
+    """Why each page item is there (asked for with ``explain``; else empty)."""
 
 
 @dataclass
@@ -140,6 +143,7 @@ class _Request:
     page_size: int = 10
     page_token: str = ""
     include_age_restricted: bool = False
+    explain: bool = False  # how the page is shown, not what it holds: not in the fingerprint
 
     def fingerprint(self) -> str:
         key = json.dumps(
@@ -208,6 +212,8 @@ class Gateway:
     """The build this gateway serves: every stage call is pinned to it (``RankContext``)."""
     rules: RulesWatcher | None = None
     """The merchant's rules file in force (:mod:`sluice.rules`); None: no rules."""
+    explainer: Explainer | None = None
+    """Gives each page item a reason (:mod:`sluice.gateway.explain`); None: no reasons."""
 
     # -- entry points ---------------------------------------------------------------
     def search(
@@ -221,11 +227,13 @@ class Gateway:
         deadline_s: float | None = None,
         cancellation: Cancellation | None = None,
         include_age_restricted: bool = False,
+        explain: bool = False,
     ) -> PageResult:
         """A page of results for ``query``; ``deadline_s`` None: the default budget. Once
         ``cancellation`` is set (the caller went away) the stage call in flight is cancelled
         and no further stage runs. ``include_age_restricted``: the storefront verified the
-        shopper's age, so the rules' age-restricted categories may show."""
+        shopper's age, so the rules' age-restricted categories may show. ``explain``: give
+        each item its reason."""
         if not query.strip():
             raise InvalidArgument("query must not be empty", field_path="query")
         if len(query) > self.limits.max_query_chars:
@@ -248,6 +256,7 @@ class Gateway:
             page_size=page_size,
             page_token=page_token,
             include_age_restricted=include_age_restricted,
+            explain=explain,
         )
         return self._run(req, deadline_s, cancellation)
 
@@ -263,6 +272,7 @@ class Gateway:
         deadline_s: float | None = None,
         cancellation: Cancellation | None = None,
         include_age_restricted: bool = False,
+        explain: bool = False,
     ) -> PageResult:
         """A page for a recommendation surface; the other arguments as in search."""
         try:
@@ -288,6 +298,7 @@ class Gateway:
             page_size=page_size,
             page_token=page_token,
             include_age_restricted=include_age_restricted,
+            explain=explain,
         )
         return self._run(req, deadline_s, cancellation)
 
@@ -438,6 +449,11 @@ class Gateway:
 
         rows = self.catalog.rows(page.item_ids)
         titles = [self.catalog.titles[r] if r >= 0 else "" for r in rows.tolist()]
+        reasons = (
+            self.explainer.explain(ctx, page.item_ids, page.sources)
+            if req.explain and self.explainer is not None
+            else []
+        )
         stage_scores = {stage: _scores_of(c, page.item_ids) for stage, c in scores.items()}
         next_token = self.page_tokens.encode(needed, req.fingerprint()) if needed < total else ""
         return PageResult(
@@ -451,6 +467,7 @@ class Gateway:
             build_id=self.build_id,
             rules_version=rules.version if rules is not None else "",
             searched_query=req.query,
+            reasons=reasons,
         )
 
     # -- the merchant's rules --------------------------------------------------------

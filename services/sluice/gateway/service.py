@@ -27,6 +27,7 @@ from sluice.events.log import EventLog
 from sluice.events.metrics import EventMetrics
 from sluice.events.model import Event
 from sluice.events.stream import RedisEventStream, StreamConfig, durability_warnings
+from sluice.gateway.explain import Explainer
 from sluice.gateway.fallback import FallbackRecall
 from sluice.gateway.pipeline import (
     MAX_PAGE_OFFSET,
@@ -49,20 +50,42 @@ EVENTS = Counter("sluice_track_events_total", "Track events by outcome", ["statu
 IN_FLIGHT = Gauge("sluice_track_in_flight_events", "Events accepted but not yet durable")
 
 
-def page_to_proto(result: PageResult) -> storefront_pb2.RankedPage:
-    def stage(name: StageName) -> list[float]:
-        values = result.stage_scores.get(name)
-        return values.tolist() if values is not None else []
-
-    return storefront_pb2.RankedPage(
+def page_to_proto(result: PageResult, view: int = 0) -> storefront_pb2.RankedPage:
+    """The page as ``view`` shows it: the v1 page (unset), BASIC (no internals, reasons) or
+    DEBUG (both)."""
+    page = storefront_pb2.RankedPage(
         item_ids=result.candidates.item_ids.tolist(),
         scores=result.candidates.scores.tolist(),
         titles=result.titles,
-        recall_scores=stage(StageName.RECALL),
-        coarse_scores=stage(StageName.COARSE_RANK),
-        fine_scores=stage(StageName.FINE_RANK),
-        sources=result.candidates.sources.tolist(),
     )
+    if view != storefront_pb2.PAGE_VIEW_BASIC:
+        for name, target in (
+            (StageName.RECALL, page.recall_scores),
+            (StageName.COARSE_RANK, page.coarse_scores),
+            (StageName.FINE_RANK, page.fine_scores),
+        ):
+            values = result.stage_scores.get(name)
+            if values is not None:
+                target.extend(values.tolist())
+        page.sources.extend(result.candidates.sources.tolist())
+    if view != storefront_pb2.PAGE_VIEW_UNSPECIFIED:
+        page.reasons.extend(
+            storefront_pb2.ItemReason(
+                code=storefront_pb2.ReasonCode.Name(int(r.code)),
+                evidence_item_ids=r.evidence_item_ids,
+                matched_terms=r.matched_terms,
+                category=r.category,
+            )
+            for r in result.reasons
+        )
+    return page
+
+
+def page_view(view: int) -> int:
+    """The request's view, checked: INVALID_ARGUMENT for a number the API does not name."""
+    if view not in storefront_pb2.PageView.values():
+        raise InvalidArgument(f"unknown page view {view}", field_path="view")
+    return view
 
 
 def cancellation_of(context: grpc.ServicerContext) -> Cancellation:
@@ -72,10 +95,10 @@ def cancellation_of(context: grpc.ServicerContext) -> Cancellation:
     return cancellation
 
 
-def page_response(result: PageResult) -> dict[str, Any]:
+def page_response(result: PageResult, view: int) -> dict[str, Any]:
     """The fields SearchResponse and RecommendResponse share."""
     return {
-        "page": page_to_proto(result),
+        "page": page_to_proto(result, view),
         "next_page_token": result.next_page_token,
         "stages": [report_to_proto(r) for r in result.reports],
         "duration_us": result.duration_us,
@@ -109,6 +132,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
     def Search(  # noqa: N802
         self, request: storefront_pb2.SearchRequest, context: grpc.ServicerContext
     ) -> storefront_pb2.SearchResponse:
+        view = page_view(request.view)
         result = self._ready().search(
             query=request.query,
             user_id=request.user_id,
@@ -118,9 +142,10 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             deadline_s=caller_timeout_s(context),
             cancellation=cancellation_of(context),
             include_age_restricted=request.include_age_restricted,
+            explain=view != storefront_pb2.PAGE_VIEW_UNSPECIFIED,
         )
         return storefront_pb2.SearchResponse(
-            **page_response(result),
+            **page_response(result, view),
             searched_query=result.searched_query,
             query_blocked=result.query_blocked,
         )
@@ -128,6 +153,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
     def Recommend(  # noqa: N802
         self, request: storefront_pb2.RecommendRequest, context: grpc.ServicerContext
     ) -> storefront_pb2.RecommendResponse:
+        view = page_view(request.view)
         result = self._ready().recommend(
             user_id=request.user_id,
             surface=request.surface,
@@ -138,8 +164,9 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             deadline_s=caller_timeout_s(context),
             cancellation=cancellation_of(context),
             include_age_restricted=request.include_age_restricted,
+            explain=view != storefront_pb2.PAGE_VIEW_UNSPECIFIED,
         )
-        return storefront_pb2.RecommendResponse(**page_response(result))
+        return storefront_pb2.RecommendResponse(**page_response(result, view))
 
     def DeleteUser(  # noqa: N802
         self, request: storefront_pb2.DeleteUserRequest, context: grpc.ServicerContext
@@ -270,6 +297,9 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             FallbackRecall.from_artifacts(artifacts) if settings.stages == "grpc" else None,
             build_id=build_id,
             rules=rules,
+            explainer=Explainer.from_artifacts(
+                artifacts, live_popularity=settings.state == "redis"
+            ),
         )
         gateway.encode_query("warm up")
         if first.is_set() and settings.stages == "grpc":

@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import bm25s
 import numpy as np
-import Stemmer
 from scipy import sparse
 
-_TOKEN = re.compile(r"(?u)\b\w+\b")
-_stemmer = Stemmer.Stemmer("english")
+from sluice.data.tokens import tokenize
+
 TITLE_DIR = "title"
-
-
-def tokenize(text: str, stem: bool = True) -> list[str]:
-    """Lower-case word tokens, English-stemmed unless ``stem=False`` (indexing and queries)."""
-    words = _TOKEN.findall(text.lower())
-    if not stem:
-        return [str(w) for w in words]
-    return [str(w) for w in _stemmer.stemWords(words)]
 
 
 def document_text(
