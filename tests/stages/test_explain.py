@@ -103,7 +103,7 @@ def test_every_item_gets_a_reason_from_a_signal_that_ranked_it(
     matched = [r for r in search.reasons if r.code is ReasonCode.MATCHES_QUERY]
     assert matched and all(set(r.matched_terms) <= set(query.lower().split()) for r in matched)
     plain = gateway.recommend(
-        user_id=list(users.histories)[0], page_size=PAGE, deadline_s=DEADLINE_S
+        user_id=next(iter(users.histories)), page_size=PAGE, deadline_s=DEADLINE_S
     )
     assert plain.reasons == []  # not asked for: not computed
 
