@@ -9,7 +9,7 @@ rules do show it: otherwise the test could not fail.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -147,16 +147,30 @@ def rules_file(shop: Shop, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _with(
-    stages: dict[StageName, Any],
-    down: StageName | None,
-    a: Artifacts,
+Make = Callable[..., Gateway]
+
+
+@pytest.fixture(scope="module")
+def ruled(
+    local_stages: dict[StageName, LocalStage],
+    tiny_artifacts: Artifacts,
     encoder: MiniLMEncoder,
-    path: Path,
-) -> Gateway:
-    if down is not None:
-        stages = {**stages, down: Down(down, "down for the test")}
-    return _gateway(stages, a, encoder, RulesWatcher(path))
+    rules_file: Path,
+) -> Make:
+    """A gateway over the tiny build's stages reading a rules file (default: the module's),
+    with one stage ``down`` if asked, or other ``stages``."""
+
+    def make(
+        down: StageName | None = None,
+        path: Path | None = None,
+        stages: Mapping[StageName, Any] | None = None,
+    ) -> Gateway:
+        chosen = dict(stages or local_stages)
+        if down is not None:
+            chosen[down] = Down(down, "down for the test")
+        return _gateway(chosen, tiny_artifacts, encoder, RulesWatcher(path or rules_file))
+
+    return make
 
 
 def _requests(shop: Shop) -> list[tuple[Surface, bool, Any]]:
@@ -224,13 +238,10 @@ def test_without_rules_these_requests_show_the_content_the_rules_block(
 @pytest.mark.parametrize("down", [None, StageName.RERANK, StageName.RECALL, StageName.FINE_RANK])
 def test_blocked_content_never_appears_on_any_path(
     down: StageName | None,
-    local_stages: dict[StageName, LocalStage],
-    tiny_artifacts: Artifacts,
-    encoder: MiniLMEncoder,
-    rules_file: Path,
     shop: Shop,
+    ruled: Make,
 ) -> None:
-    gateway = _with(local_stages, down, tiny_artifacts, encoder, rules_file)
+    gateway = ruled(down)
     bad, shown = _shown_blocked(gateway, shop)
     assert shown > 500
     assert not bad, f"{len(bad)} blocked items shown with {down} down: {bad[:10]}"
@@ -239,13 +250,10 @@ def test_blocked_content_never_appears_on_any_path(
 @pytest.mark.parametrize("down", [None, StageName.RERANK])
 def test_a_pin_holds_its_position_once_and_on_every_layout(
     down: StageName | None,
-    local_stages: dict[StageName, LocalStage],
-    tiny_artifacts: Artifacts,
-    encoder: MiniLMEncoder,
-    rules_file: Path,
     shop: Shop,
+    ruled: Make,
 ) -> None:
-    gateway = _with(local_stages, down, tiny_artifacts, encoder, rules_file)
+    gateway = ruled(down)
     users = [u for u, h in zip(shop.users, shop.histories, strict=True) if shop.pinned not in h][
         :10
     ]
@@ -262,17 +270,19 @@ def test_a_pin_holds_its_position_once_and_on_every_layout(
 
 
 def test_age_restricted_categories_show_only_with_the_flag(
-    local_stages: dict[StageName, LocalStage],
-    tiny_artifacts: Artifacts,
-    encoder: MiniLMEncoder,
-    rules_file: Path,
     shop: Shop,
+    ruled: Make,
 ) -> None:
-    gateway = _with(local_stages, None, tiny_artifacts, encoder, rules_file)
+    gateway = ruled()
     c = shop.catalog
     adult_rows = np.flatnonzero(
         np.asarray([c.categories[k] for k in c.category_codes]) == shop.adult
     )
+
+    def adult(page: PageResult) -> int:
+        rows = c.rows(page.candidates.item_ids)
+        return sum(c.categories[c.category_codes[r]] == shop.adult for r in rows.tolist())
+
     hidden = shown = 0
     for row in adult_rows[:10].tolist():
         query = " ".join(c.titles[row].split()[:3])
@@ -280,35 +290,21 @@ def test_age_restricted_categories_show_only_with_the_flag(
         with_flag = gateway.search(
             query=query, page_size=10, include_age_restricted=True, deadline_s=DEADLINE_S
         )
-        hidden += len(
-            [
-                i
-                for i in without.candidates.item_ids.tolist()
-                if c.categories[c.category_codes[c.row(i)]] == shop.adult
-            ]
-        )
-        shown += len(
-            [
-                i
-                for i in with_flag.candidates.item_ids.tolist()
-                if c.categories[c.category_codes[c.row(i)]] == shop.adult
-            ]
-        )
+        hidden += adult(without)
+        shown += adult(with_flag)
         assert not shop.blocked(with_flag.candidates.item_ids, Surface.UNSPECIFIED, adult_ok=True)
     assert hidden == 0 and shown > 0
 
 
 def test_boosts_raise_a_brands_share(
-    local_stages: dict[StageName, LocalStage],
-    tiny_artifacts: Artifacts,
-    encoder: MiniLMEncoder,
     shop: Shop,
     tmp_path: Path,
+    ruled: Make,
 ) -> None:
     c = shop.catalog
     path = tmp_path / "rules.json"
     write_rules(path, {"version": "plain"})
-    gateway = _with(local_stages, None, tiny_artifacts, encoder, path)
+    gateway = ruled(path=path)
 
     def share(brand: str) -> float:
         items = [
@@ -330,12 +326,9 @@ def test_boosts_raise_a_brands_share(
 
 
 def test_blocked_and_rewritten_queries(
-    local_stages: dict[StageName, LocalStage],
-    tiny_artifacts: Artifacts,
-    encoder: MiniLMEncoder,
-    rules_file: Path,
+    ruled: Make,
 ) -> None:
-    gateway = _with(local_stages, None, tiny_artifacts, encoder, rules_file)
+    gateway = ruled()
     blocked = gateway.search(
         query="  Where to buy a Forbidden  THING? ", page_size=10, deadline_s=DEADLINE_S
     )
@@ -348,15 +341,13 @@ def test_blocked_and_rewritten_queries(
 
 
 def test_a_changed_rules_file_applies_to_the_next_request_without_a_restart(
-    local_stages: dict[StageName, LocalStage],
-    tiny_artifacts: Artifacts,
-    encoder: MiniLMEncoder,
     shop: Shop,
     tmp_path: Path,
+    ruled: Make,
 ) -> None:
     path = tmp_path / "rules.json"
     write_rules(path, {"version": "open"})
-    gateway = _with(local_stages, None, tiny_artifacts, encoder, path)
+    gateway = ruled(path=path)
     user = shop.users[0]
     before = gateway.recommend(user_id=user, page_size=10, deadline_s=DEADLINE_S)
     assert before.rules_version == "open"
@@ -382,11 +373,7 @@ class Unaware:
 
 
 def test_with_rerank_down_the_gateway_applies_the_rules_itself(
-    local_stages: dict[StageName, LocalStage],
-    tiny_artifacts: Artifacts,
-    encoder: MiniLMEncoder,
-    rules_file: Path,
-    shop: Shop,
+    local_stages: dict[StageName, LocalStage], shop: Shop, ruled: Make
 ) -> None:
     """Recall ignores the rules and re-ranking is down: only the gateway stands between the
     blocked items and the page, and the pages stay full."""
@@ -395,7 +382,7 @@ def test_with_rerank_down_the_gateway_applies_the_rules_itself(
         StageName.RECALL: Unaware(local_stages[StageName.RECALL]),
         StageName.COARSE_RANK: Unaware(local_stages[StageName.COARSE_RANK]),
     }
-    gateway = _with(stages, StageName.RERANK, tiny_artifacts, encoder, rules_file)
+    gateway = ruled(StageName.RERANK, stages=stages)
     dropped = GUARD_DROPPED._value.get()
     bad, shown = _shown_blocked(gateway, shop)
     assert shown > 500 and not bad, bad[:10]
