@@ -62,7 +62,7 @@ def load_front(
         for index in range(manifest.count):
             engine = RecallEngine(shard_assets(artifacts, index, popularity, settings.use_gpu))
             local.append(_local_shard(ShardEngine(warm_up(engine)), build_id_of(artifacts.root)))
-        return ShardedRecall(local, manifest.num_items, closers=closers)
+        return ShardedRecall(local, manifest.num_items, closers=closers, parallel=False)
     return ShardedRecall(
         remote_shards(settings, manifest, build_id_of(artifacts.root), closers),
         manifest.num_items,

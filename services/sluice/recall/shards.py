@@ -220,11 +220,14 @@ class ShardClient(Protocol):
 
 
 class ShardedRecall:
-    """The recall front: every shard asked at once, within the budget; lists merged.
+    """The recall front: every shard asked within the budget; lists merged.
 
     ``shards`` answer ``RetrieveShardCandidates`` (over gRPC, or shard engines in this
     process), in shard order. Of the budget, ``reserve_share`` (at least ``reserve_s``) is
-    kept for the merge and the way back: a shard that has not answered by then is left out."""
+    kept for the merge and the way back: a shard that has not answered by then is left out.
+    Remote shards are asked at once (``parallel``); shards in this process are asked one after
+    another in the request's own thread: their work is CPU (FAISS, numpy), and threads only
+    add hand-offs between the cores the other processes need."""
 
     def __init__(
         self,
@@ -234,10 +237,12 @@ class ShardedRecall:
         reserve_s: float = 0.005,
         reserve_share: float = 0.25,
         closers: list[Callable[[], None]] | None = None,
+        parallel: bool = True,
     ) -> None:
         if not shards:
             raise ValueError("a sharded recall needs at least one shard")
         self.shards = list(shards)
+        self.parallel = parallel
         self.config = config or RecallConfig()
         self.reserve_s = reserve_s
         self.reserve_share = reserve_share
@@ -265,9 +270,12 @@ class ShardedRecall:
         ask = Budget(k * SOURCE_LISTS, deadline, cancellation=cancel)
         t0 = time.perf_counter()
         try:
-            futures = [self._pool.submit(_timed, s.call, ctx, ask) for s in self.shards]
-            cf.wait(futures, timeout=wait_s)
-            reports, answers = self._collect(futures, t0)
+            if self.parallel:
+                futures = [self._pool.submit(_timed, s.call, ctx, ask) for s in self.shards]
+                cf.wait(futures, timeout=wait_s)
+                reports, answers = self._collect(futures, t0)
+            else:
+                reports, answers = self._in_turn(ctx, ask, deadline, t0)
         finally:  # what still runs for this request stops
             cancel.cancel()
             if budget.cancellation is not None:
@@ -278,6 +286,28 @@ class ShardedRecall:
             )
         merged = gather(answers, ctx, k, self.config)
         return Gathered(merged.item_ids, merged.scores, merged.sources, shards=reports)
+
+    def _in_turn(
+        self, ctx: RankContext, ask: Budget, deadline: float | None, t0: float
+    ) -> tuple[list[ShardReport], list[Candidates]]:
+        """Each shard in turn, in this thread; those left when the wait is over are missed."""
+        reports: list[ShardReport] = []
+        answers: list[Candidates] = []
+        for index, shard in enumerate(self.shards):
+            if deadline is not None and time.monotonic() >= deadline:
+                us = int((time.perf_counter() - t0) * 1e6)
+                reports.append(ShardReport(index, False, "missed the recall budget", us))
+                continue
+            try:
+                cands, us = _timed(shard.call, ctx, ask)
+            except InvalidArgument:  # the request's fault: every shard says the same
+                raise
+            except SluiceError as err:
+                reports.append(ShardReport(index, False, f"{err.code.name}: {err.message}"))
+                continue
+            reports.append(ShardReport(index, True, "", us, len(cands)))
+            answers.append(cands)
+        return reports, answers
 
     @staticmethod
     def _collect(
