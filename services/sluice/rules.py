@@ -58,6 +58,7 @@ from sluice.domain import (
     Boost,
     Candidates,
     Pin,
+    RankContext,
     RequestKind,
     Surface,
 )
@@ -328,6 +329,20 @@ def _find(words: Sequence[str], phrase: Sequence[str]) -> int:
 
 
 # -- boosts and pins (re-ranking, and the gateway when re-ranking is down) ---------------
+def eligible(
+    catalog: Catalog, ctx: RankContext, item_ids: np.ndarray, require_in_stock: bool = True
+) -> np.ndarray:
+    """Which items the request may show: in the catalog, within its filters (the rules'
+    too), in stock, not excluded."""
+    rows = catalog.rows(item_ids)
+    keep = compile_filters(catalog, ctx.filters).allows_rows(rows)
+    if require_in_stock:
+        keep &= np.where(rows >= 0, catalog.in_stock[np.maximum(rows, 0)], False)
+    if len(ctx.exclude_item_ids):
+        keep &= ~np.isin(item_ids, ctx.exclude_item_ids)
+    return keep
+
+
 def boost_weights(catalog: Catalog, item_ids: np.ndarray, boosts: Sequence[Boost]) -> np.ndarray:
     """Each item's summed boost weight, clipped to -1..1."""
     out = np.zeros(len(item_ids), np.float64)

@@ -33,7 +33,7 @@ from sluice.core.errors import (
 )
 from sluice.core.stage import Retriever, StageResult, run_stage
 from sluice.data.catalog import Catalog
-from sluice.data.filters import MAX_FILTERS, AttributeFilter, compile_filters, validate
+from sluice.data.filters import MAX_FILTERS, AttributeFilter, validate
 from sluice.domain import (
     Budget,
     Cancellation,
@@ -47,7 +47,14 @@ from sluice.domain import (
 from sluice.events.model import MAX_USER_ID_CHARS
 from sluice.gateway.explain import Explainer, Reason
 from sluice.gateway.tokens import PageTokens
-from sluice.rules import GUARD_DROPPED, RequestRules, RulesWatcher, apply_boosts, place_pins
+from sluice.rules import (
+    GUARD_DROPPED,
+    RequestRules,
+    RulesWatcher,
+    apply_boosts,
+    eligible,
+    place_pins,
+)
 
 if TYPE_CHECKING:
     from sluice.config import GatewaySettings
@@ -478,13 +485,6 @@ class Gateway:
             self.catalog, req.kind, req.surface, req.query, req.include_age_restricted
         )
 
-    def _may_show(self, ctx: RankContext, item_ids: np.ndarray) -> np.ndarray:
-        """In the catalog, in stock, within the filters (the rules' too), not excluded."""
-        rows = self.catalog.rows(item_ids)
-        ok = compile_filters(self.catalog, ctx.filters).allows_rows(rows)
-        ok &= np.where(rows >= 0, self.catalog.in_stock[np.maximum(rows, 0)], False)
-        return ok & ~np.isin(item_ids, ctx.exclude_item_ids)
-
     def _arrange(
         self, ctx: RankContext, ranked: Candidates, rules: RequestRules | None
     ) -> Candidates:
@@ -492,9 +492,9 @@ class Gateway:
         may not show, apply the boosts, place the pins."""
         if rules is None:
             return ranked
-        ranked = ranked.take(np.flatnonzero(self._may_show(ctx, ranked.item_ids)))
+        ranked = ranked.take(np.flatnonzero(eligible(self.catalog, ctx, ranked.item_ids)))
         ranked = apply_boosts(self.catalog, ranked, rules.boosts)
-        return place_pins(ranked, rules.pins, lambda ids: self._may_show(ctx, ids))
+        return place_pins(ranked, rules.pins, lambda ids: eligible(self.catalog, ctx, ids))
 
     def _guard(self, page: Candidates, rules: RequestRules) -> Candidates:
         """The page without anything the rules block: the last line, after every stage."""

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sluice.data.catalog import Catalog
-from sluice.data.filters import compile_filters
 from sluice.domain import Budget, Candidates, RankContext
-from sluice.rules import apply_boosts, place_pins
+from sluice.rules import apply_boosts, eligible, place_pins
 
 _VARIANT = re.compile(r"\s+-\s+[^-]*$")
 
@@ -52,14 +51,7 @@ class RerankEngine:
         return place_pins(ranked, ctx.pins, lambda ids: self.allows(ctx, ids))
 
     def allows(self, ctx: RankContext, item_ids: np.ndarray) -> np.ndarray:
-        """Which items the request may show: in the catalog, filters, stock, exclusions."""
-        rows = self.catalog.rows(item_ids)
-        keep = compile_filters(self.catalog, ctx.filters).allows_rows(rows)
-        if self.config.require_in_stock:
-            keep &= np.where(rows >= 0, self.catalog.in_stock[np.maximum(rows, 0)], False)
-        if len(ctx.exclude_item_ids):
-            keep &= ~np.isin(item_ids, ctx.exclude_item_ids)
-        return keep
+        return eligible(self.catalog, ctx, item_ids, self.config.require_in_stock)
 
     def _eligible(self, ctx: RankContext, cands: Candidates) -> Candidates:
         """Apply filters, stock, exclusions and dedupe; keep the relevance order."""
