@@ -72,6 +72,9 @@ def check_report(report: dict[str, Any], tiny_artifacts: Artifacts, item: int) -
     assert len(report["search_page_2"]) == 5
     assert not set(report["search_page_2"]) & set(search["item_ids"])
     assert len(report["similar"]) == 4 and str(item) not in report["similar"]
+    basic = report["basic"]
+    assert basic["item_ids"] == report["similar"] and basic["sources"] == []
+    assert basic["reasons"] == [["REASON_CODE_SIMILAR_TO", [str(item)]]] * 4
     assert report["track"] == ["EVENT_STATUS_ACCEPTED"]
     error = report["error"]
     assert error["code"] == "INVALID_ARGUMENT"

@@ -103,6 +103,17 @@ async function main() {
   if (similar.err) throw similar.err;
   report.similar = similar.response.page.item_ids;
 
+  // the shopper's view: reasons, and no internals (enum names as the reflected protos give)
+  const basic = await unary(client, "Recommend", {
+    surface: "SURFACE_SIMILAR_ITEMS", context_item_id: itemId, page_size: 4,
+    view: "PAGE_VIEW_BASIC" });
+  if (basic.err) throw basic.err;
+  report.basic = {
+    item_ids: basic.response.page.item_ids,
+    reasons: basic.response.page.reasons.map((r) => [r.code, r.evidence_item_ids]),
+    sources: basic.response.page.sources,
+  };
+
   const tracked = await unary(client, "Track", { events: [{
     event_id: `node-${Date.now()}`, user_id: "node-shopper", item_id: itemId,
     type: "EVENT_TYPE_CLICK" }] });
