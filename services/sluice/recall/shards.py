@@ -29,12 +29,13 @@ stage fail (and the gateway serves its recall fallback).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import itertools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -291,46 +292,46 @@ class ShardedRecall:
         self, ctx: RankContext, ask: Budget, deadline: float | None, t0: float
     ) -> tuple[list[ShardReport], list[Candidates]]:
         """Each shard in turn, in this thread; those left when the wait is over are missed."""
-        reports: list[ShardReport] = []
-        answers: list[Candidates] = []
-        for index, shard in enumerate(self.shards):
-            if deadline is not None and time.monotonic() >= deadline:
-                us = int((time.perf_counter() - t0) * 1e6)
-                reports.append(ShardReport(index, False, "missed the recall budget", us))
-                continue
-            try:
-                cands, us = _timed(shard.call, ctx, ask)
-            except InvalidArgument:  # the request's fault: every shard says the same
-                raise
-            except SluiceError as err:
-                reports.append(ShardReport(index, False, f"{err.code.name}: {err.message}"))
-                continue
-            reports.append(ShardReport(index, True, "", us, len(cands)))
-            answers.append(cands)
-        return reports, answers
+
+        def turns() -> Iterator[Callable[[], tuple[Candidates, int]] | None]:
+            for shard in self.shards:  # lazily: the time is read as each turn comes
+                if deadline is not None and time.monotonic() >= deadline:
+                    yield None
+                else:
+                    yield functools.partial(_timed, shard.call, ctx, ask)
+
+        return _gathered(turns(), t0)
 
     @staticmethod
     def _collect(
         futures: list[cf.Future[tuple[Candidates, int]]], t0: float
     ) -> tuple[list[ShardReport], list[Candidates]]:
         """Each shard's report, and the answers of those that answered in time."""
-        reports: list[ShardReport] = []
-        answers: list[Candidates] = []
-        for index, future in enumerate(futures):
-            if not future.done():
-                us = int((time.perf_counter() - t0) * 1e6)
-                reports.append(ShardReport(index, False, "missed the recall budget", us))
-                continue
-            try:
-                cands, us = future.result()
-            except InvalidArgument:  # the request's fault: every shard says the same
-                raise
-            except SluiceError as err:
-                reports.append(ShardReport(index, False, f"{err.code.name}: {err.message}"))
-                continue
-            reports.append(ShardReport(index, True, "", us, len(cands)))
-            answers.append(cands)
-        return reports, answers
+        return _gathered((f.result if f.done() else None for f in futures), t0)
+
+
+def _gathered(
+    outcomes: Iterable[Callable[[], tuple[Candidates, int]] | None], t0: float
+) -> tuple[list[ShardReport], list[Candidates]]:
+    """Reports and answers from each shard's outcome, in shard order: None when the front
+    stopped waiting before it, else what gives its answer (or raises its error)."""
+    reports: list[ShardReport] = []
+    answers: list[Candidates] = []
+    for index, outcome in enumerate(outcomes):
+        if outcome is None:
+            us = int((time.perf_counter() - t0) * 1e6)
+            reports.append(ShardReport(index, False, "missed the recall budget", us))
+            continue
+        try:
+            cands, us = outcome()
+        except InvalidArgument:  # the request's fault: every shard says the same
+            raise
+        except SluiceError as err:
+            reports.append(ShardReport(index, False, f"{err.code.name}: {err.message}"))
+            continue
+        reports.append(ShardReport(index, True, "", us, len(cands)))
+        answers.append(cands)
+    return reports, answers
 
 
 def _timed(
