@@ -115,7 +115,8 @@ class Pin:
 @dataclass(frozen=True)
 class Boost:
     """A merchant's boost (``sluice.common.v1.ItemBoost``): ``weight`` (-1 to 1) added to the
-    relevance (scaled to 0..1) of one item, or of every item of a brand or a category."""
+    relevance (scaled to 0..1) of every item of ``brand``, else of ``category``, else of the
+    one item ``item_id``."""
 
     weight: float
     item_id: int = 0

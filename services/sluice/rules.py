@@ -351,15 +351,15 @@ def boost_weights(catalog: Catalog, item_ids: np.ndarray, boosts: Sequence[Boost
     rows = catalog.rows(item_ids)
     known = rows >= 0
     safe = np.maximum(rows, 0)
-    for b in boosts:
-        if b.item_id:
-            hit = item_ids == b.item_id
-        elif b.brand:
+    for b in boosts:  # a brand, else a category, else one item (whose id may be 0)
+        if b.brand:
             code = catalog.brands.index(b.brand) if b.brand in catalog.brands else -1
             hit = known & (catalog.brand_codes[safe] == code)
-        else:
+        elif b.category:
             code = catalog.categories.index(b.category) if b.category in catalog.categories else -1
             hit = known & (catalog.category_codes[safe] == code)
+        else:
+            hit = item_ids == b.item_id
         out[hit] += b.weight
     return np.clip(out, -1.0, 1.0)
 

@@ -160,6 +160,14 @@ def test_boosts_reorder_by_scaled_relevance(catalog: Catalog) -> None:
     assert out.item_ids.tolist() == [14, 12, 10, 16]
     assert math.isclose(float(out.scores[0]), 1 / 3 + 0.5, rel_tol=1e-6)
     assert apply_boosts(catalog, cands, []) is cands
+    # item 0 is an item like any other, not "no item": it boosts that item alone
+    with_zero = Catalog.from_columns(
+        item_ids=[0, 1, 2], titles=["a", "b", "c"], categories=["", "", "x"], brands=["p"] * 3
+    )
+    zero = Candidates(np.array([2, 1, 0]), np.array([3.0, 2.0, 1.0]), np.ones(3))
+    # scaled 1, 0.5, 0; item 0 gets +1 and ties item 2 (kept first); item 1 shares item 0's
+    # empty category and gets nothing
+    assert apply_boosts(with_zero, zero, [Boost(1.0, item_id=0)]).item_ids.tolist() == [2, 0, 1]
 
 
 def test_pins_move_or_insert_items_and_skip_what_may_not_show() -> None:
