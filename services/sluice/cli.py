@@ -125,6 +125,13 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_build_args(artifacts: Path, items: int, users: int) -> argparse.Namespace:
+    """What ``sluice demo`` builds: ``sluice build`` with its own defaults (an option the
+    build gains later gets its default here too)."""
+    argv = ["build", "--out", str(artifacts), "--items", str(items), "--users", str(users)]
+    return command_parser().parse_args(argv)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -136,19 +143,7 @@ def _demo(args: argparse.Namespace) -> int:
     artifacts = Path(args.artifacts)
     if not (artifacts / "manifest.json").exists() or args.rebuild:
         console.rule("build the embedded default shop")
-        _build(
-            argparse.Namespace(
-                out=str(artifacts),
-                data=None,
-                items=args.items,
-                users=args.users,
-                seed=0,
-                model_repository=str(paths.default_model_repository()),
-                holdout=0,
-                epochs=200,
-                refit=False,
-            )
-        )
+        _build(demo_build_args(artifacts, args.items, args.users))
     console.rule("start Triton and the services")
     cluster = _cluster(args)
     assert isinstance(cluster, Cluster)
@@ -206,6 +201,14 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = command_parser(argv).parse_args(argv)
+    result: int = args.fn(args)
+    return result
+
+
+def command_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Every subcommand with its arguments and their defaults (``argv``: the command line,
+    which ``sluice bench`` passes on whole)."""
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -372,10 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return eval_main(["--help"] if a.eval_help else a.eval_args)
 
     ev.set_defaults(fn=_eval)
-
-    args = parser.parse_args(argv)
-    result: int = args.fn(args)
-    return result
+    return parser
 
 
 if __name__ == "__main__":
