@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from sluice.data.interactions import load_data
-from sluice.data.recbole import is_recbole, load_recbole_catalog, load_recbole_interactions
+from sluice.data.recbole import (
+    is_recbole,
+    load_recbole_catalog,
+    load_recbole_interactions,
+    text_brand,
+)
 from sluice.eval.metrics import leave_one_out
 
 SCIENTIFIC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "amazon-scientific"
@@ -59,8 +64,23 @@ def test_catalog_ids_and_titles(tmp_path: Path) -> None:
     catalog = load_recbole_catalog(data)
     assert catalog.item_ids.tolist() == [0, 1, 2, 3, 4]
     assert catalog.titles == [TEXTS[a].strip() for a in ASINS]
-    assert catalog.categories == ["unknown"] and catalog.brands == ["unknown"]
+    assert catalog.categories == ["unknown"]
+    assert [catalog.brand_of(r) for r in range(5)] == [f"Brand {i}" for i in range(5)]
     assert catalog.price_cents.tolist() == [0] * 5 and catalog.in_stock.all()
+
+
+@pytest.mark.parametrize(
+    ("text", "brand"),
+    [
+        ("Sanding Roll. Industrial & Scientific Abrasives. PORTER-CABLE.", "PORTER-CABLE"),
+        ("No. 2 Pencil, 0.5 mm. Office. Ticonderoga.", "Ticonderoga"),  # ". " in the title
+        ("Sanding Roll. Industrial & Scientific Abrasives.", ""),  # no brand field
+        ("Eyewear, Clear. . .", ""),  # empty categories and brand
+        ("", ""),
+    ],
+)
+def test_brand_is_the_last_field(text: str, brand: str) -> None:
+    assert text_brand(text) == brand
 
 
 def test_sequences_and_leave_one_out(tmp_path: Path) -> None:
@@ -108,6 +128,11 @@ def test_real_amazon_scientific() -> None:
     catalog, log = load_data(SCIENTIFIC)
     assert len(catalog) == 4385
     assert log.num_users == 8442
+    # the brand of every item but 12 whose brand field is empty (". ." at the end)
+    assert (catalog.brand_codes == catalog.brands.index("unknown")).sum() == 12
+    assert len(catalog.brands) == 1561
+    assert np.bincount(catalog.brand_codes).max() == 175
+    assert catalog.brand_of(int(np.bincount(catalog.brand_codes).argmax())) != ""
     lengths = np.bincount(log.user_index, minlength=log.num_users)
     assert lengths.min() >= 3, f"{int((lengths < 3).sum())} users with < 3 interactions"
     assert (log.item_rows >= 0).all()

@@ -12,11 +12,12 @@ the directory: the single ``P.text`` file with a ``P.test.inter`` next to it.
   integer indexes. Histories are truncated to 50 items, order is chronological.
 
 The catalog's item ids are the integer indexes of ``P.item2index`` and each
-title is the whole text field; the layout has no other attributes, so they keep
-the catalog's defaults. A user's sequence is the test row's history followed
-by its target (its validation row must end where the test history does). The
-layout has **no timestamps**: each user's interactions get ``0, 1, 2, ...`` in
-their order. Users are the raw ids of ``P.user2index``, in index order.
+title is the whole text field. The brand is the text's last ". "-separated field
+(:func:`text_brand`); the other attributes keep the catalog's defaults. A user's
+sequence is the test row's history followed by its target (its validation row
+must end where the test history does). The layout has **no timestamps**: each
+user's interactions get ``0, 1, 2, ...`` in their order. Users are the raw ids
+of ``P.user2index``, in index order.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def _read_index(path: Path) -> dict[str, int]:
     return index
 
 
+def text_brand(text: str) -> str:
+    """The brand of a "title. categories. brand." text: its last field ("" with fewer than
+    three fields, as the brand may then be missing)."""
+    fields = text.strip().rstrip(".").split(". ")
+    return fields[-1].strip() if len(fields) >= 3 else ""
+
+
 def load_recbole_catalog(directory: Path) -> Catalog:
     """Items of ``P.item2index`` (in index order) with the text of ``P.text`` as title."""
     index = _read_index(_path(directory, ".item2index"))
@@ -78,7 +86,10 @@ def load_recbole_catalog(directory: Path) -> Catalog:
             if rec:
                 texts[rec[ii]] = " ".join(rec[it].split()) if len(rec) > it else ""
     raw = sorted(index, key=index.__getitem__)
-    return Catalog.from_columns([index[r] for r in raw], [texts.get(r, "") for r in raw])
+    titles = [texts.get(r, "") for r in raw]
+    return Catalog.from_columns(
+        [index[r] for r in raw], titles, brands=[text_brand(t) for t in titles]
+    )
 
 
 def _read_inter(path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
