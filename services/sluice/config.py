@@ -314,6 +314,23 @@ class RerankSettings(StageSettings):
     workers: int = _cpu_bound_workers()
     diversity_lambda: float = Field(0.85, ge=0.0, le=1.0)
     max_per_brand: int = Field(4, ge=0)
+    exposure_tail_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="FA*IR target share of long-tail providers' items in every page prefix "
+        "(sluice.rerank.exposure); 0 disables the exposure target",
+    )
+    exposure_alpha: float = Field(
+        0.1, gt=0.0, lt=1.0, description="FA*IR significance of the per-prefix test"
+    )
+    exposure_head_share: float = Field(
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="the head: the most popular providers that together hold this share of "
+        "the training interactions; the rest is the long tail",
+    )
 
 
 class GatewaySettings(ServiceSettings):

@@ -5,6 +5,7 @@ from sluice.data.catalog import Catalog
 from sluice.data.filters import AttributeFilter
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.rerank.engine import RerankConfig, RerankEngine, title_key
+from sluice.rerank.exposure import fair_minimums
 
 
 def make(n: int = 12, titles: list[str] | None = None) -> tuple[Catalog, np.ndarray]:
@@ -75,3 +76,51 @@ def test_pages_do_not_overlap_and_respect_filters() -> None:
 )
 def test_title_key(title: str, key: str) -> None:
     assert title_key(title) == key
+
+
+def tail_prefixes(ids: list[int], tail: np.ndarray) -> np.ndarray:
+    """The number of tail items in each prefix of ``ids`` (items 100 + row)."""
+    return np.cumsum([bool(tail[i - 100]) for i in ids])
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.8])
+def test_an_exposure_target_holds_every_prefix_to_the_fair_minimum(share: float) -> None:
+    catalog, vecs = make(30 + 9, [f"Item {i}" for i in range(39)])
+    tail = np.zeros(len(catalog), dtype=bool)
+    tail[np.arange(20, 39)] = True  # the least relevant half is the long tail
+    ids = list(range(100, 139))
+    plain = RerankEngine(catalog, vecs, RerankConfig(diversity_lambda=1.0, max_per_brand=0))
+    fair = RerankEngine(
+        catalog,
+        vecs,
+        RerankConfig(diversity_lambda=1.0, max_per_brand=0, tail_share=share, tail_alpha=0.1),
+        tail,
+    )
+    before = plain.rank(RankContext(), cands(ids), Budget(20)).item_ids[:20].tolist()
+    after = fair.rank(RankContext(), cands(ids), Budget(20)).item_ids[:20].tolist()
+    minimums = fair_minimums(20, share, 0.1)
+    assert (tail_prefixes(before, tail) < minimums[1:]).any()  # relevance alone falls short
+    assert (tail_prefixes(after, tail) >= minimums[1:]).all()
+    # the rest keeps relevance order: head items in their order, tail items in theirs
+    head_after = [i for i in after if not tail[i - 100]]
+    assert head_after == sorted(head_after)
+    assert sorted(after) != after  # and the page did change
+    assert 103 not in after  # out of stock stays out
+
+
+def test_an_exposure_target_takes_what_the_tail_has() -> None:
+    catalog, vecs = make()
+    tail = np.zeros(len(catalog), dtype=bool)
+    tail[[10, 11]] = True  # only two tail items among twelve
+    fair = RerankEngine(
+        catalog, vecs, RerankConfig(diversity_lambda=1.0, max_per_brand=0, tail_share=1.0), tail
+    )
+    ids = fair.rank(RankContext(), cands(list(range(100, 112))), Budget(6)).item_ids.tolist()
+    assert ids[:2] == [110, 111] and ids[2:6] == [100, 101, 102, 104]
+    assert len(ids) == 11
+
+
+def test_an_exposure_target_needs_the_tail() -> None:
+    catalog, vecs = make()
+    with pytest.raises(ValueError, match="tail"):
+        RerankEngine(catalog, vecs, RerankConfig(tail_share=0.5))

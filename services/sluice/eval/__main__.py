@@ -48,6 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also run in-process variants of the cascade on this many users (0: skip)",
     )
     r.add_argument(
+        "--exposure",
+        action="store_true",
+        help="also re-rank the users' pages in process under each exposure setting: quality "
+        "against provider exposure (sluice.eval.exposure)",
+    )
+    r.add_argument(
         "--train-budget",
         type=float,
         default=None,
@@ -103,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 served=not args.skip_served,
                 stages=not args.skip_stages,
                 ablation_users=args.ablation_users,
+                exposure=args.exposure,
                 seed=args.seed,
                 progress=not args.no_progress,
                 root=args.out,

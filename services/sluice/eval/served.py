@@ -522,6 +522,7 @@ class RecommendOptions:
     served: bool = True
     stages: bool = True
     ablation_users: int = 0  # in-process variants of the cascade on a sample (0: skip)
+    exposure: bool = False  # re-ranking variants' exposure and quality (sluice.eval.exposure)
     seed: int = 0
     progress: bool = True
     root: Path | None = None
@@ -578,6 +579,10 @@ def run_recommend(opts: RecommendOptions) -> dict[str, Any]:
         )
     if opts.ablation_users:
         report["ablations"] = ablations(split, opts.ablation_users, opts.seed, header)
+    if opts.exposure:
+        from sluice.eval.exposure import exposure_section
+
+        report["exposure"] = exposure_section(split, users)
     if opts.served or opts.stages:
         with tempfile.TemporaryDirectory(prefix="sluice-eval-") as tmp:
             cluster = Cluster(

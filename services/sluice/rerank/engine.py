@@ -3,6 +3,10 @@
 The merchant's rules reach it in the context (:mod:`sluice.rules`): blocks as ``not_brand``
 and ``not_category`` filters and excluded ids, which :meth:`RerankEngine._eligible` drops
 like any filter; boosts, added to the scaled relevance before MMR; pins, placed last.
+
+An exposure target (:mod:`sluice.rerank.exposure`, off by default) holds every page prefix
+to FA*IR's minimum of long-tail providers' items: while a prefix is short of it, the MMR
+step picks among the tail items only.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 
 from sluice.data.catalog import Catalog
 from sluice.domain import Budget, Candidates, RankContext
+from sluice.rerank.exposure import fair_minimums
 from sluice.rules import apply_boosts, eligible, place_pins
 
 _VARIANT = re.compile(r"\s+-\s+[^-]*$")
@@ -30,18 +35,29 @@ class RerankConfig:
     max_per_brand: int = 4  # per page window; 0 disables the cap
     require_in_stock: bool = True
     window: int = 100  # MMR looks this far down the relevance list
+    tail_share: float = 0.0  # FA*IR target share of long-tail providers' items; 0 disables
+    tail_alpha: float = 0.1  # FA*IR significance: lower asks fewer tail items per prefix
 
 
 class RerankEngine:
     """The re-ranking stage: orders the fine-ranked list so that its pages are final."""
 
     def __init__(
-        self, catalog: Catalog, item_vectors: np.ndarray, config: RerankConfig | None = None
+        self,
+        catalog: Catalog,
+        item_vectors: np.ndarray,
+        config: RerankConfig | None = None,
+        tail: np.ndarray | None = None,
     ):
+        """``tail``: per catalog row, whether its provider is in the long tail
+        (:func:`sluice.rerank.exposure.tail_rows`); needed for ``config.tail_share``."""
         self.catalog = catalog
         self.vectors = item_vectors
         self.config = config or RerankConfig()
         self._keys = [title_key(t) for t in catalog.titles]
+        if self.config.tail_share > 0 and tail is None:
+            raise ValueError("an exposure target (tail_share > 0) needs the tail rows")
+        self.tail = tail if self.config.tail_share > 0 else None
 
     def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
         """Every eligible candidate, in final order up to the end of the budget's page
@@ -89,17 +105,28 @@ class RerankEngine:
         max_sim = np.full(limit, -np.inf)
         free = np.ones(limit, dtype=bool)
         target = min(needed, limit)
+        tail, minimums, tail_count = None, None, 0
+        if self.tail is not None:
+            tail = self.tail[rows]
+            minimums = fair_minimums(target, self.config.tail_share, self.config.tail_alpha)
         while len(chosen) < target and free.any():
             sim_term = np.where(np.isfinite(max_sim), max_sim, 0.0)
             value = lam * rel - (1.0 - lam) * sim_term
             if cap:
                 over = brand_count[brands] >= cap
                 value = np.where(over, value - 10.0, value)  # capped brands go last, not away
-            value = np.where(free, value, -np.inf)
+            allowed = free
+            if tail is not None and minimums is not None:
+                short = tail_count < minimums[len(chosen) + 1]
+                if short and (free & tail).any():
+                    allowed = free & tail  # the prefix needs a tail item: the best of them
+            value = np.where(allowed, value, -np.inf)
             pick = int(np.argmax(value))
             chosen.append(pick)
             free[pick] = False
             brand_count[brands[pick]] += 1
+            if tail is not None:
+                tail_count += int(tail[pick])
             max_sim = np.maximum(max_sim, vecs @ vecs[pick])
         rest = np.concatenate([np.flatnonzero(free), np.arange(limit, n)])
         order = np.concatenate([np.asarray(chosen, dtype=np.int64), rest.astype(np.int64)])

@@ -8,13 +8,22 @@ from sluice.artifacts import Artifacts
 from sluice.config import RerankSettings
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.rerank.engine import RerankConfig, RerankEngine
+from sluice.rerank.exposure import tail_rows
 
 
 def load(settings: RerankSettings, closers: list[Callable[[], None]]) -> RerankEngine:
     """The engine, warmed up."""
     artifacts = Artifacts(settings.artifacts)
-    config = RerankConfig(settings.diversity_lambda, settings.max_per_brand)
-    engine = RerankEngine(artifacts.catalog, artifacts.text_vectors, config)
+    config = RerankConfig(
+        settings.diversity_lambda,
+        settings.max_per_brand,
+        tail_share=settings.exposure_tail_share,
+        tail_alpha=settings.exposure_alpha,
+    )
+    tail = None
+    if config.tail_share > 0:
+        tail = tail_rows(artifacts.catalog, artifacts.popularity, settings.exposure_head_share)
+    engine = RerankEngine(artifacts.catalog, artifacts.text_vectors, config, tail)
     ids = artifacts.catalog.item_ids[:30]
     engine.rank(RankContext(), Candidates(ids, ids * 1.0, ids * 0), Budget(10))
     return engine
