@@ -389,6 +389,19 @@ class GatewaySettings(ServiceSettings):
         "parse stops the start; a bad change later is logged and the rules in force stay",
     )
     rules_poll_s: float = Field(1.0, gt=0, le=60, description="how often the rules file is checked")
+    blurb_generator_url: str = Field(
+        "",
+        description="an OpenAI-compatible text-generation server (vLLM, TGI, Triton's OpenAI "
+        "front end) that writes the blurbs, grounded in each item's text; empty: extractive "
+        "blurbs only",
+    )
+    blurb_generator_model: str = Field("", description="the model name the server serves")
+    blurb_generator_api_key: SecretStr = Field(
+        SecretStr(""), description="sent as a bearer token when set"
+    )
+    blurb_generator_timeout_s: float = Field(
+        2.0, gt=0, le=30, description="per item; the extractive blurb stands when it passes"
+    )
     max_track_events: int = Field(1000, ge=1)
     track_max_in_flight: int = Field(
         10_000,

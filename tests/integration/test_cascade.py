@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from sluice.artifacts import Artifacts
 from sluice.client import StorefrontClient
 from sluice.common.v1 import common_pb2
+from sluice.gateway.blurbs import item_sentences
 from sluice.launch import Cluster
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
 
@@ -264,7 +265,7 @@ def test_triton_dynamic_batching_merges_concurrent_requests(
 
 
 def test_page_views_basic_drops_internals_and_explains_debug_keeps_both(
-    cluster: Cluster, known_user: tuple[str, np.ndarray]
+    cluster: Cluster, known_user: tuple[str, np.ndarray], tiny_artifacts: Artifacts
 ) -> None:
     stub = storefront_pb2_grpc.StorefrontServiceStub(grpc.insecure_channel(cluster.gateway_address))
     user, history = known_user
@@ -292,7 +293,15 @@ def test_page_views_basic_drops_internals_and_explains_debug_keeps_both(
         ),
         timeout=10,
     ).page
-    assert len(search.reasons) == len(search.item_ids)
+    assert len(search.reasons) == len(search.item_ids) and not search.blurbs
+    with_blurbs = stub.Search(
+        storefront_pb2.SearchRequest(query="shoes", page_size=5, include_blurbs=True), timeout=10
+    ).page
+    assert len(with_blurbs.blurbs) == len(with_blurbs.item_ids) == 5
+    catalog = tiny_artifacts.catalog
+    for item, blurb in zip(with_blurbs.item_ids, with_blurbs.blurbs, strict=True):
+        own = item_sentences(catalog, catalog.row(item))  # the generated shop: brand, category
+        assert blurb and all(part in own for part in blurb.replace(". ", ".\n").split("\n"))
     with pytest.raises(grpc.RpcError) as err:
         stub.Recommend(
             storefront_pb2.RecommendRequest(user_id=user, page_size=8, view=7), timeout=10

@@ -1,4 +1,4 @@
-"""``python -m sluice.eval {recommend,search} --data DIR``: quality of the served cascade.
+"""``python -m sluice.eval {recommend,search,blurbs} --data DIR``: quality of the served cascade.
 
 * ``recommend`` — leave-one-out by time on an interaction dataset (amazon-beauty
   layout): the holdout build, the offline models in process, every test
@@ -8,6 +8,8 @@
   layout): BM25 and dense baselines, the k-fold CV of the learned coarse
   combination, and every query's Search through the served gateway
   (:mod:`sluice.eval.search`).
+* ``blurbs`` — labelled queries: how often a blurb holds a query word that the item's
+  title lacks, against the item's first sentence (:mod:`sluice.eval.blurbs`).
 
 Builds are cached under ``var/eval/<dataset>/`` and reused; ``--rebuild``
 forces a new one. Reports go to ``var/eval/<dataset>/*-report.json``.
@@ -90,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "another is rebuilt, so give each its own --out",
     )
 
+    b = sub.add_parser("blurbs", help="labelled queries: do blurbs hold the query's words")
+    b.add_argument("--data", type=Path, required=True, help="dataset directory")
+    b.add_argument("--out", type=Path, help="evaluation folder (default var/eval/<dataset>)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)
@@ -116,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 build_kwargs=_build_kwargs(args),
             )
         )
+    elif args.task == "blurbs":
+        from sluice.eval.blurbs import run_blurbs
+        from sluice.eval.served import eval_dir
+
+        run_blurbs(args.data, (args.out or eval_dir(args.data)) / "blurbs-report.json")
     else:
         from sluice.eval.search import SearchOptions, run_search
 

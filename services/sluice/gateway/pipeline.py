@@ -45,6 +45,7 @@ from sluice.domain import (
     Surface,
 )
 from sluice.events.model import MAX_USER_ID_CHARS
+from sluice.gateway.blurbs import Blurbs
 from sluice.gateway.explain import Explainer, Reason
 from sluice.gateway.tokens import PageTokens
 from sluice.rules import (
@@ -137,6 +138,8 @@ class PageResult:
     """The query matched the rules' blocked-query list: an empty page, no stage ran."""
     reasons: list[Reason] = field(default_factory=list)
     """Why each page item is there (asked for with ``explain``; else empty)."""
+    blurbs: list[str] = field(default_factory=list)
+    """Each page item's blurb (asked for with ``blurbs``; else empty)."""
 
 
 @dataclass
@@ -151,6 +154,7 @@ class _Request:
     page_token: str = ""
     include_age_restricted: bool = False
     explain: bool = False  # how the page is shown, not what it holds: not in the fingerprint
+    blurbs: bool = False  # the same
 
     def fingerprint(self) -> str:
         key = json.dumps(
@@ -221,6 +225,8 @@ class Gateway:
     """The merchant's rules file in force (:mod:`sluice.rules`); None: no rules."""
     explainer: Explainer | None = None
     """Gives each page item a reason (:mod:`sluice.gateway.explain`); None: no reasons."""
+    blurbs: Blurbs | None = None
+    """Gives each page item a blurb (:mod:`sluice.gateway.blurbs`); None: no blurbs."""
 
     # -- entry points ---------------------------------------------------------------
     def search(
@@ -235,12 +241,13 @@ class Gateway:
         cancellation: Cancellation | None = None,
         include_age_restricted: bool = False,
         explain: bool = False,
+        blurbs: bool = False,
     ) -> PageResult:
         """A page of results for ``query``; ``deadline_s`` None: the default budget. Once
         ``cancellation`` is set (the caller went away) the stage call in flight is cancelled
         and no further stage runs. ``include_age_restricted``: the storefront verified the
         shopper's age, so the rules' age-restricted categories may show. ``explain``: give
-        each item its reason."""
+        each item its reason; ``blurbs``: its blurb."""
         if not query.strip():
             raise InvalidArgument("query must not be empty", field_path="query")
         if len(query) > self.limits.max_query_chars:
@@ -264,6 +271,7 @@ class Gateway:
             page_token=page_token,
             include_age_restricted=include_age_restricted,
             explain=explain,
+            blurbs=blurbs,
         )
         return self._run(req, deadline_s, cancellation)
 
@@ -280,6 +288,7 @@ class Gateway:
         cancellation: Cancellation | None = None,
         include_age_restricted: bool = False,
         explain: bool = False,
+        blurbs: bool = False,
     ) -> PageResult:
         """A page for a recommendation surface; the other arguments as in search."""
         try:
@@ -306,6 +315,7 @@ class Gateway:
             page_token=page_token,
             include_age_restricted=include_age_restricted,
             explain=explain,
+            blurbs=blurbs,
         )
         return self._run(req, deadline_s, cancellation)
 
@@ -461,6 +471,11 @@ class Gateway:
             if req.explain and self.explainer is not None
             else []
         )
+        blurbs = (
+            self.blurbs.blurbs(rows, req.query, self._shopper_rows(ctx))
+            if req.blurbs and self.blurbs is not None
+            else []
+        )
         stage_scores = {stage: _scores_of(c, page.item_ids) for stage, c in scores.items()}
         next_token = self.page_tokens.encode(needed, req.fingerprint()) if needed < total else ""
         return PageResult(
@@ -475,7 +490,16 @@ class Gateway:
             rules_version=rules.version if rules is not None else "",
             searched_query=req.query,
             reasons=reasons,
+            blurbs=blurbs,
         )
+
+    def _shopper_rows(self, ctx: RankContext) -> np.ndarray:
+        """What the shopper looked at: the history, then the anchor item (catalog rows)."""
+        ids = ctx.history_item_ids
+        if ctx.context_item_id:
+            ids = np.append(ids, ctx.context_item_id)
+        rows = self.catalog.rows(ids)
+        return rows[rows >= 0]
 
     # -- the merchant's rules --------------------------------------------------------
     def _rules_for(self, req: _Request) -> RequestRules | None:

@@ -27,6 +27,7 @@ from sluice.events.log import EventLog
 from sluice.events.metrics import EventMetrics
 from sluice.events.model import Event
 from sluice.events.stream import RedisEventStream, StreamConfig, durability_warnings
+from sluice.gateway.blurbs import Blurbs, ExtractiveBlurbs, GeneratedBlurbs
 from sluice.gateway.explain import Explainer
 from sluice.gateway.fallback import FallbackRecall
 from sluice.gateway.pipeline import (
@@ -78,6 +79,7 @@ def page_to_proto(result: PageResult, view: int = 0) -> storefront_pb2.RankedPag
             )
             for r in result.reasons
         )
+    page.blurbs.extend(result.blurbs)
     return page
 
 
@@ -105,6 +107,24 @@ def page_response(result: PageResult, view: int) -> dict[str, Any]:
         "build_id": result.build_id,
         "rules_version": result.rules_version,
     }
+
+
+def blurbs_for(
+    settings: GatewaySettings, artifacts: Artifacts, encode: Callable[[Any], Any]
+) -> Blurbs:
+    """Extractive blurbs with the build's MiniLM encoder; generated ones over them when the
+    settings name a text-generation server."""
+    extractive = ExtractiveBlurbs(artifacts.catalog, artifacts.text_vectors, encode)
+    if not settings.blurb_generator_url:
+        return extractive
+    return GeneratedBlurbs(
+        artifacts.catalog,
+        extractive,
+        settings.blurb_generator_url,
+        settings.blurb_generator_model,
+        settings.blurb_generator_api_key.get_secret_value(),
+        settings.blurb_generator_timeout_s,
+    )
 
 
 def request_filters(
@@ -143,6 +163,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             cancellation=cancellation_of(context),
             include_age_restricted=request.include_age_restricted,
             explain=view != storefront_pb2.PAGE_VIEW_UNSPECIFIED,
+            blurbs=request.include_blurbs,
         )
         return storefront_pb2.SearchResponse(
             **page_response(result, view),
@@ -165,6 +186,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             cancellation=cancellation_of(context),
             include_age_restricted=request.include_age_restricted,
             explain=view != storefront_pb2.PAGE_VIEW_UNSPECIFIED,
+            blurbs=request.include_blurbs,
         )
         return storefront_pb2.RecommendResponse(**page_response(result, view))
 
@@ -300,6 +322,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             explainer=Explainer.from_artifacts(
                 artifacts, live_popularity=settings.state == "redis"
             ),
+            blurbs=blurbs_for(settings, artifacts, encoder.encode),
         )
         gateway.encode_query("warm up")
         if first.is_set() and settings.stages == "grpc":
