@@ -111,8 +111,28 @@ def test_unknown_rows_and_bare_items_get_empty_blurbs_and_vectors_are_cached(
     out = blurbs.blurbs(np.array([2, -1, 1, 7]), "lamp", np.zeros(0, np.int64))
     assert out[0] == "" and out[1] == "" and out[3] == "" and "lamp" in out[2].lower()
     first = counting.texts  # the lamp's sentences and the query
+    assert first == len(item_sentences(shop(), 1)) + 1
     blurbs.blurbs(np.array([1, 2]), "gooseneck", np.zeros(0, np.int64))
     assert counting.texts == first + 1  # only the new query: the lamp's sentences are kept
+    # the tee and the socks share "Category: clothing.": it is encoded once
+    blurbs.blurbs(np.array([0, 3]), "lamp", np.zeros(0, np.int64))
+    own = item_sentences(shop(), 0) + item_sentences(shop(), 3)
+    assert counting.texts == first + 1 + len(set(own))
+
+
+def test_one_request_encodes_a_bounded_number_of_new_sentences(encoder: MiniLMEncoder) -> None:
+    counting = Counting(encoder)
+    blurbs = ExtractiveBlurbs(shop(), None, counting, max_new_sentences=3)
+    query = "bright red washable"
+    # the tee has five sentences: over the budget, it is blurbed by the query's words alone
+    first = blurbs.blurbs(np.array([0]), query, np.zeros(0, np.int64))[0]
+    assert counting.texts == 1 + 3 and "red" in first.lower()  # the query, three sentences
+    blurbs.blurbs(np.array([0]), query, np.zeros(0, np.int64))  # the next request goes on
+    assert counting.texts == 1 + 5
+    unbounded = ExtractiveBlurbs(shop(), None, encoder.encode)
+    assert blurbs.blurbs(np.array([0]), query, np.zeros(0, np.int64)) == unbounded.blurbs(
+        np.array([0]), query, np.zeros(0, np.int64)
+    )
 
 
 def test_grounded_accepts_only_the_items_own_words() -> None:

@@ -11,8 +11,11 @@ and picks the ones closest to what the shopper wants:
   sentence scores :data:`TERM_WEIGHT` for each share of them it contains.
 
 The best :data:`MAX_SENTENCES` sentences, most relevant first, within :data:`MAX_CHARS`,
-make the blurb. Sentence vectors are computed on first use and kept per item in a bounded
-cache, so that an item's blurb costs an encoder call once.
+make the blurb. Sentence vectors are computed on first use and kept in a bounded cache by
+sentence text, so that a sentence (``Brand: Acme.`` is shared by every Acme item) costs an
+encoder call once. One request encodes at most :data:`MAX_NEW_SENTENCES` new sentences: an
+item beyond them is blurbed by the shopper's words alone, and its sentences are encoded by
+later requests.
 
 :class:`GeneratedBlurbs` asks an OpenAI-compatible chat-completions server (vLLM, TGI,
 Triton's OpenAI front end) for a blurb, with a prompt that holds only the item's own text
@@ -55,6 +58,7 @@ MAX_ITEM_SENTENCES = 24  # read this far into a description
 RECENT_WEIGHT = 0.5  # the recent items' share of a search's intent
 RECENT_ITEMS = 5
 TERM_WEIGHT = 0.5  # a sentence with every term scores this much above its similarity
+MAX_NEW_SENTENCES = 256  # encoded per request at most; the rest on later requests
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])|\s*[\n\u2022|]+\s*|\s+-\s+(?=[A-Z])")
 
 
@@ -94,8 +98,9 @@ class ExtractiveBlurbs:
         catalog: Catalog,
         item_vectors: np.ndarray | None,
         encode: Callable[[Sequence[str]], np.ndarray],
-        cache_items: int = 50_000,
+        cache_sentences: int = 200_000,
         term_weight: float = TERM_WEIGHT,
+        max_new_sentences: int = MAX_NEW_SENTENCES,
     ) -> None:
         """``item_vectors``: the catalog's MiniLM text vectors (None: the recent items add
         their terms, not their vectors); ``encode``: MiniLM, unit vectors for a list of
@@ -104,41 +109,42 @@ class ExtractiveBlurbs:
         self.vectors = item_vectors
         self.encode = encode
         self.term_weight = term_weight
-        self._cache: LRUCache[int, tuple[list[str], np.ndarray]] = LRUCache(cache_items)
+        self.max_new_sentences = max_new_sentences
+        self._cache: LRUCache[str, np.ndarray] = LRUCache(cache_sentences)
         self._lock = threading.Lock()
 
-    def sentences(self, rows: Sequence[int]) -> list[tuple[list[str], np.ndarray]]:
-        """Each row's sentences and their vectors; the missing ones encoded in one call."""
+    def sentence_vectors(self, sentences: Sequence[str]) -> dict[str, np.ndarray]:
+        """The vectors of ``sentences`` that are cached or among the first
+        ``max_new_sentences`` new ones (encoded in one call, then cached)."""
         with self._lock:
-            known = {r: self._cache.get(r) for r in rows}
-        missing = [r for r, v in known.items() if v is None]
+            known = {s: v for s in sentences if (v := self._cache.get(s)) is not None}
+        missing = list(dict.fromkeys(s for s in sentences if s not in known))
+        missing = missing[: self.max_new_sentences]
         if missing:
-            texts = [item_sentences(self.catalog, r) for r in missing]
-            flat = [s for t in texts for s in t]
-            vecs = self.encode(flat) if flat else np.zeros((0, 1), np.float32)
-            at = 0
-            for r, t in zip(missing, texts, strict=True):
-                known[r] = (t, np.asarray(vecs[at : at + len(t)], np.float32))
-                at += len(t)
+            fresh = np.asarray(self.encode(missing), np.float32)
             with self._lock:
-                for r in missing:
-                    self._cache[r] = known[r]  # type: ignore[assignment]
-        return [known[r] for r in rows]  # type: ignore[misc]
+                for text, vec in zip(missing, fresh, strict=True):
+                    self._cache[text] = vec
+                    known[text] = vec
+        return known
 
     def blurbs(self, rows: np.ndarray, query: str, recent_rows: np.ndarray) -> list[str]:
         rows_list = [int(r) for r in np.asarray(rows).tolist()]
         recent = [int(r) for r in np.asarray(recent_rows).tolist() if 0 <= r < len(self.catalog)]
         recent = recent[-RECENT_ITEMS:]
         intent, terms = self._intent(query, recent)
-        valid = [r for r in rows_list if 0 <= r < len(self.catalog)]
-        per_row = dict(zip(valid, self.sentences(valid), strict=True))
+        n = len(self.catalog)
+        per_row = {r: item_sentences(self.catalog, r) for r in rows_list if 0 <= r < n}
+        vectors = self.sentence_vectors([t for texts in per_row.values() for t in texts])
         out = []
         for r in rows_list:
-            if r not in per_row or not per_row[r][0]:
+            texts = per_row.get(r)
+            if not texts:
                 out.append("")
                 continue
-            texts, vecs = per_row[r]
-            score = vecs @ intent if intent is not None else np.zeros(len(texts))
+            score = np.zeros(len(texts))
+            if intent is not None and all(t in vectors for t in texts):
+                score = np.stack([vectors[t] for t in texts]) @ intent
             if terms:
                 score = score + self.term_weight * np.array(
                     [len(terms & set(tokenize(t))) / len(terms) for t in texts]
@@ -147,10 +153,11 @@ class ExtractiveBlurbs:
         return out
 
     def _intent(self, query: str, recent: list[int]) -> tuple[np.ndarray | None, set[str]]:
+        query = query.strip()
         terms = set(query_terms(query))
         parts: list[np.ndarray] = []
-        if query.strip():
-            parts.append(np.asarray(self.encode([query])[0], np.float64))
+        if query:
+            parts.append(np.asarray(self.sentence_vectors([query])[query], np.float64))
         if recent and self.vectors is not None:
             mean = self.vectors[recent].astype(np.float64).mean(axis=0)
             parts.append(RECENT_WEIGHT * mean if parts else mean)
