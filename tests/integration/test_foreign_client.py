@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from sluice.artifacts import Artifacts
+from sluice.gateway.blurbs import item_sentences
 from sluice.launch import Cluster
 
 pytestmark = pytest.mark.integration
@@ -75,6 +76,10 @@ def check_report(report: dict[str, Any], tiny_artifacts: Artifacts, item: int) -
     basic = report["basic"]
     assert basic["item_ids"] == report["similar"] and basic["sources"] == []
     assert basic["reasons"] == [["REASON_CODE_SIMILAR_TO", [str(item)]]] * 4
+    catalog = tiny_artifacts.catalog
+    for shown, blurb in zip(basic["item_ids"], basic["blurbs"], strict=True):
+        own = item_sentences(catalog, catalog.row(int(shown)))  # brand and category here
+        assert blurb and all(part in own for part in blurb.replace(". ", ".\n").split("\n"))
     assert report["track"] == ["EVENT_STATUS_ACCEPTED"]
     error = report["error"]
     assert error["code"] == "INVALID_ARGUMENT"

@@ -106,12 +106,13 @@ async function main() {
   // the shopper's view: reasons, and no internals (enum names as the reflected protos give)
   const basic = await unary(client, "Recommend", {
     surface: "SURFACE_SIMILAR_ITEMS", context_item_id: itemId, page_size: 4,
-    view: "PAGE_VIEW_BASIC" });
+    view: "PAGE_VIEW_BASIC", include_blurbs: true });
   if (basic.err) throw basic.err;
   report.basic = {
     item_ids: basic.response.page.item_ids,
     reasons: basic.response.page.reasons.map((r) => [r.code, r.evidence_item_ids]),
     sources: basic.response.page.sources,
+    blurbs: basic.response.page.blurbs,
   };
 
   const tracked = await unary(client, "Track", { events: [{
