@@ -27,7 +27,6 @@ The file is JSON::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from pydantic import (
     model_validator,
 )
 
+from sluice.core.watch import WatchedFile
 from sluice.data.catalog import Catalog
 from sluice.data.filters import MAX_FILTER_VALUES, AttributeFilter, compile_filters
 from sluice.domain import (
@@ -418,78 +418,19 @@ def place_pins(
 
 
 # -- the file, watched --------------------------------------------------------------------
-class RulesWatcher:
-    """The rules in force: read at start (a bad file stops the start), then re-read when the
-    file changes (checked every ``poll_s``; a Kubernetes ConfigMap mount replaces a symlink,
-    which this sees too). A changed file that does not parse is logged and counted, and the
-    rules in force stay."""
+class RulesWatcher(WatchedFile[RuleSet]):
+    """The rules in force, re-read when the file changes (:mod:`sluice.core.watch`)."""
 
-    def __init__(self, path: Path | None, poll_s: float = 1.0) -> None:
-        self.path = path
-        self.poll_s = poll_s
-        self._stamp: tuple[int, int, int] | None = None
-        self._current = RuleSet.empty() if path is None else self._load()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def current(self) -> RuleSet:
-        return self._current
-
-    @property
-    def active(self) -> bool:
-        return self.path is not None
-
-    def _stat(self) -> tuple[int, int, int]:
-        assert self.path is not None
-        st = os.stat(self.path)  # follows the symlink a ConfigMap swaps
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _load(self) -> RuleSet:
-        assert self.path is not None
-        stamp = self._stat()
-        rules = RuleSet(read_rules(self.path))
-        self._stamp = stamp
-        RELOADS.labels("ok").inc()
-        LOADED_AT.set_to_current_time()
-        log.info("rules loaded", extra={"rules_file": str(self.path), "version": rules.version})
-        return rules
-
-    def check(self) -> bool:
-        """Re-read the file if it changed; True if new rules are in force."""
-        if self.path is None:
-            return False
-        try:
-            if self._stat() == self._stamp:
-                return False
-            self._current = self._load()
-            return True
-        except (OSError, RulesError) as err:
-            RELOADS.labels("error").inc()
-            log.error(
-                "rules file not reloaded; the rules in force stay",
-                extra={
-                    "rules_file": str(self.path),
-                    "version": self._current.version,
-                    "error": str(err),
-                },
-            )
-            with contextlib.suppress(OSError):
-                self._stamp = self._stat()  # report a bad file once, not every poll
-            return False
-
-    def start(self) -> RulesWatcher:
-        if self.path is not None and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="rules-watch", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self.check()
-
-    def close(self) -> None:
-        self._stop.set()
+    def __init__(self, path: Path, poll_s: float = 1.0) -> None:
+        super().__init__(
+            path,
+            lambda p: RuleSet(read_rules(p)),
+            name="rules",
+            reloads=RELOADS,
+            loaded_at=LOADED_AT,
+            version=lambda rules: rules.version,
+            poll_s=poll_s,
+        )
 
 
 def write_rules(path: Path, spec: dict[str, object]) -> None:
