@@ -18,6 +18,7 @@ from sluice.data.filters import (
 )
 from sluice.domain import (
     MAX_BOOSTS,
+    MAX_PER_BRAND,
     MAX_PIN_POSITION,
     MAX_PINS,
     Boost,
@@ -25,6 +26,7 @@ from sluice.domain import (
     Pin,
     RankContext,
     RequestKind,
+    RerankOverrides,
     ShardReport,
     Source,
     StageName,
@@ -202,6 +204,30 @@ def context_from_proto(msg: common_pb2.RankContext, field: str = "context") -> R
         build_id=_build_id(msg.build_id, f"{field}.build_id"),
         pins=pins_from_proto(msg.pins, f"{field}.pins"),
         boosts=boosts_from_proto(msg.boosts, f"{field}.boosts"),
+        rerank=overrides_from_proto(msg.rerank, f"{field}.rerank"),
+    )
+
+
+def overrides_from_proto(msg: common_pb2.RerankOverrides, field: str) -> RerankOverrides:
+    values: dict[str, float | int] = {}
+    for name in ("diversity_lambda", "exposure_tail_share"):
+        if msg.HasField(name):
+            value = float(getattr(msg, name))
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise InvalidArgument("a finite number from 0 to 1", field_path=f"{field}.{name}")
+            values[name] = value
+    if msg.HasField("max_per_brand"):
+        if not 0 <= msg.max_per_brand <= MAX_PER_BRAND:
+            raise InvalidArgument(f"0 to {MAX_PER_BRAND}", field_path=f"{field}.max_per_brand")
+        values["max_per_brand"] = int(msg.max_per_brand)
+    return RerankOverrides(**values)  # type: ignore[arg-type]
+
+
+def overrides_to_proto(o: RerankOverrides) -> common_pb2.RerankOverrides:
+    return common_pb2.RerankOverrides(
+        diversity_lambda=o.diversity_lambda,
+        max_per_brand=o.max_per_brand,
+        exposure_tail_share=o.exposure_tail_share,
     )
 
 
@@ -281,6 +307,7 @@ def context_to_proto(ctx: RankContext) -> common_pb2.RankContext:
         build_id=ctx.build_id,
         pins=pins_to_proto(ctx.pins),
         boosts=boosts_to_proto(ctx.boosts),
+        rerank=overrides_to_proto(ctx.rerank),
     )
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
@@ -100,6 +101,7 @@ class Candidates:
 # a rules file that would exceed it on some surface is refused when it is read.
 MAX_PINS = 100
 MAX_BOOSTS = 100
+MAX_PER_BRAND = 100  # the most an arm's per-brand cap may be
 MAX_PIN_POSITION = 10_100  # anywhere a page can reach: the gateway's MAX_PAGE_OFFSET + 100
 
 
@@ -124,6 +126,29 @@ class Boost:
     category: str = ""
 
 
+@dataclass(frozen=True)
+class RerankOverrides:
+    """Re-ranking settings one request asks for in place of the stage's own (an experiment
+    arm's, :mod:`sluice.experiments`); None keeps the stage's setting."""
+
+    diversity_lambda: float | None = None
+    max_per_brand: int | None = None
+    exposure_tail_share: float | None = None
+
+    def config_changes(self) -> dict[str, Any]:
+        """The fields of ``RerankConfig`` to change."""
+        names = {
+            "diversity_lambda": "diversity_lambda",
+            "max_per_brand": "max_per_brand",
+            "exposure_tail_share": "tail_share",
+        }
+        return {
+            config: value
+            for name, config in names.items()
+            if (value := getattr(self, name)) is not None
+        }
+
+
 @dataclass
 class RankContext:
     """What every stage may read about the request (``sluice.common.v1.RankContext``)."""
@@ -142,6 +167,8 @@ class RankContext:
     """The merchant's pins for this request (:mod:`sluice.rules`); re-ranking places them."""
     boosts: tuple[Boost, ...] = ()
     """The merchant's boosts for this request; re-ranking applies them."""
+    rerank: RerankOverrides = field(default_factory=RerankOverrides)
+    """Re-ranking settings of this request's experiment arms; re-ranking applies them."""
 
     @property
     def is_search(self) -> bool:

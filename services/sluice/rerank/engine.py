@@ -11,11 +11,13 @@ step picks among the tail items only.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from sluice.core.errors import InvalidArgument
 from sluice.data.catalog import Catalog
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.rerank.exposure import fair_minimums
@@ -57,13 +59,21 @@ class RerankEngine:
         self._keys = [title_key(t) for t in catalog.titles]
         if self.config.tail_share > 0 and tail is None:
             raise ValueError("an exposure target (tail_share > 0) needs the tail rows")
-        self.tail = tail if self.config.tail_share > 0 else None
+        self.tail = tail
 
     def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
         """Every eligible candidate, in final order up to the end of the budget's page
         (``offset + max_candidates``) and in relevance order after it."""
+        config = self.config
+        changes = ctx.rerank.config_changes()
+        if changes:  # an experiment arm's settings, for this request only
+            if changes.get("tail_share", 0) > 0 and self.tail is None:
+                raise InvalidArgument(
+                    "this stage knows no long tail", field_path="context.rerank.exposure_tail_share"
+                )
+            config = dataclasses.replace(config, **changes)
         eligible = apply_boosts(self.catalog, self._eligible(ctx, cands), ctx.boosts)
-        ranked = self._mmr(eligible, budget.offset + budget.max_candidates)
+        ranked = self._mmr(eligible, budget.offset + budget.max_candidates, config)
         return place_pins(ranked, ctx.pins, lambda ids: self.allows(ctx, ids))
 
     def allows(self, ctx: RankContext, item_ids: np.ndarray) -> np.ndarray:
@@ -85,13 +95,13 @@ class RerankEngine:
             seen_titles.add(key)
         return cands.take(np.flatnonzero(keep))
 
-    def _mmr(self, cands: Candidates, needed: int) -> Candidates:
+    def _mmr(self, cands: Candidates, needed: int, config: RerankConfig) -> Candidates:
         """Greedy maximal marginal relevance with a per-brand cap, over the first ``needed``."""
-        lam = self.config.diversity_lambda
+        lam = config.diversity_lambda
         n = len(cands)
         if n == 0:
             return cands
-        limit = min(n, max(needed, 0) + self.config.window)
+        limit = min(n, max(needed, 0) + config.window)
         head = cands.take(np.arange(limit))
         rows = self.catalog.rows(head.item_ids)
         vecs = self.vectors[rows]
@@ -99,16 +109,16 @@ class RerankEngine:
         span = rel.max() - rel.min()
         rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
         brands = self.catalog.brand_codes[rows]
-        cap = self.config.max_per_brand
+        cap = config.max_per_brand
         brand_count = np.zeros(len(self.catalog.brands), dtype=np.int64)
         chosen: list[int] = []
         max_sim = np.full(limit, -np.inf)
         free = np.ones(limit, dtype=bool)
         target = min(needed, limit)
         tail, minimums, tail_count = None, None, 0
-        if self.tail is not None:
+        if self.tail is not None and config.tail_share > 0:
             tail = self.tail[rows]
-            minimums = fair_minimums(target, self.config.tail_share, self.config.tail_alpha)
+            minimums = fair_minimums(target, config.tail_share, config.tail_alpha)
         while len(chosen) < target and free.any():
             sim_term = np.where(np.isfinite(max_sim), max_sim, 0.0)
             value = lam * rel - (1.0 - lam) * sim_term

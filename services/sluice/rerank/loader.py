@@ -20,9 +20,8 @@ def load(settings: RerankSettings, closers: list[Callable[[], None]]) -> RerankE
         tail_share=settings.exposure_tail_share,
         tail_alpha=settings.exposure_alpha,
     )
-    tail = None
-    if config.tail_share > 0:
-        tail = tail_rows(artifacts.catalog, artifacts.popularity, settings.exposure_head_share)
+    # the long tail, for the exposure target of the settings or of an experiment arm
+    tail = tail_rows(artifacts.catalog, artifacts.popularity, settings.exposure_head_share)
     engine = RerankEngine(artifacts.catalog, artifacts.text_vectors, config, tail)
     ids = artifacts.catalog.item_ids[:30]
     engine.rank(RankContext(), Candidates(ids, ids * 1.0, ids * 0), Budget(10))
