@@ -389,6 +389,16 @@ class GatewaySettings(ServiceSettings):
         "parse stops the start; a bad change later is logged and the rules in force stay",
     )
     rules_poll_s: float = Field(1.0, gt=0, le=60, description="how often the rules file is checked")
+    experiments_file: Path | None = Field(
+        None,
+        description="the experiments file (sluice.experiments): arms per user by a salted "
+        "hash, re-read when it changes (every rules_poll_s)",
+    )
+    shadow_log_dir: Path | None = Field(
+        None,
+        description="where shadow arms' pages are logged (shadow-<pid>.jsonl); unset: shadow "
+        "arms are not scored",
+    )
     blurb_generator_url: str = Field(
         "",
         description="an OpenAI-compatible text-generation server (vLLM, TGI, Triton's OpenAI "

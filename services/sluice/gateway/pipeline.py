@@ -7,6 +7,7 @@ the same in both layouts and is tested without gRPC.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -45,8 +46,11 @@ from sluice.domain import (
     Surface,
 )
 from sluice.events.model import MAX_USER_ID_CHARS
+from sluice.experiments import REQUESTS as EXPERIMENT_REQUESTS
+from sluice.experiments import Assignment, ExperimentsWatcher
 from sluice.gateway.blurbs import Blurbs
 from sluice.gateway.explain import Explainer, Reason
+from sluice.gateway.shadow import ShadowArms
 from sluice.gateway.tokens import PageTokens
 from sluice.rules import (
     GUARD_DROPPED,
@@ -140,6 +144,10 @@ class PageResult:
     """Why each page item is there (asked for with ``explain``; else empty)."""
     blurbs: list[str] = field(default_factory=list)
     """Each page item's blurb (asked for with ``blurbs``; else empty)."""
+    experiment_arms: tuple[tuple[str, str], ...] = ()
+    """(experiment, arm) of each experiment this page was served in."""
+    experiments_version: str = ""
+    """Version of the experiments file in force ("": no experiments file)."""
 
 
 @dataclass
@@ -227,6 +235,10 @@ class Gateway:
     """Gives each page item a reason (:mod:`sluice.gateway.explain`); None: no reasons."""
     blurbs: Blurbs | None = None
     """Gives each page item a blurb (:mod:`sluice.gateway.blurbs`); None: no blurbs."""
+    experiments: ExperimentsWatcher | None = None
+    """The experiments in force (:mod:`sluice.experiments`); None: no experiments."""
+    shadow: ShadowArms | None = None
+    """Scores shadow arms off the request path; None: shadow arms are not scored."""
 
     # -- entry points ---------------------------------------------------------------
     def search(
@@ -383,6 +395,10 @@ class Gateway:
                 [rules.exclude_item_ids, np.setdiff1d(exclude, rules.exclude_item_ids)]
             )
         exclude = exclude[:MAX_EXCLUSIONS]  # what a stage accepts; beyond it, rerank's window
+        experiments = self.experiments.current if self.experiments is not None else None
+        assignment = experiments.assign(req.user_id) if experiments is not None else Assignment()
+        for experiment, arm in assignment.arms:
+            EXPERIMENT_REQUESTS.labels(experiment, arm).inc()
         ctx = RankContext(
             kind=req.kind,
             surface=req.surface,
@@ -395,6 +411,7 @@ class Gateway:
             build_id=self.build_id,
             pins=rules.pins if rules is not None else (),
             boosts=rules.boosts if rules is not None else (),
+            rerank=assignment.rerank,
         )
         reports: list[StageReport] = []
         scores: dict[StageName, Candidates] = {}
@@ -455,6 +472,7 @@ class Gateway:
         try:
             result = call(StageName.RERANK, cands, req.page_size, offset)
             page, total, report = result.candidates, result.total_size, result.report
+            self._shadow(req, ctx, assignment, cands, offset, page)
         except STAGE_FAILURES as err:  # the gateway applies the merchant's rules itself
             ranked = self._arrange(ctx, cands.top(len(cands)), rules)
             total = len(ranked)
@@ -491,7 +509,45 @@ class Gateway:
             searched_query=req.query,
             reasons=reasons,
             blurbs=blurbs,
+            experiment_arms=assignment.arms,
+            experiments_version=experiments.version if experiments is not None else "",
         )
+
+    def _shadow(
+        self,
+        req: _Request,
+        ctx: RankContext,
+        assignment: Assignment,
+        cands: Candidates,
+        offset: int,
+        page: Candidates,
+    ) -> None:
+        """Hand each shadow arm of this request to the background scorer."""
+        if self.shadow is None or not assignment.shadows:
+            return
+        served = {
+            "kind": req.kind.name.lower(),
+            "user_id": req.user_id,
+            "query": req.query,
+            "surface": int(req.surface),
+            "offset": offset,
+            "build_id": self.build_id,
+            "arms": dict(assignment.arms),
+            "item_ids": page.item_ids.tolist(),
+        }
+        for experiment, arm, settings in assignment.shadows:
+            changes = {k: v for k, v in vars(settings).items() if v is not None}
+            shadow_ctx = dataclasses.replace(ctx, rerank=dataclasses.replace(ctx.rerank, **changes))
+            self.shadow.submit(
+                self.stages[StageName.RERANK],
+                experiment,
+                arm,
+                shadow_ctx,
+                cands,
+                req.page_size,
+                offset,
+                served,
+            )
 
     def _shopper_rows(self, ctx: RankContext) -> np.ndarray:
         """What the shopper looked at: the history, then the anchor item (catalog rows)."""

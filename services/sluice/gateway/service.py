@@ -27,6 +27,7 @@ from sluice.events.log import EventLog
 from sluice.events.metrics import EventMetrics
 from sluice.events.model import Event
 from sluice.events.stream import RedisEventStream, StreamConfig, durability_warnings
+from sluice.experiments import ExperimentsWatcher
 from sluice.gateway.blurbs import Blurbs, ExtractiveBlurbs, GeneratedBlurbs
 from sluice.gateway.explain import Explainer
 from sluice.gateway.fallback import FallbackRecall
@@ -37,6 +38,7 @@ from sluice.gateway.pipeline import (
     PageResult,
     QueryEncoder,
 )
+from sluice.gateway.shadow import ShadowArms
 from sluice.gateway.stages import GrpcStage, LocalStage, StageClient
 from sluice.gateway.tokens import PageTokens
 from sluice.gateway.users import UserHistory, item_attributes
@@ -106,6 +108,10 @@ def page_response(result: PageResult, view: int) -> dict[str, Any]:
         "duration_us": result.duration_us,
         "build_id": result.build_id,
         "rules_version": result.rules_version,
+        "experiment_arms": [
+            storefront_pb2.ExperimentArm(experiment=e, arm=a) for e, a in result.experiment_arms
+        ],
+        "experiments_version": result.experiments_version,
     }
 
 
@@ -323,6 +329,8 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
                 artifacts, live_popularity=settings.state == "redis"
             ),
             blurbs=blurbs_for(settings, artifacts, encoder.encode),
+            experiments=experiments,
+            shadow=shadow[0] if shadow else None,
         )
         gateway.encode_query("warm up")
         if first.is_set() and settings.stages == "grpc":
@@ -355,6 +363,14 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
     )
     if rules is not None:
         resources.append(rules.start().close)
+    experiments = (
+        ExperimentsWatcher(settings.experiments_file, settings.rules_poll_s)
+        if settings.experiments_file
+        else None
+    )
+    if experiments is not None:
+        resources.append(experiments.start().close)
+    shadow: list[ShadowArms] = []  # made with the stage clients (warm-up)
     builds: LoadedBuilds[Gateway] = LoadedBuilds(load_build, retain_s=settings.build_retain_s)
     tokens = PageTokens.from_settings(
         [k.get_secret_value() for k in settings.page_token_keys], MAX_PAGE_OFFSET
@@ -372,6 +388,9 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         resources.append(store.close)
         if settings.stages == "grpc":
             remote.update(stage_clients(settings, resources))
+        if experiments is not None and settings.shadow_log_dir is not None:
+            shadow.append(ShadowArms(settings.shadow_log_dir))
+            resources.append(shadow[0].close)
         hooks["warmup"]()  # the first build, and the watcher of later ones
         first.set()
         event_log = make_event_log(settings)
