@@ -1,11 +1,9 @@
 """Fairness of exposure over evaluation users, and what the re-ranking options cost in quality.
 
-``sluice eval recommend --data DIR --exposure`` runs every evaluation user's Recommend
-through the cascade in this process (the stages loaded through the services' wiring, as
-:func:`sluice.eval.served.ablations` does), keeps what the gateway gave the re-ranking stage,
-and re-ranks that same input under each setting of :data:`VARIANTS`. For each it reports
-the quality of the page (HR@K, NDCG@K by the shared metric code) and who the top ``k`` of
-the pages expose:
+``sluice eval recommend --data DIR --exposure`` replays every evaluation user's
+re-ranking input (:mod:`sluice.eval.replay`) under each setting of :data:`VARIANTS`. For
+each it reports the quality of the page (HR@K, NDCG@K by the shared metric code) and who
+the top ``k`` of the pages expose:
 
 * the share of impressions per provider (a brand; an item of unknown brand is its own,
   :func:`sluice.rerank.exposure.provider_codes`), the largest of them, and the share that
@@ -17,15 +15,13 @@ the pages expose:
 
 from __future__ import annotations
 
-import dataclasses
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from sluice.domain import Budget, Candidates, RankContext, StageName, Surface
+from sluice.domain import RerankOverrides
 from sluice.rerank.exposure import provider_codes, tail_rows
 
 EXPOSURE_K = 10
@@ -33,8 +29,8 @@ EXPOSURE_K = 10
 
 @dataclass(frozen=True)
 class Variant:
-    """One re-ranking setting: the fields of :class:`sluice.rerank.engine.RerankConfig`
-    that differ from the deployed ones."""
+    """One re-ranking setting: the request's ``RerankOverrides``, as an experiment arm
+    would send them."""
 
     name: str
     changes: dict[str, Any] = field(default_factory=dict)
@@ -46,7 +42,10 @@ VARIANTS = (
     Variant("relevance only (no MMR, no brand cap)", {"diversity_lambda": 1.0, "max_per_brand": 0}),
     Variant("brand cap 2", {"max_per_brand": 2}, needs_brands=True),
     Variant("brand cap 1", {"max_per_brand": 1}, needs_brands=True),
-    *(Variant(f"tail share {p:.1f}", {"tail_share": p}) for p in (0.2, 0.4, 0.6, 0.8, 1.0)),
+    *(
+        Variant(f"tail share {p:.1f}", {"exposure_tail_share": p})
+        for p in (0.2, 0.4, 0.6, 0.8, 1.0)
+    ),
 )
 
 
@@ -84,51 +83,17 @@ def exposure_metrics(
     }
 
 
-class _RerankInputs:
-    """The re-ranking stage, keeping (per thread) what the gateway last gave it."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.stage = inner.stage
-        self.local = threading.local()
-
-    def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> Any:
-        self.local.last = (ctx, cands, budget)
-        return self.inner.call(ctx, cands, budget)
-
-
 def exposure_section(split: Any, users: np.ndarray, threads: int = 2) -> dict[str, Any]:
     """Quality and exposure of the re-ranking variants on ``users`` (see the module)."""
     from sluice.config import RerankSettings
-    from sluice.core.stage import run_stage
-    from sluice.eval.served import (
-        _recommend_request,
-        fan_out,
-        in_process_gateway,
-        list_metrics,
-        local_stages,
-    )
-    from sluice.rerank.engine import RerankEngine
+    from sluice.eval.replay import record_rerank_inputs, replay
+    from sluice.eval.served import list_metrics
 
-    a = split.artifacts
-    catalog = a.catalog
-    stages = local_stages(a)
-    deployed = stages[StageName.RERANK].engine
-    recorder = _RerankInputs(stages[StageName.RERANK])
-    gateway = in_process_gateway(a, stages | {StageName.RERANK: recorder})
-
-    def record(i: int) -> tuple[Any, np.ndarray]:
-        result = _recommend_request(
-            gateway, user=split.user_ids[int(users[i])], surface=Surface.HOME
-        )
-        return recorder.local.last, catalog.rows(result.candidates.item_ids)
-
-    print(f"\nexposure: the cascade in process on {len(users)} test users …", flush=True)
-    recorded = fan_out(record, len(users), threads, False, "exposure")
-    inputs = [r[0] for r in recorded]
+    catalog = split.artifacts.catalog
+    recorded = record_rerank_inputs(split, users, threads)
     providers, _ = provider_codes(catalog)
     head_share = RerankSettings().exposure_head_share
-    tail = tail_rows(catalog, a.popularity, head_share)
+    tail = tail_rows(catalog, split.artifacts.popularity, head_share)
     has_brands = any(b != "unknown" for b in catalog.brands)
     header = (
         "| re-ranking | HR@10 | NDCG@10 | Gini | tail share | items shown | providers shown |\n"
@@ -136,8 +101,8 @@ def exposure_section(split: Any, users: np.ndarray, threads: int = 2) -> dict[st
     )
     print(
         f"providers: {len(np.unique(providers))}; long tail (outside the providers holding "
-        f"{head_share:.0%} of training interactions): {len(np.unique(providers[tail]))} providers, "
-        f"{int(tail.sum())} items\n" + header,
+        f"{head_share:.0%} of training interactions): {len(np.unique(providers[tail]))} "
+        f"providers, {int(tail.sum())} items\n" + header,
         flush=True,
     )
     out: dict[str, Any] = {
@@ -151,15 +116,7 @@ def exposure_section(split: Any, users: np.ndarray, threads: int = 2) -> dict[st
     for variant in VARIANTS:
         if variant.needs_brands and not has_brands:
             continue
-        config = dataclasses.replace(deployed.config, **variant.changes)
-        engine = RerankEngine(catalog, deployed.vectors, config, tail)
-
-        def rank(i: int, engine: RerankEngine = engine) -> np.ndarray:
-            ctx, cands, budget = inputs[i]
-            page = run_stage(StageName.RERANK, engine, ctx, cands, budget).candidates
-            return catalog.rows(page.item_ids)
-
-        pages = fan_out(rank, len(users), threads, False, variant.name)
+        pages = replay(split, recorded, RerankOverrides(**variant.changes), threads)
         quality = list_metrics(pages, split, users)
         exposure = exposure_metrics(pages, providers, tail)
         exposure["largest"] = [
@@ -168,8 +125,8 @@ def exposure_section(split: Any, users: np.ndarray, threads: int = 2) -> dict[st
         entry: dict[str, Any] = {"changes": variant.changes, "quality": quality} | exposure
         if not variant.changes:  # the replay reproduces the served pages
             entry["same_as_gateway"] = sum(
-                np.array_equal(p[:EXPOSURE_K], r[1][:EXPOSURE_K])
-                for p, r in zip(pages, recorded, strict=True)
+                np.array_equal(p[:EXPOSURE_K], r[:EXPOSURE_K])
+                for p, r in zip(pages, recorded.pages, strict=True)
             )
         out["variants"][variant.name] = entry
         print(

@@ -1,0 +1,95 @@
+"""Replay the re-ranking stage: every evaluation user's Recommend runs once through the
+cascade in this process (the stages loaded through the services' wiring), the input the
+gateway gave the re-ranking stage is kept, and that same input is re-ranked again under
+other settings: an exposure setting (:mod:`sluice.eval.exposure`) or an experiment's arm
+(:mod:`sluice.eval.arms`). The settings travel as the request's ``RerankOverrides``, the
+way an experiment arm's do when served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sluice.domain import Budget, Candidates, RankContext, RerankOverrides, StageName, Surface
+
+
+class _RerankInputs:
+    """The re-ranking stage, keeping (per thread) what the gateway last gave it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.stage = inner.stage
+        self.local = threading.local()
+
+    def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> Any:
+        self.local.last = (ctx, cands, budget)
+        return self.inner.call(ctx, cands, budget)
+
+
+@dataclass
+class Recorded:
+    """Per user: the re-ranking stage's input, and the page the gateway served (rows)."""
+
+    inputs: list[tuple[RankContext, Candidates, Budget]]
+    pages: list[np.ndarray]
+    engine: Any  # the deployed re-ranking engine
+
+
+def record_rerank_inputs(split: Any, users: np.ndarray, threads: int = 2) -> Recorded:
+    from sluice.eval.served import (
+        _recommend_request,
+        fan_out,
+        in_process_gateway,
+        local_stages,
+    )
+
+    a = split.artifacts
+    stages = local_stages(a)
+    recorder = _RerankInputs(stages[StageName.RERANK])
+    gateway = in_process_gateway(a, stages | {StageName.RERANK: recorder})
+
+    def record(i: int) -> tuple[Any, np.ndarray]:
+        user = split.user_ids[int(users[i])]
+        result = _recommend_request(gateway, user=user, surface=Surface.HOME)
+        return recorder.local.last, a.catalog.rows(result.candidates.item_ids)
+
+    print(f"\nthe cascade in process on {len(users)} test users …", flush=True)
+    out = fan_out(record, len(users), threads, False, "record")
+    return Recorded([o[0] for o in out], [o[1] for o in out], stages[StageName.RERANK].engine)
+
+
+def replay(
+    split: Any, recorded: Recorded, overrides: RerankOverrides, threads: int = 2
+) -> list[np.ndarray]:
+    """Each user's page (catalog rows) re-ranked with ``overrides``."""
+    from sluice.core.stage import run_stage
+    from sluice.eval.served import fan_out
+
+    catalog = split.artifacts.catalog
+
+    def rank(i: int) -> np.ndarray:
+        ctx, cands, budget = recorded.inputs[i]
+        ctx = dataclasses.replace(ctx, rerank=overrides)
+        page = run_stage(StageName.RERANK, recorded.engine, ctx, cands, budget).candidates
+        return catalog.rows(page.item_ids)
+
+    return fan_out(rank, len(recorded.inputs), threads, False, "replay")
+
+
+def per_user(
+    pages: list[np.ndarray], targets: np.ndarray, k: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's HR@k and NDCG@k (one target; the pages already leave the history out)."""
+    hr = np.zeros(len(pages))
+    ndcg = np.zeros(len(pages))
+    for i, (page, target) in enumerate(zip(pages, targets.tolist(), strict=True)):
+        hit = np.flatnonzero(page[:k] == target)
+        if len(hit):
+            hr[i] = 1.0
+            ndcg[i] = 1.0 / np.log2(hit[0] + 2.0)
+    return hr, ndcg
