@@ -56,6 +56,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "against provider exposure (sluice.eval.exposure)",
     )
     r.add_argument(
+        "--arms",
+        type=Path,
+        help="an experiments file: replay the users through two arms of an experiment and "
+        "report the paired difference with a bootstrap interval (sluice.eval.arms)",
+    )
+    r.add_argument("--experiment", help="the experiment of --arms (default: the file's first)")
+    r.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("ARM", "ARM"),
+        help="the two arms of --arms to compare (default: the experiment's first two)",
+    )
+    r.add_argument(
         "--train-budget",
         type=float,
         default=None,
@@ -116,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stages=not args.skip_stages,
                 ablation_users=args.ablation_users,
                 exposure=args.exposure,
+                arms=args.arms,
+                experiment=args.experiment,
+                compare=tuple(args.compare) if args.compare else None,
                 seed=args.seed,
                 progress=not args.no_progress,
                 root=args.out,

@@ -523,6 +523,9 @@ class RecommendOptions:
     stages: bool = True
     ablation_users: int = 0  # in-process variants of the cascade on a sample (0: skip)
     exposure: bool = False  # re-ranking variants' exposure and quality (sluice.eval.exposure)
+    arms: Path | None = None  # an experiments file: two arms replayed (sluice.eval.arms)
+    experiment: str | None = None
+    compare: tuple[str, str] | None = None
     seed: int = 0
     progress: bool = True
     root: Path | None = None
@@ -583,6 +586,10 @@ def run_recommend(opts: RecommendOptions) -> dict[str, Any]:
         from sluice.eval.exposure import exposure_section
 
         report["exposure"] = exposure_section(split, users)
+    if opts.arms is not None:
+        from sluice.eval.arms import arms_section
+
+        report["arms"] = arms_section(split, users, opts.arms, opts.experiment, opts.compare)
     if opts.served or opts.stages:
         with tempfile.TemporaryDirectory(prefix="sluice-eval-") as tmp:
             cluster = Cluster(
