@@ -81,11 +81,41 @@ def rules_path(tmp_path_factory: pytest.TempPathFactory, blocks: Blocks) -> Path
     return path
 
 
+# An A/A experiment (both arms keep the stage's settings, so the rules tests see the pages
+# they would see without it) with a shadow arm: what the experiments test reads over gRPC.
+EXPERIMENTS = {
+    "version": "aa-1",
+    "experiments": [
+        {
+            "name": "aa",
+            "salt": "served",
+            "arms": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}],
+            "shadow": {"name": "tail", "settings": {"exposure_tail_share": 0.8}},
+        }
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def shadow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shadow")
+
+
 @pytest.fixture(scope="module")
 def ruled(
-    tiny_artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory, rules_path: Path
+    tiny_artifacts: Artifacts,
+    tmp_path_factory: pytest.TempPathFactory,
+    rules_path: Path,
+    shadow_dir: Path,
 ) -> Iterator[Cluster]:
-    env = {"SLUICE_GATEWAY_RULES_FILE": str(rules_path), "SLUICE_GATEWAY_RULES_POLL_S": "0.2"}
+    experiments = tmp_path_factory.mktemp("experiments") / "experiments.json"
+    experiments.write_text(json.dumps(EXPERIMENTS))
+    env = {
+        "SLUICE_GATEWAY_RULES_FILE": str(rules_path),
+        "SLUICE_GATEWAY_RULES_POLL_S": "0.2",
+        "SLUICE_GATEWAY_EXPERIMENTS_FILE": str(experiments),
+        "SLUICE_GATEWAY_SHADOW_LOG_DIR": str(shadow_dir),
+    }
     yield from running_cluster(tiny_artifacts, tmp_path_factory.mktemp("ruled"), extra_env=env)
 
 
@@ -259,3 +289,40 @@ def _wait_for_metric(cluster: Cluster, line: str, timeout_s: float = 20.0) -> No
         if (value and value[0] >= 1) or time.monotonic() > deadline:
             assert value and value[0] >= 1, f"{line} never counted"
             return
+
+
+def test_experiment_arms_are_echoed_stable_and_the_shadow_is_logged(
+    ruled: Cluster, tiny_artifacts: Artifacts, shadow_dir: Path
+) -> None:
+    stub = _stub(ruled)  # a plain generated stub, no deadline
+    users = tiny_artifacts.users()[0][:12]
+    arms = {}
+    for user in users:
+        first = stub.Recommend(storefront_pb2.RecommendRequest(user_id=user, page_size=5))
+        again = stub.Recommend(storefront_pb2.RecommendRequest(user_id=user, page_size=5))
+        assert first.experiments_version == "aa-1"
+        assert [(a.experiment, a.arm) for a in first.experiment_arms] == [
+            (a.experiment, a.arm) for a in again.experiment_arms
+        ]
+        arms[user] = first.experiment_arms[0].arm
+        assert list(first.page.item_ids) == list(again.page.item_ids)
+    assert set(arms.values()) == {"a", "b"}
+    anonymous = stub.Search(storefront_pb2.SearchRequest(query="shoes", page_size=5))
+    assert [(a.experiment, a.arm) for a in anonymous.experiment_arms] == [("aa", "a")]
+    _wait_for_metric(ruled, 'sluice_experiment_requests_total{arm="b",experiment="aa"}')
+    # the shadow pages reach the log off the request path: wait for every user's lines
+    deadline = time.monotonic() + 20
+    while True:
+        logs = list(shadow_dir.glob("shadow-*.jsonl"))
+        lines = [json.loads(row) for f in logs for row in f.read_text().splitlines()]
+        logged = {line["user_id"] for line in lines if line["kind"] == "recommend"}
+        if logged >= set(users) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # between looks at the files; what ends the wait is the condition
+    assert logged >= set(users)
+    for line in lines:
+        assert line["shadow_arm"] == "tail" and len(line["shadow_item_ids"]) == len(
+            line["item_ids"]
+        )
+        if line["user_id"] in arms:
+            assert line["arms"] == {"aa": arms[line["user_id"]]}
