@@ -10,6 +10,7 @@ and to the front get a clear status, never INTERNAL.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -125,7 +126,7 @@ def test_kill_9_of_a_shard_under_load_degrades_pages_and_fails_none(
         )
     failed = [a for a in load.answers if a.code is not grpc.StatusCode.OK]
     window = load.between(killed, back)
-    flagged = [a for a in window if "recall shards 2 of 4" in a.degraded.get("recall", "")]
+    flagged = [a for a in window if 2 in _missing(a.degraded.get("recall", ""))]
     print(
         f"\nshard kill -9: {len(load.answers)} calls, {len(window)} while {victim} was down "
         f"({back - killed:.1f} s), {len(flagged)} pages flagged without its items, "
@@ -133,10 +134,29 @@ def test_kill_9_of_a_shard_under_load_degrades_pages_and_fails_none(
     )
     assert not failed, {a.code for a in failed}
     assert flagged, "no page was served without the dead shard"
-    # nothing else degraded, but a stage that ran out of its share of the deadline on this
-    # busy 2-core host (the restarted shard loads its indexes meanwhile)
-    other = {r for a in window for r in a.degraded.values() if "ran out of time" not in r}
-    assert other <= {a.degraded["recall"] for a in flagged}, other
+    # nothing else degraded, but a stage, or shards, that ran out of their share of the
+    # deadline on this busy 2-core host (the restarted shard loads its indexes meanwhile)
+    other = {
+        r for a in window for r in a.degraded.values() if not _late(r) and 2 not in _missing(r)
+    }
+    assert not other, other
+
+
+def _missing(reason: str) -> set[int]:
+    """The shards a page's recall reason names as missing (the page is served without them)."""
+    found = re.match(r"recall shards ([\d, ]+) of \d+ did not answer", reason)
+    return {int(i) for i in found.group(1).split(",")} if found else set()
+
+
+def _late(reason: str) -> bool:
+    """A degradation by time alone: the stage ran out of its share of the deadline, or every
+    shard that did not answer missed the recall budget (none failed in another way)."""
+    if "ran out of time" in reason:
+        return True
+    shard_errors = re.findall(r"(\d+): ([^;]+)", reason)
+    return bool(shard_errors) and all(
+        e.strip() == "missed the recall budget" for _, e in shard_errors
+    )
 
 
 def test_a_shard_that_stops_answering_misses_the_budget_not_the_page(
