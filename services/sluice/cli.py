@@ -78,6 +78,20 @@ def _shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from sluice.data.interactions import write_dataset
+    from sluice.data.synthetic import ShopSpec, generate_shop
+
+    spec = ShopSpec(num_items=args.items, num_users=args.users, seed=args.seed)
+    catalog, interactions = generate_shop(spec)
+    write_dataset(Path(args.out), catalog, interactions)
+    print(
+        f"wrote the generated shop to {args.out}: {len(catalog)} items, "
+        f"{len(interactions.user_ids)} users, {len(interactions.item_rows)} interactions"
+    )
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from sluice.serve import serve
 
@@ -284,6 +298,17 @@ def command_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     pb.add_argument("store", help="the build store (--store of `sluice build`)")
     pb.add_argument("build_id", nargs="?", default="", help="default: the newest build")
     pb.set_defaults(fn=_publish)
+
+    g = sub.add_parser(
+        "generate",
+        help="write the generated shop `sluice build` trains on by default as a dataset "
+        "directory (items.tsv, interactions.tsv.gz), e.g. for `sluice eval recommend --data`",
+    )
+    g.add_argument("out", help="the dataset directory to write")
+    g.add_argument("--items", type=int, default=5000)
+    g.add_argument("--users", type=int, default=3000)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=_generate)
 
     sh = sub.add_parser(
         "shard", help="cut a build's recall into shards (contiguous row ranges), in place"

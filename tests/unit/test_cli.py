@@ -27,3 +27,29 @@ def test_the_demo_builds_with_every_option_sluice_build_has(
     defaults = cli.command_parser().parse_args(["build"])
     assert options.epochs == defaults.epochs and options.encoder == defaults.encoder
     assert options.ranker.loss == defaults.loss and options.shards == 0
+
+
+def test_generate_writes_the_shop_a_build_trains_on(tmp_path: Path) -> None:
+    """`sluice generate` writes the generated shop as a dataset directory that loads back as
+    the shop `sluice build` generates with the same options: items, brands and the log."""
+    import numpy as np
+
+    from sluice.data.interactions import load_data
+    from sluice.data.synthetic import ShopSpec, generate_shop
+
+    out = tmp_path / "shop"
+    args = cli.command_parser().parse_args(
+        ["generate", str(out), "--items", "300", "--users", "120", "--seed", "3"]
+    )
+    assert args.fn(args) == 0
+    catalog, interactions = load_data(out)
+    want_catalog, want = generate_shop(ShopSpec(num_items=300, num_users=120, seed=3))
+    assert np.array_equal(catalog.item_ids, want_catalog.item_ids)
+    assert catalog.titles == want_catalog.titles
+    assert [catalog.brand_of(r) for r in range(len(catalog))] == [
+        want_catalog.brand_of(r) for r in range(len(want_catalog))
+    ]
+    assert np.array_equal(catalog.price_cents, want_catalog.price_cents)
+    assert interactions.user_ids == want.user_ids
+    assert np.array_equal(interactions.item_rows, want.item_rows)
+    assert np.array_equal(interactions.timestamps, want.timestamps)
