@@ -1,0 +1,170 @@
+"""Multi-turn refinement tasks generated from the default shop's attributes.
+
+A task is a first search for a product, then one or two follow-ups that refine it: cheaper,
+under a price, in a colour, not a brand, more like one of the results, or a word to add.
+Each follow-up is rendered from a template. The templates come in two splits that are
+frozen before the parser is tuned: ``tuning``, the phrasings the parser's rules are written
+against, and ``heldout``, paraphrases the rules never saw. The same tasks are rendered in
+both splits, so that the two success rates differ only by the wording.
+
+What a turn must achieve is stated here too (:class:`Constraint`), in terms of the catalog,
+so that the evaluation judges the page itself, not what the parser says it understood.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sluice.data.catalog import UNKNOWN, Catalog
+from sluice.data.synthetic import DEPARTMENTS, DESCRIPTORS
+
+KINDS = ("cheaper", "under_price", "color", "not_brand", "like_nth", "add_word")
+ORDINALS = ("first", "second", "third", "fourth", "fifth")
+
+# The follow-ups, per kind and split. Placeholders: {price} (whole dollars), {color},
+# {brand}, {ordinal} (first..fifth), {n} (1..5), {word}. Frozen: not edited after the parser
+# was first run against them.
+TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "tuning": {
+        "cheaper": ("cheaper", "something cheaper please", "show me cheaper ones"),
+        "under_price": ("under {price} dollars", "below ${price}", "less than {price} bucks"),
+        "color": ("in {color}", "{color} ones", "show me {color}"),
+        "not_brand": ("not {brand}", "no {brand}", "without {brand}"),
+        "like_nth": ("more like the {ordinal} one", "similar to the {ordinal}", "like #{n}"),
+        "add_word": ("{word}", "make it {word}", "only {word} ones"),
+    },
+    "heldout": {
+        "cheaper": (
+            "those are too pricey",
+            "can I get a lower-cost option",
+            "something that costs less",
+        ),
+        "under_price": ("nothing over {price} dollars", "my budget is ${price}", "max {price}$"),
+        "color": ("do you have it in {color}", "I'd prefer {color}", "any {color} ones?"),
+        "not_brand": ("anything but {brand}", "I don't like {brand}", "skip {brand}"),
+        "like_nth": (
+            "show me things like number {n}",
+            "the {ordinal} one looks good, more of those",
+            "items similar to result {n}",
+        ),
+        "add_word": ("I want something {word}", "preferably {word}", "a {word} one"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What one follow-up asks, for the judge: ``kind`` and its value."""
+
+    kind: str
+    price_cents: int = 0  # under_price: the bound (inclusive below it)
+    color: str = ""
+    brand: str = ""
+    ordinal: int = 0  # like_nth: 1-based position on the previous page
+    word: str = ""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A first query on a topic (a category), then follow-ups with their texts."""
+
+    task_id: int
+    category: str
+    query: str
+    constraints: tuple[Constraint, ...]
+    texts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split -> follow-ups
+
+
+def _nouns() -> dict[str, list[str]]:
+    return {cat: nouns for cats in DEPARTMENTS.values() for cat, nouns in cats.items()}
+
+
+def _render(template: str, c: Constraint) -> str:
+    return template.format(
+        price=c.price_cents // 100,
+        color=c.color,
+        brand=c.brand,
+        ordinal=ORDINALS[c.ordinal - 1] if c.ordinal else "",
+        n=c.ordinal,
+        word=c.word,
+    )
+
+
+def generate_tasks(catalog: Catalog, count: int = 300, seed: int = 0) -> list[Task]:
+    """``count`` tasks on the catalog's categories, each feasible: at least 10 items of the
+    topic satisfy every constraint that the catalog alone decides (price, colour, brand,
+    word). Half have one follow-up, half two."""
+    rng = random.Random(seed)
+    nouns = _nouns()
+    cat_of = np.asarray([catalog.category_of(r) for r in range(len(catalog))])
+    titles = [t.lower() for t in catalog.titles]
+    tasks: list[Task] = []
+    categories = sorted(c for c in set(cat_of.tolist()) if c in nouns)
+    while len(tasks) < count:
+        category = rng.choice(categories)
+        rows = np.flatnonzero(cat_of == category)
+        noun = rng.choice(nouns[category])
+        query = noun.lower()
+        turns = 1 + (len(tasks) % 2)
+        kinds = rng.sample(KINDS, turns)
+        constraints: list[Constraint] = []
+        keep = rows
+        for kind in kinds:
+            c, keep = _constraint(kind, catalog, keep, titles, rng)
+            if c is None:
+                break
+            constraints.append(c)
+        if len(constraints) < turns or len(keep) < 10:
+            continue  # infeasible on this topic: draw again
+        texts = {
+            split: tuple(_render(rng.choice(by_kind[c.kind]), c) for c in constraints)
+            for split, by_kind in TEMPLATES.items()
+        }
+        tasks.append(Task(len(tasks), category, query, tuple(constraints), texts))
+    return tasks
+
+
+def _constraint(
+    kind: str, catalog: Catalog, rows: np.ndarray, titles: list[str], rng: random.Random
+) -> tuple[Constraint | None, np.ndarray]:
+    """A constraint of ``kind`` that leaves at least 10 of ``rows``, and the rows it leaves
+    (the rows unchanged for constraints the page decides: cheaper, like_nth)."""
+    if kind in ("cheaper", "like_nth"):
+        return Constraint(kind, ordinal=rng.randint(1, 5) if kind == "like_nth" else 0), rows
+    if kind == "under_price":
+        prices = np.sort(catalog.price_cents[rows])
+        if len(prices) < 20:
+            return None, rows
+        dollars = int(np.ceil(prices[len(prices) // 2] / 100.0))  # about half the topic
+        keep = rows[catalog.price_cents[rows] < dollars * 100]
+        return Constraint(kind, price_cents=dollars * 100), keep
+    if kind == "color":
+        counts = Counter(catalog.color_of(r) for r in rows.tolist())
+        options = sorted(c for c, n in counts.items() if c != UNKNOWN and n >= 10)
+        if not options:
+            return None, rows
+        color = rng.choice(options)
+        return Constraint(kind, color=color), rows[
+            catalog.color_codes[rows] == catalog.colors.index(color)
+        ]
+    if kind == "not_brand":
+        counts = Counter(catalog.brand_of(r) for r in rows.tolist())
+        brand = counts.most_common(1)[0][0]  # the brand most likely on the page
+        return Constraint(kind, brand=brand), rows[
+            catalog.brand_codes[rows] != catalog.brands.index(brand)
+        ]
+    if kind == "add_word":
+        words = [d.lower() for d in DESCRIPTORS]
+        counts = Counter(w for r in rows.tolist() for w in words if f" {w} " in f" {titles[r]} ")
+        options = sorted(w for w, n in counts.items() if n >= 10)
+        if not options:
+            return None, rows
+        word = rng.choice(options)
+        return Constraint(kind, word=word), np.asarray(
+            [r for r in rows.tolist() if f" {word} " in f" {titles[r]} "], np.int64
+        )
+    raise ValueError(kind)
