@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 UNKNOWN = "unknown"
-STRING_ATTRIBUTES = ("category", "brand")
+STRING_ATTRIBUTES = ("category", "brand", "color")
 NUMERIC_ATTRIBUTES = ("price_cents",)
 BOOL_ATTRIBUTES = ("in_stock",)
 FILTERABLE = STRING_ATTRIBUTES + NUMERIC_ATTRIBUTES + BOOL_ATTRIBUTES
@@ -34,11 +34,17 @@ class Catalog:
     price_cents: np.ndarray  # int64 [n]
     in_stock: np.ndarray  # bool [n]
     descriptions: list[str] = field(default_factory=list)
+    # the item's colour (builds before colours, or items without one: "unknown")
+    color_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    colors: list[str] = field(default_factory=list)
     index: RowIndex = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
-        for name in ("category_codes", "brand_codes", "price_cents", "in_stock"):
+        if not self.colors:
+            self.colors, self.color_codes = [UNKNOWN], np.zeros(n, np.int32)
+        self.color_codes = np.asarray(self.color_codes, dtype=np.int32)
+        for name in ("category_codes", "brand_codes", "color_codes", "price_cents", "in_stock"):
             if len(getattr(self, name)) != n:
                 raise ValueError(
                     f"catalog column {name} has {len(getattr(self, name))} rows, not {n}"
@@ -73,6 +79,8 @@ class Catalog:
             price_cents=self.price_cents[rows],
             in_stock=self.in_stock[rows],
             descriptions=[self.descriptions[r] for r in rows.tolist()] if self.descriptions else [],
+            color_codes=self.color_codes[rows],
+            colors=self.colors,
         )
 
     def text(self, row: int) -> str:
@@ -88,6 +96,19 @@ class Catalog:
     def brand_of(self, row: int) -> str:
         return self.brands[self.brand_codes[row]]
 
+    def color_of(self, row: int) -> str:
+        return self.colors[self.color_codes[row]]
+
+    def values_of(self, attribute: str) -> tuple[list[str], np.ndarray]:
+        """A string attribute's vocabulary and each row's code into it."""
+        if attribute == "category":
+            return self.categories, self.category_codes
+        if attribute == "brand":
+            return self.brands, self.brand_codes
+        if attribute == "color":
+            return self.colors, self.color_codes
+        raise KeyError(attribute)
+
     # -- persistence -------------------------------------------------------
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -96,6 +117,7 @@ class Catalog:
             item_ids=self.item_ids,
             category_codes=self.category_codes,
             brand_codes=self.brand_codes,
+            color_codes=self.color_codes,
             price_cents=self.price_cents,
             in_stock=self.in_stock,
         )
@@ -106,6 +128,7 @@ class Catalog:
                     "descriptions": self.descriptions,
                     "categories": self.categories,
                     "brands": self.brands,
+                    "colors": self.colors,
                 },
                 fh,
             )
@@ -125,6 +148,9 @@ class Catalog:
             price_cents=arrays["price_cents"],
             in_stock=arrays["in_stock"],
             descriptions=text.get("descriptions") or [],
+            # builds before colours have neither column: every item's colour is unknown
+            color_codes=arrays["color_codes"] if "color_codes" in arrays.files else [],
+            colors=text.get("colors", []) if "color_codes" in arrays.files else [],
         )
 
     @classmethod
@@ -137,10 +163,12 @@ class Catalog:
         price_cents: Sequence[int] | None = None,
         in_stock: Sequence[bool] | None = None,
         descriptions: Sequence[str] | None = None,
+        colors: Sequence[str] | None = None,
     ) -> Catalog:
         n = len(item_ids)
         cat_vocab, cat_codes = _encode(categories or [UNKNOWN] * n)
         brand_vocab, brand_codes = _encode(brands or [UNKNOWN] * n)
+        color_vocab, color_codes = _encode(colors or [UNKNOWN] * n)
         return cls(
             item_ids=np.asarray(item_ids, dtype=np.int64),
             titles=list(titles),
@@ -153,6 +181,8 @@ class Catalog:
             ),
             in_stock=np.asarray(in_stock if in_stock is not None else [True] * n, dtype=bool),
             descriptions=list(descriptions) if descriptions else [],
+            color_codes=color_codes,
+            colors=color_vocab,
         )
 
 

@@ -108,11 +108,7 @@ def compile_filters(catalog: Catalog, filters: Sequence[AttributeFilter]) -> Fil
     mask = np.ones(len(catalog), dtype=bool)
     for f in filters:
         if f.field in STRING_ATTRIBUTES:
-            names, codes = (
-                (catalog.categories, catalog.category_codes)
-                if f.field == "category"
-                else (catalog.brands, catalog.brand_codes)
-            )
+            names, codes = catalog.values_of(f.field)
             values = f.any_of or f.none_of
             wanted = [names.index(v) for v in values if v in names]
             hit = np.isin(codes, wanted)

@@ -3,8 +3,8 @@
 Layout of a dataset directory (the one of ``../shared/data/amazon-beauty``):
 
 * ``items.tsv`` — tab-separated with a header; columns ``item_id`` (integer)
-  and ``title``; optional columns ``category``, ``brand``, ``price_cents``
-  (integer), ``in_stock`` (0/1) and ``description``.
+  and ``title``; optional columns ``category``, ``brand``, ``color``,
+  ``price_cents`` (integer), ``in_stock`` (0/1) and ``description``.
 * ``interactions.tsv.gz`` (or ``interactions.tsv``) — tab-separated with a
   header; columns ``user_id``, ``item_id``, ``timestamp`` (unix seconds). A
   user's rows are in time order; ties keep the file order.
@@ -79,7 +79,8 @@ def load_catalog(directory: Path) -> Catalog:
     ids: list[int] = []
     titles: list[str] = []
     extra: dict[str, list[str]] = {
-        k: [] for k in ("category", "brand", "price_cents", "in_stock", "description")
+        k: []
+        for k in ("category", "brand", "color", "price_cents", "in_stock", "description")
     }
     with open(directory / "items.tsv", newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -97,6 +98,7 @@ def load_catalog(directory: Path) -> Catalog:
         price_cents=[int(float(p or 0)) for p in extra["price_cents"]] or None,
         in_stock=[s.strip() not in ("0", "false", "False") for s in extra["in_stock"]] or None,
         descriptions=extra["description"] or None,
+        colors=extra["color"] or None,
     )
 
 
@@ -149,7 +151,7 @@ def write_dataset(directory: Path, catalog: Catalog, interactions: Interactions)
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "items.tsv", "w", newline="") as fh:
         w = csv.writer(fh, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
-        w.writerow(["item_id", "title", "category", "brand", "price_cents", "in_stock"])
+        w.writerow(["item_id", "title", "category", "brand", "color", "price_cents", "in_stock"])
         for r in range(len(catalog)):
             w.writerow(
                 [
@@ -157,6 +159,7 @@ def write_dataset(directory: Path, catalog: Catalog, interactions: Interactions)
                     catalog.titles[r],
                     catalog.category_of(r),
                     catalog.brand_of(r),
+                    catalog.color_of(r),
                     int(catalog.price_cents[r]),
                     int(catalog.in_stock[r]),
                 ]

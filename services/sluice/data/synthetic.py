@@ -107,6 +107,7 @@ VARIANTS = [
     "Large",
     "Limited Edition",
 ]
+COLORS = frozenset(VARIANTS[:7])  # the variants that are a colour (the item's colour)
 BRAND_STEMS = [
     "Acme",
     "Northwind",
@@ -232,6 +233,7 @@ def generate_shop(spec: ShopSpec) -> tuple[Catalog, Interactions]:
         titles=titles,
         categories=[categories[c][1] for c in item_cat],
         brands=[brands[b] for b in item_brand],
+        colors=[v.lower() if v in COLORS else "" for v in (VARIANTS[i] for i in variant)],
         price_cents=prices.tolist(),
         in_stock=in_stock.tolist(),
     )
