@@ -342,6 +342,29 @@ def test_forget_user_erases_their_state_and_remembers_it(make_store: MakeStore) 
     assert s.history("v") == [3]
 
 
+def test_search_sessions_belong_to_their_user_and_go_with_them(make_store: MakeStore) -> None:
+    s = make_store()
+    assert s.session("u", "s1") is None
+    s.save_session("u", "s1", '{"turn": 1}')
+    s.save_session("u", "s1", '{"turn": 2}')  # the next turn replaces it
+    s.save_session("u", "s2", "other")
+    s.save_session("v", "s1", "v's own")
+    s.save_session("", "s1", "anonymous")  # without a user: the session id alone
+    assert s.session("u", "s1") == '{"turn": 2}' and s.session("u", "s2") == "other"
+    assert s.session("v", "s1") == "v's own" and s.session("", "s1") == "anonymous"
+    assert s.session("", "s2") is None  # another shopper's session id is not theirs
+    s.forget_user("u")
+    assert s.session("u", "s1") is None and s.session("u", "s2") is None
+    assert s.session("v", "s1") == "v's own"
+
+
+def test_a_redis_session_expires_after_its_ttl(redis_any: redis.Redis | RedisCluster) -> None:
+    s = RedisStateStore(redis_any, ATTRS, prefix="sess:", config=StateConfig(session_ttl_s=90))
+    s.save_session("u", "s1", "state")
+    ttl = redis_any.ttl(s.user_key("u", "sess"))
+    assert 0 < ttl <= 90
+
+
 # -- the split apply on one server and on a cluster -------------------------------------------
 
 
@@ -350,7 +373,7 @@ def test_one_users_keys_share_a_slot_and_popularity_has_its_own(
 ) -> None:
     s = RedisStateStore(redis_cluster_client, ATTRS, prefix="slots:")
     for user in ("u", "用户-ü", "{brace}", "}x{", "50%"):
-        keys = [s.user_key(user, part) for part in ("seq", "sup", "meta", "cat", "brand")]
+        keys = [s.user_key(user, part) for part in ("seq", "sup", "meta", "cat", "brand", "sess")]
         keys += [s.user_key(user, "erased"), s.user_key(user, "ev:some-event")]
         assert len({redis_cluster_client.keyslot(k) for k in keys}) == 1, user
     pop = [s.popularity_key(p) for p in ("short", "long", "meta")] + [s.event_key("e1")]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast
 
 import redis
+from cachetools import TTLCache
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
     AskError,
@@ -73,6 +74,10 @@ class StateConfig:
     trending_candidates: int = 500
     trending_prior: float = 1.0
     """Weighted events per hour added to both rates of the trending ratio."""
+    session_ttl_s: int = 1800
+    """How long a search session's state lives after its last turn."""
+    max_sessions: int = 100_000
+    """Sessions the embedded store keeps at most (the least recently used go first)."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,16 @@ class OnlineStateStore(Protocol):
 
     def top_popular(self, k: int, *, window: Window = "long") -> list[tuple[int, float]]:
         """Items with the highest decayed weighted event count, best first."""
+        ...
+
+    def session(self, user_id: str, session_id: str) -> str | None:
+        """The saved state of a shopper's search session; None: new or expired. Sessions
+        belong to the user (or, without one, to the session id alone) and DeleteUser erases
+        them with the rest."""
+        ...
+
+    def save_session(self, user_id: str, session_id: str, state: str) -> None:
+        """Keep a search session's state for ``config.session_ttl_s`` from now."""
         ...
 
     def trending(self, k: int) -> list[tuple[int, float]]:
@@ -248,6 +263,9 @@ class InMemoryStateStore:
         self._pops = (self._short, self._long)
         self._history_cap = self.config.history_cap
         self._clock = 0
+        self._sessions: TTLCache[tuple[str, str], str] = TTLCache(
+            self.config.max_sessions, self.config.session_ttl_s
+        )
 
     def _is_seen(self, event_id: str, now: float) -> bool:
         entry = self._seen.get(event_id)
@@ -257,6 +275,16 @@ class InMemoryStateStore:
         with self._lock:
             self._users.pop(user_id, None)
             self._erased.add(user_id)
+            for key in [k for k in self._sessions if k[0] == user_id]:
+                self._sessions.pop(key, None)
+
+    def session(self, user_id: str, session_id: str) -> str | None:
+        with self._lock:
+            return self._sessions.get((user_id, session_id))
+
+    def save_session(self, user_id: str, session_id: str, state: str) -> None:
+        with self._lock:
+            self._sessions[(user_id, session_id)] = state
 
     def erased(self, user_id: str) -> bool:
         with self._lock:
@@ -400,6 +428,8 @@ class InMemoryStateStore:
 #
 #   P{u:<user>}:seq   list    the user's recent items, most recent last (capped)
 #   P{u:<user>}:sup   set     items the user bought
+#   P{u:<user>}:sess  hash    the user's search sessions' states by session id (TTL);
+#                             an anonymous session is user "~session:<session id>"
 #   P{u:<user>}:cat   zset    forward-decayed category affinities
 #   P{u:<user>}:brand zset    forward-decayed brand affinities
 #   P{u:<user>}:meta  hash    last (latest event ms), land (affinity landmark)
@@ -550,15 +580,15 @@ return out
 """
 )
 
-# KEYS: the user's seq, sup, meta, cat, brand keys, then the erased marker (one slot).
+# KEYS: the user's seq, sup, meta, cat, brand, sess keys, then the erased marker (one slot).
 _FORGET_LUA = """
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('SET', KEYS[6], '1')
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('SET', KEYS[7], '1')
 return 1
 """
 
 # Every key of a user's state that DeleteUser removes (``user_key(user_id, part)``).
-_USER_PARTS = ("seq", "sup", "meta", "cat", "brand")
+_USER_PARTS = ("seq", "sup", "meta", "cat", "brand", "sess")
 
 RedisClient = redis.Redis | RedisCluster
 """A standalone server's client or a Redis Cluster's (``connect``)."""
@@ -860,6 +890,23 @@ class RedisStateStore:
     def forget_user(self, user_id: str) -> None:
         keys = [self.user_key(user_id, part) for part in (*_USER_PARTS, "erased")]
         self._forget(keys=keys)
+
+    def _session_key(self, user_id: str, session_id: str) -> str:
+        """The hash of a user's sessions (``sess``); an anonymous session has its own."""
+        return self.user_key(user_id or f"~session:{session_id}", "sess")
+
+    @_redis_call
+    def session(self, user_id: str, session_id: str) -> str | None:
+        value = self._r.hget(self._session_key(user_id, session_id), session_id)
+        return None if value is None else _text(value)
+
+    @_redis_call
+    def save_session(self, user_id: str, session_id: str, state: str) -> None:
+        key = self._session_key(user_id, session_id)
+        pipe = self._r.pipeline(transaction=False)  # one key, one slot
+        pipe.hset(key, session_id, state)
+        pipe.expire(key, self.config.session_ttl_s)  # a user's sessions expire together
+        pipe.execute()
 
     @_redis_call
     def erased(self, user_id: str) -> bool:
