@@ -9,7 +9,7 @@ import numpy as np
 
 from sluice.common.v1 import common_pb2
 from sluice.core.errors import InvalidArgument
-from sluice.data.catalog import STRING_ATTRIBUTES
+from sluice.data.catalog import STRING_ATTRIBUTES, WORD_ATTRIBUTES
 from sluice.data.filters import (
     MAX_FILTER_VALUES,
     MAX_FILTERS,
@@ -37,7 +37,7 @@ from sluice.domain import (
 from sluice.embed.text import TEXT_DIM
 
 # the ItemFilter cases that hold a set of strings: an attribute's values, or its exclusions
-_STRING_CASES = STRING_ATTRIBUTES + tuple(f"not_{a}" for a in STRING_ATTRIBUTES)
+_STRING_CASES = STRING_ATTRIBUTES + WORD_ATTRIBUTES + tuple(f"not_{a}" for a in STRING_ATTRIBUTES)
 
 # The limits sluice.common.v1.RankContext states; every stage enforces them.
 MAX_QUERY_CHARS = 2048
@@ -111,8 +111,8 @@ def item_filters_from_proto(
         case = f.WhichOneof("condition")
         if case is None:
             raise InvalidArgument(
-                "set one condition: category, brand, color, price_cents, in_stock, "
-                "not_category, not_brand or not_color",
+                "set one condition: category, brand, color, title_words, price_cents, "
+                "in_stock, not_category, not_brand or not_color",
                 field_path=where,
             )
         if case in _STRING_CASES:
@@ -150,7 +150,7 @@ def item_filters_to_proto(filters: Iterable[AttributeFilter]) -> list[common_pb2
     an inclusive lower bound rounds up and an upper bound rounds down."""
     out = []
     for f in filters:
-        if f.field in STRING_ATTRIBUTES:
+        if f.field in STRING_ATTRIBUTES + WORD_ATTRIBUTES:
             msg = common_pb2.ItemFilter()
             if f.none_of:
                 getattr(msg, f"not_{f.field}").values.extend(f.none_of)

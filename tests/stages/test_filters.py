@@ -91,6 +91,27 @@ def test_colour_filters_on_the_wire_name_their_field() -> None:
     assert err.value.field_path == "item_filters[0].not_color.values"
 
 
+def test_title_words_keep_items_whose_title_has_them(tmp_path: Path) -> None:
+    catalog = Catalog.from_columns(
+        item_ids=[1, 2, 3, 4],
+        titles=["Trail Running Shoes - Red", "Road Running Shoes", "Trail Mix", "No-Show Socks"],
+    )
+    fs = compile_filters(catalog, [AttributeFilter("title_words", any_of=("TRAIL",))])
+    assert catalog.item_ids[fs.mask].tolist() == [1, 3]
+    both = [
+        AttributeFilter("title_words", any_of=("trail",)),
+        AttributeFilter("title_words", any_of=("running shoes",)),
+    ]
+    assert catalog.item_ids[compile_filters(catalog, both).mask].tolist() == [1]
+    either = [AttributeFilter("title_words", any_of=("mix", "no-show"))]
+    assert catalog.item_ids[compile_filters(catalog, either).mask].tolist() == [3, 4]
+    nothing = [AttributeFilter("title_words", any_of=("boats",))]
+    assert not compile_filters(catalog, nothing).mask.any()
+    with pytest.raises(InvalidArgument) as err:
+        compile_filters(catalog, [AttributeFilter("title_words", none_of=("trail",))])
+    assert err.value.field_path == "filters[0].any_of"
+
+
 def test_unknown_value_matches_nothing(catalog: Catalog) -> None:
     fs = compile_filters(catalog, [AttributeFilter("category", any_of=("boats",))])
     assert fs.mask is not None and not fs.mask.any()

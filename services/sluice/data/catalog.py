@@ -8,6 +8,8 @@ ids to rows.
 from __future__ import annotations
 
 import json
+import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,16 @@ import numpy as np
 
 UNKNOWN = "unknown"
 STRING_ATTRIBUTES = ("category", "brand", "color")
+WORD_ATTRIBUTES = ("title_words",)  # values are words; an item matches one its title has
 NUMERIC_ATTRIBUTES = ("price_cents",)
 BOOL_ATTRIBUTES = ("in_stock",)
-FILTERABLE = STRING_ATTRIBUTES + NUMERIC_ATTRIBUTES + BOOL_ATTRIBUTES
+FILTERABLE = STRING_ATTRIBUTES + WORD_ATTRIBUTES + NUMERIC_ATTRIBUTES + BOOL_ATTRIBUTES
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """The lower-case words of a title or of a title-word filter's value."""
+    return _WORD.findall(text.lower())
 
 
 @dataclass
@@ -38,6 +47,8 @@ class Catalog:
     color_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     colors: list[str] = field(default_factory=list)
     index: RowIndex = field(init=False, repr=False)
+    _title_words: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
+    _title_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -98,6 +109,21 @@ class Catalog:
 
     def color_of(self, row: int) -> str:
         return self.colors[self.color_codes[row]]
+
+    def rows_with_words(self, text: str) -> np.ndarray:
+        """Rows whose title has every word of ``text`` (any case), in row order. The index
+        of title words is built on first use (a few seconds at a million items)."""
+        index = self._title_words
+        if index is None:
+            with self._title_lock:
+                if self._title_words is None:
+                    self._title_words = _word_index(self.titles)
+                index = self._title_words
+        found: np.ndarray | None = None
+        for word in words(text) or [""]:
+            rows = index.get(word, np.zeros(0, np.int64))
+            found = rows if found is None else np.intersect1d(found, rows, assume_unique=True)
+        return found if found is not None else np.zeros(0, np.int64)
 
     def values_of(self, attribute: str) -> tuple[list[str], np.ndarray]:
         """A string attribute's vocabulary and each row's code into it."""
@@ -184,6 +210,22 @@ class Catalog:
             color_codes=color_codes,
             colors=color_vocab,
         )
+
+
+def _word_index(titles: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each title word's rows, sorted."""
+    vocab: dict[str, int] = {}
+    word_ids: list[int] = []
+    rows: list[int] = []
+    for row, title in enumerate(titles):
+        for w in set(words(title)):
+            word_ids.append(vocab.setdefault(w, len(vocab)))
+            rows.append(row)
+    ids, at = np.asarray(word_ids, np.int64), np.asarray(rows, np.int64)
+    order = np.lexsort((at, ids))
+    ids, at = ids[order], at[order]
+    bounds = np.searchsorted(ids, np.arange(len(vocab) + 1))
+    return {w: at[bounds[i] : bounds[i + 1]] for w, i in vocab.items()}
 
 
 def _encode(values: Sequence[str]) -> tuple[list[str], np.ndarray]:

@@ -14,6 +14,7 @@ from sluice.data.catalog import (
     FILTERABLE,
     NUMERIC_ATTRIBUTES,
     STRING_ATTRIBUTES,
+    WORD_ATTRIBUTES,
     Catalog,
 )
 
@@ -75,7 +76,15 @@ def validate(filters: Sequence[AttributeFilter], prefix: str = "filters") -> Non
                 f"unknown filter field {f.field!r}; known fields: {', '.join(FILTERABLE)}",
                 field_path=f"{where}.field",
             )
-        if f.field in STRING_ATTRIBUTES:
+        if f.field in WORD_ATTRIBUTES:
+            if not f.any_of or f.none_of or f.min is not None or f.max is not None:
+                raise InvalidArgument(
+                    f"filter on {f.field!r} needs any_of words (and nothing else)",
+                    field_path=f"{where}.any_of",
+                )
+            if f.equals is not None:
+                raise InvalidArgument(f"{f.field!r} takes words: use any_of", field_path=where)
+        elif f.field in STRING_ATTRIBUTES:
             if bool(f.any_of) == bool(f.none_of):
                 raise InvalidArgument(
                     f"filter on {f.field!r} needs any_of or none_of values (one of them)",
@@ -107,7 +116,12 @@ def compile_filters(catalog: Catalog, filters: Sequence[AttributeFilter]) -> Fil
         return FilterSet()
     mask = np.ones(len(catalog), dtype=bool)
     for f in filters:
-        if f.field in STRING_ATTRIBUTES:
+        if f.field in WORD_ATTRIBUTES:
+            hit = np.zeros(len(catalog), dtype=bool)
+            for value in f.any_of:
+                hit[catalog.rows_with_words(value)] = True
+            mask &= hit
+        elif f.field in STRING_ATTRIBUTES:
             names, codes = catalog.values_of(f.field)
             values = f.any_of or f.none_of
             wanted = [names.index(v) for v in values if v in names]
