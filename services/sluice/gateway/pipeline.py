@@ -36,6 +36,8 @@ from sluice.core.stage import Retriever, StageResult, run_stage
 from sluice.data.catalog import Catalog
 from sluice.data.filters import MAX_FILTERS, AttributeFilter, validate
 from sluice.domain import (
+    MAX_BOOSTS,
+    Boost,
     Budget,
     Cancellation,
     Candidates,
@@ -50,6 +52,7 @@ from sluice.experiments import REQUESTS as EXPERIMENT_REQUESTS
 from sluice.experiments import Assignment, ExperimentsWatcher
 from sluice.gateway.blurbs import Blurbs
 from sluice.gateway.explain import Explainer, Reason
+from sluice.gateway.refine import Sessions, Turn
 from sluice.gateway.shadow import ShadowArms
 from sluice.gateway.tokens import PageTokens
 from sluice.rules import (
@@ -148,6 +151,8 @@ class PageResult:
     """(experiment, arm) of each experiment this page was served in."""
     experiments_version: str = ""
     """Version of the experiments file in force ("": no experiments file)."""
+    refinement: Turn | None = None
+    """What a session's turn searched (a search with a session id); else None."""
 
 
 @dataclass
@@ -163,6 +168,9 @@ class _Request:
     include_age_restricted: bool = False
     explain: bool = False  # how the page is shown, not what it holds: not in the fingerprint
     blurbs: bool = False  # the same
+    anchor_item_id: int = 0  # a session's anchor: its vector pulls the query's; off the page
+    boosts: tuple[Boost, ...] = ()  # a session's (its topic), after the merchant's
+    query_embedding: np.ndarray | None = None  # None: the query's own
 
     def fingerprint(self) -> str:
         key = json.dumps(
@@ -174,6 +182,8 @@ class _Request:
                 self.context_item_id,
                 repr(self.filters),
                 self.include_age_restricted,
+                self.anchor_item_id,
+                repr(self.boosts),
             ]
         )
         return hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -239,6 +249,8 @@ class Gateway:
     """The experiments in force (:mod:`sluice.experiments`); None: no experiments."""
     shadow: ShadowArms | None = None
     """Scores shadow arms off the request path; None: shadow arms are not scored."""
+    sessions: Sessions | None = None
+    """Search sessions whose turns refine the last result; None: no session_id accepted."""
 
     # -- entry points ---------------------------------------------------------------
     def search(
@@ -254,12 +266,14 @@ class Gateway:
         include_age_restricted: bool = False,
         explain: bool = False,
         blurbs: bool = False,
+        session_id: str = "",
     ) -> PageResult:
         """A page of results for ``query``; ``deadline_s`` None: the default budget. Once
         ``cancellation`` is set (the caller went away) the stage call in flight is cancelled
         and no further stage runs. ``include_age_restricted``: the storefront verified the
         shopper's age, so the rules' age-restricted categories may show. ``explain``: give
-        each item its reason; ``blurbs``: its blurb."""
+        each item its reason; ``blurbs``: its blurb. ``session_id``: the query is a turn of
+        that search session (:mod:`sluice.gateway.refine`)."""
         if not query.strip():
             raise InvalidArgument("query must not be empty", field_path="query")
         if len(query) > self.limits.max_query_chars:
@@ -267,7 +281,20 @@ class Gateway:
                 f"query is longer than {self.limits.max_query_chars} characters", field_path="query"
             )
         start = time.perf_counter()
-        query = query.strip()
+        text = query = query.strip()
+        turn = None
+        if session_id:
+            if self.sessions is None:
+                raise InvalidArgument("this gateway keeps no sessions", field_path="session_id")
+            turn = self.sessions.turn(user_id, session_id, text, paging=bool(page_token))
+            query = turn.query
+            if len(filters) + len(turn.filters) > MAX_FILTERS:
+                raise InvalidArgument(
+                    f"at most {MAX_FILTERS - len(turn.filters)} filters in this session: its "
+                    "refinements take the rest",
+                    field_path="filters",
+                )
+            filters += turn.filters
         rules = self.rules.current if self.rules is not None else None
         if rules is not None:
             decision = rules.query(query)
@@ -284,8 +311,17 @@ class Gateway:
             include_age_restricted=include_age_restricted,
             explain=explain,
             blurbs=blurbs,
+            anchor_item_id=turn.anchor_item_id if turn is not None else 0,
+            boosts=turn.boosts if turn is not None else (),
+            query_embedding=turn.query_embedding if turn is not None else None,
         )
-        return self._run(req, deadline_s, cancellation)
+        result = self._run(req, deadline_s, cancellation)
+        if turn is not None and self.sessions is not None:
+            result.refinement = turn
+            if not page_token:  # the turn's first page is what "the second one" points at
+                page = result.candidates.item_ids.tolist()
+                self.sessions.save(user_id, session_id, text, turn, page)
+        return result
 
     def recommend(
         self,
@@ -379,8 +415,9 @@ class Gateway:
         suppressed = self.users.suppressed(req.user_id) if req.user_id else np.zeros(0, np.int64)
         search = req.kind is RequestKind.SEARCH
         exclude = suppressed if search else np.union1d(history, suppressed)
-        if req.context_item_id:
-            exclude = np.union1d(exclude, [req.context_item_id])
+        for anchor in (req.context_item_id, req.anchor_item_id):
+            if anchor:
+                exclude = np.union1d(exclude, [anchor])
         rules = self._rules_for(req)
         filters = req.filters
         if rules is not None:  # blocked items first: they must survive the cut below
@@ -403,14 +440,20 @@ class Gateway:
             kind=req.kind,
             surface=req.surface,
             query=req.query,
-            query_embedding=self.encode_query(req.query) if req.query else None,
+            query_embedding=(
+                req.query_embedding
+                if req.query_embedding is not None
+                else self.encode_query(req.query)
+                if req.query
+                else None
+            ),
             history_item_ids=history,
             context_item_id=req.context_item_id,
             filters=filters,
             exclude_item_ids=exclude.astype(np.int64),
             build_id=self.build_id,
             pins=rules.pins if rules is not None else (),
-            boosts=rules.boosts if rules is not None else (),
+            boosts=(rules.boosts + req.boosts)[:MAX_BOOSTS] if rules is not None else req.boosts,
             rerank=assignment.rerank,
         )
         reports: list[StageReport] = []

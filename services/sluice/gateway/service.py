@@ -16,7 +16,12 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from sluice.artifacts import Artifacts
 from sluice.builds import LoadedBuilds, build_id_of, resolve
 from sluice.config import GatewaySettings
-from sluice.convert import filters_from_proto, item_filters_from_proto, report_to_proto
+from sluice.convert import (
+    filters_from_proto,
+    item_filters_from_proto,
+    item_filters_to_proto,
+    report_to_proto,
+)
 from sluice.core.auth import channel_credentials
 from sluice.core.errors import InvalidArgument, SluiceError, Unavailable
 from sluice.core.server import ServiceSpec, caller_timeout_s
@@ -38,6 +43,7 @@ from sluice.gateway.pipeline import (
     PageResult,
     QueryEncoder,
 )
+from sluice.gateway.refine import Refiner, Sessions, Turn
 from sluice.gateway.shadow import ShadowArms
 from sluice.gateway.stages import GrpcStage, LocalStage, StageClient
 from sluice.gateway.tokens import PageTokens
@@ -115,6 +121,18 @@ def page_response(result: PageResult, view: int) -> dict[str, Any]:
     }
 
 
+def refinement_to_proto(turn: Turn | None) -> storefront_pb2.SearchRefinement | None:
+    if turn is None:
+        return None
+    return storefront_pb2.SearchRefinement(
+        query=turn.query,
+        item_filters=item_filters_to_proto(turn.filters),
+        anchor_item_id=turn.anchor_item_id,
+        applied=turn.applied,
+        turn=turn.turn,
+    )
+
+
 def blurbs_for(
     settings: GatewaySettings, artifacts: Artifacts, encode: Callable[[Any], Any]
 ) -> Blurbs:
@@ -170,11 +188,13 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             include_age_restricted=request.include_age_restricted,
             explain=view != storefront_pb2.PAGE_VIEW_UNSPECIFIED,
             blurbs=request.include_blurbs,
+            session_id=request.session_id,
         )
         return storefront_pb2.SearchResponse(
             **page_response(result, view),
             searched_query=result.searched_query,
             query_blocked=result.query_blocked,
+            refinement=refinement_to_proto(result.refinement),
         )
 
     def Recommend(  # noqa: N802
@@ -314,11 +334,12 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         stages: Mapping[StageName, StageClient] = (
             remote if settings.stages == "grpc" else local_stages(settings, build, closers)
         )
+        query = QueryEncoder(encoder.encode)
         gateway = Gateway(
             stages,
             artifacts.catalog,
             UserHistory.from_artifacts(artifacts, state[0]),
-            QueryEncoder(encoder.encode),
+            query,
             GatewayLimits.from_settings(settings),
             tokens,
             # with the stages in this process recall cannot be down on its own
@@ -331,6 +352,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             blurbs=blurbs_for(settings, artifacts, encoder.encode),
             experiments=experiments,
             shadow=shadow[0] if shadow else None,
+            sessions=Sessions(Refiner.from_artifacts(artifacts, query), state[0]),
         )
         gateway.encode_query("warm up")
         if first.is_set() and settings.stages == "grpc":
