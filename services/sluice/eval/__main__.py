@@ -1,4 +1,4 @@
-"""``python -m sluice.eval {recommend,search,blurbs} --data DIR``: quality of the served cascade.
+"""``python -m sluice.eval {recommend,search,blurbs,refine}``: quality of the served cascade.
 
 * ``recommend`` — leave-one-out by time on an interaction dataset (amazon-beauty
   layout): the holdout build, the offline models in process, every test
@@ -10,6 +10,8 @@
   (:mod:`sluice.eval.search`).
 * ``blurbs`` — labelled queries: how often a blurb holds a query word that the item's
   title lacks, against the item's first sentence (:mod:`sluice.eval.blurbs`).
+* ``refine`` — multi-turn refinement tasks on the generated shop, through search sessions
+  (:mod:`sluice.eval.refine`); ``--artifacts`` names the build, not a dataset.
 
 Builds are cached under ``var/eval/<dataset>/`` and reused; ``--rebuild``
 forces a new one. Reports go to ``var/eval/<dataset>/*-report.json``.
@@ -22,6 +24,8 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from sluice import paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--data", type=Path, required=True, help="dataset directory")
     b.add_argument("--out", type=Path, help="evaluation folder (default var/eval/<dataset>)")
 
+    f = sub.add_parser("refine", help="multi-turn refinement tasks through search sessions")
+    f.add_argument(
+        "--artifacts",
+        type=Path,
+        default=paths.default_artifacts(),
+        help="a build of the generated shop (sluice build), made with its colours",
+    )
+    f.add_argument("--tasks", type=int, default=300)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", type=Path, help="the report (default: beside the artifacts)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)
@@ -138,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 build_kwargs=_build_kwargs(args),
             )
         )
+    elif args.task == "refine":
+        from sluice.eval.refine import run_refine
+
+        run_refine(args.artifacts, args.tasks, args.seed, args.out)
     elif args.task == "blurbs":
         from sluice.eval.blurbs import run_blurbs
         from sluice.eval.served import eval_dir

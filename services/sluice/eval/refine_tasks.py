@@ -21,6 +21,7 @@ import numpy as np
 
 from sluice.data.catalog import UNKNOWN, Catalog
 from sluice.data.synthetic import DEPARTMENTS, DESCRIPTORS
+from sluice.rerank.engine import RerankConfig, title_key
 
 KINDS = ("cheaper", "under_price", "color", "not_brand", "like_nth", "add_word")
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
@@ -95,9 +96,9 @@ def _render(template: str, c: Constraint) -> str:
 
 
 def generate_tasks(catalog: Catalog, count: int = 300, seed: int = 0) -> list[Task]:
-    """``count`` tasks on the catalog's categories, each feasible: at least 10 items of the
-    topic satisfy every constraint that the catalog alone decides (price, colour, brand,
-    word). Half have one follow-up, half two."""
+    """``count`` tasks on the catalog's categories, each feasible: a page can hold 10
+    in-stock items of the topic (:func:`_showable`) that satisfy every constraint the catalog
+    alone decides (price, colour, brand, word). Half have one follow-up, half two."""
     rng = random.Random(seed)
     nouns = _nouns()
     cat_of = np.asarray([catalog.category_of(r) for r in range(len(catalog))])
@@ -106,7 +107,7 @@ def generate_tasks(catalog: Catalog, count: int = 300, seed: int = 0) -> list[Ta
     categories = sorted(c for c in set(cat_of.tolist()) if c in nouns)
     while len(tasks) < count:
         category = rng.choice(categories)
-        rows = np.flatnonzero(cat_of == category)
+        rows = np.flatnonzero((cat_of == category) & catalog.in_stock)  # what pages may show
         noun = rng.choice(nouns[category])
         query = noun.lower()
         turns = 1 + (len(tasks) % 2)
@@ -118,14 +119,24 @@ def generate_tasks(catalog: Catalog, count: int = 300, seed: int = 0) -> list[Ta
             if c is None:
                 break
             constraints.append(c)
-        if len(constraints) < turns or len(keep) < 10:
-            continue  # infeasible on this topic: draw again
+        if len(constraints) < turns or _showable(catalog, keep, titles) < 10:
+            continue  # a page could not hold 10 of the topic's items: draw again
         texts = {
             split: tuple(_render(rng.choice(by_kind[c.kind]), c) for c in constraints)
             for split, by_kind in TEMPLATES.items()
         }
         tasks.append(Task(len(tasks), category, query, tuple(constraints), texts))
     return tasks
+
+
+def _showable(catalog: Catalog, rows: np.ndarray, titles: list[str]) -> int:
+    """How many of ``rows`` one page may show: one variant per title, and at most the
+    re-ranking stage's brand cap of each brand."""
+    products: dict[int, set[str]] = {}
+    for r in rows.tolist():
+        products.setdefault(int(catalog.brand_codes[r]), set()).add(title_key(titles[r]))
+    cap = RerankConfig().max_per_brand or len(rows)
+    return sum(min(len(p), cap) for p in products.values())
 
 
 def _constraint(
