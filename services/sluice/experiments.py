@@ -27,6 +27,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +134,15 @@ def read_experiments(path: Path) -> ExperimentsFile:
         raise ExperimentsError(
             f"experiments file {path}: {where}: {first['msg']} ({err.error_count()} errors)"
         ) from err
+
+
+def write_experiments(path: Path, spec: dict[str, object]) -> None:
+    """Write an experiments file atomically (validated first), so that a gateway re-reading
+    it never sees half a file."""
+    ExperimentsFile.model_validate(spec)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(spec, indent=2))
+    os.replace(tmp, path)
 
 
 def bucket(salt: str, user_id: str, total: int) -> int:

@@ -21,6 +21,7 @@ from sluice.experiments import (
     ExperimentsFile,
     ExperimentsWatcher,
     read_experiments,
+    write_experiments,
 )
 
 USERS = [f"user-{i}" for i in range(10_000)]
@@ -131,6 +132,18 @@ def test_the_watcher_swaps_a_new_file_and_keeps_the_old_on_a_bad_one(tmp_path: P
     path.write_text("{not json")
     assert not watcher.check() and watcher.current.version == "v2"
     assert RELOADS.labels("error")._value.get() == errors + 1
+
+
+def test_write_experiments_refuses_a_bad_file_and_the_example_is_valid(tmp_path: Path) -> None:
+    path = tmp_path / "experiments.json"
+    write_experiments(path, spec())
+    assert read_experiments(path).version == "v1"
+    with pytest.raises(ValueError):
+        write_experiments(path, spec() | {"version": ""})
+    assert read_experiments(path).version == "v1"  # the file in force is untouched
+    example = read_experiments(Path(__file__).parents[2] / "deploy/experiments/example.json")
+    (mmr,) = example.experiments
+    assert [a.name for a in mmr.arms] == ["control", "lambda-07"] and mmr.shadow is not None
 
 
 def test_overrides_cross_the_wire_and_bad_ones_are_invalid_argument() -> None:

@@ -8,6 +8,7 @@
     sluice bench flops    --artifacts DIR                             matmul peak vs the ranker
     sluice bench encoder  --artifacts DIR                             query encoder: torch vs ONNX
     sluice bench shards   --artifacts DIR [--counts 1,2,4]            sharded vs whole recall
+    sluice bench shadow   --artifacts DIR                             latency with a shadow arm
 
 The ANN index comparison is ``python -m sluice.bench.ann`` (its own module).
 """
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from sluice.bench import compare, edge, encoder, flops, load, overload, shards
+    from sluice.bench import compare, edge, encoder, flops, load, overload, shadow, shards
 
     ap = parser or argparse.ArgumentParser(prog="sluice bench", description=__doc__)
     sub = ap.add_subparsers(dest="bench", required=True)
@@ -49,6 +50,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     hp = sub.add_parser("shards", help="sharded recall vs the whole catalog's: overlap, latency")
     shards.add_shards_args(hp)
     hp.set_defaults(bench_fn=shards.shards_main)
+    wp = sub.add_parser("shadow", help="Recommend latency with and without a shadow arm")
+    shadow.add_shadow_args(wp)
+    wp.set_defaults(bench_fn=shadow.shadow_main)
     return ap
 
 
