@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from sluice.artifacts import Artifacts
+from sluice.experiments import write_experiments
 from sluice.launch import Cluster
 from sluice.rules import write_rules
 from sluice.v1 import storefront_pb2, storefront_pb2_grpc
@@ -81,8 +82,9 @@ def rules_path(tmp_path_factory: pytest.TempPathFactory, blocks: Blocks) -> Path
     return path
 
 
-# An A/A experiment (both arms keep the stage's settings, so the rules tests see the pages
-# they would see without it) with a shadow arm: what the experiments test reads over gRPC.
+# The gateway watches an experiments file that holds none but while the experiments test
+# runs: an A/A experiment (both arms keep the stage's settings) with a shadow arm.
+NO_EXPERIMENTS = {"version": "off", "experiments": []}
 EXPERIMENTS = {
     "version": "aa-1",
     "experiments": [
@@ -102,18 +104,24 @@ def shadow_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def experiments_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("experiments") / "experiments.json"
+    write_experiments(path, NO_EXPERIMENTS)
+    return path
+
+
+@pytest.fixture(scope="module")
 def ruled(
     tiny_artifacts: Artifacts,
     tmp_path_factory: pytest.TempPathFactory,
     rules_path: Path,
     shadow_dir: Path,
+    experiments_path: Path,
 ) -> Iterator[Cluster]:
-    experiments = tmp_path_factory.mktemp("experiments") / "experiments.json"
-    experiments.write_text(json.dumps(EXPERIMENTS))
     env = {
         "SLUICE_GATEWAY_RULES_FILE": str(rules_path),
         "SLUICE_GATEWAY_RULES_POLL_S": "0.2",
-        "SLUICE_GATEWAY_EXPERIMENTS_FILE": str(experiments),
+        "SLUICE_GATEWAY_EXPERIMENTS_FILE": str(experiments_path),
         "SLUICE_GATEWAY_SHADOW_LOG_DIR": str(shadow_dir),
     }
     yield from running_cluster(tiny_artifacts, tmp_path_factory.mktemp("ruled"), extra_env=env)
@@ -291,6 +299,26 @@ def _wait_for_metric(cluster: Cluster, line: str, timeout_s: float = 20.0) -> No
             return
 
 
+def _serving_experiments(stub: storefront_pb2_grpc.StorefrontServiceStub, version: str) -> None:
+    """Wait until the gateway serves the experiments file of ``version``."""
+    deadline = time.monotonic() + 20
+    request = storefront_pb2.SearchRequest(query="shoes", page_size=1)
+    while (served := stub.Search(request).experiments_version) != version:
+        assert time.monotonic() < deadline, f"the gateway serves {served!r}, not {version!r}"
+
+
+@pytest.fixture
+def aa_experiment(ruled: Cluster, experiments_path: Path) -> Iterator[None]:
+    """The A/A experiment in force for one test, and none again after it."""
+    stub = _stub(ruled)
+    write_experiments(experiments_path, EXPERIMENTS)
+    _serving_experiments(stub, "aa-1")
+    yield
+    write_experiments(experiments_path, NO_EXPERIMENTS)
+    _serving_experiments(stub, "off")
+
+
+@pytest.mark.usefixtures("aa_experiment")
 def test_experiment_arms_are_echoed_stable_and_the_shadow_is_logged(
     ruled: Cluster, tiny_artifacts: Artifacts, shadow_dir: Path
 ) -> None:
