@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from sluice.artifacts import Artifacts
@@ -80,6 +81,14 @@ def check_report(report: dict[str, Any], tiny_artifacts: Artifacts, item: int) -
     for shown, blurb in zip(basic["item_ids"], basic["blurbs"], strict=True):
         own = item_sentences(catalog, catalog.row(int(shown)))  # brand and category here
         assert blurb and all(part in own for part in blurb.replace(". ", ".\n").split("\n"))
+    session = report["session"]
+    refinement = session["refinement"]
+    assert session["first_turn"] == 1 and refinement["turn"] == 2
+    assert session["searched_query"] == "shoes" and refinement["query"] == "shoes"
+    (bound,) = [f["price_cents"]["max"] for f in refinement["item_filters"]]  # int64: a string
+    first = catalog.price_cents[catalog.rows([int(i) for i in session["first"]])]
+    refined = catalog.price_cents[catalog.rows([int(i) for i in session["refined"]])]
+    assert session["refined"] and int(bound) < np.median(first) and refined.max() <= int(bound)
     assert report["track"] == ["EVENT_STATUS_ACCEPTED"]
     error = report["error"]
     assert error["code"] == "INVALID_ARGUMENT"

@@ -98,6 +98,21 @@ async function main() {
   if (second.err) throw second.err;
   report.search_page_2 = second.response.page.item_ids;
 
+  // a search session: the follow-up refines the first page instead of starting over
+  const session = `node-session-${Date.now()}`;
+  const opening = await unary(client, "Search", { query: "shoes", page_size: 5, session_id: session });
+  if (opening.err) throw opening.err;
+  const followUp = await unary(client, "Search", {
+    query: "cheaper", page_size: 5, session_id: session });
+  if (followUp.err) throw followUp.err;
+  report.session = {
+    first: opening.response.page.item_ids,
+    first_turn: opening.response.refinement.turn,
+    refined: followUp.response.page.item_ids,
+    refinement: followUp.response.refinement,
+    searched_query: followUp.response.searched_query,
+  };
+
   const similar = await unary(client, "Recommend", {
     surface: "SURFACE_SIMILAR_ITEMS", context_item_id: itemId, page_size: 4 });
   if (similar.err) throw similar.err;
