@@ -79,8 +79,7 @@ def load_catalog(directory: Path) -> Catalog:
     ids: list[int] = []
     titles: list[str] = []
     extra: dict[str, list[str]] = {
-        k: []
-        for k in ("category", "brand", "color", "price_cents", "in_stock", "description")
+        k: [] for k in ("category", "brand", "color", "price_cents", "in_stock", "description")
     }
     with open(directory / "items.tsv", newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
