@@ -13,13 +13,17 @@ cheaper). What a turn understood becomes the session's constraints:
 - "not socks": an excluded category; "in stock": in-stock items only;
 - "more like the second one": that item of the last page is the anchor, which pulls the
   query's embedding toward its own (and leaves the page);
-- other words: added to the previous query, unless they name another product on their own
-  (a new topic: the session starts over with them);
+- other words: added to the previous query; a word that at least 10 titles of the
+  session's topic hold also narrows the result to titles with it ("lightweight"); words
+  that name another product on their own start a new topic (the session starts over with
+  them);
 - "start over", "new search": the session starts over.
 
 A later constraint of a kind replaces the earlier one (a new price bound, a new colour);
-exclusions add up. The session state lives in the online store (``session`` /
-``save_session``), keyed by the user and the session id.
+exclusions add up. The session's topic is the category of most of its first page; later
+turns boost it (``TOPIC_BOOST``), so that a filter does not fill the page from other
+categories while the topic still has items. The session state lives in the online store
+(``session`` / ``save_session``), keyed by the user and the session id.
 """
 
 from __future__ import annotations
