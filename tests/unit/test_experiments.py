@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from sluice.common.v1 import common_pb2
 from sluice.convert import context_from_proto, context_to_proto
@@ -138,7 +139,7 @@ def test_write_experiments_refuses_a_bad_file_and_the_example_is_valid(tmp_path:
     path = tmp_path / "experiments.json"
     write_experiments(path, spec())
     assert read_experiments(path).version == "v1"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValidationError, match="version"):
         write_experiments(path, spec() | {"version": ""})
     assert read_experiments(path).version == "v1"  # the file in force is untouched
     example = read_experiments(Path(__file__).parents[2] / "deploy/experiments/example.json")
