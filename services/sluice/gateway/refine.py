@@ -271,6 +271,7 @@ class Refiner:
         )
         self._topic_rows = np.arange(n) if sample is None else np.sort(sample)
         self._topic_vectors = item_vectors if sample is None else item_vectors[self._topic_rows]
+        catalog.rows_with_words("")  # the title-word index, built now rather than on a turn
 
     @classmethod
     def from_artifacts(cls, artifacts: Artifacts, encode: Callable[[str], np.ndarray]) -> Refiner:
