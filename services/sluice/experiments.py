@@ -27,15 +27,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sluice.core.watch import WatchedFile
+from sluice.core.watch import WatchedFile, read_json_file, write_json_file
 from sluice.domain import MAX_PER_BRAND, RerankOverrides
 
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -124,25 +122,11 @@ class ExperimentsError(ValueError):
 
 
 def read_experiments(path: Path) -> ExperimentsFile:
-    try:
-        return ExperimentsFile.model_validate_json(path.read_bytes())
-    except OSError as err:
-        raise ExperimentsError(f"cannot read the experiments file {path}: {err}") from err
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(the file)"
-        raise ExperimentsError(
-            f"experiments file {path}: {where}: {first['msg']} ({err.error_count()} errors)"
-        ) from err
+    return read_json_file(path, ExperimentsFile, "experiments", ExperimentsError)
 
 
 def write_experiments(path: Path, spec: dict[str, object]) -> None:
-    """Write an experiments file atomically (validated first), so that a gateway re-reading
-    it never sees half a file."""
-    ExperimentsFile.model_validate(spec)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(spec, indent=2))
-    os.replace(tmp, path)
+    write_json_file(path, spec, ExperimentsFile)
 
 
 def bucket(salt: str, user_id: str, total: int) -> int:

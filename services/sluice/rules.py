@@ -27,9 +27,7 @@ The file is JSON::
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -44,11 +42,10 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
-    ValidationError,
     model_validator,
 )
 
-from sluice.core.watch import WatchedFile
+from sluice.core.watch import WatchedFile, read_json_file, write_json_file
 from sluice.data.catalog import Catalog
 from sluice.data.filters import MAX_FILTER_VALUES, AttributeFilter, compile_filters
 from sluice.domain import (
@@ -179,16 +176,7 @@ class RulesError(ValueError):
 
 
 def read_rules(path: Path) -> RulesFile:
-    try:
-        return RulesFile.model_validate_json(path.read_bytes())
-    except OSError as err:
-        raise RulesError(f"cannot read the rules file {path}: {err}") from err
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(the file)"
-        raise RulesError(
-            f"rules file {path}: {where}: {first['msg']} ({err.error_count()} errors)"
-        ) from err
+    return read_json_file(path, RulesFile, "rules", RulesError)
 
 
 # -- what one request gets ----------------------------------------------------------------
@@ -434,8 +422,4 @@ class RulesWatcher(WatchedFile[RuleSet]):
 
 
 def write_rules(path: Path, spec: dict[str, object]) -> None:
-    """Write a rules file atomically (validated first): what an operator's tool would do."""
-    RulesFile.model_validate(spec)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(spec, indent=2))
-    os.replace(tmp, path)
+    write_json_file(path, spec, RulesFile)

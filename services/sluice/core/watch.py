@@ -9,6 +9,7 @@ changed file that does not load is logged and counted, and what is in force stay
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -17,9 +18,34 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger(__name__)
+
+
+def read_json_file(path: Path, model: type[M], what: str, error: type[ValueError]) -> M:
+    """The file validated as ``model``; ``error`` names the file and the first bad field."""
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except OSError as err:
+        raise error(f"cannot read the {what} file {path}: {err}") from err
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(the file)"
+        raise error(
+            f"{what} file {path}: {where}: {first['msg']} ({err.error_count()} errors)"
+        ) from err
+
+
+def write_json_file(path: Path, spec: dict[str, object], model: type[BaseModel]) -> None:
+    """Write ``spec`` atomically, validated as ``model`` first (what an operator's tool
+    would do), so that a process re-reading it never sees half a file."""
+    model.model_validate(spec)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(spec, indent=2))
+    os.replace(tmp, path)
 
 
 class WatchedFile(Generic[T]):
