@@ -189,6 +189,19 @@ class _Request:
         return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+def _with(
+    filters: tuple[AttributeFilter, ...], more: tuple[AttributeFilter, ...], whose: str
+) -> tuple[AttributeFilter, ...]:
+    """The request's filters and ``more``; INVALID_ARGUMENT on ``filters`` when together
+    they exceed what a stage accepts (``whose`` filters take the rest)."""
+    if len(filters) + len(more) > MAX_FILTERS:
+        raise InvalidArgument(
+            f"at most {MAX_FILTERS - len(more)} filters {whose} take the rest",
+            field_path="filters",
+        )
+    return filters + more
+
+
 def _scores_of(cands: Candidates, item_ids: np.ndarray) -> np.ndarray:
     """Each item's score in ``cands`` (NaN where the stage did not return it)."""
     out = np.full(len(item_ids), np.nan, dtype=np.float32)
@@ -288,13 +301,7 @@ class Gateway:
                 raise InvalidArgument("this gateway keeps no sessions", field_path="session_id")
             turn = self.sessions.turn(user_id, session_id, text, paging=bool(page_token))
             query = turn.query
-            if len(filters) + len(turn.filters) > MAX_FILTERS:
-                raise InvalidArgument(
-                    f"at most {MAX_FILTERS - len(turn.filters)} filters in this session: its "
-                    "refinements take the rest",
-                    field_path="filters",
-                )
-            filters += turn.filters
+            filters = _with(filters, turn.filters, "in this session: its refinements")
         rules = self.rules.current if self.rules is not None else None
         if rules is not None:
             decision = rules.query(query)
@@ -421,13 +428,7 @@ class Gateway:
         rules = self._rules_for(req)
         filters = req.filters
         if rules is not None:  # blocked items first: they must survive the cut below
-            if len(filters) + len(rules.filters) > MAX_FILTERS:
-                raise InvalidArgument(
-                    f"at most {MAX_FILTERS - len(rules.filters)} filters on this surface: the "
-                    "merchant's rules take the rest",
-                    field_path="filters",
-                )
-            filters += rules.filters
+            filters = _with(filters, rules.filters, "on this surface: the merchant's rules")
             exclude = np.concatenate(
                 [rules.exclude_item_ids, np.setdiff1d(exclude, rules.exclude_item_ids)]
             )
