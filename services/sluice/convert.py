@@ -19,11 +19,13 @@ from sluice.data.filters import (
 )
 from sluice.domain import (
     MAX_BOOSTS,
+    MAX_FUSION_BETA,
     MAX_PER_BRAND,
     MAX_PIN_POSITION,
     MAX_PINS,
     Boost,
     Candidates,
+    FineOverrides,
     Pin,
     RankContext,
     RequestKind,
@@ -209,6 +211,7 @@ def context_from_proto(msg: common_pb2.RankContext, field: str = "context") -> R
         pins=pins_from_proto(msg.pins, f"{field}.pins"),
         boosts=boosts_from_proto(msg.boosts, f"{field}.boosts"),
         rerank=overrides_from_proto(msg.rerank, f"{field}.rerank"),
+        fine=fine_overrides_from_proto(msg.fine, f"{field}.fine"),
     )
 
 
@@ -233,6 +236,17 @@ def overrides_to_proto(o: RerankOverrides) -> common_pb2.RerankOverrides:
         max_per_brand=o.max_per_brand,
         exposure_tail_share=o.exposure_tail_share,
     )
+
+
+def fine_overrides_from_proto(msg: common_pb2.FineOverrides, field: str) -> FineOverrides:
+    if not msg.HasField("fusion_beta"):
+        return FineOverrides()
+    beta = float(msg.fusion_beta)
+    if not (math.isfinite(beta) and 0.0 <= beta <= MAX_FUSION_BETA):
+        raise InvalidArgument(
+            f"a finite number from 0 to {MAX_FUSION_BETA:g}", field_path=f"{field}.fusion_beta"
+        )
+    return FineOverrides(beta)
 
 
 def pins_from_proto(pins: Sequence[common_pb2.ItemPin], field: str) -> tuple[Pin, ...]:
@@ -312,6 +326,7 @@ def context_to_proto(ctx: RankContext) -> common_pb2.RankContext:
         pins=pins_to_proto(ctx.pins),
         boosts=boosts_to_proto(ctx.boosts),
         rerank=overrides_to_proto(ctx.rerank),
+        fine=common_pb2.FineOverrides(fusion_beta=ctx.fine.fusion_beta),
     )
 
 

@@ -126,6 +126,17 @@ class Boost:
     category: str = ""
 
 
+MAX_FUSION_BETA = 100.0
+
+
+@dataclass(frozen=True)
+class FineOverrides:
+    """Fine-ranking settings one request asks for in place of the stage's own (an experiment
+    arm's); None keeps the stage's setting."""
+
+    fusion_beta: float | None = None  # 0 to MAX_FUSION_BETA
+
+
 @dataclass(frozen=True)
 class RerankOverrides:
     """Re-ranking settings one request asks for in place of the stage's own (an experiment
@@ -169,6 +180,8 @@ class RankContext:
     """The merchant's boosts for this request; re-ranking applies them."""
     rerank: RerankOverrides = field(default_factory=RerankOverrides)
     """Re-ranking settings of this request's experiment arms; re-ranking applies them."""
+    fine: FineOverrides = field(default_factory=FineOverrides)
+    """Fine-ranking settings of this request's experiment arms; fine ranking applies them."""
 
     @property
     def is_search(self) -> bool:

@@ -34,7 +34,7 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sluice.core.watch import WatchedFile, read_json_file, write_json_file
-from sluice.domain import MAX_PER_BRAND, RerankOverrides
+from sluice.domain import MAX_FUSION_BETA, MAX_PER_BRAND, FineOverrides, RerankOverrides
 
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 MAX_EXPERIMENTS = 20
@@ -58,14 +58,20 @@ class _Strict(BaseModel):
 
 
 class ArmSettings(_Strict):
-    """What an arm changes; unset fields keep the re-ranking stage's settings."""
+    """What an arm changes; unset fields keep the stages' settings."""
 
     diversity_lambda: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     max_per_brand: int | None = Field(None, ge=0, le=MAX_PER_BRAND)
     exposure_tail_share: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    fusion_beta: float | None = Field(None, ge=0.0, le=MAX_FUSION_BETA, allow_inf_nan=False)
 
     def overrides(self) -> RerankOverrides:
+        """The re-ranking stage's part."""
         return RerankOverrides(self.diversity_lambda, self.max_per_brand, self.exposure_tail_share)
+
+    def fine(self) -> FineOverrides:
+        """The fine-ranking stage's part."""
+        return FineOverrides(self.fusion_beta)
 
     def names(self) -> set[str]:
         return {k for k, v in self.model_dump().items() if v is not None}
@@ -90,6 +96,11 @@ class Experiment(_Strict):
             raise ValueError(f"experiment {self.name}: arm names must be unique")
         if sum(a.weight for a in self.arms) <= 0:
             raise ValueError(f"experiment {self.name}: the arms' weights add up to 0")
+        if self.shadow is not None and self.shadow.settings.fusion_beta is not None:
+            raise ValueError(
+                f"experiment {self.name}: a shadow arm re-ranks the served candidates again, "
+                "so it may change re-ranking settings only (not fusion_beta)"
+            )
         return self
 
     def settings_names(self) -> set[str]:
@@ -141,6 +152,7 @@ class Assignment:
 
     arms: tuple[tuple[str, str], ...] = ()  # (experiment, arm)
     rerank: RerankOverrides = field(default_factory=RerankOverrides)
+    fine: FineOverrides = field(default_factory=FineOverrides)
     shadows: tuple[tuple[str, str, RerankOverrides], ...] = ()  # (experiment, arm, settings)
 
 
@@ -177,9 +189,8 @@ class ExperimentSet:
             settings |= {k: v for k, v in arm.settings.model_dump().items() if v is not None}
             if e.shadow is not None:
                 shadows.append((e.name, e.shadow.name, e.shadow.settings.overrides()))
-        return Assignment(
-            tuple(arms), ArmSettings.model_validate(settings).overrides(), tuple(shadows)
-        )
+        merged = ArmSettings.model_validate(settings)
+        return Assignment(tuple(arms), merged.overrides(), merged.fine(), shadows=tuple(shadows))
 
 
 class ExperimentsWatcher(WatchedFile[ExperimentSet]):

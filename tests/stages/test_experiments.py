@@ -15,6 +15,8 @@ from sluice.artifacts import Artifacts
 from sluice.domain import StageName
 from sluice.embed.text import MiniLMEncoder
 from sluice.experiments import ExperimentsWatcher
+from sluice.fine.engine import FineEngine
+from sluice.fine.fusion import FusionWeights
 from sluice.gateway.pipeline import Gateway, QueryEncoder
 from sluice.gateway.shadow import SHADOW_PAGES, ShadowArms
 from sluice.gateway.stages import LocalStage
@@ -106,6 +108,39 @@ def test_each_user_is_served_by_their_arm(
         differs += arm == "relevance" and expected != page(control, user)
     assert {"control", "relevance"} == set(arms)
     assert differs > 0  # the arm's settings changed some pages: the check above can fail
+
+
+def test_a_fusion_arm_is_served_as_the_fine_stage_with_its_beta(
+    local_stages: dict[StageName, LocalStage],
+    tiny_artifacts: Artifacts,
+    encoder: MiniLMEncoder,
+    tmp_path: Path,
+) -> None:
+    a = tiny_artifacts
+    path = tmp_path / "fusion.json"
+    arms = [{"name": "build"}, {"name": "alone", "settings": {"fusion_beta": 0.0}}]
+    path.write_text(
+        json.dumps({"version": "f", "experiments": [{"name": "fusion", "salt": "f", "arms": arms}]})
+    )
+    experimented = gateway(local_stages, a, encoder, ExperimentsWatcher(path))
+    fine: FineEngine = local_stages[StageName.FINE_RANK].engine
+    assert fine.fusion.beta(False) != 0.0  # else both arms would serve the same pages
+    alone = FineEngine(fine.catalog, fine.backend, FusionWeights(0.0, 0.0))
+    ranker_alone = gateway(
+        dict(local_stages) | {StageName.FINE_RANK: LocalStage(StageName.FINE_RANK, alone)},
+        a,
+        encoder,
+    )
+    control = gateway(local_stages, a, encoder)
+    seen, differs = set(), 0
+    for user in a.users()[0][:30]:
+        result = experimented.recommend(user_id=user, page_size=10)
+        arm = dict(result.experiment_arms)["fusion"]
+        seen.add(arm)
+        expected = page(ranker_alone if arm == "alone" else control, user)
+        assert result.candidates.item_ids.tolist() == expected
+        differs += arm == "alone" and expected != page(control, user)
+    assert seen == {"build", "alone"} and differs > 0
 
 
 def test_the_shadow_arm_is_logged_beside_the_served_page(

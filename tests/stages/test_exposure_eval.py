@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from sluice.artifacts import Artifacts
+from sluice.domain import FineOverrides, RerankOverrides
 from sluice.eval.arms import arms_section, paired_difference
 from sluice.eval.exposure import exposure_section
+from sluice.eval.replay import record_rerank_inputs, replay
 from sluice.eval.served import RecommendSplit
 
 
@@ -80,6 +82,20 @@ def test_arms_replay_reports_a_paired_difference(tiny_artifacts: Artifacts, tmp_
         assert d["difference"] == pytest.approx(tail - control, abs=1e-9)
     with pytest.raises(ValueError, match="arms"):
         arms_section(split, users, path, "mmr", ("control", "missing"))
+
+
+def test_a_fusion_arm_replays_the_fine_stage(tiny_artifacts: Artifacts) -> None:
+    """An arm's fusion_beta runs fine ranking again on its recorded input: the build's own
+    beta gives the served pages back, the ranker alone (beta 0) changes some."""
+    split = _split(tiny_artifacts)
+    users = np.arange(0, len(split.user_ids), len(split.user_ids) // 40)
+    recorded = record_rerank_inputs(split, users)
+    own = recorded.fine_engine.fusion.beta(False)
+    assert own != 0.0  # else the check below could not fail
+    same = replay(split, recorded, RerankOverrides(), fine=FineOverrides(own))
+    assert all(np.array_equal(a, b) for a, b in zip(same, recorded.pages, strict=True))
+    alone = replay(split, recorded, RerankOverrides(), fine=FineOverrides(0.0))
+    assert any(not np.array_equal(a, b) for a, b in zip(alone, recorded.pages, strict=True))
 
 
 def test_paired_difference() -> None:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from sluice.common.v1 import common_pb2
 from sluice.convert import context_from_proto, context_to_proto
 from sluice.core.errors import InvalidArgument
-from sluice.domain import RankContext, RerankOverrides
+from sluice.domain import FineOverrides, RankContext, RerankOverrides
 from sluice.experiments import (
     RELOADS,
     ExperimentsError,
@@ -89,6 +89,13 @@ def test_an_arm_s_settings_and_the_shadow_reach_the_assignment() -> None:
     assert a.rerank == RerankOverrides(diversity_lambda=0.7, max_per_brand=1)
     assert a.shadows == (("mmr", "tail", RerankOverrides(exposure_tail_share=0.4)),)
     assert a.rerank.config_changes() == {"diversity_lambda": 0.7, "max_per_brand": 1}
+    assert a.fine == FineOverrides()
+
+
+def test_a_fusion_arm_reaches_the_fine_stage_s_part_of_the_assignment() -> None:
+    fusion = spec(arms=[{"name": "ranker-alone", "settings": {"fusion_beta": 0.0}}])
+    a = ExperimentSet(ExperimentsFile.model_validate(fusion)).assign("anyone")
+    assert a.fine == FineOverrides(fusion_beta=0.0) and a.rerank == RerankOverrides()
 
 
 @pytest.mark.parametrize(
@@ -102,6 +109,11 @@ def test_an_arm_s_settings_and_the_shadow_reach_the_assignment() -> None:
         ({"arms": [{"name": "a", "settings": {"max_per_brand": 101}}]}, "max_per_brand"),
         ({"arms": [{"name": "a", "settings": {"colour": "red"}}]}, "colour"),
         ({"arms": []}, "experiments.0.arms"),
+        ({"arms": [{"name": "a", "settings": {"fusion_beta": -1}}]}, "fusion_beta"),
+        (
+            {"shadow": {"name": "s", "settings": {"fusion_beta": 2.0}}},
+            "re-ranking settings only",
+        ),
     ],
 )
 def test_a_bad_file_names_what_is_wrong(tmp_path: Path, change: dict[str, Any], where: str) -> None:
@@ -163,3 +175,11 @@ def test_overrides_cross_the_wire_and_bad_ones_are_invalid_argument() -> None:
         with pytest.raises(InvalidArgument) as err:
             context_from_proto(msg)
         assert err.value.field_path == f"context.rerank.{name}"
+    fine = RankContext(fine=FineOverrides(fusion_beta=0.0))
+    assert context_from_proto(context_to_proto(fine)).fine == FineOverrides(0.0)
+    assert context_from_proto(context_to_proto(RankContext())).fine == FineOverrides()
+    for beta in (float("nan"), float("inf"), -0.5, 100.5):
+        msg = common_pb2.RankContext(fine=common_pb2.FineOverrides(fusion_beta=beta))
+        with pytest.raises(InvalidArgument) as err:
+            context_from_proto(msg)
+        assert err.value.field_path == "context.fine.fusion_beta"

@@ -1,8 +1,9 @@
 """``sluice eval recommend --data DIR --arms FILE``: replay the holdout through two arms of
 an experiment and report the difference with a confidence interval.
 
-Every evaluation user's re-ranking input is recorded once (:mod:`sluice.eval.replay`) and
-re-ranked with each arm's settings, as the gateway would send them for a user in that arm.
+Every evaluation user's fine-ranking and re-ranking inputs are recorded once
+(:mod:`sluice.eval.replay`) and ranked again with each arm's settings, as the gateway would
+send them for a user in that arm (an arm with ``fusion_beta`` runs fine ranking again).
 Both arms see every user, so the comparison is paired: the 95% interval of the mean
 per-user difference (second arm minus first) in HR@10 and NDCG@10 comes from a paired
 bootstrap over users (``scipy.stats.bootstrap``, 2,000 resamples, percentile method).
@@ -71,7 +72,7 @@ def arms_section(
     out: dict[str, Any] = {"experiment": chosen.name, "users": len(users), "arms": {}}
     per: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for arm in (first, second):
-        pages = replay(split, recorded, arm.settings.overrides(), threads)
+        pages = replay(split, recorded, arm.settings.overrides(), threads, arm.settings.fine())
         per[arm.name] = per_user(pages, targets)
         out["arms"][arm.name] = {
             "settings": arm.settings.model_dump(exclude_none=True),

@@ -1,9 +1,10 @@
-"""Replay the re-ranking stage: every evaluation user's Recommend runs once through the
-cascade in this process (the stages loaded through the services' wiring), the input the
-gateway gave the re-ranking stage is kept, and that same input is re-ranked again under
-other settings: an exposure setting (:mod:`sluice.eval.exposure`) or an experiment's arm
-(:mod:`sluice.eval.arms`). The settings travel as the request's ``RerankOverrides``, the
-way an experiment arm's do when served.
+"""Replay the last stages: every evaluation user's Recommend runs once through the cascade
+in this process (the stages loaded through the services' wiring), the inputs the gateway
+gave the fine-ranking and re-ranking stages are kept, and the same input is ranked again
+under other settings: an exposure setting (:mod:`sluice.eval.exposure`) or an experiment's
+arm (:mod:`sluice.eval.arms`). The settings travel as the request's ``RerankOverrides`` and
+``FineOverrides``, the way an experiment arm's do when served; with fine-ranking settings,
+the fine stage runs again and re-ranking takes its new output.
 """
 
 from __future__ import annotations
@@ -15,11 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from sluice.domain import Budget, Candidates, RankContext, RerankOverrides, StageName, Surface
+from sluice.domain import (
+    Budget,
+    Candidates,
+    FineOverrides,
+    RankContext,
+    RerankOverrides,
+    StageName,
+    Surface,
+)
 
 
-class _RerankInputs:
-    """The re-ranking stage, keeping (per thread) what the gateway last gave it."""
+class _Inputs:
+    """A stage, keeping (per thread) what the gateway last gave it."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -33,11 +42,14 @@ class _RerankInputs:
 
 @dataclass
 class Recorded:
-    """Per user: the re-ranking stage's input, and the page the gateway served (rows)."""
+    """Per user: the re-ranking and fine-ranking stages' inputs, and the page the gateway
+    served (rows)."""
 
     inputs: list[tuple[RankContext, Candidates, Budget]]
     pages: list[np.ndarray]
     engine: Any  # the deployed re-ranking engine
+    fine_inputs: list[tuple[RankContext, Candidates, Budget]]
+    fine_engine: Any
 
 
 def record_rerank_inputs(split: Any, users: np.ndarray, threads: int = 2) -> Recorded:
@@ -50,23 +62,36 @@ def record_rerank_inputs(split: Any, users: np.ndarray, threads: int = 2) -> Rec
 
     a = split.artifacts
     stages = local_stages(a)
-    recorder = _RerankInputs(stages[StageName.RERANK])
-    gateway = in_process_gateway(a, stages | {StageName.RERANK: recorder})
+    recorder, fine = _Inputs(stages[StageName.RERANK]), _Inputs(stages[StageName.FINE_RANK])
+    gateway = in_process_gateway(
+        a, stages | {StageName.RERANK: recorder, StageName.FINE_RANK: fine}
+    )
 
-    def record(i: int) -> tuple[Any, np.ndarray]:
+    def record(i: int) -> tuple[Any, np.ndarray, Any]:
         user = split.user_ids[int(users[i])]
         result = _recommend_request(gateway, user=user, surface=Surface.HOME)
-        return recorder.local.last, a.catalog.rows(result.candidates.item_ids)
+        return recorder.local.last, a.catalog.rows(result.candidates.item_ids), fine.local.last
 
     print(f"\nthe cascade in process on {len(users)} test users …", flush=True)
     out = fan_out(record, len(users), threads, False, "record")
-    return Recorded([o[0] for o in out], [o[1] for o in out], stages[StageName.RERANK].engine)
+    return Recorded(
+        [o[0] for o in out],
+        [o[1] for o in out],
+        stages[StageName.RERANK].engine,
+        [o[2] for o in out],
+        stages[StageName.FINE_RANK].engine,
+    )
 
 
 def replay(
-    split: Any, recorded: Recorded, overrides: RerankOverrides, threads: int = 2
+    split: Any,
+    recorded: Recorded,
+    overrides: RerankOverrides,
+    threads: int = 2,
+    fine: FineOverrides | None = None,
 ) -> list[np.ndarray]:
-    """Each user's page (catalog rows) re-ranked with ``overrides``."""
+    """Each user's page (catalog rows) re-ranked with ``overrides``, after fine ranking
+    again with ``fine`` when it changes anything."""
     from sluice.core.stage import run_stage
     from sluice.eval.served import fan_out
 
@@ -75,6 +100,16 @@ def replay(
     def rank(i: int) -> np.ndarray:
         ctx, cands, budget = recorded.inputs[i]
         ctx = dataclasses.replace(ctx, rerank=overrides)
+        if fine is not None and fine != FineOverrides():
+            fine_ctx, fine_cands, fine_budget = recorded.fine_inputs[i]
+            ctx = dataclasses.replace(ctx, fine=fine)
+            cands = run_stage(
+                StageName.FINE_RANK,
+                recorded.fine_engine,
+                dataclasses.replace(fine_ctx, fine=fine),
+                fine_cands,
+                fine_budget,
+            ).candidates
         page = run_stage(StageName.RERANK, recorded.engine, ctx, cands, budget).candidates
         return catalog.rows(page.item_ids)
 

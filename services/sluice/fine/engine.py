@@ -52,7 +52,8 @@ class FineEngine:
         if ctx.is_anonymous:  # the transformer would read nothing: keep the incoming order
             return cands.top(budget.max_candidates)
         fine = self.model_scores(ctx, cands, budget.remaining_s())
-        fused = fuse(fine, cands.scores, self.fusion.beta(ctx.is_search))
+        beta = ctx.fine.fusion_beta  # an experiment arm's, else the build's
+        fused = fuse(fine, cands.scores, self.fusion.beta(ctx.is_search) if beta is None else beta)
         known = self.catalog.rows(cands.item_ids) >= 0
         ranked = cands.with_scores(np.where(known, fused, np.float32(-1e9)))
         return ranked.top(budget.max_candidates)

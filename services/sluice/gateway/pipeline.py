@@ -456,6 +456,7 @@ class Gateway:
             pins=rules.pins if rules is not None else (),
             boosts=(rules.boosts + req.boosts)[:MAX_BOOSTS] if rules is not None else req.boosts,
             rerank=assignment.rerank,
+            fine=assignment.fine,
         )
         reports: list[StageReport] = []
         scores: dict[StageName, Candidates] = {}
