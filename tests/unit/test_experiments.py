@@ -155,7 +155,7 @@ def test_write_experiments_refuses_a_bad_file_and_the_example_is_valid(tmp_path:
         write_experiments(path, spec() | {"version": ""})
     assert read_experiments(path).version == "v1"  # the file in force is untouched
     example = read_experiments(Path(__file__).parents[2] / "deploy/experiments/example.json")
-    (mmr,) = example.experiments
+    mmr, _fusion = example.experiments
     assert [a.name for a in mmr.arms] == ["control", "lambda-07"] and mmr.shadow is not None
 
 
