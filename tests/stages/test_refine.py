@@ -281,6 +281,25 @@ def test_sessions_belong_to_their_shopper(gateway: Gateway) -> None:
     assert again.refinement is not None and again.refinement.turn == 2
 
 
+def test_a_long_hostile_session_stays_within_the_request_limits(
+    gateway: Gateway, tiny_artifacts: Artifacts
+) -> None:
+    """Every turn adds words and exclusions; none may push the session past what a request
+    or a stage accepts (filters, values per filter, query length)."""
+    catalog = tiny_artifacts.catalog
+    cat, _, _ = _common(catalog)
+    words = Counter(w for t in catalog.titles for w in t.lower().split() if w.isalpha())
+    common = [w for w, _ in words.most_common(40)]
+    gateway.search(query=cat, user_id="h", page_size=5, session_id="long")
+    for i in range(30):
+        brand = catalog.brands[i % len(catalog.brands)]
+        text = f"{common[i]} not {brand} {'x' * 120}{i}"
+        turn = gateway.search(query=text, user_id="h", page_size=5, session_id="long")
+        assert turn.refinement is not None
+        assert len(turn.refinement.filters) <= 15
+        assert len(turn.searched_query) <= 2048
+
+
 def test_a_gateway_without_sessions_refuses_a_session_id(
     local_stages: dict[StageName, LocalStage],
     tiny_artifacts: Artifacts,

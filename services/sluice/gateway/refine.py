@@ -39,9 +39,10 @@ from typing import Protocol
 import numpy as np
 
 from sluice.artifacts import Artifacts
+from sluice.convert import MAX_QUERY_CHARS
 from sluice.core.errors import InvalidArgument
 from sluice.data.catalog import UNKNOWN, Catalog
-from sluice.data.filters import AttributeFilter
+from sluice.data.filters import MAX_FILTER_VALUES, AttributeFilter
 from sluice.domain import Boost
 
 
@@ -87,6 +88,7 @@ INTENT_MIN = 0.6
 # the catalog) mostly share a category that the previous query's nearest items barely have.
 TOPIC_ITEMS = 20
 TOPIC_SAMPLE = 20_000
+MAX_TITLE_WORDS = 8  # narrowing words a session keeps (the latest)
 # An added word narrows the result to titles that have it when this many titles of the topic
 # do (else it only joins the query)
 NARROW_MIN_ITEMS = 10
@@ -151,6 +153,15 @@ class Constraints:
     not_categories: list[str] = field(default_factory=list)
     in_stock: bool = False
     title_words: list[str] = field(default_factory=list)
+
+    def bound(self) -> None:
+        """Keep the latest exclusions and words within what a filter may hold, so that a
+        long session never outgrows the request limits (at most 7 + MAX_TITLE_WORDS
+        filters)."""
+        self.not_colors = self.not_colors[-MAX_FILTER_VALUES:]
+        self.not_brands = self.not_brands[-MAX_FILTER_VALUES:]
+        self.not_categories = self.not_categories[-MAX_FILTER_VALUES:]
+        self.title_words = self.title_words[-MAX_TITLE_WORDS:]
 
     def filters(self) -> tuple[AttributeFilter, ...]:
         out: list[AttributeFilter] = []
@@ -335,6 +346,7 @@ class Refiner:
             query = state.query
         embedding = self.toward(query, anchor) if anchor else None
         turn = 1 if state is None else state.turn + 1
+        c.bound()
         return Turn(query, c, anchor, turn, tuple(applied), embedding, topic)
 
     def _narrowing(self, rest: str, topic: str) -> list[str]:
@@ -565,8 +577,10 @@ def _leftover(t: str, spans: Sequence[tuple[int, int]]) -> str:
 
 
 def _combine(query: str, rest: str) -> str:
+    """``query`` and the words of ``rest`` it lacks, within what a stage accepts."""
     seen = set(query.split())
-    return " ".join([query, *[w for w in rest.split() if w not in seen]])
+    combined = " ".join([query, *[w for w in rest.split() if w not in seen]])
+    return combined if len(combined) <= MAX_QUERY_CHARS else query
 
 
 def _bounds(c: Constraints) -> str:

@@ -428,8 +428,8 @@ class InMemoryStateStore:
 #
 #   P{u:<user>}:seq   list    the user's recent items, most recent last (capped)
 #   P{u:<user>}:sup   set     items the user bought
-#   P{u:<user>}:sess  hash    the user's search sessions' states by session id (TTL);
-#                             an anonymous session is user "~session:<session id>"
+#   P{u:<user>}:sess  hash    the user's search sessions' states by session id (TTL)
+#   P{s:<session>}:sess hash  an anonymous search session's state (no user id; TTL)
 #   P{u:<user>}:cat   zset    forward-decayed category affinities
 #   P{u:<user>}:brand zset    forward-decayed brand affinities
 #   P{u:<user>}:meta  hash    last (latest event ms), land (affinity landmark)
@@ -892,8 +892,11 @@ class RedisStateStore:
         self._forget(keys=keys)
 
     def _session_key(self, user_id: str, session_id: str) -> str:
-        """The hash of a user's sessions (``sess``); an anonymous session has its own."""
-        return self.user_key(user_id or f"~session:{session_id}", "sess")
+        """The hash of a user's sessions (``sess``); an anonymous session has its own, apart
+        from every user's keys."""
+        if user_id:
+            return self.user_key(user_id, "sess")
+        return f"{self._p}{{s:{hash_tag(session_id)}}}:sess"
 
     @_redis_call
     def session(self, user_id: str, session_id: str) -> str | None:
