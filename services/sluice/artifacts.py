@@ -36,9 +36,20 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class Artifacts:
-    """Lazy view of an artifact directory."""
+    """Lazy view of an artifact directory.
+
+    With ``room > 0`` (a service that takes live catalog updates, :mod:`sluice.data.updates`)
+    the catalog and every per-row table have ``room`` more rows, empty and hidden, for items
+    added after the build: zero vectors, no popularity, no co-occurrence."""
 
     root: Path
+    room: int = 0
+
+    def _pad(self, table: np.ndarray, fill: float = 0) -> np.ndarray:
+        if not self.room:
+            return table
+        extra = np.full((self.room, *table.shape[1:]), fill, dtype=table.dtype)
+        return np.concatenate([table, extra])
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
@@ -62,19 +73,20 @@ class Artifacts:
 
     @cached_property
     def catalog(self) -> Catalog:
-        return Catalog.load(self.root)
+        catalog = Catalog.load(self.root)
+        return catalog.with_room(self.room) if self.room else catalog
 
     @cached_property
     def text_vectors(self) -> np.ndarray:
-        return np.load(self.root / "text_vectors.npy")
+        return self._pad(np.load(self.root / "text_vectors.npy"))
 
     @cached_property
     def behaviour_vectors(self) -> np.ndarray:
-        return np.load(self.root / "behaviour_vectors.npy")
+        return self._pad(np.load(self.root / "behaviour_vectors.npy"))
 
     @cached_property
     def popularity(self) -> np.ndarray:
-        return np.load(self.root / "popularity.npy")
+        return self._pad(np.load(self.root / "popularity.npy"))
 
     @cached_property
     def cooc(self) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
@@ -82,7 +94,10 @@ class Artifacts:
         matrix = sparse.csr_matrix(
             (data["data"], data["indices"], data["indptr"]), shape=tuple(data["shape"])
         )
-        return matrix, data["top_rows"], data["top_scores"]
+        if self.room:
+            n = matrix.shape[0] + self.room
+            matrix.resize((n, n))
+        return matrix, self._pad(data["top_rows"], -1), self._pad(data["top_scores"])
 
     def users(self) -> tuple[list[str], list[np.ndarray]]:
         """User ids and their training histories as item ids, oldest first."""

@@ -54,6 +54,23 @@ class ServiceSettings(BaseSettings):
         description="how long the previous build stays loaded after a swap, for requests "
         "pinned to it; longer than any request's deadline",
     )
+    catalog_updates: str = Field(
+        "",
+        description="the live catalog update log this service follows (sluice.data.updates): "
+        "a file path (one machine, or a shared volume), or redis://… / redis+cluster://… (a "
+        "stream every host reads); empty: the build's catalog as it is. Every service of a "
+        "deployment must name the same log",
+    )
+    catalog_room: int = Field(
+        10_000,
+        ge=0,
+        le=10_000_000,
+        description="with catalog_updates: items that can be added before the next build "
+        "(each costs ~2.5 KB in every process that holds the catalog)",
+    )
+    catalog_poll_s: float = Field(
+        0.2, gt=0, le=60, description="with catalog_updates: how often the log is read"
+    )
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics; 0 disables")
@@ -275,6 +292,11 @@ class RecallSettings(StageSettings):
     def _shard_or_front(self) -> RecallSettings:
         if self.shard is not None and self.shard_addrs:
             raise ValueError("a recall process is a shard or a front (shard_addrs), not both")
+        if self.catalog_updates and (self.shard is not None or self.shard_addrs):
+            raise ValueError(
+                "live catalog updates (catalog_updates) need an unsharded recall: a sharded "
+                "catalog takes them at its next build"
+            )
         return self
 
 
@@ -413,6 +435,13 @@ class GatewaySettings(ServiceSettings):
         2.0, gt=0, le=30, description="per item; the extractive blurb stands when it passes"
     )
     max_track_events: int = Field(1000, ge=1)
+    catalog_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="keys that may call CatalogService/UpdateItems (x-api-key, or "
+        "authorization: Bearer KEY), as a JSON list; a storefront key is not one. Empty: "
+        "UpdateItems is refused (FAILED_PRECONDITION). Needs catalog_updates",
+    )
+    max_catalog_updates: int = Field(1000, ge=1, le=100_000, description="per UpdateItems call")
     track_max_in_flight: int = Field(
         10_000,
         ge=1000,
@@ -498,7 +527,12 @@ class GatewaySettings(ServiceSettings):
         rate = (
             RateLimits(self.rate_limit_qps, self.rate_limit_burst) if self.rate_limit_qps else None
         )
-        return Guard(peers=base.peers if base else None, storefront=auth, rate_limits=rate)
+        return Guard(
+            peers=base.peers if base else None,
+            storefront=auth,
+            rate_limits=rate,
+            own_credentials=frozenset({"sluice.v1.CatalogService"}),
+        )
 
     def storefront_auth(self) -> StorefrontAuth | None:
         """None when no keys and no JWKS are configured (development only)."""

@@ -286,7 +286,7 @@ class RuleSet:
         filters: tuple[AttributeFilter, ...],
         items: np.ndarray,
     ) -> np.ndarray | None:
-        key = (id(catalog), len(catalog), name, include_age_restricted)
+        key = (id(catalog), catalog.version, name, include_age_restricted)
         with self._lock:
             if key in self._masks:
                 return self._masks[key]
@@ -294,7 +294,7 @@ class RuleSet:
             mask = None
         else:
             allowed = compile_filters(catalog, filters).mask
-            mask = ~allowed if allowed is not None else np.zeros(len(catalog), bool)
+            mask = ~allowed if allowed is not None else catalog.hidden.copy()
             rows = catalog.rows(items)
             mask[rows[rows >= 0]] = True
             mask.setflags(write=False)

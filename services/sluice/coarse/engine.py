@@ -81,7 +81,7 @@ class FeatureTables:
             catalog=a.catalog,
             behaviour_vectors=a.behaviour_vectors,
             text_vectors=a.text_vectors,
-            lexical=LexicalIndex.load(a.root / "lexical"),
+            lexical=LexicalIndex.load(a.root / "lexical", a.room),
             cooc=a.cooc[0],
             popularity=a.popularity,
         )

@@ -151,15 +151,21 @@ class Guard:
         peers: PeerPolicy | None = None,
         storefront: StorefrontAuth | None = None,
         rate_limits: RateLimits | None = None,
+        own_credentials: frozenset[str] = frozenset(),
     ) -> None:
+        """``own_credentials``: services (full names) that check credentials of their own
+        (the catalog service's keys), to which the storefront check does not apply."""
         self.peers = peers
         self.storefront = storefront
         self.rate_limits = rate_limits
+        self.own_credentials = own_credentials
 
-    def check(self, metadata: Mapping[str, str], context: grpc.ServicerContext) -> None:
+    def check(
+        self, metadata: Mapping[str, str], context: grpc.ServicerContext, service: str = ""
+    ) -> None:
         if self.peers is not None:
             self.peers.check(context)
-        if self.storefront is not None:
+        if self.storefront is not None and service not in self.own_credentials:
             client = self.storefront.identify(metadata)
             if self.rate_limits is not None:
                 self.rate_limits.charge(client)

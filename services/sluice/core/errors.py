@@ -104,6 +104,14 @@ class PermissionDenied(SluiceError):
 
 
 @dataclass
+class FailedPrecondition(SluiceError):
+    """The system is not in a state that allows this call (it will not pass on retry)."""
+
+    reason: str = "FAILED_PRECONDITION"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass
 class Cancelled(SluiceError):
     """The caller went away (cancelled the call or its deadline passed); the work stops."""
 

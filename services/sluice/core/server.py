@@ -133,7 +133,7 @@ class _Interceptor(grpc.ServerInterceptor):
             try:
                 context.set_trailing_metadata(echo)
                 if guard is not None:
-                    guard.check(metadata, context)
+                    guard.check(metadata, context, service)
                 if limit is not None and gate is not None:
                     if not limit.try_acquire():
                         raise gate.admission.refuse(start)

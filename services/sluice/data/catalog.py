@@ -46,7 +46,16 @@ class Catalog:
     # the item's colour (builds before colours, or items without one: "unknown")
     color_codes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     colors: list[str] = field(default_factory=list)
+    # Live catalog updates (sluice.data.updates): a serving copy has room for items added
+    # after the build. Rows [0, build_size) are the build's (the models know them); rows
+    # [build_size, live_end) were added live; rows [live_end, len) are empty room. ``hidden``
+    # rows (deleted items and the empty room) are never served.
+    hidden: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    build_size: int = -1  # -1: every row is the build's
     index: RowIndex = field(init=False, repr=False)
+    live_end: int = field(init=False, repr=False)
+    version: int = field(default=0, init=False, repr=False)  # counts applied update batches
+    deleted: int = field(default=0, init=False, repr=False)  # hidden rows below live_end
     _title_words: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
     _title_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -62,7 +71,58 @@ class Catalog:
                 )
         if len(self.titles) != n:
             raise ValueError("catalog titles do not match item ids")
-        self.index = RowIndex(self.item_ids)
+        if self.build_size < 0:
+            self.build_size = n
+        if len(self.hidden) != n:
+            self.hidden = np.zeros(n, bool)
+            self.hidden[self.build_size :] = True
+        self.live_end = self.build_size
+        self.index = RowIndex(self.item_ids[: self.live_end])
+
+    def with_room(self, room: int) -> Catalog:
+        """A serving copy with ``room`` empty (hidden) rows for items added live."""
+        n = len(self)
+
+        def pad(a: np.ndarray, fill: object) -> np.ndarray:
+            return np.concatenate([a, np.full(room, fill, dtype=a.dtype)])
+
+        return Catalog(
+            item_ids=pad(self.item_ids, -1),
+            titles=self.titles + [""] * room,
+            category_codes=pad(self.category_codes, 0),
+            categories=list(self.categories),
+            brand_codes=pad(self.brand_codes, 0),
+            brands=list(self.brands),
+            price_cents=pad(self.price_cents, 0),
+            in_stock=pad(self.in_stock, False),
+            descriptions=(self.descriptions or [""] * n) + [""] * room,
+            color_codes=pad(self.color_codes, 0),
+            colors=list(self.colors),
+            build_size=n,
+        )
+
+    def code_of(self, attribute: str, value: str) -> int:
+        """``value``'s code in a string attribute's vocabulary, added when new (live updates;
+        the vocabulary only grows, so codes already handed out stay valid)."""
+        names, _ = self.values_of(attribute)
+        value = value or UNKNOWN
+        if value not in names:
+            names.append(value)
+        return names.index(value)
+
+    def publish(self, end: int, new_rows: Sequence[int] = ()) -> None:
+        """Make rows up to ``end`` findable by id (their columns are written first), and add
+        the titles of ``new_rows`` to the title-word index."""
+        index = self._title_words
+        if index is not None and len(new_rows):
+            with self._title_lock:
+                for row in new_rows:
+                    for w in set(words(self.titles[row])):
+                        index[w] = np.union1d(index.get(w, np.zeros(0, np.int64)), [row])
+        self.index = RowIndex(self.item_ids[:end])
+        self.live_end = end
+        self.deleted = int(np.count_nonzero(self.hidden[:end]))
+        self.version += 1
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -117,7 +177,7 @@ class Catalog:
         if index is None:
             with self._title_lock:
                 if self._title_words is None:
-                    self._title_words = _word_index(self.titles)
+                    self._title_words = _word_index(self.titles[: self.live_end])
                 index = self._title_words
         found: np.ndarray | None = None
         for word in words(text) or [""]:

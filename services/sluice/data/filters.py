@@ -110,11 +110,12 @@ def validate(filters: Sequence[AttributeFilter], prefix: str = "filters") -> Non
 
 
 def compile_filters(catalog: Catalog, filters: Sequence[AttributeFilter]) -> FilterSet:
-    """Validate the filters and compute the mask of catalog rows they keep."""
+    """Validate the filters and compute the mask of catalog rows they keep. Hidden rows
+    (items deleted by a live update, room for new ones) are never kept."""
     validate(filters)
     if not filters:
-        return FilterSet()
-    mask = np.ones(len(catalog), dtype=bool)
+        return FilterSet(mask=~catalog.hidden if catalog.deleted else None)
+    mask = ~catalog.hidden
     for f in filters:
         if f.field in WORD_ATTRIBUTES:
             hit = np.zeros(len(catalog), dtype=bool)

@@ -30,13 +30,15 @@ class FineEngine:
         self, ctx: RankContext, cands: Candidates
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Padded model inputs; candidates are split over rows of CANDIDATES_PER_ROW."""
+        known = self.catalog.build_size  # the model's items; later rows were added live
         hist = self.catalog.rows(ctx.history_item_ids)
-        hist = hist[hist >= 0][-HISTORY_LEN:] + 1
+        hist = hist[(hist >= 0) & (hist < known)][-HISTORY_LEN:] + 1
         n_rows = max(1, -(-len(cands) // CANDIDATES_PER_ROW))
         history = np.zeros((n_rows, HISTORY_LEN), dtype=np.int64)
         if len(hist):
             history[:, HISTORY_LEN - len(hist) :] = hist
-        dense = self.catalog.rows(cands.item_ids) + 1  # unknown ids become 0 (padding)
+        rows = self.catalog.rows(cands.item_ids)
+        dense = np.where(rows < known, rows + 1, 0)  # unknown ids become 0 (padding)
         cand = np.zeros(n_rows * CANDIDATES_PER_ROW, dtype=np.int64)
         cand[: len(dense)] = dense
         query = np.zeros((n_rows, TEXT_DIM), dtype=np.float32)
@@ -52,9 +54,13 @@ class FineEngine:
         if ctx.is_anonymous:  # the transformer would read nothing: keep the incoming order
             return cands.top(budget.max_candidates)
         fine = self.model_scores(ctx, cands, budget.remaining_s())
+        rows = self.catalog.rows(cands.item_ids)
+        live = rows >= self.catalog.build_size
+        if live.any() and not live.all():  # items added live: unknown to the model, neutral
+            fine[live] = np.median(fine[~live])
         beta = ctx.fine.fusion_beta  # an experiment arm's, else the build's
         fused = fuse(fine, cands.scores, self.fusion.beta(ctx.is_search) if beta is None else beta)
-        known = self.catalog.rows(cands.item_ids) >= 0
+        known = rows >= 0
         ranked = cands.with_scores(np.where(known, fused, np.float32(-1e9)))
         return ranked.top(budget.max_candidates)
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from sluice.artifacts import Artifacts
 from sluice.config import FineSettings
+from sluice.data.updates import follow_updates, serving_artifacts
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.fine.backend import RankerBackend, TorchBackend, TritonBackend
 from sluice.fine.contract import BUILD_MODEL
@@ -30,13 +31,14 @@ def make_backend(settings: FineSettings, artifacts: Artifacts) -> RankerBackend:
 def load(settings: FineSettings, closers: list[Callable[[], None]]) -> FineEngine:
     """The engine, warmed up: waits for Triton to serve the model (Triton and the services
     start side by side), then runs a few requests (Triton's first executions are slow)."""
-    artifacts = Artifacts(settings.artifacts)
+    artifacts = serving_artifacts(settings.artifacts, settings)
     fusion = FusionWeights.load(artifacts.root / "fusion.json")
     backend = make_backend(settings, artifacts)
     if isinstance(backend, TritonBackend):
         closers.append(backend.close)
         backend.wait_ready(settings.triton_wait_s)
     engine = FineEngine(artifacts.catalog, backend, fusion)
+    follow_updates(settings, artifacts, closers, text_vectors=False)
     ids = artifacts.catalog.item_ids[:20]
     for _ in range(3):
         engine.rank(

@@ -20,6 +20,7 @@ from sluice.recall.sources import (
     StaticPopularity,
     allowed_rows,
     cooc_neighbours,
+    drop_hidden,
     merge,
     seed_rows,
 )
@@ -66,4 +67,5 @@ class FallbackRecall:
             )
         popular = self.popularity.top_rows(k, allowed)
         lists[Source.POPULARITY] = (popular, np.zeros(len(popular), np.float32))
+        lists = {s: drop_hidden(self.catalog, found) for s, found in lists.items()}
         return merge(lists, QUOTAS, k, self.catalog.item_ids)

@@ -51,6 +51,7 @@ from sluice.events.model import MAX_USER_ID_CHARS
 from sluice.experiments import REQUESTS as EXPERIMENT_REQUESTS
 from sluice.experiments import Assignment, ExperimentsWatcher
 from sluice.gateway.blurbs import Blurbs
+from sluice.gateway.catalog import CatalogWriter
 from sluice.gateway.explain import Explainer, Reason
 from sluice.gateway.refine import Sessions, Turn
 from sluice.gateway.shadow import ShadowArms
@@ -264,6 +265,8 @@ class Gateway:
     """Scores shadow arms off the request path; None: shadow arms are not scored."""
     sessions: Sessions | None = None
     """Search sessions whose turns refine the last result; None: no session_id accepted."""
+    catalog_writer: CatalogWriter | None = None
+    """Takes UpdateItems for this build's catalog (:mod:`sluice.gateway.catalog`); None: off."""
 
     # -- entry points ---------------------------------------------------------------
     def search(

@@ -26,6 +26,7 @@ from sluice.core.auth import channel_credentials
 from sluice.core.errors import InvalidArgument, SluiceError, Unavailable
 from sluice.core.server import ServiceSpec, caller_timeout_s
 from sluice.data.filters import AttributeFilter
+from sluice.data.updates import LiveCatalog, feed_for, follow_updates, serving_artifacts
 from sluice.domain import Cancellation, StageName
 from sluice.events.ingest import DurableLog, Ingestor
 from sluice.events.log import EventLog
@@ -34,6 +35,7 @@ from sluice.events.model import Event
 from sluice.events.stream import RedisEventStream, StreamConfig, durability_warnings
 from sluice.experiments import ExperimentsWatcher
 from sluice.gateway.blurbs import Blurbs, ExtractiveBlurbs, GeneratedBlurbs
+from sluice.gateway.catalog import CatalogServicer, CatalogWriter
 from sluice.gateway.explain import Explainer
 from sluice.gateway.fallback import FallbackRecall
 from sluice.gateway.pipeline import (
@@ -50,7 +52,7 @@ from sluice.gateway.tokens import PageTokens
 from sluice.gateway.users import UserHistory, item_attributes
 from sluice.rules import RulesWatcher
 from sluice.state.store import InMemoryStateStore, OnlineStateStore, RedisStateStore
-from sluice.v1 import storefront_pb2, storefront_pb2_grpc
+from sluice.v1 import catalog_pb2, catalog_pb2_grpc, storefront_pb2, storefront_pb2_grpc
 from sluice.wiring import STAGES, load_engines, serve_builds
 
 log = logging.getLogger(__name__)
@@ -247,6 +249,16 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
         )
 
 
+def catalog_writer(
+    settings: GatewaySettings, live: LiveCatalog | None, encode: Callable[[list[str]], Any]
+) -> CatalogWriter | None:
+    """The build's UpdateItems writer; None when catalog updates are off."""
+    feed = feed_for(settings)
+    if live is None or feed is None:
+        return None
+    return CatalogWriter(live, feed, encode, settings.max_catalog_updates)
+
+
 def make_store(
     settings: GatewaySettings, attributes: Callable[[int], tuple[str, str] | None]
 ) -> OnlineStateStore:
@@ -328,7 +340,8 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         stage service has it loaded (so no request is pinned to a build a stage lacks)."""
         from sluice.embed.onnx import query_encoder
 
-        artifacts = Artifacts(build)
+        artifacts = serving_artifacts(build, settings)
+        live = follow_updates(settings, artifacts, closers)
         build_id = build_id_of(build)
         encoder = query_encoder(build, threads=settings.torch_threads)
         stages: Mapping[StageName, StageClient] = (
@@ -353,6 +366,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             experiments=experiments,
             shadow=shadow[0] if shadow else None,
             sessions=Sessions(Refiner.from_artifacts(artifacts, query), state[0]),
+            catalog_writer=catalog_writer(settings, live, encoder.encode),
         )
         gateway.encode_query("warm up")
         if first.is_set() and settings.stages == "grpc":
@@ -402,7 +416,17 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
 
     def register(server: grpc.Server) -> list[str]:
         storefront_pb2_grpc.add_StorefrontServiceServicer_to_server(servicer, server)
-        return [storefront_pb2.DESCRIPTOR.services_by_name["StorefrontService"].full_name]
+        catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
+            CatalogServicer(
+                [k.get_secret_value() for k in settings.catalog_api_keys],
+                lambda: current().catalog_writer,
+            ),
+            server,
+        )
+        return [
+            storefront_pb2.DESCRIPTOR.services_by_name["StorefrontService"].full_name,
+            catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
+        ]
 
     def warmup() -> None:
         store = make_store(settings, lambda item: item_attributes(current().catalog)(item))

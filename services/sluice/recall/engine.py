@@ -36,6 +36,7 @@ from sluice.recall.sources import (
     allowed_rows,
     best_first,
     cooc_neighbours,
+    drop_hidden,
     merge,
     seed_rows,
 )
@@ -68,6 +69,9 @@ class RecallAssets:
     cooc_scores: np.ndarray  # float32 [seed rows, k]
     popularity: PopularitySource
     seeds: RowLookup | None = None  # None: the catalog itself
+    # text vectors of every row, for items added live (rows from catalog.build_size on),
+    # which the build's text index does not hold: searched exactly. None: no live items
+    live_text_vectors: np.ndarray | None = None
 
     @property
     def seed_lookup(self) -> RowLookup:
@@ -83,10 +87,11 @@ class RecallAssets:
             behaviour_vectors=a.behaviour_vectors,
             behaviour_index=AnnIndex.load(a.root / "behaviour.faiss", use_gpu=use_gpu),
             text_index=AnnIndex.load(a.root / "text.faiss", use_gpu=use_gpu),
-            lexical=LexicalIndex.load(a.root / "lexical"),
+            lexical=LexicalIndex.load(a.root / "lexical", a.room),
             cooc_rows=top_rows,
             cooc_scores=top_scores,
             popularity=popularity or StaticPopularity(a.popularity),
+            live_text_vectors=a.text_vectors if a.room else None,
         )
 
 
@@ -126,14 +131,14 @@ class RecallEngine:
     def source_lists(self, ctx: RankContext, k: int) -> dict[Source, tuple[np.ndarray, np.ndarray]]:
         """Each source's best ``k`` allowed rows with its scores, in
         :func:`~sluice.recall.sources.best_first` order (unmerged: a recall shard's answer)."""
-        allowed = allowed_rows(self.assets.catalog, ctx)
+        catalog = self.assets.catalog
+        allowed = allowed_rows(catalog, ctx)
         lists: dict[Source, tuple[np.ndarray, np.ndarray]] = {}
         if ctx.is_search:
             lists[Source.LEXICAL] = self.assets.lexical.search(ctx.query, k, allowed)
             if ctx.query_embedding is not None:
-                lists[Source.ANN] = self._ann(
-                    self.assets.text_index, ctx.query_embedding, k, allowed
-                )
+                found = self._ann(self.assets.text_index, ctx.query_embedding, k, allowed)
+                lists[Source.ANN] = self._with_live_items(found, ctx.query_embedding, k, allowed)
         else:
             seeds, weights = seed_rows(
                 self.assets.seed_lookup, ctx, self.config.history_window, self.config.recency_decay
@@ -146,7 +151,29 @@ class RecallEngine:
                 )
         pop_rows = self.assets.popularity.top_rows(k, allowed)
         lists[Source.POPULARITY] = (pop_rows, self.assets.popularity.scores_of(pop_rows))
-        return lists
+        return {source: drop_hidden(catalog, found) for source, found in lists.items()}
+
+    def _with_live_items(
+        self,
+        found: tuple[np.ndarray, np.ndarray],
+        query: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The text index's list with the items added live since the build, scored exactly
+        (they are few: at most the catalog's room) and merged in by score."""
+        catalog, vectors = self.assets.catalog, self.assets.live_text_vectors
+        live = np.arange(catalog.build_size, catalog.live_end)
+        if vectors is None or not len(live):
+            return found
+        if allowed is not None:
+            live = live[allowed[live]]
+        q = np.asarray(query, dtype=np.float32)
+        scores = vectors[live] @ (q / max(float(np.linalg.norm(q)), 1e-12))
+        rows, merged = best_first(
+            np.concatenate([found[0], live]), np.concatenate([found[1], scores.astype(np.float32)])
+        )
+        return rows[:k], merged[:k]
 
     # -- sources ---------------------------------------------------------------
     @staticmethod
@@ -160,7 +187,7 @@ class RecallEngine:
         q = q / norm
         if allowed is None:
             scores, rows = index.search(q, k)
-        else:
-            scores, rows = index.search_filtered(q, k, allowed)
+        else:  # the index holds the build's rows; items added live come after them
+            scores, rows = index.search_filtered(q, k, allowed[: index.ntotal])
         keep = rows[0] >= 0
         return best_first(rows[0][keep].astype(np.int64), scores[0][keep].astype(np.float32))

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import bm25s
@@ -46,8 +47,70 @@ def _scores(bm25: bm25s.BM25, tokens: list[str], size: int) -> np.ndarray:
     return np.asarray(bm25.get_scores(known), dtype=np.float32)
 
 
+class LiveDocuments:
+    """BM25 over the documents of items added after the build (live catalog updates), scored
+    with the build index's statistics: a term's document frequency counts the build's
+    documents and these, and lengths are normalised by the build's average, so that a live
+    item's score compares with the build's items' in one list.
+
+    Postings are replaced whole (never changed in place), so a search reads one consistent
+    list per term while :meth:`add` runs on the updates thread."""
+
+    def __init__(self, bm25: bm25s.BM25, average_length: float) -> None:
+        self._bm25 = bm25
+        self._vocab: dict[str, int] = bm25.vocab_dict
+        self._indptr = np.asarray(bm25.scores["indptr"])
+        self._docs = int(bm25.scores["num_docs"])
+        self._average = max(average_length, 1e-9)
+        self._postings: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._rows: set[int] = set()
+
+    def add(self, rows: Sequence[int], documents: Sequence[list[str]]) -> None:
+        """Index ``documents`` (token lists) as ``rows``; a row indexed before is replaced."""
+        postings = dict(self._postings)
+        again = {int(r) for r in rows} & self._rows
+        if again:
+            drop = np.fromiter(again, np.int64)
+            for term, (at, tf, dl) in list(postings.items()):
+                keep = ~np.isin(at, drop)
+                postings[term] = (at[keep], tf[keep], dl[keep])
+        for row, tokens in zip(rows, documents, strict=True):
+            counts: dict[str, int] = {}
+            for t in tokens:
+                counts[t] = counts.get(t, 0) + 1
+            for term, count in counts.items():
+                at, tfs, dls = postings.get(term, (np.zeros(0, np.int64),) + (np.zeros(0),) * 2)
+                postings[term] = (
+                    np.append(at, int(row)),
+                    np.append(tfs, float(count)),
+                    np.append(dls, float(len(tokens))),
+                )
+            self._rows.add(int(row))
+        self._postings = postings
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def scores(self, tokens: list[str], out: np.ndarray) -> None:
+        """Add each live document's BM25 score for ``tokens`` into ``out`` (indexed by row)."""
+        postings, n = self._postings, self._docs + len(self._rows)
+        k1, b = float(self._bm25.k1), float(self._bm25.b)
+        for term in tokens:
+            found = postings.get(term)
+            if found is None:
+                continue
+            at, tf, dl = found
+            t = self._vocab.get(term)
+            df = len(at) + (int(self._indptr[t + 1] - self._indptr[t]) if t is not None else 0)
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            out[at] += (idf * tf / (k1 * ((1 - b) + b * dl / self._average) + tf)).astype(out.dtype)
+
+
 class LexicalIndex:
-    """BM25 over item documents (and over titles alone); rows are catalog rows."""
+    """BM25 over item documents (and over titles alone); rows are catalog rows.
+
+    ``capacity`` above ``size`` leaves room for items added after the build
+    (:meth:`add_rows`): their rows come after the build's."""
 
     def __init__(
         self,
@@ -55,12 +118,17 @@ class LexicalIndex:
         size: int,
         stem: bool = True,
         title_bm25: bm25s.BM25 | None = None,
+        capacity: int | None = None,
+        average_lengths: tuple[float, float] | None = None,
     ) -> None:
         self._bm25 = bm25
         self._vocab: dict[str, int] = bm25.vocab_dict
         self._title = title_bm25
         self.size = size
+        self.capacity = max(capacity or size, size)
         self.stem = stem
+        self._average_lengths = average_lengths  # documents, titles; None: not recorded
+        self._live: tuple[LiveDocuments, LiveDocuments | None] | None = None
 
     @classmethod
     def build(
@@ -77,7 +145,46 @@ class LexicalIndex:
         title_bm25 = None
         if title_index:
             title_bm25 = _bm25([tokenize(t, stem) or ["\x00"] for t in titles], k1, b)
-        return cls(_bm25(corpus, k1, b), len(titles), stem, title_bm25)
+        titles_tokens = [len(tokenize(t, stem)) for t in titles] if title_index else [0]
+        averages = (float(np.mean([len(d) for d in corpus] or [0])), float(np.mean(titles_tokens)))
+        return cls(_bm25(corpus, k1, b), len(titles), stem, title_bm25, None, averages)
+
+    def add_rows(
+        self,
+        rows: Sequence[int],
+        titles: Sequence[str],
+        descriptions: Sequence[str],
+        build_texts: Callable[[], tuple[Sequence[str], Sequence[str]]],
+    ) -> None:
+        """Index items added after the build as ``rows`` (within the capacity).
+        ``build_texts`` gives the build's titles and descriptions, read only when the build
+        did not record its average lengths (builds before live updates)."""
+        if any(not self.size <= r < self.capacity for r in rows):
+            raise ValueError(f"live rows must be within {self.size}:{self.capacity}")
+        if self._live is None:
+            if self._average_lengths is None:
+                ts, ds = build_texts()
+                lengths = [
+                    len(document_text(t, d, stem=self.stem)) for t, d in zip(ts, ds, strict=True)
+                ]
+                heads = [len(tokenize(t, self.stem)) for t in ts]
+                self._average_lengths = (
+                    float(np.mean(lengths or [0])),
+                    float(np.mean(heads or [0])),
+                )
+            doc_avg, title_avg = self._average_lengths
+            title = LiveDocuments(self._title, title_avg) if self._title is not None else None
+            self._live = (LiveDocuments(self._bm25, doc_avg), title)
+        documents, title = self._live
+        documents.add(
+            rows,
+            [
+                document_text(t, d, stem=self.stem)
+                for t, d in zip(titles, descriptions, strict=True)
+            ],
+        )
+        if title is not None:
+            title.add(rows, [tokenize(t, self.stem) for t in titles])
 
     def slice_rows(self, start: int, stop: int) -> LexicalIndex:
         """The index of rows ``start`` to ``stop`` only (a recall shard's): each row keeps the
@@ -104,13 +211,25 @@ class LexicalIndex:
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every row for the query (0 where no term matches)."""
-        return _scores(self._bm25, self.tokens(query), self.size)
+        tokens = self.tokens(query)
+        return self._with_live(_scores(self._bm25, tokens, self.size), tokens, 0)
 
     def title_scores(self, query: str) -> np.ndarray:
         """BM25 of the query against titles alone (the document scores without a title index)."""
         if self._title is None:
             return self.scores(query)
-        return _scores(self._title, self.tokens(query), self.size)
+        tokens = self.tokens(query)
+        return self._with_live(_scores(self._title, tokens, self.size), tokens, 1)
+
+    def _with_live(self, scores: np.ndarray, tokens: list[str], which: int) -> np.ndarray:
+        if self.capacity == self.size:
+            return scores
+        out = np.zeros(self.capacity, dtype=np.float32)
+        out[: self.size] = scores
+        live = self._live[which] if self._live is not None else None
+        if live is not None:
+            live.scores(tokens, out)
+        return out
 
     def search(
         self, query: str, k: int, mask: np.ndarray | None = None
@@ -133,14 +252,28 @@ class LexicalIndex:
         self._bm25.save(str(directory), show_progress=False)
         if self._title is not None:
             self._title.save(str(directory / TITLE_DIR), show_progress=False)
-        meta = {"size": self.size, "stem": self.stem, "title_index": self._title is not None}
+        meta = {
+            "size": self.size,
+            "stem": self.stem,
+            "title_index": self._title is not None,
+            "average_lengths": self._average_lengths,
+        }
         (directory / "size.json").write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, directory: Path) -> LexicalIndex:
+    def load(cls, directory: Path, room: int = 0) -> LexicalIndex:
+        """The saved index; ``room``: rows for items added after the build."""
         bm25 = bm25s.BM25.load(str(directory), show_progress=False)
         meta = json.loads((directory / "size.json").read_text())
         title = None
         if meta.get("title_index") and (directory / TITLE_DIR).exists():
             title = bm25s.BM25.load(str(directory / TITLE_DIR), show_progress=False)
-        return cls(bm25, int(meta["size"]), bool(meta.get("stem", True)), title)
+        size, averages = int(meta["size"]), meta.get("average_lengths")
+        return cls(
+            bm25,
+            size,
+            bool(meta.get("stem", True)),
+            title,
+            size + room,
+            (float(averages[0]), float(averages[1])) if averages else None,
+        )

@@ -16,6 +16,7 @@ import numpy as np
 from sluice.artifacts import Artifacts
 from sluice.builds import build_id_of
 from sluice.config import RecallSettings
+from sluice.data.updates import follow_updates, lexical_listener, serving_artifacts
 from sluice.domain import Budget, RankContext, StageName
 from sluice.recall.engine import RecallAssets, RecallEngine
 from sluice.recall.live_popularity import BlendConfig, LivePopularity
@@ -27,7 +28,10 @@ log = logging.getLogger(__name__)
 
 def load(settings: RecallSettings, closers: list[Callable[[], None]]) -> Any:
     """The engine, warmed up; what must be closed at shutdown goes to ``closers``."""
-    artifacts = Artifacts(settings.artifacts)
+    if settings.shard_addrs or settings.shard is not None:
+        artifacts = Artifacts(settings.artifacts)
+    else:  # the whole catalog: it may take live updates
+        artifacts = serving_artifacts(settings.artifacts, settings)
     if settings.shard_addrs:
         return load_front(settings, artifacts, closers)
     popularity = live_popularity(settings, artifacts)
@@ -38,6 +42,7 @@ def load(settings: RecallSettings, closers: list[Callable[[], None]]) -> Any:
         warm_up(RecallEngine(assets))
         return ShardEngine(RecallEngine(assets))
     assets = RecallAssets.from_artifacts(artifacts, popularity=popularity, use_gpu=settings.use_gpu)
+    follow_updates(settings, artifacts, closers, lexical_listener(assets.lexical))
     return warm_up(RecallEngine(assets))
 
 

@@ -74,9 +74,21 @@ def allowed_rows(catalog: Catalog, ctx: RankContext) -> np.ndarray | None:
     excluded = excluded[excluded >= 0]
     if len(excluded):
         if allowed is None:
-            allowed = np.ones(len(catalog), dtype=bool)
+            allowed = ~catalog.hidden
         allowed[excluded] = False
     return allowed
+
+
+def drop_hidden(
+    catalog: Catalog, found: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """A source's rows without hidden ones (a catalog with room for live items has empty rows
+    that no mask covers when the request has none)."""
+    rows, scores = found
+    if catalog.build_size == len(catalog) and not catalog.deleted:
+        return found
+    keep = ~catalog.hidden[rows]
+    return (rows, scores) if keep.all() else (rows[keep], scores[keep])
 
 
 def seed_rows(

@@ -61,6 +61,11 @@ class RerankEngine:
             raise ValueError("an exposure target (tail_share > 0) needs the tail rows")
         self.tail = tail
 
+    def learn_titles(self, rows: np.ndarray) -> None:
+        """Dedupe keys of rows whose title changed (items added by a live update)."""
+        for row in rows.tolist():
+            self._keys[row] = title_key(self.catalog.titles[row])
+
     def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
         """Every eligible candidate, in final order up to the end of the budget's page
         (``offset + max_candidates``) and in relevance order after it."""

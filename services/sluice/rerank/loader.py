@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sluice.artifacts import Artifacts
 from sluice.config import RerankSettings
+from sluice.data.updates import follow_updates, serving_artifacts
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.rerank.engine import RerankConfig, RerankEngine
 from sluice.rerank.exposure import tail_rows
@@ -13,7 +13,7 @@ from sluice.rerank.exposure import tail_rows
 
 def load(settings: RerankSettings, closers: list[Callable[[], None]]) -> RerankEngine:
     """The engine, warmed up."""
-    artifacts = Artifacts(settings.artifacts)
+    artifacts = serving_artifacts(settings.artifacts, settings)
     config = RerankConfig(
         settings.diversity_lambda,
         settings.max_per_brand,
@@ -23,6 +23,7 @@ def load(settings: RerankSettings, closers: list[Callable[[], None]]) -> RerankE
     # the long tail, for the exposure target of the settings or of an experiment arm
     tail = tail_rows(artifacts.catalog, artifacts.popularity, settings.exposure_head_share)
     engine = RerankEngine(artifacts.catalog, artifacts.text_vectors, config, tail)
+    follow_updates(settings, artifacts, closers, lambda live, rows: engine.learn_titles(rows))
     ids = artifacts.catalog.item_ids[:30]
     engine.rank(RankContext(), Candidates(ids, ids * 1.0, ids * 0), Budget(10))
     return engine
