@@ -67,7 +67,7 @@ class Live:
 def live(
     tiny_artifacts: Artifacts, encoder: MiniLMEncoder, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Live]:
-    options = {
+    options: dict[str, Any] = {
         "catalog_updates": str(tmp_path_factory.mktemp("updates") / "catalog.jsonl"),
         "catalog_room": ROOM,
     }
@@ -170,9 +170,7 @@ def test_bad_batches_change_nothing(live: Live, tiny_artifacts: Artifacts) -> No
     assert item not in live.ids(query="zorblax kettle")
 
 
-def test_room_is_checked_before_anything_is_written(
-    live: Live, tiny_artifacts: Artifacts
-) -> None:
+def test_room_is_checked_before_anything_is_written(live: Live, tiny_artifacts: Artifacts) -> None:
     left = live.writer.live.room_left
     edits = [
         ItemEdit(_new_id(tiny_artifacts, 100 + k), {**NEW_ITEM, "title": f"Gizmo {k}"})
@@ -207,6 +205,7 @@ def test_file_log_reads_only_whole_records(tmp_path: Path) -> None:
     log.append(_changes(3))
     got, position = log.read("")
     assert [c.item_id for c in got] == [1, 2, 3]
+    assert got[0].text_vector is not None
     np.testing.assert_array_equal(got[0].text_vector, np.arange(384, dtype=np.float32))
     with open(log.path, "ab") as fh:  # a writer killed mid-record
         fh.write(b'{"i": 9, "f": {"pri')
