@@ -113,6 +113,7 @@ def _cluster(args: argparse.Namespace, supervise: bool = False) -> object:
         replicas=args.replicas,
         stage_replicas=args.stage_replicas or 0,
         recall_shards=args.recall_shards,
+        catalog_keys=tuple(args.catalog_key),
     )
 
 
@@ -361,6 +362,13 @@ def command_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             default=0,
             help="serve the build's sharded catalog (`sluice shard`): one process per shard, "
             "recall a front over them",
+        )
+        p.add_argument(
+            "--catalog-key",
+            action="append",
+            default=[],
+            help="a key for CatalogService/UpdateItems (repeatable): live catalog updates on, "
+            "every service following one update log (var/events/catalog-updates.jsonl)",
         )
         if name == "demo":
             p.add_argument("--rebuild", action="store_true")

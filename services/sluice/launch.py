@@ -186,6 +186,12 @@ class Cluster:
     """Recall shards (0: recall holds the whole catalog). With N, processes ``shard-0`` ...
     ``shard-<N-1>`` each serve one shard of the build's sharded catalog (``sluice shard``),
     and every recall process is a front over them (:mod:`sluice.recall.shards`)."""
+    catalog_keys: tuple[str, ...] = ()
+    """Keys for CatalogService/UpdateItems. With any, every service follows the live catalog
+    update log ``catalog_updates`` (:mod:`sluice.data.updates`)."""
+    catalog_updates: str = ""
+    """The update log: a file path or a Redis URL (default: ``updates.jsonl`` beside the
+    event logs, or a stream in the cluster's Redis when the gateways share one)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     """How often the supervisor restarted each process."""
@@ -199,6 +205,8 @@ class Cluster:
     # -- lifecycle ---------------------------------------------------------------
     def start(self, timeout_s: float = 180.0, progress: bool = False) -> Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.catalog_keys and self.recall_shards:
+            raise ValueError("live catalog updates need an unsharded recall (no recall_shards)")
         deadline = time.monotonic() + timeout_s
         try:
             self._plan_replicas()
@@ -485,6 +493,16 @@ class Cluster:
                 env[prefix + "REDIS_URL"] = self.redis_url
         if name == "gateway" and self.api_keys:
             env[prefix + "API_KEYS"] = json.dumps(list(self.api_keys))
+        if self.catalog_keys:
+            updates = self.catalog_updates or (
+                self.redis_url  # several gateways share a Redis (the cluster's own, or given)
+                if self.redis_url and self.replicas > 1
+                else str((self.event_log_dir / "catalog-updates.jsonl").resolve())
+            )
+            for service in ("gateway", *STAGES):  # a local gateway loads the stages too
+                env[f"SLUICE_{service.upper()}_CATALOG_UPDATES"] = updates
+            if name == "gateway":
+                env[prefix + "CATALOG_API_KEYS"] = json.dumps(list(self.catalog_keys))
         if self.tls is not None:
             t = self.tls
             env[prefix + "TLS_CERT_FILE"] = str(t.server_cert)

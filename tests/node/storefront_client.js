@@ -4,7 +4,8 @@
 // error details (google.rpc.Status, BadRequest) with the descriptors reflection also serves.
 //
 //   node storefront_client.js HOST:PORT ITEM_ID   -> prints one JSON report on stdout
-//   (SLUICE_CA_FILE and SLUICE_API_KEY in the environment: TLS with an API key)
+//   (SLUICE_CA_FILE and SLUICE_API_KEY in the environment: TLS with an API key;
+//   SLUICE_CATALOG_KEY: also add an item with CatalogService/UpdateItems and search for it)
 "use strict";
 
 const path = require("path");
@@ -97,6 +98,50 @@ async function main() {
     query: "shoes", page_size: 5, page_token: search.response.next_page_token });
   if (second.err) throw second.err;
   report.search_page_2 = second.response.page.item_ids;
+
+  if (process.env.SLUICE_CATALOG_KEY) {
+    // the merchant's feed: a new item, then a search that finds it (no deadline either)
+    const catalogSet = await descriptorSet(["sluice.v1.CatalogService"]);
+    const catalogDef = protoLoader.loadFileDescriptorSetFromBuffer(
+      Buffer.from(descriptor.FileDescriptorSet.encode(catalogSet).finish()), LOADER);
+    const Catalog = grpc.loadPackageDefinition(catalogDef).sluice.v1.CatalogService;
+    const catalog = new Catalog(address, credentials);
+    const md = new grpc.Metadata();
+    md.set("x-api-key", process.env.SLUICE_CATALOG_KEY);
+    const call = (request, metadata) => new Promise((resolve) => {
+      catalog.UpdateItems(request, metadata, (err, response) => resolve({ err, response }));
+    });
+    const newId = String(9000000 + (Date.now() % 100000));
+    const created = await call({ updates: [{ item: {
+      item_id: newId, title: "Frobnitz node lantern", description: "A lantern for nodes.",
+      brand: "Frobnitz", price_cents: 1999, in_stock: true } }] }, md);
+    if (created.err) throw created.err;
+    const unauthenticated = await call({ updates: [{ item: { item_id: newId, title: "x" } }] },
+      new grpc.Metadata());
+    const badMask = await call({ updates: [{ item: { item_id: newId },
+      update_mask: { paths: ["item_id"] } }] }, md);
+    // every process reads the update log within a poll interval: look for up to 5 s
+    const began = Date.now();
+    let found;
+    for (;;) {
+      found = await unary(client, "Search", { query: "frobnitz lantern", page_size: 5 });
+      if (found.err) throw found.err;
+      if (found.response.page.item_ids.includes(newId) || Date.now() - began > 5000) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const violations = Status.decode(badMask.err.metadata.get("grpc-status-details-bin")[0])
+      .details.filter((any) => any.type_url.endsWith("google.rpc.BadRequest"))
+      .flatMap((any) => BadRequest.decode(any.value).field_violations.map((v) => v.field));
+    report.catalog = {
+      item_id: newId,
+      created: created.response.created_count,
+      unauthenticated: grpc.status[unauthenticated.err.code],
+      bad_mask: [grpc.status[badMask.err.code], violations],
+      search: found.response.page.item_ids,
+      visible_after_ms: Date.now() - began,
+    };
+    catalog.close();
+  }
 
   // a search session: the follow-up refines the first page instead of starting over
   const session = `node-session-${Date.now()}`;

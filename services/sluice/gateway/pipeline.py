@@ -529,6 +529,11 @@ class Gateway:
         reports.append(report)
         if rules is not None and rules.blocked_rows is not None:
             page = self._guard(page, rules)
+        if self.catalog_writer is not None:
+            # with live catalog updates, a stage may not have read the latest change yet
+            # (for up to catalog_poll_s): this gateway's catalog has every change it
+            # acknowledged, so a deleted, sold-out or re-priced item leaves the next page
+            page = page.take(np.flatnonzero(eligible(self.catalog, ctx, page.item_ids)))
 
         rows = self.catalog.rows(page.item_ids)
         titles = [self.catalog.titles[r] if r >= 0 else "" for r in rows.tolist()]
