@@ -68,6 +68,7 @@ SECRETS = {
     },
     "sluice-api-keys": {"keys"},
     "sluice-page-token-keys": {"keys"},
+    "sluice-catalog-keys": {"keys"},
     "sluice-redis": {"url", "password", "auth.conf"},
 }
 
@@ -80,7 +81,7 @@ EXPECTED_INGRESS: dict[str, dict[int, set[str]]] = {
     "fine": {50063: {"gateway"}, 9163: {"ns:monitoring"}},
     "rerank": {50064: {"gateway"}, 9164: {"ns:monitoring"}},
     "triton": {8001: {"fine"}, 8002: {"ns:monitoring"}},
-    "redis": {6379: {"gateway", "recall"}},
+    "redis": {6379: {"gateway", "recall", "coarse", "fine", "rerank"}},
     "sluice-build": {},
 }
 DNS = {"ns:kube-system/k8s-app=kube-dns UDP/53", "ns:kube-system/k8s-app=kube-dns TCP/53"}
@@ -94,9 +95,9 @@ EXPECTED_EGRESS: dict[str, set[str]] = {
         "redis TCP/6379",
     },
     "recall": DNS | {"redis TCP/6379"},
-    "coarse": DNS,
-    "fine": DNS | {"triton TCP/8001"},
-    "rerank": DNS,
+    "coarse": DNS | {"redis TCP/6379"},  # the live catalog update log
+    "fine": DNS | {"triton TCP/8001", "redis TCP/6379"},
+    "rerank": DNS | {"redis TCP/6379"},
     "triton": DNS,
     "redis": DNS,
     "sluice-build": DNS,
@@ -1200,3 +1201,22 @@ def test_the_gateway_reads_the_merchant_rules_from_a_configmap_it_can_parse(
     assert config_map["metadata"]["name"] == "sluice-merchant-rules"  # no hash: edits reload
     (tmp_path / path.name).write_text(config_map["data"][path.name])
     assert read_rules(tmp_path / path.name).version
+
+
+@needs_kustomize
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_service_follows_one_catalog_update_log(name: str) -> None:
+    """Live catalog updates (docs/features.md): the gateway writes the log and every stage
+    reads the same one, or a stage serves pages the gateway's catalog no longer allows until
+    the next build; a sharded recall front takes none (its settings refuse them)."""
+    objects = overlay(name)
+    loads = workloads(objects)
+    sources = {}
+    for service in SERVICES:
+        env = container_env(objects, containers(loads[service])[0])
+        sources[service] = env.get(f"SLUICE_{service.upper()}_CATALOG_UPDATES")
+    if name.endswith("-sharded"):
+        assert sources.pop("recall") is None
+    assert len(set(sources.values())) == 1 and None not in sources.values(), sources
+    gateway = container_env(objects, containers(loads["gateway"])[0])
+    assert "SLUICE_GATEWAY_CATALOG_API_KEYS" in gateway

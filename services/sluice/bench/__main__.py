@@ -9,6 +9,7 @@
     sluice bench encoder  --artifacts DIR                             query encoder: torch vs ONNX
     sluice bench shards   --artifacts DIR [--counts 1,2,4]            sharded vs whole recall
     sluice bench shadow   --artifacts DIR                             latency with a shadow arm
+    sluice bench catalog  --artifacts DIR                             catalog updates under load
 
 The ANN index comparison is ``python -m sluice.bench.ann`` (its own module).
 """
@@ -22,7 +23,17 @@ from collections.abc import Sequence
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from sluice.bench import compare, edge, encoder, flops, load, overload, shadow, shards
+    from sluice.bench import (
+        catalog,
+        compare,
+        edge,
+        encoder,
+        flops,
+        load,
+        overload,
+        shadow,
+        shards,
+    )
 
     ap = parser or argparse.ArgumentParser(prog="sluice bench", description=__doc__)
     sub = ap.add_subparsers(dest="bench", required=True)
@@ -53,6 +64,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     wp = sub.add_parser("shadow", help="Recommend latency with and without a shadow arm")
     shadow.add_shadow_args(wp)
     wp.set_defaults(bench_fn=shadow.shadow_main)
+    up = sub.add_parser("catalog", help="live catalog updates under storefront load")
+    catalog.add_catalog_args(up)
+    up.set_defaults(bench_fn=catalog.catalog_main)
     return ap
 
 

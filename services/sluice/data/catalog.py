@@ -80,24 +80,34 @@ class Catalog:
         self.index = RowIndex(self.item_ids[: self.live_end])
 
     def with_room(self, room: int) -> Catalog:
-        """A serving copy with ``room`` empty (hidden) rows for items added live."""
+        """A serving copy with ``room`` empty (hidden) rows for items added live: no id, no
+        text, of unknown category, brand and colour."""
         n = len(self)
 
         def pad(a: np.ndarray, fill: object) -> np.ndarray:
             return np.concatenate([a, np.full(room, fill, dtype=a.dtype)])
 
+        def vocab(names: list[str]) -> tuple[list[str], int]:
+            names = list(names)
+            if UNKNOWN not in names:
+                names.append(UNKNOWN)
+            return names, names.index(UNKNOWN)
+
+        categories, category = vocab(self.categories)
+        brands, brand = vocab(self.brands)
+        colors, color = vocab(self.colors)
         return Catalog(
             item_ids=pad(self.item_ids, -1),
             titles=self.titles + [""] * room,
-            category_codes=pad(self.category_codes, 0),
-            categories=list(self.categories),
-            brand_codes=pad(self.brand_codes, 0),
-            brands=list(self.brands),
+            category_codes=pad(self.category_codes, category),
+            categories=categories,
+            brand_codes=pad(self.brand_codes, brand),
+            brands=brands,
             price_cents=pad(self.price_cents, 0),
             in_stock=pad(self.in_stock, False),
             descriptions=(self.descriptions or [""] * n) + [""] * room,
-            color_codes=pad(self.color_codes, 0),
-            colors=list(self.colors),
+            color_codes=pad(self.color_codes, color),
+            colors=colors,
             build_size=n,
         )
 

@@ -79,19 +79,26 @@ class Explainer:
         self.catalog = catalog
         self.vectors = vectors
         self.live_popularity = live_popularity
-        # each item's popularity rank within its category, as a share of the category
-        pop = np.asarray(popularity, np.float64)
-        order = np.lexsort((-pop, catalog.category_codes))
+        # each build item's popularity rank within its category, as a share of the category
+        # (items added live since the build have no popularity yet: never popular)
+        n = catalog.build_size
+        pop = np.asarray(popularity[:n], np.float64)
+        order = np.lexsort((-pop, catalog.category_codes[:n]))
         codes = catalog.category_codes[order]
         starts = np.searchsorted(codes, codes, side="left")
-        sizes = np.bincount(catalog.category_codes, minlength=len(catalog.categories))
-        rank = np.empty(len(pop), np.float64)
+        sizes = np.bincount(catalog.category_codes[:n], minlength=len(catalog.categories))
+        rank = np.ones(len(catalog), np.float64)
         rank[order] = (np.arange(len(order)) - starts) / np.maximum(sizes[codes], 1)
         self.category_rank = rank
 
     @classmethod
     def from_artifacts(cls, a: Artifacts, live_popularity: bool = False) -> Explainer:
-        vectors = np.load(a.root / "behaviour_vectors.npy", mmap_mode="r")
+        # with room for live items, the table with their (empty) rows; else mapped, not read
+        vectors = (
+            a.behaviour_vectors
+            if a.room
+            else np.load(a.root / "behaviour_vectors.npy", mmap_mode="r")
+        )
         return cls(a.catalog, a.popularity, vectors, live_popularity)
 
     def explain(self, ctx: RankContext, item_ids: np.ndarray, sources: np.ndarray) -> list[Reason]:

@@ -276,12 +276,12 @@ class Refiner:
             np.stack([encode(f"the color {c}") for c in self.colors]) if self.colors else None
         )
         self._intents = [(name, encode(p)) for name, phrases in INTENTS.items() for p in phrases]
-        n = len(catalog)
+        n = catalog.build_size  # topics are the build's items (rows added live come after)
         sample = (
             np.random.default_rng(0).permutation(n)[:TOPIC_SAMPLE] if n > TOPIC_SAMPLE else None
         )
         self._topic_rows = np.arange(n) if sample is None else np.sort(sample)
-        self._topic_vectors = item_vectors if sample is None else item_vectors[self._topic_rows]
+        self._topic_vectors = item_vectors[:n] if sample is None else item_vectors[self._topic_rows]
         catalog.rows_with_words("")  # the title-word index, built now rather than on a turn
 
     @classmethod
