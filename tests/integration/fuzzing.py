@@ -132,9 +132,15 @@ def _mutated(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
 
 # -- the run ---------------------------------------------------------------------------------
 def fuzz(
-    address: str, path: str, cls: type[Any], seeds: list[bytes], cases: int
+    address: str,
+    path: str,
+    cls: type[Any],
+    seeds: list[bytes],
+    cases: int,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> tuple[Counter[str], list[str]]:
-    """Send ``cases`` fuzzed requests to ``path``; the status codes seen, and the bad answers."""
+    """Send ``cases`` fuzzed requests to ``path`` (with ``metadata``: credentials); the status
+    codes seen, and the bad answers."""
     channel = grpc.insecure_channel(address)
     call = channel.unary_unary(path)  # bytes in, bytes out
     codes: Counter[str] = Counter()
@@ -153,7 +159,9 @@ def fuzz(
         state["n"] += 1
         no_deadline = state["n"] % 10 == 0  # a tenth of the calls set no deadline at all
         t0 = time.monotonic()
-        future = call.future(body, timeout=None if no_deadline else TIMEOUT_S)
+        future = call.future(
+            body, timeout=None if no_deadline else TIMEOUT_S, metadata=metadata or None
+        )
         try:
             future.result(timeout=TIMEOUT_S + 10)
             code = grpc.StatusCode.OK

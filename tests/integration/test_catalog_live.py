@@ -4,6 +4,7 @@ of Search and Recommend runs with no deadline. Nothing may fail meanwhile."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from sluice.common.v1 import common_pb2
 from sluice.launch import Cluster
 from sluice.v1 import catalog_pb2, catalog_pb2_grpc, storefront_pb2, storefront_pb2_grpc
 from tests.integration.conftest import running_cluster
+from tests.integration.fuzzing import fuzz
 from tests.integration.storefront_load import Load
 from tests.integration.test_foreign_client import node_client, run_node_client
 
@@ -25,6 +27,7 @@ __all__ = ["node_client"]
 
 KEY = "test-catalog-key"
 VISIBLE_S = 5.0
+CASES = int(os.environ.get("SLUICE_FUZZ_CASES", "300"))
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +178,40 @@ def test_update_items_needs_a_catalog_key_and_names_bad_fields(
     with pytest.raises(grpc.RpcError) as err:
         raw(b"\xff\xff\xff\x0f garbage", metadata=(("x-api-key", KEY),))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_fuzzed_updates_get_a_clear_answer(live: Cluster, tiny_artifacts: Artifacts) -> None:
+    """Generated and mutated UpdateItems batches, with a valid key (so that they reach the
+    validation): never INTERNAL, UNKNOWN or a hang, and the cluster still serves."""
+    ids = tiny_artifacts.catalog.item_ids
+    seeds = [
+        catalog_pb2.UpdateItemsRequest(
+            updates=[
+                catalog_pb2.ItemUpdate(
+                    item=catalog_pb2.CatalogItem(item_id=int(ids[9]), price_cents=700),
+                    update_mask=field_mask_pb2.FieldMask(paths=["price_cents"]),
+                ),
+                catalog_pb2.ItemUpdate(
+                    item=catalog_pb2.CatalogItem(item_id=int(ids.max()) + 900, title="Fuzz kit"),
+                ),
+            ]
+        ).SerializeToString()
+    ]
+    path = "/sluice.v1.CatalogService/UpdateItems"
+    codes, bad = fuzz(
+        live.gateway_address,
+        path,
+        catalog_pb2.UpdateItemsRequest,
+        seeds,
+        CASES,
+        (("x-api-key", KEY),),
+    )
+    assert not bad, f"{len(bad)} bad answers, first: {bad[:5]}"
+    assert codes["OK"] and codes["INVALID_ARGUMENT"], codes
+    shop, _ = _stubs(live)
+    assert shop.Search(storefront_pb2.SearchRequest(query="shoes", page_size=5)).page.item_ids
+    dead = [p for p, proc in live.processes.items() if proc.poll() is not None]
+    assert not dead, f"died under fuzzing: {dead}"
 
 
 def _violations(err: grpc.RpcError) -> list[str]:
