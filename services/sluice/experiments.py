@@ -17,6 +17,10 @@
   ``diversity_lambda``, ``max_per_brand`` and the ``exposure_tail_share`` target. They reach
   the stage in the request's context (``RerankOverrides``). Several experiments may run at
   once if no two of them change the same setting.
+* An arm's ``rules`` (a whole merchant rules file, inline, as :mod:`sluice.rules` reads it)
+  take the place of the rules file for that arm's users: blocks, the query list, pins and
+  boosts. The gateway applies them (they reach the stages as filters, exclusions, pins and
+  boosts), and the response's ``rules_version`` names the arm's.
 * The ``shadow`` arm is scored for every request of the experiment off the request path
   (:class:`sluice.gateway.shadow.ShadowArms`): its page is logged next to the served one for
   offline comparison, and never shown.
@@ -35,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sluice.core.watch import WatchedFile, read_json_file, write_json_file
 from sluice.domain import MAX_FUSION_BETA, MAX_PER_BRAND, FineOverrides, RerankOverrides
+from sluice.rules import RuleSet, RulesFile
 
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 MAX_EXPERIMENTS = 20
@@ -64,6 +69,7 @@ class ArmSettings(_Strict):
     max_per_brand: int | None = Field(None, ge=0, le=MAX_PER_BRAND)
     exposure_tail_share: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     fusion_beta: float | None = Field(None, ge=0.0, le=MAX_FUSION_BETA, allow_inf_nan=False)
+    rules: RulesFile | None = None
 
     def overrides(self) -> RerankOverrides:
         """The re-ranking stage's part."""
@@ -74,7 +80,7 @@ class ArmSettings(_Strict):
         return FineOverrides(self.fusion_beta)
 
     def names(self) -> set[str]:
-        return {k for k, v in self.model_dump().items() if v is not None}
+        return {k for k in type(self).model_fields if getattr(self, k) is not None}
 
 
 class Arm(_Strict):
@@ -96,10 +102,10 @@ class Experiment(_Strict):
             raise ValueError(f"experiment {self.name}: arm names must be unique")
         if sum(a.weight for a in self.arms) <= 0:
             raise ValueError(f"experiment {self.name}: the arms' weights add up to 0")
-        if self.shadow is not None and self.shadow.settings.fusion_beta is not None:
+        if self.shadow is not None and self.shadow.settings.names() & {"fusion_beta", "rules"}:
             raise ValueError(
                 f"experiment {self.name}: a shadow arm re-ranks the served candidates again, "
-                "so it may change re-ranking settings only (not fusion_beta)"
+                "so it may change re-ranking settings only (not fusion_beta or rules)"
             )
         return self
 
@@ -154,6 +160,7 @@ class Assignment:
     rerank: RerankOverrides = field(default_factory=RerankOverrides)
     fine: FineOverrides = field(default_factory=FineOverrides)
     shadows: tuple[tuple[str, str, RerankOverrides], ...] = ()  # (experiment, arm, settings)
+    rules: RuleSet | None = None  # the arm's merchant rules, in place of the rules file
 
 
 class ExperimentSet:
@@ -166,6 +173,13 @@ class ExperimentSet:
             [sum(a.weight for a in e.arms[: i + 1]) for i in range(len(e.arms))]
             for e in spec.experiments
         ]
+        # one compiled rule set per arm that brings rules (its masks are cached per catalog)
+        self._rules = {
+            (e.name, a.name): RuleSet(a.settings.rules)
+            for e in spec.experiments
+            for a in e.arms
+            if a.settings.rules is not None
+        }
 
     @classmethod
     def empty(cls) -> ExperimentSet:
@@ -183,14 +197,18 @@ class ExperimentSet:
             return Assignment()
         arms, shadows = [], []
         settings: dict[str, object] = {}
+        rules = None
         for i, e in enumerate(self.spec.experiments):
             arm = self.arm(i, user_id)
             arms.append((e.name, arm.name))
-            settings |= {k: v for k, v in arm.settings.model_dump().items() if v is not None}
+            settings |= {k: getattr(arm.settings, k) for k in arm.settings.names()}
+            rules = self._rules.get((e.name, arm.name), rules)
             if e.shadow is not None:
                 shadows.append((e.name, e.shadow.name, e.shadow.settings.overrides()))
         merged = ArmSettings.model_validate(settings)
-        return Assignment(tuple(arms), merged.overrides(), merged.fine(), shadows=tuple(shadows))
+        return Assignment(
+            tuple(arms), merged.overrides(), merged.fine(), shadows=tuple(shadows), rules=rules
+        )
 
 
 class ExperimentsWatcher(WatchedFile[ExperimentSet]):

@@ -190,3 +190,49 @@ def test_a_full_shadow_queue_drops_the_shadow_and_serves_the_page(
     shadow.drain()
     assert shadow.path.read_text() == ""
     shadow.close()
+
+
+def test_an_arm_serves_its_own_rules(
+    local_stages: Mapping[StageName, LocalStage],
+    tiny_artifacts: Artifacts,
+    encoder: MiniLMEncoder,
+    tmp_path: Path,
+) -> None:
+    """An arm whose rules block the brand its users would see most: none of them sees it,
+    the control users still do, and each page names the rules that served it."""
+    c = tiny_artifacts.catalog
+    users, _ = tiny_artifacts.users()
+    plain = gateway(local_stages, tiny_artifacts, encoder)
+    pages = {u: plain.recommend(user_id=u, page_size=10, deadline_s=30.0) for u in users[:60]}
+    brands = [c.brand_of(c.row(int(i))) for p in pages.values() for i in p.candidates.item_ids]
+    brand = max(set(brands), key=brands.count)
+    blocked_rules = {"version": "arm-rules-1", "blocked": {"brands": [brand]}}
+    spec = {
+        "version": "exp-rules",
+        "experiments": [
+            {
+                "name": "rules",
+                "salt": "r",
+                "arms": [
+                    {"name": "control", "weight": 1},
+                    {"name": "strict", "weight": 1, "settings": {"rules": blocked_rules}},
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "experiments.json"
+    path.write_text(json.dumps(spec))
+    watcher = ExperimentsWatcher(path)
+    g = gateway(local_stages, tiny_artifacts, encoder, experiments=watcher)
+    shown = {"control": 0, "strict": 0}
+    for user in users[:60]:
+        arm = watcher.current.assign(user).arms[0][1]
+        result = g.recommend(user_id=user, page_size=10, deadline_s=30.0)
+        assert result.experiment_arms == (("rules", arm),)
+        assert result.rules_version == ("arm-rules-1" if arm == "strict" else "")
+        seen = [c.brand_of(c.row(int(i))) for i in result.candidates.item_ids]
+        shown[arm] += seen.count(brand)
+        query = g.search(query=f"{brand} shoes", user_id=user, page_size=10, deadline_s=30.0)
+        if arm == "strict":
+            assert brand not in [c.brand_of(c.row(int(i))) for i in query.candidates.item_ids]
+    assert shown["strict"] == 0 and shown["control"] > 0, shown

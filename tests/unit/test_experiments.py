@@ -183,3 +183,31 @@ def test_overrides_cross_the_wire_and_bad_ones_are_invalid_argument() -> None:
         with pytest.raises(InvalidArgument) as err:
             context_from_proto(msg)
         assert err.value.field_path == "context.fine.fusion_beta"
+
+
+def test_arm_rules_are_validated_like_a_rules_file(tmp_path: Path) -> None:
+    arms = [
+        {"name": "control"},
+        {"name": "strict", "settings": {"rules": {"version": "r1", "blocked": {"brands": ["X"]}}}},
+    ]
+    good = {"version": "1", "experiments": [{"name": "e", "salt": "s", "arms": arms}]}
+    path = tmp_path / "experiments.json"
+    write_experiments(path, good)
+    experiments = ExperimentSet(read_experiments(path))
+    rules = {experiments.assign(f"u{i}").rules is None for i in range(200)}
+    assert rules == {True, False}  # the strict arm's users get rules, the control's none
+    bad_rules = json.loads(json.dumps(good))
+    bad_rules["experiments"][0]["arms"][1]["settings"]["rules"]["blocked"]["colour"] = ["red"]
+    with pytest.raises(ExperimentsError, match="rules"):
+        path.write_text(json.dumps(bad_rules))
+        read_experiments(path)
+    shadow = json.loads(json.dumps(good))
+    shadow["experiments"][0]["shadow"] = arms[1] | {"name": "shadowed"}
+    with pytest.raises(ExperimentsError, match="re-ranking settings only"):
+        path.write_text(json.dumps(shadow))
+        read_experiments(path)
+    twice = json.loads(json.dumps(good))
+    twice["experiments"].append({"name": "f", "salt": "t", "arms": arms})
+    with pytest.raises(ExperimentsError, match="both change rules"):
+        path.write_text(json.dumps(twice))
+        read_experiments(path)

@@ -59,6 +59,7 @@ from sluice.gateway.tokens import PageTokens
 from sluice.rules import (
     GUARD_DROPPED,
     RequestRules,
+    RuleSet,
     RulesWatcher,
     apply_boosts,
     eligible,
@@ -305,7 +306,7 @@ class Gateway:
             turn = self.sessions.turn(user_id, session_id, text, paging=bool(page_token))
             query = turn.query
             filters = _with(filters, turn.filters, "in this session: its refinements")
-        rules = self.rules.current if self.rules is not None else None
+        rules = self._rule_set(user_id)
         if rules is not None:
             decision = rules.query(query)
             if decision.blocked:
@@ -611,10 +612,19 @@ class Gateway:
         return rows[rows >= 0]
 
     # -- the merchant's rules --------------------------------------------------------
+    def _rule_set(self, user_id: str) -> RuleSet | None:
+        """The rules for this user: their experiment arm's, else the rules file's."""
+        if self.experiments is not None:
+            arm_rules = self.experiments.current.assign(user_id).rules
+            if arm_rules is not None:
+                return arm_rules
+        return self.rules.current if self.rules is not None else None
+
     def _rules_for(self, req: _Request) -> RequestRules | None:
-        if self.rules is None:
+        rules = self._rule_set(req.user_id)
+        if rules is None:
             return None
-        return self.rules.current.for_request(
+        return rules.for_request(
             self.catalog, req.kind, req.surface, req.query, req.include_age_restricted
         )
 
