@@ -26,6 +26,10 @@
   offline comparison, and never shown.
 * The response names each experiment and arm (``experiment_arms``), and
   ``sluice_experiment_requests_total`` counts requests per experiment and arm.
+* Track labels each event with its user's arms when it arrives (``Event.arms``,
+  "experiment=arm,…", in the durable event log and the Redis event stream), and
+  ``sluice_experiment_events_total`` counts accepted events per arm and event type: the
+  conversions an experiment compares.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ REQUESTS = Counter(
     "sluice_experiment_requests_total",
     "Search and Recommend requests per experiment arm",
     ["experiment", "arm"],
+)
+EVENTS = Counter(
+    "sluice_experiment_events_total",
+    "Track events accepted per experiment arm of their user, by event type",
+    ["experiment", "arm", "type"],
 )
 
 
@@ -191,6 +200,12 @@ class ExperimentSet:
             return e.arms[0]
         place = bucket(e.salt, user_id, bounds[-1])
         return e.arms[next(i for i, b in enumerate(bounds) if place < b)]
+
+    def label(self, user_id: str) -> str:
+        """The user's arms as the event stream labels an event: "experiment=arm,…"."""
+        return ",".join(
+            f"{e.name}={self.arm(i, user_id).name}" for i, e in enumerate(self.spec.experiments)
+        )
 
     def assign(self, user_id: str) -> Assignment:
         if not self.spec.experiments:

@@ -287,15 +287,21 @@ def _wait_for_version(stub: Any, request: Any, version: str, timeout_s: float = 
             return response
 
 
-def _wait_for_metric(cluster: Cluster, line: str, timeout_s: float = 20.0) -> None:
+def _metric(cluster: Cluster, line: str) -> float | None:
+    """The gateway's value of the metric ``line`` (name and labels); None when absent."""
     url = f"http://127.0.0.1:{cluster.metrics_port_of('gateway')}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    value = [float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)]
+    return value[0] if value else None
+
+
+def _wait_for_metric(cluster: Cluster, line: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        value = [float(row.split()[-1]) for row in text.splitlines() if row.startswith(line)]
-        if (value and value[0] >= 1) or time.monotonic() > deadline:
-            assert value and value[0] >= 1, f"{line} never counted"
+        value = _metric(cluster, line)
+        if (value is not None and value >= 1) or time.monotonic() > deadline:
+            assert value is not None and value >= 1, f"{line} never counted"
             return
 
 
@@ -338,6 +344,26 @@ def test_experiment_arms_are_echoed_stable_and_the_shadow_is_logged(
     anonymous = stub.Search(storefront_pb2.SearchRequest(query="shoes", page_size=5))
     assert [(a.experiment, a.arm) for a in anonymous.experiment_arms] == [("aa", "a")]
     _wait_for_metric(ruled, 'sluice_experiment_requests_total{arm="b",experiment="aa"}')
+    # Track labels each event with its user's arm: conversions are counted per arm
+    item = int(tiny_artifacts.catalog.item_ids[0])
+    tracked = stub.Track(
+        storefront_pb2.TrackRequest(
+            events=[
+                storefront_pb2.Event(
+                    event_id=f"aa-{user}-{time.time_ns()}",
+                    user_id=user,
+                    item_id=item,
+                    type=storefront_pb2.EVENT_TYPE_PURCHASE,
+                )
+                for user in users
+            ]
+        )
+    )
+    assert set(tracked.statuses) == {storefront_pb2.EVENT_STATUS_ACCEPTED}
+    for arm in ("a", "b"):
+        line = f'sluice_experiment_events_total{{arm="{arm}",experiment="aa",type="purchase"}}'
+        _wait_for_metric(ruled, line)
+        assert _metric(ruled, line) == sum(a == arm for a in arms.values())
     # the shadow pages reach the log off the request path: wait for every user's lines
     deadline = time.monotonic() + 20
     while True:

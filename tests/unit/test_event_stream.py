@@ -236,3 +236,13 @@ def test_delete_user_erases_the_stream_and_the_state(
     rebuilt = RedisStateStore(stream.client, ATTRS, prefix="rebuilt:" + stream.config.prefix)
     Ingestor(stream, rebuilt).recover()
     assert rebuilt.erased("u") and rebuilt.history("v") == [9]
+
+
+def test_experiment_arm_labels_ride_with_the_entries(stream: RedisEventStream) -> None:
+    labelled = Event("lab-1", "u-arms", 3, EventType.PURCHASE, now_ms(), "", "mmr=b,fusion=a")
+    stream.append([labelled, ev("lab-2", "u-arms")])
+    got = {e.event_id: e for e in stream.replay()}
+    assert got["lab-1"] == labelled and got["lab-2"].arms == ""
+    # an entry written before labels existed reads with none
+    old = {"id": "x", "u": "u", "i": "1", "t": "1", "ts": "5", "q": ""}
+    assert decode_entry(old) == Event("x", "u", 1, EventType.VIEW, 5, "", "")

@@ -198,16 +198,16 @@ def test_arm_rules_are_validated_like_a_rules_file(tmp_path: Path) -> None:
     assert rules == {True, False}  # the strict arm's users get rules, the control's none
     bad_rules = json.loads(json.dumps(good))
     bad_rules["experiments"][0]["arms"][1]["settings"]["rules"]["blocked"]["colour"] = ["red"]
+    path.write_text(json.dumps(bad_rules))
     with pytest.raises(ExperimentsError, match="rules"):
-        path.write_text(json.dumps(bad_rules))
         read_experiments(path)
     shadow = json.loads(json.dumps(good))
     shadow["experiments"][0]["shadow"] = arms[1] | {"name": "shadowed"}
+    path.write_text(json.dumps(shadow))
     with pytest.raises(ExperimentsError, match="re-ranking settings only"):
-        path.write_text(json.dumps(shadow))
         read_experiments(path)
     twice = json.loads(json.dumps(good))
     twice["experiments"].append({"name": "f", "salt": "t", "arms": arms})
+    path.write_text(json.dumps(twice))
     with pytest.raises(ExperimentsError, match="both change rules"):
-        path.write_text(json.dumps(twice))
         read_experiments(path)

@@ -58,6 +58,9 @@ class Event:
     type: EventType
     timestamp_ms: int
     query: str = ""
+    # the user's experiment arms when the event arrived, "experiment=arm,…" (the event
+    # stream's per-arm label; not part of what a retry must repeat)
+    arms: str = ""
 
     @property
     def weight(self) -> float:

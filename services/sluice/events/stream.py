@@ -11,7 +11,8 @@ Layout (``P`` is the key prefix, default ``sluice:``)::
 
 A user's events all go to one partition, so they stay in order; N partitions (a setting,
 default 16) spread the log over the masters of a Redis Cluster, each partition being one hash
-tag and so one slot. An entry holds ``id`` (event id), ``u``, ``i``, ``t``, ``ts``, ``q``;
+tag and so one slot. An entry holds ``id`` (event id), ``u``, ``i``, ``t``, ``ts``, ``q``,
+``a`` (the user's experiment arms, "experiment=arm,…");
 its stream id is the server's append time (``<ms>-<seq>``).
 
 Appending (:meth:`RedisEventStream.append`): the batch's events are grouped by partition and
@@ -70,17 +71,19 @@ from sluice.state.store import (
 
 logger = logging.getLogger(__name__)
 
-# KEYS[1]: the partition's stream. ARGV: retention ms, index TTL s, then six per event: id,
-# user, item, type, timestamp ms, query. TIME is the server clock, the one stream ids use.
+# KEYS[1]: the partition's stream. ARGV: retention ms, index TTL s, then seven per event:
+# id, user, item, type, timestamp ms, query, experiment arms. TIME is the server clock, the
+# one stream ids use.
 _APPEND_LUA = """
 local key = KEYS[1]
 local now = redis.call('TIME')
 local minid = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[1])
 local ttl = ARGV[2]
 local ids = {}
-for i = 3, #ARGV, 6 do
+for i = 3, #ARGV, 7 do
   local id = redis.call('XADD', key, 'MINID', '~', minid, '*', 'id', ARGV[i], 'u', ARGV[i + 1],
-                        'i', ARGV[i + 2], 't', ARGV[i + 3], 'ts', ARGV[i + 4], 'q', ARGV[i + 5])
+                        'i', ARGV[i + 2], 't', ARGV[i + 3], 'ts', ARGV[i + 4], 'q', ARGV[i + 5],
+                        'a', ARGV[i + 6])
   if ARGV[i + 3] ~= '9' then  -- an erase marker is not indexed: it is never erased
     local index = key .. ':u:' .. ARGV[i + 1]
     redis.call('SADD', index, id)
@@ -138,6 +141,7 @@ def _fields(event: Event) -> list[str | int]:
         int(event.type),
         event.timestamp_ms,
         event.query,
+        event.arms,
     ]
 
 
@@ -151,6 +155,7 @@ def decode_entry(fields: dict[str, str]) -> Event | None:
             EventType(int(fields["t"])),
             int(fields["ts"]),
             fields.get("q", ""),
+            fields.get("a", ""),  # entries written before arm labels have none
         )
     except (KeyError, ValueError):
         return None

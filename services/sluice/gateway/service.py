@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -31,8 +32,9 @@ from sluice.domain import Cancellation, StageName
 from sluice.events.ingest import DurableLog, Ingestor
 from sluice.events.log import EventLog
 from sluice.events.metrics import EventMetrics
-from sluice.events.model import Event
+from sluice.events.model import Event, EventStatus, EventType
 from sluice.events.stream import RedisEventStream, StreamConfig, durability_warnings
+from sluice.experiments import EVENTS as EXPERIMENT_EVENTS
 from sluice.experiments import ExperimentsWatcher
 from sluice.gateway.blurbs import Blurbs, ExtractiveBlurbs, GeneratedBlurbs
 from sluice.gateway.catalog import CatalogServicer, CatalogWriter
@@ -239,10 +241,22 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             Event.from_wire(e.event_id, e.user_id, e.item_id, int(e.type), e.timestamp_ms, e.query)
             for e in request.events
         ]
+        experiments = self._ready().experiments
+        labels: dict[str, str] = {}
+        if experiments is not None:  # each event carries its user's arms into the log
+            current = experiments.current
+            for user in {e.user_id for e in events}:
+                labels[user] = current.label(user)
+            events = [dataclasses.replace(e, arms=labels[e.user_id]) for e in events]
         results = ingestor.track(events)
         IN_FLIGHT.set(ingestor.in_flight)
-        for r in results:
+        for event, r in zip(events, results, strict=True):
             EVENTS.labels(r.status.name.lower()).inc()
+            if event.arms and r.status is EventStatus.ACCEPTED:
+                kind = event.type.name.lower() if isinstance(event.type, EventType) else ""
+                for pair in event.arms.split(","):
+                    experiment, _, arm = pair.partition("=")
+                    EXPERIMENT_EVENTS.labels(experiment, arm, kind).inc()
         return storefront_pb2.TrackResponse(
             statuses=[storefront_pb2.EventStatus.Name(r.status) for r in results],
             errors=[r.error for r in results],
