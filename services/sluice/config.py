@@ -324,9 +324,26 @@ class FineSettings(StageSettings):
         description="its Triton version; unset: the build's version for fine_ranker, the "
         "newest loaded for any other model",
     )
+    arm_models: list[str] = Field(
+        default_factory=list,
+        description="other Triton rankers an experiment arm may ask for, as a JSON list of "
+        '"name" or "name:version" (fine_ranker without a version: the build\'s); each must '
+        "declare the ranker contract, checked at warm-up like model_name",
+    )
     triton_wait_s: float = Field(
         300.0, gt=0, description="how long warm-up waits for Triton to load the model"
     )
+
+    @field_validator("arm_models")
+    @classmethod
+    def _model_specs(cls, value: list[str]) -> list[str]:
+        from sluice.domain import MODEL_SPEC
+
+        for spec in value:
+            if not MODEL_SPEC.fullmatch(spec):
+                raise ValueError(f'arm model {spec!r} is not "name" or "name:version"')
+        return value
+
     max_candidates: int = Field(1024, ge=1)
 
 

@@ -23,6 +23,7 @@ from sluice.domain import (
     MAX_PER_BRAND,
     MAX_PIN_POSITION,
     MAX_PINS,
+    MODEL_SPEC,
     Boost,
     Candidates,
     FineOverrides,
@@ -239,14 +240,21 @@ def overrides_to_proto(o: RerankOverrides) -> common_pb2.RerankOverrides:
 
 
 def fine_overrides_from_proto(msg: common_pb2.FineOverrides, field: str) -> FineOverrides:
+    model = msg.model or None
+    if model is not None and not MODEL_SPEC.fullmatch(model):
+        raise InvalidArgument(
+            'a Triton model "name" or "name:version" (letters, digits, "_", "-", "."; at most '
+            "128 characters)",
+            field_path=f"{field}.model",
+        )
     if not msg.HasField("fusion_beta"):
-        return FineOverrides()
+        return FineOverrides(model=model)
     beta = float(msg.fusion_beta)
     if not (math.isfinite(beta) and 0.0 <= beta <= MAX_FUSION_BETA):
         raise InvalidArgument(
             f"a finite number from 0 to {MAX_FUSION_BETA:g}", field_path=f"{field}.fusion_beta"
         )
-    return FineOverrides(beta)
+    return FineOverrides(beta, model)
 
 
 def pins_from_proto(pins: Sequence[common_pb2.ItemPin], field: str) -> tuple[Pin, ...]:
@@ -326,7 +334,7 @@ def context_to_proto(ctx: RankContext) -> common_pb2.RankContext:
         pins=pins_to_proto(ctx.pins),
         boosts=boosts_to_proto(ctx.boosts),
         rerank=overrides_to_proto(ctx.rerank),
-        fine=common_pb2.FineOverrides(fusion_beta=ctx.fine.fusion_beta),
+        fine=common_pb2.FineOverrides(fusion_beta=ctx.fine.fusion_beta, model=ctx.fine.model or ""),
     )
 
 

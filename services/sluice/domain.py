@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -127,6 +128,8 @@ class Boost:
 
 
 MAX_FUSION_BETA = 100.0
+# a Triton model an experiment arm may rank with: "name" or "name:version"
+MODEL_SPEC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,110}(:[0-9]{1,16})?")
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class FineOverrides:
     arm's); None keeps the stage's setting."""
 
     fusion_beta: float | None = None  # 0 to MAX_FUSION_BETA
+    model: str | None = None  # a Triton ranker "name[:version]" the fine stage lists
 
 
 @dataclass(frozen=True)

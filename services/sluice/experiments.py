@@ -17,6 +17,11 @@
   ``diversity_lambda``, ``max_per_brand`` and the ``exposure_tail_share`` target. They reach
   the stage in the request's context (``RerankOverrides``). Several experiments may run at
   once if no two of them change the same setting.
+* An arm's ``ranker_model`` ("name" or "name:version") has the fine stage score that
+  arm's requests with another Triton ranker, one the stage lists in
+  ``SLUICE_FINE_ARM_MODELS`` (an unlisted one is INVALID_ARGUMENT at the stage, and the
+  arm's pages degrade to the coarse order): a new model version or a brought model against
+  the build's, on live traffic.
 * An arm's ``rules`` (a whole merchant rules file, inline, as :mod:`sluice.rules` reads it)
   take the place of the rules file for that arm's users: blocks, the query list, pins and
   boosts. The gateway applies them (they reach the stages as filters, exclusions, pins and
@@ -42,10 +47,17 @@ from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sluice.core.watch import WatchedFile, read_json_file, write_json_file
-from sluice.domain import MAX_FUSION_BETA, MAX_PER_BRAND, FineOverrides, RerankOverrides
+from sluice.domain import (
+    MAX_FUSION_BETA,
+    MAX_PER_BRAND,
+    MODEL_SPEC,
+    FineOverrides,
+    RerankOverrides,
+)
 from sluice.rules import RuleSet, RulesFile
 
 NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+SERVED_ONLY = frozenset({"fusion_beta", "ranker_model", "rules"})  # not in a shadow arm
 MAX_EXPERIMENTS = 20
 MAX_ARMS = 20
 
@@ -78,6 +90,7 @@ class ArmSettings(_Strict):
     max_per_brand: int | None = Field(None, ge=0, le=MAX_PER_BRAND)
     exposure_tail_share: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     fusion_beta: float | None = Field(None, ge=0.0, le=MAX_FUSION_BETA, allow_inf_nan=False)
+    ranker_model: str | None = Field(None, pattern=f"^{MODEL_SPEC.pattern}$")
     rules: RulesFile | None = None
 
     def overrides(self) -> RerankOverrides:
@@ -86,7 +99,7 @@ class ArmSettings(_Strict):
 
     def fine(self) -> FineOverrides:
         """The fine-ranking stage's part."""
-        return FineOverrides(self.fusion_beta)
+        return FineOverrides(self.fusion_beta, self.ranker_model)
 
     def names(self) -> set[str]:
         return {k for k in type(self).model_fields if getattr(self, k) is not None}
@@ -111,10 +124,10 @@ class Experiment(_Strict):
             raise ValueError(f"experiment {self.name}: arm names must be unique")
         if sum(a.weight for a in self.arms) <= 0:
             raise ValueError(f"experiment {self.name}: the arms' weights add up to 0")
-        if self.shadow is not None and self.shadow.settings.names() & {"fusion_beta", "rules"}:
+        if self.shadow is not None and self.shadow.settings.names() & SERVED_ONLY:
             raise ValueError(
                 f"experiment {self.name}: a shadow arm re-ranks the served candidates again, "
-                "so it may change re-ranking settings only (not fusion_beta or rules)"
+                f"so it may change re-ranking settings only (not {', '.join(sorted(SERVED_ONLY))})"
             )
         return self
 

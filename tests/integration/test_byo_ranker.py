@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from sluice.artifacts import MANIFEST, Artifacts
 from sluice.convert import candidates_to_proto, context_to_proto
-from sluice.domain import Budget, Candidates, RankContext
+from sluice.domain import Budget, Candidates, FineOverrides, RankContext
 from sluice.fine import contract
 from sluice.fine.backend import TorchBackend
 from sluice.fine.engine import FineEngine
@@ -157,7 +158,11 @@ def byo_cluster(
         ports=Ports.random(),
         log_dir=base / "logs",
         event_log_dir=base / "events",
-        extra_env={"SLUICE_FINE_MODEL_NAME": "mlp_ranker"},
+        # the build's transformer stays reachable for an experiment arm that asks for it
+        extra_env={
+            "SLUICE_FINE_MODEL_NAME": "mlp_ranker",
+            "SLUICE_FINE_ARM_MODELS": json.dumps([contract.BUILD_MODEL]),
+        },
     )
     try:
         cluster.start_process("triton")
@@ -202,6 +207,45 @@ def test_the_stage_ranks_with_the_brought_model(
     # ... which is not what the build's transformer would have answered
     transformer = FineEngine(catalog, default.backend, fusion).rank(ctx, cands, Budget(len(items)))
     assert transformer.item_ids.tolist() != list(resp.candidates.item_ids)
+
+
+def test_an_experiment_arm_ranks_with_its_own_model(
+    byo_cluster: Cluster, byo_artifacts: Artifacts
+) -> None:
+    """RankContext.fine.model (an arm's ranker_model) picks one of the stage's arm models per
+    request: the build's transformer here, beside the MLP the stage serves by default."""
+    catalog = byo_artifacts.catalog
+    _, histories = byo_artifacts.users()
+    history = max(histories, key=len)
+    items = np.random.default_rng(6).choice(catalog.item_ids, size=60, replace=False)
+    cands = Candidates(items, np.zeros(len(items)), np.zeros(len(items)))
+
+    def rank(model: str) -> fine_pb2.RankCandidatesResponse:
+        ctx = RankContext(history_item_ids=history, fine=FineOverrides(model=model or None))
+        request = fine_pb2.RankCandidatesRequest(
+            context=context_to_proto(ctx),
+            candidates=candidates_to_proto(cands),
+            max_candidates=len(items),
+        )
+        with byo_cluster.channel("fine") as channel:
+            stub = fine_pb2_grpc.FineRankServiceStub(channel)
+            response: fine_pb2.RankCandidatesResponse = stub.RankCandidates(request, timeout=30)
+            return response
+
+    default, arm = rank(""), rank(contract.BUILD_MODEL)
+    assert default.model_version == MLP_VERSION
+    assert arm.model_version == byo_artifacts.ranker_version
+    transformer = FineEngine(
+        catalog,
+        TorchBackend(byo_artifacts.ranker_dir),
+        FusionWeights.load(byo_artifacts.root / "fusion.json"),
+    ).rank(RankContext(history_item_ids=history), cands, Budget(len(items)))
+    assert list(arm.candidates.item_ids)[:10] == transformer.item_ids.tolist()[:10]
+    assert list(default.candidates.item_ids) != list(arm.candidates.item_ids)
+    with pytest.raises(grpc.RpcError) as err:
+        rank("nope_ranker:3")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context.fine.model" in str(err.value.trailing_metadata())
 
 
 def test_a_model_off_the_contract_keeps_the_stage_down(

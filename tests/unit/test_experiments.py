@@ -96,6 +96,9 @@ def test_a_fusion_arm_reaches_the_fine_stage_s_part_of_the_assignment() -> None:
     fusion = spec(arms=[{"name": "ranker-alone", "settings": {"fusion_beta": 0.0}}])
     a = ExperimentSet(ExperimentsFile.model_validate(fusion)).assign("anyone")
     assert a.fine == FineOverrides(fusion_beta=0.0) and a.rerank == RerankOverrides()
+    model = spec(arms=[{"name": "v2", "settings": {"ranker_model": "fine_ranker:2"}}])
+    a = ExperimentSet(ExperimentsFile.model_validate(model)).assign("anyone")
+    assert a.fine == FineOverrides(model="fine_ranker:2")
 
 
 @pytest.mark.parametrize(
@@ -112,6 +115,12 @@ def test_a_fusion_arm_reaches_the_fine_stage_s_part_of_the_assignment() -> None:
         ({"arms": [{"name": "a", "settings": {"fusion_beta": -1}}]}, "fusion_beta"),
         (
             {"shadow": {"name": "s", "settings": {"fusion_beta": 2.0}}},
+            "re-ranking settings only",
+        ),
+        ({"arms": [{"name": "a", "settings": {"ranker_model": "a b"}}]}, "ranker_model"),
+        ({"arms": [{"name": "a", "settings": {"ranker_model": "m:v1"}}]}, "ranker_model"),
+        (
+            {"shadow": {"name": "s", "settings": {"ranker_model": "mlp_ranker"}}},
             "re-ranking settings only",
         ),
     ],
@@ -183,6 +192,13 @@ def test_overrides_cross_the_wire_and_bad_ones_are_invalid_argument() -> None:
         with pytest.raises(InvalidArgument) as err:
             context_from_proto(msg)
         assert err.value.field_path == "context.fine.fusion_beta"
+    arm = RankContext(fine=FineOverrides(model="mlp_ranker:7"))
+    assert context_from_proto(context_to_proto(arm)).fine == FineOverrides(model="mlp_ranker:7")
+    for model in ("../etc", "m:", "m" * 200, "m:x", "m\n"):
+        msg = common_pb2.RankContext(fine=common_pb2.FineOverrides(model=model))
+        with pytest.raises(InvalidArgument) as err:
+            context_from_proto(msg)
+        assert err.value.field_path == "context.fine.model"
 
 
 def test_arm_rules_are_validated_like_a_rules_file(tmp_path: Path) -> None:

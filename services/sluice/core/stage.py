@@ -101,7 +101,7 @@ def run_stage(
     return StageResult(page, len(out), report)
 
 
-def _no_extras(engine: Any, response: Any) -> None:
+def _no_extras(engine: Any, response: Any, ctx: RankContext) -> None:
     return None
 
 
@@ -113,8 +113,9 @@ class StageBinding:
     service: ServiceDescriptor
     request: type[Any]
     response: type[Any]
-    annotate: Callable[[Any, Any], None] = _no_extras
-    """Fills response fields only this stage has (the fine stage's model version)."""
+    annotate: Callable[[Any, Any, RankContext], None] = _no_extras
+    """Fills response fields only this stage has (the fine stage's model version, which an
+    experiment arm's context may choose)."""
 
     @classmethod
     def of(
@@ -122,7 +123,7 @@ class StageBinding:
         stage: StageName,
         module: ModuleType,
         service: str,
-        annotate: Callable[[Any, Any], None] = _no_extras,
+        annotate: Callable[[Any, Any, RankContext], None] = _no_extras,
     ) -> StageBinding:
         """The binding of ``service`` in a generated ``*_pb2`` module (its one method)."""
         descriptor = module.DESCRIPTOR.services_by_name[service]
@@ -235,5 +236,5 @@ class StageServicer:
         )
         if b.paged:
             response.total_size = result.total_size
-        b.annotate(engine, response)
+        b.annotate(engine, response, ctx)
         return response

@@ -7,8 +7,11 @@ runs behind a :class:`~sluice.fine.backend.RankerBackend` (Triton in production)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
+from sluice.core.errors import InvalidArgument
 from sluice.data.catalog import Catalog
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.embed.text import TEXT_DIM
@@ -20,11 +23,32 @@ class FineEngine:
     """The fine ranking stage: pure logic around a model backend."""
 
     def __init__(
-        self, catalog: Catalog, backend: RankerBackend, fusion: FusionWeights | None = None
+        self,
+        catalog: Catalog,
+        backend: RankerBackend,
+        fusion: FusionWeights | None = None,
+        arm_backends: Mapping[str, RankerBackend] | None = None,
     ) -> None:
+        """``arm_backends``: the other rankers an experiment arm may ask for, by the
+        "name[:version]" it names (``RankContext.fine.model``)."""
         self.catalog = catalog
         self.backend = backend
         self.fusion = fusion or FusionWeights()
+        self.arm_backends = dict(arm_backends or {})
+
+    def backend_for(self, ctx: RankContext) -> RankerBackend:
+        """The ranker this request asks for: an arm's model, else the stage's own."""
+        model = ctx.fine.model
+        if model is None:
+            return self.backend
+        found = self.arm_backends.get(model)
+        if found is None:
+            known = ", ".join(sorted(self.arm_backends)) or "none"
+            raise InvalidArgument(
+                f"this stage ranks with no model {model!r} (its arm models: {known})",
+                field_path="context.fine.model",
+            )
+        return found
 
     def tensors(
         self, ctx: RankContext, cands: Candidates
@@ -69,5 +93,6 @@ class FineEngine:
     ) -> np.ndarray:
         """The transformer's raw score of each candidate, in input order."""
         history, cand, query, has_query = self.tensors(ctx, cands)
-        scores = self.backend.score(history, cand, query, has_query, timeout_s=timeout_s)
+        backend = self.backend_for(ctx)
+        scores = backend.score(history, cand, query, has_query, timeout_s=timeout_s)
         return scores.reshape(-1)[: len(cands)].astype(np.float32)

@@ -14,18 +14,27 @@ from sluice.fine.engine import FineEngine
 from sluice.fine.fusion import FusionWeights
 
 
-def make_backend(settings: FineSettings, artifacts: Artifacts) -> RankerBackend:
+def make_backend(
+    settings: FineSettings, artifacts: Artifacts, model: str | None = None
+) -> RankerBackend:
+    """The stage's ranker; ``model`` ("name[:version]", an arm model): that one on Triton."""
     if settings.backend == "torch":
+        if model is not None:
+            raise ValueError("arm models need the triton backend")
         return TorchBackend(artifacts.ranker_dir, threads=settings.torch_threads)
     tls = (
         (settings.triton_tls_ca_file, settings.triton_tls_cert_file, settings.triton_tls_key_file)
         if settings.triton_tls_ca_file
         else None
     )
-    version = settings.model_version
+    if model is None:
+        name, version = settings.model_name, settings.model_version
+    else:
+        name, _, given = model.partition(":")
+        version = given or None
     if version is None:  # a model brought alongside the build's has versions of its own
-        version = artifacts.ranker_version if settings.model_name == BUILD_MODEL else ""
-    return TritonBackend(settings.triton_url, settings.model_name, version, tls)
+        version = artifacts.ranker_version if name == BUILD_MODEL else ""
+    return TritonBackend(settings.triton_url, name, version, tls)
 
 
 def load(settings: FineSettings, closers: list[Callable[[], None]]) -> FineEngine:
@@ -34,10 +43,12 @@ def load(settings: FineSettings, closers: list[Callable[[], None]]) -> FineEngin
     artifacts = serving_artifacts(settings.artifacts, settings)
     fusion = FusionWeights.load(artifacts.root / "fusion.json")
     backend = make_backend(settings, artifacts)
-    if isinstance(backend, TritonBackend):
-        closers.append(backend.close)
-        backend.wait_ready(settings.triton_wait_s)
-    engine = FineEngine(artifacts.catalog, backend, fusion)
+    arms = {model: make_backend(settings, artifacts, model) for model in settings.arm_models}
+    for b in (backend, *arms.values()):
+        if isinstance(b, TritonBackend):
+            closers.append(b.close)
+            b.wait_ready(settings.triton_wait_s)
+    engine = FineEngine(artifacts.catalog, backend, fusion, arms)
     follow_updates(settings, artifacts, closers, text_vectors=False)
     ids = artifacts.catalog.item_ids[:20]
     for _ in range(3):

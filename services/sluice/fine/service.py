@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from sluice.core.stage import StageBinding
-from sluice.domain import StageName
+from sluice.domain import RankContext, StageName
 from sluice.fine.v2 import fine_pb2
 
 
-def _model_version(engine: Any, response: fine_pb2.RankCandidatesResponse) -> None:
-    response.model_version = engine.backend.version
+def _model_version(
+    engine: Any, response: fine_pb2.RankCandidatesResponse, ctx: RankContext
+) -> None:
+    response.model_version = engine.backend_for(ctx).version
 
 
 BINDING = StageBinding.of(StageName.FINE_RANK, fine_pb2, "FineRankService", _model_version)

@@ -60,7 +60,11 @@ class LocalStage:
     def call(self, ctx: RankContext, cands: Candidates | None, budget: Budget) -> StageResult:
         label = self.stage.label  # with tracing on: one INTERNAL span per stage
         with tracing.internal_span(f"stage {label}", {tracing.STAGE_ATTRIBUTE: label}):
-            return run_stage(self.stage, self.engine, ctx, cands, budget, self.build_id)
+            try:
+                return run_stage(self.stage, self.engine, ctx, cands, budget, self.build_id)
+            except InvalidArgument as err:  # as over gRPC (from_rpc_error): the gateway built
+                # this context, so a stage refusing it degrades the stage, not the request
+                raise Unavailable(f"{label} refused the request: {err.message}") from err
 
 
 class _ContextMemo(threading.local):
