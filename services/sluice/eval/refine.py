@@ -11,8 +11,8 @@ page is judged against the catalog, not against what the parser says it understo
   least 60% of the titles), more like the n-th item (that item is gone, and the page's mean
   MiniLM similarity to it is above the previous page's).
 
-A task succeeds when every follow-up does. Both splits (tuning templates and held-out
-paraphrases) run the same tasks.
+A task succeeds when every follow-up does. Every split of templates (the tuning phrasings and
+the held-out paraphrases, :data:`sluice.eval.refine_tasks.TEMPLATES`) runs the same tasks.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 
 from sluice.artifacts import Artifacts
 from sluice.data.catalog import Catalog
-from sluice.eval.refine_tasks import Constraint, Task, generate_tasks
+from sluice.eval.refine_tasks import TEMPLATES, Constraint, Task, generate_tasks
 
 MIN_PAGE = 5
 TOPIC_SHARE = 0.8
@@ -104,7 +104,7 @@ def run_refine(
     tasks = generate_tasks(catalog, count, seed)
     report: dict[str, Any] = {"artifacts": str(artifacts_root), "tasks": len(tasks), "seed": seed}
     print(f"{len(tasks)} tasks on {artifacts_root} ({len(catalog)} items)")
-    for split in ("tuning", "heldout"):
+    for split in TEMPLATES:
         t0 = time.perf_counter()
         done, turns_ok = 0, Counter[str]()
         turns_all = Counter[str]()

@@ -2,10 +2,13 @@
 
 A task is a first search for a product, then one or two follow-ups that refine it: cheaper,
 under a price, in a colour, not a brand, more like one of the results, or a word to add.
-Each follow-up is rendered from a template. The templates come in two splits that are
-frozen before the parser is tuned: ``tuning``, the phrasings the parser's rules are written
-against, and ``heldout``, paraphrases the rules never saw. The same tasks are rendered in
-both splits, so that the two success rates differ only by the wording.
+Each follow-up is rendered from a template. The templates come in splits frozen before the
+parser is tuned against them: ``tuning``, the phrasings the parser's rules were written
+against, and held-out paraphrases. ``heldout`` was the held-out split until its failures
+were read to widen the parser (2026-12-05): from then on it is tuning material too, and
+``heldout2``, written and committed before that work began, is the split no rule was
+written against. The same tasks are rendered in every split, so that the success rates
+differ only by the wording.
 
 What a turn must achieve is stated here too (:class:`Constraint`), in terms of the catalog,
 so that the evaluation judges the page itself, not what the parser says it understood.
@@ -54,7 +57,31 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
         ),
         "add_word": ("I want something {word}", "preferably {word}", "a {word} one"),
     },
+    # written before the parser was widened with the failures of "heldout"; never tuned on
+    "heldout2": {
+        "cheaper": (
+            "that's out of my price range",
+            "anything more affordable?",
+            "go lower on price",
+        ),
+        "under_price": (
+            "up to {price} dollars",
+            "{price} dollars at most",
+            "keep it under {price}",
+        ),
+        "color": ("what about {color}", "{color} would be nice", "got any in {color}?"),
+        "not_brand": ("no more {brand} please", "exclude {brand}", "not a fan of {brand}"),
+        "like_nth": (
+            "I like the {ordinal} one",
+            "more along the lines of #{n}",
+            "find me more like item {n}",
+        ),
+        "add_word": ("it should be {word}", "{word} if possible", "needs to be {word}"),
+    },
 }
+# splits rendered with the task generator's own random draws (the first two); a later split
+# draws its templates from its own stream, so that adding it left every task as it was
+FIRST_SPLITS = ("tuning", "heldout")
 
 
 @dataclass(frozen=True)
@@ -122,10 +149,16 @@ def generate_tasks(catalog: Catalog, count: int = 300, seed: int = 0) -> list[Ta
         if len(constraints) < turns or _showable(catalog, keep, titles) < 10:
             continue  # a page could not hold 10 of the topic's items: draw again
         texts = {
-            split: tuple(_render(rng.choice(by_kind[c.kind]), c) for c in constraints)
-            for split, by_kind in TEMPLATES.items()
+            split: tuple(_render(rng.choice(TEMPLATES[split][c.kind]), c) for c in constraints)
+            for split in FIRST_SPLITS
         }
         tasks.append(Task(len(tasks), category, query, tuple(constraints), texts))
+    for split in TEMPLATES.keys() - set(FIRST_SPLITS):
+        own = random.Random(f"{seed}-{split}")
+        for task in tasks:
+            task.texts[split] = tuple(
+                _render(own.choice(TEMPLATES[split][c.kind]), c) for c in task.constraints
+            )
     return tasks
 
 
