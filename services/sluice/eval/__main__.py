@@ -122,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     f.add_argument("--tasks", type=int, default=300)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument(
+        "--splits",
+        default="",
+        help="comma-separated template splits to run (default: all); tune on the tuning "
+        "splits alone, so that a held-out split stays unseen",
+    )
     f.add_argument("--out", type=Path, help="the report (default: beside the artifacts)")
 
     args = parser.parse_args(argv)
@@ -156,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.task == "refine":
         from sluice.eval.refine import run_refine
 
-        run_refine(args.artifacts, args.tasks, args.seed, args.out)
+        splits = [s for s in args.splits.split(",") if s] or None
+        run_refine(args.artifacts, args.tasks, args.seed, args.out, splits)
     elif args.task == "blurbs":
         from sluice.eval.blurbs import run_blurbs
         from sluice.eval.served import eval_dir

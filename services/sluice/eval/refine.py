@@ -89,7 +89,11 @@ def judge(
 
 
 def run_refine(
-    artifacts_root: Path, count: int = 300, seed: int = 0, out: Path | None = None
+    artifacts_root: Path,
+    count: int = 300,
+    seed: int = 0,
+    out: Path | None = None,
+    splits: list[str] | None = None,
 ) -> dict[str, Any]:
     from sluice.embed.onnx import query_encoder
     from sluice.eval.served import in_process_gateway, local_stages
@@ -104,7 +108,9 @@ def run_refine(
     tasks = generate_tasks(catalog, count, seed)
     report: dict[str, Any] = {"artifacts": str(artifacts_root), "tasks": len(tasks), "seed": seed}
     print(f"{len(tasks)} tasks on {artifacts_root} ({len(catalog)} items)")
-    for split in TEMPLATES:
+    for split in splits or list(TEMPLATES):
+        if split not in TEMPLATES:
+            raise ValueError(f"no template split {split!r} (there are {', '.join(TEMPLATES)})")
         t0 = time.perf_counter()
         done, turns_ok = 0, Counter[str]()
         turns_all = Counter[str]()

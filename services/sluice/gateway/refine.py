@@ -78,12 +78,38 @@ ORDINAL_WORDS = {
 # short follow-ups that no rule matched are compared with these (MiniLM); the nearest intent
 # above INTENT_MIN is taken
 INTENTS: dict[str, tuple[str, ...]] = {
-    "cheaper": ("cheaper", "less expensive", "lower price", "more affordable", "on a budget"),
+    "cheaper": (
+        "cheaper",
+        "less expensive",
+        "lower price",
+        "more affordable",
+        "on a budget",
+        "too expensive",
+        "too pricey",
+        "costs less",
+        "a lower-cost option",
+    ),
     "pricier": ("more expensive", "pricier", "higher end", "better quality, more money"),
     "similar": ("more like this", "similar ones", "more of these"),
     "reset": ("start over", "new search", "something else entirely"),
 }
 INTENT_MIN = 0.6
+# "more like the n-th": the query's embedding plus this much of the item's (then normalised)
+ANCHOR_WEIGHT = 4.0
+# A brand named with no rule's cue around it: is it wanted or not? The text, with the brand
+# as "that brand", against these (MiniLM); the nearer set decides, by at least POLARITY_MARGIN
+POLARITY: dict[str, tuple[str, ...]] = {
+    "not": (
+        "not that brand",
+        "no that brand",
+        "without that brand",
+        "anything but that brand",
+        "i don't like that brand",
+        "skip that brand",
+    ),
+    "only": ("only that brand", "from that brand", "by that brand", "that brand only"),
+}
+POLARITY_MARGIN = 0.03
 # A follow-up's words are a new topic when the items nearest to them (MiniLM, over a sample of
 # the catalog) mostly share a category that the previous query's nearest items barely have.
 TOPIC_ITEMS = 20
@@ -123,21 +149,36 @@ PRICE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (_after("between", rf"\s+{_NUM}{_CURRENCY}\s+and\s+{_NUM}{_CURRENCY}"), "between"),
     (re.compile(rf"\b{_NUM}\s*(?:-|to)\s*{_NUM}{_CURRENCY}(?=\s|$)"), "between"),
     (_after("under|below|less than|cheaper than|beneath"), "under"),
+    # a bound said negatively ("nothing over 50"), or as a budget, is an upper bound
+    (_after(r"(?:nothing|not|none|never|no)\s+(?:over|above|more than)"), "at_most"),
+    (_after(r"budget(?:\s+(?:is|of))?|spend(?:\s+at most)?"), "at_most"),
     (_after("up to|at most|max(?:imum)?|no more than|not more than"), "at_most"),
     (_after("over|above|more than|pricier than"), "over"),
     (_after("at least|min(?:imum)?|from", r"\s+\$\s*(\d+(?:\.\d{1,2})?)"), "at_least"),
 )
 CHEAPER = re.compile(
-    r"\b(?:cheaper|less expensive|lower[- ]priced?|more affordable|inexpensive|cheap)\b"
+    r"\b(?:cheaper|less expensive|lower[- ](?:priced?|cost)|more affordable|inexpensive|cheap"
+    r"|too (?:expensive|pricey|costly))\b"
 )
 PRICIER = re.compile(r"\b(?:pricier|more expensive|higher[- ]end|fancier)\b")
 RESET = re.compile(r"^(?:start over|new search|reset|forget (?:it|that|this))\b[\s,.:;!-]*")
-NEGATION = r"(?:not|no|without|except|excluding|anything but|other than|but not|never)"
+NEGATION = (
+    r"(?:not|no|without|except|excluding|anything but|other than|but not|never|skip"
+    r"|(?:i\s+)?(?:don't|do not|dont)\s+(?:like|want|need))"
+)
 IN_STOCK = re.compile(r"\b(?:in stock|available now|available)\b")
 ANCHOR = re.compile(
     r"\b(?:more like|similar to|like|something like|others like|ones like|same as)\s+"
     r"(?:the\s+)?(?:#\s*(\d+)|number\s+(\d+)|(\w+))(?:\s+(?:one|item|result))?\b"
 )
+# a reference to an item of the last page anywhere in the text: "#3", "number 3", "result 3",
+# "the third (one)"; taken as the anchor when the text also asks for similar items
+ITEM_REFERENCE = re.compile(
+    r"#\s*(\d+)\b|\b(?:number|no\.|result|option|product|pick)\s+#?\s*(\d+)\b"
+    r"|\b(?:the\s+)?(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|last"
+    r"|1st|2nd|3rd|4th|5th|6th|7th|8th|9th|10th)(?:\s+(?:one|item|result|option))?\b"
+)
+SIMILAR_CUE = re.compile(r"\b(?:like|similar|more|same|resembl\w*|closer to)\b")
 
 
 @dataclass
@@ -228,7 +269,14 @@ class Turn:
 
     @property
     def filters(self) -> tuple[AttributeFilter, ...]:
-        return self.constraints.filters()
+        """The constraints' filters, and the session's topic: a refinement narrows within it
+        (a turn that names another product starts a new topic instead)."""
+        topic = (
+            ()
+            if not self.topic or self.topic in self.constraints.not_categories
+            else (AttributeFilter("category", any_of=(self.topic,)),)
+        )
+        return self.constraints.filters() + topic
 
     @property
     def boosts(self) -> tuple[Boost, ...]:
@@ -276,6 +324,7 @@ class Refiner:
             np.stack([encode(f"the color {c}") for c in self.colors]) if self.colors else None
         )
         self._intents = [(name, encode(p)) for name, phrases in INTENTS.items() for p in phrases]
+        self._polarity = {k: np.stack([encode(p) for p in v]) for k, v in POLARITY.items()}
         n = catalog.build_size  # topics are the build's items (rows added live come after)
         sample = (
             np.random.default_rng(0).permutation(n)[:TOPIC_SAMPLE] if n > TOPIC_SAMPLE else None
@@ -316,7 +365,9 @@ class Refiner:
             anchor = found
             applied.append(f"like item {anchor}")
         rest = _leftover(t, spans)
-        if state is not None and not applied and rest:  # nothing by rule: an intent?
+        if state is not None:  # a follow-up adds only words the catalog's titles use
+            rest = " ".join(w for w in rest.split() if self._known(w))
+        if state is not None and not applied:  # nothing by rule: an intent?
             intent = self._intent(t)
             if intent == "reset":
                 return self.refine("start over " + text, state)
@@ -348,6 +399,12 @@ class Refiner:
         turn = 1 if state is None else state.turn + 1
         c.bound()
         return Turn(query, c, anchor, turn, tuple(applied), embedding, topic)
+
+    def _known(self, word: str) -> bool:
+        """Whether some title has ``word`` (or its singular): a word no title has cannot
+        match an item, and would only pull the query's meaning off the topic."""
+        forms = [word] + ([word[:-1], word[:-2]] if word.endswith("s") else [])
+        return any(len(self.catalog.rows_with_words(f)) for f in forms if f)
 
     def _narrowing(self, rest: str, topic: str) -> list[str]:
         """The added words that narrow the result: words of enough titles of the topic (of
@@ -478,13 +535,22 @@ class Refiner:
                     c.brand = ""
                 spans.append((start, span[1]))
                 applied.append(f"not brand {brand}")
-            elif re.search(r"\b(?:only|from|by|brand)\s+(?:the\s+)?$", t[: span[0]]) or re.match(
-                r"\s+(?:only|brand)\b", t[span[1] :]
+            elif (
+                re.search(r"\b(?:only|from|by|brand)\s+(?:the\s+)?$", t[: span[0]])
+                or re.match(r"\s+(?:only|brand)\b", t[span[1] :])
+                or self._brand_polarity(t, span) == "only"
             ):
                 c.brand = brand
                 c.not_brands = [b for b in c.not_brands if b != brand]
                 spans.append(span)
                 applied.append(f"brand {brand}")
+            elif self._brand_polarity(t, span) == "not":
+                if brand not in c.not_brands:
+                    c.not_brands.append(brand)
+                if c.brand == brand:
+                    c.brand = ""
+                spans.append((0, len(t)) if len(t.split()) <= 6 else span)
+                applied.append(f"not brand {brand}")
 
     def _not_categories(
         self, t: str, c: Constraints, spans: list[tuple[int, int]], applied: list[str]
@@ -507,14 +573,28 @@ class Refiner:
                 continue
             spans.append(m.span())
             return int(page[position - 1] if position > 0 else page[-1])
-        for m in re.finditer(r"\b(?:the\s+)?(\w+)\s+one\b", t):  # "the second one ... more"
-            position = ORDINAL_WORDS.get(m.group(1))
-            if position and position <= len(page) and re.search(r"\b(?:more|like|similar)\b", t):
+        if not SIMILAR_CUE.search(t):
+            return 0
+        for m in ITEM_REFERENCE.finditer(t):  # "items similar to result 4", "the second one..."
+            number, numbered, word = m.groups()
+            position = int(number or numbered) if (number or numbered) else ORDINAL_WORDS[word]
+            if position and position <= len(page) and not _inside(m.span(), spans):
                 spans.append((0, len(t)))
                 return int(page[position - 1] if position > 0 else page[-1])
         return 0
 
     # -- the encoder ------------------------------------------------------------------------
+    def _brand_polarity(self, t: str, span: tuple[int, int]) -> str:
+        """Whether the text around a brand no rule decided asks for it ("only"), against it
+        ("not"), or neither (""), by its nearest prototypes (MiniLM)."""
+        framed = (t[: span[0]] + "that brand" + t[span[1] :]).strip()
+        if framed == "that brand" or len(framed.split()) > 10:
+            return ""
+        q = self.encode(framed)
+        best = {k: float(np.max(v @ q)) for k, v in self._polarity.items()}
+        ranked = sorted(best, key=best.__getitem__, reverse=True)
+        return ranked[0] if best[ranked[0]] - best[ranked[1]] >= POLARITY_MARGIN else ""
+
     def _intent(self, t: str) -> str:
         if len(t.split()) > 8:
             return ""
@@ -547,7 +627,7 @@ class Refiner:
         row = self.catalog.row(anchor)
         if row < 0:
             return None
-        v = self.encode(query) + self.item_vectors[row]
+        v = self.encode(query) + ANCHOR_WEIGHT * self.item_vectors[row]
         return (v / max(float(np.linalg.norm(v)), 1e-9)).astype(np.float32)
 
 
