@@ -198,7 +198,7 @@ class Constraints:
     def bound(self) -> None:
         """Keep the latest exclusions and words within what a filter may hold, so that a
         long session never outgrows the request limits (at most 7 + MAX_TITLE_WORDS
-        filters)."""
+        filters, and the topic's)."""
         self.not_colors = self.not_colors[-MAX_FILTER_VALUES:]
         self.not_brands = self.not_brands[-MAX_FILTER_VALUES:]
         self.not_categories = self.not_categories[-MAX_FILTER_VALUES:]
