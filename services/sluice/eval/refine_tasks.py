@@ -78,6 +78,40 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
         ),
         "add_word": ("it should be {word}", "{word} if possible", "needs to be {word}"),
     },
+    # written by a helper that had not seen the parser, before the parser was widened with
+    # the failures of "heldout2"; never tuned on
+    "heldout3": {
+        "cheaper": (
+            "these cost way too much",
+            "anything more budget-friendly?",
+            "hmm, a bit less expensive maybe?",
+        ),
+        "under_price": (
+            "need something below {price} bucks",
+            "can't spend more than ${price}",
+            "under the {price} mark please",
+        ),
+        "color": (
+            "{color} please",
+            "are there {color} versions?",
+            "hmm, maybe in {color} instead",
+        ),
+        "not_brand": (
+            "I'd rather avoid {brand}",
+            "hide the {brand} stuff",
+            "anything other than {brand} please",
+        ),
+        "like_nth": (
+            "ooh the {ordinal} one, got more like that?",
+            "more like #{n} pls",
+            "anything similar to the {ordinal} result?",
+        ),
+        "add_word": (
+            "looking for {word} specifically",
+            "must be {word}",
+            "ideally something {word}",
+        ),
+    },
 }
 # splits rendered with the task generator's own random draws (the first two); a later split
 # draws its templates from its own stream, so that adding it left every task as it was
