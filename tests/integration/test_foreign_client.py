@@ -85,7 +85,8 @@ def check_report(report: dict[str, Any], tiny_artifacts: Artifacts, item: int) -
     refinement = session["refinement"]
     assert session["first_turn"] == 1 and refinement["turn"] == 2
     assert session["searched_query"] == "shoes" and refinement["query"] == "shoes"
-    (bound,) = [f["price_cents"]["max"] for f in refinement["item_filters"]]  # int64: a string
+    # the price bound (int64: a string), beside the session's topic filter when it has one
+    (bound,) = [f["price_cents"]["max"] for f in refinement["item_filters"] if "price_cents" in f]
     first = catalog.price_cents[catalog.rows([int(i) for i in session["first"]])]
     refined = catalog.price_cents[catalog.rows([int(i) for i in session["refined"]])]
     assert session["refined"] and int(bound) < np.median(first) and refined.max() <= int(bound)
