@@ -88,6 +88,8 @@ INTENTS: dict[str, tuple[str, ...]] = {
         "too pricey",
         "costs less",
         "a lower-cost option",
+        "out of my price range",
+        "go lower on price",
     ),
     "pricier": ("more expensive", "pricier", "higher end", "better quality, more money"),
     "similar": ("more like this", "similar ones", "more of these"),
@@ -153,6 +155,12 @@ PRICE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (_after(r"(?:nothing|not|none|never|no)\s+(?:over|above|more than)"), "at_most"),
     (_after(r"budget(?:\s+(?:is|of))?|spend(?:\s+at most)?"), "at_most"),
     (_after("up to|at most|max(?:imum)?|no more than|not more than"), "at_most"),
+    # the number first: "50 dollars at most", "20 or less", "30 max", "100 or more"
+    (
+        re.compile(rf"{_NUM}{_CURRENCY}\s+(?:at most|or less|or under|max(?:imum)?|tops)\b"),
+        "at_most",
+    ),
+    (re.compile(rf"{_NUM}{_CURRENCY}\s+(?:or more|at least|and up|minimum)\b"), "at_least"),
     (_after("over|above|more than|pricier than"), "over"),
     (_after("at least|min(?:imum)?|from", r"\s+\$\s*(\d+(?:\.\d{1,2})?)"), "at_least"),
 )
@@ -174,7 +182,7 @@ ANCHOR = re.compile(
 # a reference to an item of the last page anywhere in the text: "#3", "number 3", "result 3",
 # "the third (one)"; taken as the anchor when the text also asks for similar items
 ITEM_REFERENCE = re.compile(
-    r"#\s*(\d+)\b|\b(?:number|no\.|result|option|product|pick)\s+#?\s*(\d+)\b"
+    r"#\s*(\d+)\b|\b(?:number|no\.|item|result|option|product|pick)\s+#?\s*(\d+)\b"
     r"|\b(?:the\s+)?(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|last"
     r"|1st|2nd|3rd|4th|5th|6th|7th|8th|9th|10th)(?:\s+(?:one|item|result|option))?\b"
 )
