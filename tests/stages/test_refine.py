@@ -12,7 +12,7 @@ import pytest
 from sluice.artifacts import Artifacts
 from sluice.core.errors import InvalidArgument
 from sluice.data.catalog import UNKNOWN, Catalog
-from sluice.data.filters import AttributeFilter
+from sluice.data.filters import AttributeFilter, validate
 from sluice.domain import StageName
 from sluice.embed.text import MiniLMEncoder
 from sluice.gateway.pipeline import Gateway, QueryEncoder
@@ -107,6 +107,23 @@ def test_price_and_stock_follow_ups(
     assert check(turn.constraints), (text, turn.constraints)
     assert turn.query == cat  # the topic is kept
     assert turn.turn == 2
+
+
+def test_a_bound_that_contradicts_the_session_s_replaces_it(
+    refiner: Refiner, tiny_artifacts: Artifacts
+) -> None:
+    """A later bound on the other side of an earlier one would ask for min > max, which no
+    filter may hold (the search would fail): the later bound wins."""
+    cat, _, _ = _common(tiny_artifacts.catalog)
+    state = _state(tiny_artifacts.catalog, cat, cat)
+    under = refiner.refine("under 20 dollars", state)
+    state.constraints = under.constraints
+    over = refiner.refine("over 50 dollars", state)
+    assert (over.constraints.price_min_cents, over.constraints.price_max_cents) == (5001, None)
+    validate(over.filters)  # a filter the gateway and every stage accept
+    state.constraints = over.constraints
+    again = refiner.refine("no more than 30 dollars", state)
+    assert (again.constraints.price_min_cents, again.constraints.price_max_cents) == (None, 3000)
 
 
 def test_cheaper_is_below_the_median_price_of_the_last_page(

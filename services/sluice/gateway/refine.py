@@ -461,6 +461,13 @@ class Refiner:
                     c.price_min_cents = values[0] + 1
                 else:
                     c.price_min_cents = values[0]
+                low, high = c.price_min_cents, c.price_max_cents
+                if low is not None and high is not None and low > high:
+                    # the new bound contradicts the session's other one: the new one wins
+                    if kind in ("under", "at_most"):
+                        c.price_min_cents = None
+                    else:
+                        c.price_max_cents = None
                 spans.append(m.span())
                 applied.append(f"price {_bounds(c)}")
         if page:
