@@ -229,3 +229,16 @@ def test_redis_log_round_trip(redis_server: Any) -> None:
     finally:
         log.client.delete(log.key)
         log.close()
+
+
+def test_a_damaged_log_does_not_stop_the_catalog(live: Live, tiny_artifacts: Artifacts) -> None:
+    """Records another writer damaged (bad types, a wrong vector, bytes that are no UTF-8 or
+    no JSON) are skipped; the records after them still apply."""
+    item = _new_id(tiny_artifacts, 7)
+    path = Path(live.options["catalog_updates"])
+    with open(path, "ab") as fh:
+        fh.write(b'{"i": 5, "f": {"price_cents": "cheap"}}\n')
+        fh.write(b'{"i": 6, "f": {"in_stock": 1}, "v": "AAAA"}\n')
+        fh.write(b"\xff\xfe not json\n")
+    live.writer.update([ItemEdit(item, {**NEW_ITEM, "title": "Wibblewort lamp"})])
+    assert live.ids(query="wibblewort lamp")[0] == item

@@ -156,7 +156,8 @@ class FileUpdateLog:
             fh.seek(start)
             data = fh.read()
         complete = data[: data.rfind(b"\n") + 1]
-        lines = complete.decode().splitlines()
+        # a damaged line does not parse and is skipped (_decode); it must not stop the reader
+        lines = complete.decode("utf-8", errors="replace").splitlines()
         return _decode(lines), str(start + len(complete))
 
     def close(self) -> None:
@@ -223,6 +224,11 @@ class LiveCatalog:
         added: dict[int, int] = {}  # ids given rows in this batch
         text_rows: list[int] = []
         for change in changes:
+            if not _well_formed(
+                change, self.text_vectors
+            ):  # the gateway validated it; someone else wrote it
+                log.error("catalog update skipped: malformed", extra={"item_id": change.item_id})
+                continue
             row = added.get(change.item_id, cat.row(change.item_id))
             if change.delete:
                 if row >= 0:
@@ -270,6 +276,23 @@ class LiveCatalog:
                 cat.price_cents[row] = int(value)
             elif name == "in_stock":
                 cat.in_stock[row] = bool(value)
+
+
+def _well_formed(change: ItemChange, vectors: np.ndarray | None) -> bool:
+    """Whether applying ``change`` cannot fail (types and ranges the gateway checks)."""
+    for name, value in change.values.items():
+        if name in STRING_LIMITS and not isinstance(value, str):
+            return False
+        if name == "price_cents" and not (
+            isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_PRICE_CENTS
+        ):
+            return False
+        if name == "in_stock" and not isinstance(value, bool):
+            return False
+    vector = change.text_vector
+    if vector is None or vectors is None:
+        return True
+    return vector.shape == vectors.shape[1:] and bool(np.isfinite(vector).all())
 
 
 class CatalogFeed:
