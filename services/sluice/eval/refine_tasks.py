@@ -112,6 +112,40 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
             "ideally something {word}",
         ),
     },
+    # written by a helper that had not seen the parser, before the parser was widened with
+    # the failures of "heldout3"; never tuned on
+    "heldout4": {
+        "cheaper": (
+            "any less pricey options?",
+            "on a tighter budget, show me cheaper stuff",
+            "way too expensive for me lol",
+        ),
+        "under_price": (
+            "${price} or less",
+            "sub-{price} options?",
+            "don't want to go past {price} dollars",
+        ),
+        "color": (
+            "does it come in {color}?",
+            "{color} only pls",
+            "can I see the {color} ones",
+        ),
+        "not_brand": (
+            "filter out {brand}",
+            "{brand} is a hard pass for me",
+            "drop the {brand} results please",
+        ),
+        "like_nth": (
+            "{ordinal} one's perfect, show similar",
+            "#{n} is nice, more in that style",
+            "alternatives to number {n}?",
+        ),
+        "add_word": (
+            "anything {word}?",
+            "something a bit more {word} pls",
+            "has to be the {word} kind",
+        ),
+    },
 }
 # splits rendered with the task generator's own random draws (the first two); a later split
 # draws its templates from its own stream, so that adding it left every task as it was
