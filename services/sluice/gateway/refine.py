@@ -140,7 +140,8 @@ FILLER = _words(
 
 _NUM = r"\$?\s*(\d+(?:\.\d{1,2})?)\s*\$?"
 _CURRENCY = r"(?:\s*(?:dollars?|bucks|usd))?"
-_BOUND = rf"{_CURRENCY}\s*{_NUM}{_CURRENCY}"  # "20", "$20", "20 dollars", "20$"
+# "20", "$20", "20 dollars", "20$", "the $20 (mark)"
+_BOUND = rf"(?:\s+the)?{_CURRENCY}\s*{_NUM}{_CURRENCY}"
 
 
 def _after(words: str, number: str = _BOUND) -> re.Pattern[str]:
@@ -152,7 +153,13 @@ PRICE_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(rf"\b{_NUM}\s*(?:-|to)\s*{_NUM}{_CURRENCY}(?=\s|$)"), "between"),
     (_after("under|below|less than|cheaper than|beneath"), "under"),
     # a bound said negatively ("nothing over 50"), or as a budget, is an upper bound
-    (_after(r"(?:nothing|not|none|never|no)\s+(?:over|above|more than)"), "at_most"),
+    (
+        _after(
+            r"(?:nothing|not|none|never|no|can't|cannot|can not|don't|do not|won't)\s+"
+            r"(?:\w+\s+){0,2}(?:over|above|more than)"
+        ),
+        "at_most",
+    ),
     (_after(r"budget(?:\s+(?:is|of))?|spend(?:\s+at most)?"), "at_most"),
     (_after("up to|at most|max(?:imum)?|no more than|not more than"), "at_most"),
     # the number first: "50 dollars at most", "20 or less", "30 max", "100 or more"
@@ -172,7 +179,7 @@ PRICIER = re.compile(r"\b(?:pricier|more expensive|higher[- ]end|fancier)\b")
 RESET = re.compile(r"^(?:start over|new search|reset|forget (?:it|that|this))\b[\s,.:;!-]*")
 NEGATION = (
     r"(?:not|no|without|except|excluding|anything but|other than|but not|never|skip"
-    r"|(?:i\s+)?(?:don't|do not|dont)\s+(?:like|want|need))"
+    r"|(?:i\s+)?(?:don't|do not|dont)\s+(?:like|want|need)|avoid|hide|exclude)"
 )
 IN_STOCK = re.compile(r"\b(?:in stock|available now|available)\b")
 ANCHOR = re.compile(
