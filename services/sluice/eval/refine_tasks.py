@@ -24,128 +24,53 @@ import numpy as np
 
 from sluice.data.catalog import UNKNOWN, Catalog
 from sluice.data.synthetic import DEPARTMENTS, DESCRIPTORS
+from sluice.gateway.refine_examples import EXAMPLE_TEMPLATES
 from sluice.rerank.engine import RerankConfig, title_key
 
 KINDS = ("cheaper", "under_price", "color", "not_brand", "like_nth", "add_word")
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
 
+HELDOUT5: dict[str, tuple[str, ...]] = {
+    "cheaper": (
+        "got anything at a lower price point?",
+        "ugh these prices... something that won't break the bank",
+        "show me the budget versions",
+    ),
+    "under_price": (
+        "cap it at ${price}",
+        "got anything for less than {price}?",
+        "only stuff priced below {price} dollars pls",
+    ),
+    "color": (
+        "need them in {color} tbh",
+        "switch to {color}",
+        "is there a {color} option?",
+    ),
+    "not_brand": (
+        "leave out {brand}",
+        "no {brand} stuff, thanks",
+        "please remove anything made by {brand}",
+    ),
+    "like_nth": (
+        "can you find stuff close to the {ordinal} item?",
+        "really into #{n}, anything comparable?",
+        "show more options resembling the {ordinal} pick",
+    ),
+    "add_word": (
+        "show me the {word} versions",
+        "gotta be {word} tho",
+        "any {word} models available?",
+    ),
+}
 # The follow-ups, per kind and split. Placeholders: {price} (whole dollars), {color},
 # {brand}, {ordinal} (first..fifth), {n} (1..5), {word}. Frozen: not edited after the parser
-# was first run against them.
+# was first run against them. The splits the parser has learned from are its examples
+# (sluice.gateway.refine_examples); the split still held out is here alone.
 TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
-    "tuning": {
-        "cheaper": ("cheaper", "something cheaper please", "show me cheaper ones"),
-        "under_price": ("under {price} dollars", "below ${price}", "less than {price} bucks"),
-        "color": ("in {color}", "{color} ones", "show me {color}"),
-        "not_brand": ("not {brand}", "no {brand}", "without {brand}"),
-        "like_nth": ("more like the {ordinal} one", "similar to the {ordinal}", "like #{n}"),
-        "add_word": ("{word}", "make it {word}", "only {word} ones"),
-    },
-    "heldout": {
-        "cheaper": (
-            "those are too pricey",
-            "can I get a lower-cost option",
-            "something that costs less",
-        ),
-        "under_price": ("nothing over {price} dollars", "my budget is ${price}", "max {price}$"),
-        "color": ("do you have it in {color}", "I'd prefer {color}", "any {color} ones?"),
-        "not_brand": ("anything but {brand}", "I don't like {brand}", "skip {brand}"),
-        "like_nth": (
-            "show me things like number {n}",
-            "the {ordinal} one looks good, more of those",
-            "items similar to result {n}",
-        ),
-        "add_word": ("I want something {word}", "preferably {word}", "a {word} one"),
-    },
-    # written before the parser was widened with the failures of "heldout"; never tuned on
-    "heldout2": {
-        "cheaper": (
-            "that's out of my price range",
-            "anything more affordable?",
-            "go lower on price",
-        ),
-        "under_price": (
-            "up to {price} dollars",
-            "{price} dollars at most",
-            "keep it under {price}",
-        ),
-        "color": ("what about {color}", "{color} would be nice", "got any in {color}?"),
-        "not_brand": ("no more {brand} please", "exclude {brand}", "not a fan of {brand}"),
-        "like_nth": (
-            "I like the {ordinal} one",
-            "more along the lines of #{n}",
-            "find me more like item {n}",
-        ),
-        "add_word": ("it should be {word}", "{word} if possible", "needs to be {word}"),
-    },
-    # written by a helper that had not seen the parser, before the parser was widened with
-    # the failures of "heldout2"; never tuned on
-    "heldout3": {
-        "cheaper": (
-            "these cost way too much",
-            "anything more budget-friendly?",
-            "hmm, a bit less expensive maybe?",
-        ),
-        "under_price": (
-            "need something below {price} bucks",
-            "can't spend more than ${price}",
-            "under the {price} mark please",
-        ),
-        "color": (
-            "{color} please",
-            "are there {color} versions?",
-            "hmm, maybe in {color} instead",
-        ),
-        "not_brand": (
-            "I'd rather avoid {brand}",
-            "hide the {brand} stuff",
-            "anything other than {brand} please",
-        ),
-        "like_nth": (
-            "ooh the {ordinal} one, got more like that?",
-            "more like #{n} pls",
-            "anything similar to the {ordinal} result?",
-        ),
-        "add_word": (
-            "looking for {word} specifically",
-            "must be {word}",
-            "ideally something {word}",
-        ),
-    },
-    # written by a helper that had not seen the parser, before the parser was widened with
-    # the failures of "heldout3"; never tuned on
-    "heldout4": {
-        "cheaper": (
-            "any less pricey options?",
-            "on a tighter budget, show me cheaper stuff",
-            "way too expensive for me lol",
-        ),
-        "under_price": (
-            "${price} or less",
-            "sub-{price} options?",
-            "don't want to go past {price} dollars",
-        ),
-        "color": (
-            "does it come in {color}?",
-            "{color} only pls",
-            "can I see the {color} ones",
-        ),
-        "not_brand": (
-            "filter out {brand}",
-            "{brand} is a hard pass for me",
-            "drop the {brand} results please",
-        ),
-        "like_nth": (
-            "{ordinal} one's perfect, show similar",
-            "#{n} is nice, more in that style",
-            "alternatives to number {n}?",
-        ),
-        "add_word": (
-            "anything {word}?",
-            "something a bit more {word} pls",
-            "has to be the {word} kind",
-        ),
-    },
+    **EXAMPLE_TEMPLATES,
+    # written by a helper that had not seen the parser, before the parser learned from the
+    # failures of "heldout4"; never tuned on
+    "heldout5": HELDOUT5,
 }
 # splits rendered with the task generator's own random draws (the first two); a later split
 # draws its templates from its own stream, so that adding it left every task as it was
