@@ -44,6 +44,7 @@ from sluice.core.errors import InvalidArgument
 from sluice.data.catalog import UNKNOWN, Catalog
 from sluice.data.filters import MAX_FILTER_VALUES, AttributeFilter
 from sluice.domain import Boost
+from sluice.gateway.refine_examples import EXAMPLE_TEMPLATES
 
 
 def _words(text: str) -> frozenset[str]:
@@ -112,6 +113,28 @@ POLARITY: dict[str, tuple[str, ...]] = {
     "only": ("only that brand", "from that brand", "by that brand", "that brand only"),
 }
 POLARITY_MARGIN = 0.03
+# A follow-up no rule and no intent understood is compared, its values masked, with the
+# learned examples (sluice.gateway.refine_examples, masked the same way); the nearest one's
+# kind is taken when the cosine reaches EXAMPLE_MIN and the text holds the value it needs.
+EXAMPLE_KINDS = ("cheaper", "under_price", "not_brand", "like_nth")
+EXAMPLE_NEEDS = {"under_price": ("N",), "not_brand": ("BRAND",), "like_nth": ("ORD", "N")}
+EXAMPLE_MIN = 0.6
+ORDINAL_RE = re.compile(
+    r"\b(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|last"
+    r"|1st|2nd|3rd|4th|5th|6th|7th|8th|9th|10th)\b"
+)
+
+
+def _masked_example(template: str) -> str:
+    """An example template with its placeholders as the mask's tokens (Refiner.mask)."""
+    t = template.format(
+        price="N", n="N", ordinal="ORD", brand="BRAND", color="COLOR", word="WORD"
+    ).lower()
+    for token in ("n", "ord", "brand", "color", "word"):
+        t = re.sub(rf"\b{token}\b", token.upper(), t)
+    return " ".join(t.replace("$", " ").split())
+
+
 # A follow-up's words are a new topic when the items nearest to them (MiniLM, over a sample of
 # the catalog) mostly share a category that the previous query's nearest items barely have.
 TOPIC_ITEMS = 20
@@ -340,6 +363,15 @@ class Refiner:
         )
         self._intents = [(name, encode(p)) for name, phrases in INTENTS.items() for p in phrases]
         self._polarity = {k: np.stack([encode(p) for p in v]) for k, v in POLARITY.items()}
+        pairs = [
+            (kind, _masked_example(template))
+            for split in EXAMPLE_TEMPLATES.values()
+            for kind, templates in split.items()
+            if kind in EXAMPLE_KINDS
+            for template in templates
+        ]
+        self._example_kinds = [kind for kind, _ in pairs]
+        self._examples = np.stack([encode(text) for _, text in pairs]) if pairs else None
         n = catalog.build_size  # topics are the build's items (rows added live come after)
         sample = (
             np.random.default_rng(0).permutation(n)[:TOPIC_SAMPLE] if n > TOPIC_SAMPLE else None
@@ -393,6 +425,9 @@ class Refiner:
                 anchor = page[0]
                 applied.append(f"like item {anchor}")
                 rest = ""
+            elif not intent and page and (kind := self._example_kind(t)):
+                anchor = self._apply_example(kind, t, c, page, applied) or anchor
+                rest = "" if applied else rest
 
         topic = state.topic if state is not None else ""
         if state is None:
@@ -606,6 +641,57 @@ class Refiner:
         return 0
 
     # -- the encoder ------------------------------------------------------------------------
+    def mask(self, text: str) -> str:
+        """``text`` with its values as the examples' tokens: brands BRAND, colours COLOR,
+        ordinals ORD, numbers N (prices and positions alike)."""
+        t = self._brand_re.sub(" BRAND ", text)
+        t = self._color_re.sub(" COLOR ", t)
+        t = ORDINAL_RE.sub(" ORD ", t)
+        t = re.sub(r"\d+(?:\.\d+)?", " N ", t)
+        return " ".join(t.split())
+
+    def _example_kind(self, t: str) -> str:
+        """The kind of the learned example nearest to ``t`` masked (MiniLM), when it is near
+        enough and ``t`` holds the value that kind needs; "" otherwise."""
+        masked = self.mask(t)
+        if self._examples is None or len(masked.split()) > 12:
+            return ""
+        sims = self._examples @ self.encode(masked)
+        best = int(np.argmax(sims))
+        if sims[best] < EXAMPLE_MIN:
+            return ""
+        kind = self._example_kinds[best]
+        needs = EXAMPLE_NEEDS.get(kind, ())
+        return kind if not needs or set(needs) & set(masked.split()) else ""
+
+    def _apply_example(
+        self, kind: str, t: str, c: Constraints, page: Sequence[int], applied: list[str]
+    ) -> int:
+        """What an example's kind does with the values of ``t``; the anchor for like_nth."""
+        if kind == "cheaper":
+            self._relative_price("cheaper", c, page, applied)
+        elif kind == "under_price" and (m := re.search(r"\d+(?:\.\d{1,2})?", t)):
+            c.price_max_cents = round(float(m.group()) * 100)
+            if c.price_min_cents is not None and c.price_min_cents > c.price_max_cents:
+                c.price_min_cents = None
+            applied.append(f"price {_bounds(c)}")
+        elif kind == "not_brand":
+            for m in self._brand_re.finditer(t):
+                brand = self.brands[m.group(1)]
+                if brand not in c.not_brands:
+                    c.not_brands.append(brand)
+                c.brand = "" if c.brand == brand else c.brand
+                applied.append(f"not brand {brand}")
+        elif kind == "like_nth":
+            ordinal, number = ORDINAL_RE.search(t), re.search(r"\d+", t)
+            position = ORDINAL_WORDS[ordinal.group(1)] if ordinal else 0
+            position = position or (int(number.group()) if number else 0)
+            if position and position <= len(page):
+                anchor = int(page[position - 1] if position > 0 else page[-1])
+                applied.append(f"like item {anchor}")
+                return anchor
+        return 0
+
     def _brand_polarity(self, t: str, span: tuple[int, int]) -> str:
         """Whether the text around a brand no rule decided asks for it ("only"), against it
         ("not"), or neither (""), by its nearest prototypes (MiniLM)."""
