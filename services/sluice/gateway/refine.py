@@ -2,9 +2,12 @@
 result instead of starting over.
 
 Each turn's text is parsed by rules, with the MiniLM encoder where rules alone cannot know:
-the nearest catalog value of a colour the catalog does not name ("crimson" is red), and the
+the nearest catalog value of a colour the catalog does not name ("crimson" is red), the
 nearest intent prototype of a short follow-up no rule matched ("more affordable" is
-cheaper). What a turn understood becomes the session's constraints:
+cheaper), whether a brand named without a cue is wanted, and, last, the nearest learned
+example (:mod:`sluice.gateway.refine_examples`) of a follow-up with its values masked
+("sub-36 options?" is "under N dollars"). What a turn understood becomes the session's
+constraints:
 
 - ``cheaper`` / ``pricier``: a price bound below / above the median price of the page the
   last turn showed; "under 20 dollars", "over $50", "between 10 and 20 dollars": bounds;
