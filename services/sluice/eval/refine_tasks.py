@@ -62,6 +62,38 @@ HELDOUT5: dict[str, tuple[str, ...]] = {
         "any {word} models available?",
     ),
 }
+HELDOUT6: dict[str, tuple[str, ...]] = {
+    "cheaper": (
+        "whoa, pricey. what's the cheap stuff look like?",
+        "lower prices pls",
+        "I'm broke lol, show me the cheaper end",
+    ),
+    "under_price": (
+        "what've you got for {price} or under?",
+        "{price} bucks tops",
+        "price limit is ${price}, nothing above that",
+    ),
+    "color": (
+        "prefer these in {color} if they make them",
+        "got a {color} colorway?",
+        "color: {color}",
+    ),
+    "not_brand": (
+        "ugh, enough {brand} already",
+        "any brands besides {brand}?",
+        "had bad luck with {brand}, show me others",
+    ),
+    "like_nth": (
+        "the {ordinal} one is close, find similar",
+        "item {n} is what I'm after, more like it pls",
+        "love the {ordinal}, anything in the same vein?",
+    ),
+    "add_word": (
+        "ooh, {word} would be great",
+        "do they have a {word} edition?",
+        "narrow it to {word} stuff",
+    ),
+}
 # The follow-ups, per kind and split. Placeholders: {price} (whole dollars), {color},
 # {brand}, {ordinal} (first..fifth), {n} (1..5), {word}. Frozen: not edited after the parser
 # was first run against them. The splits the parser has learned from are its examples
@@ -71,6 +103,9 @@ TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     # written by a helper that had not seen the parser, before the parser learned from the
     # failures of "heldout4"; never tuned on
     "heldout5": HELDOUT5,
+    # written blind by a helper, committed unread, before the parser learned from the
+    # failures of "heldout5" and from a helper's training paraphrases; never tuned on
+    "heldout6": HELDOUT6,
 }
 # splits rendered with the task generator's own random draws (the first two); a later split
 # draws its templates from its own stream, so that adding it left every task as it was
