@@ -30,38 +30,6 @@ from sluice.rerank.engine import RerankConfig, title_key
 KINDS = ("cheaper", "under_price", "color", "not_brand", "like_nth", "add_word")
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
 
-HELDOUT5: dict[str, tuple[str, ...]] = {
-    "cheaper": (
-        "got anything at a lower price point?",
-        "ugh these prices... something that won't break the bank",
-        "show me the budget versions",
-    ),
-    "under_price": (
-        "cap it at ${price}",
-        "got anything for less than {price}?",
-        "only stuff priced below {price} dollars pls",
-    ),
-    "color": (
-        "need them in {color} tbh",
-        "switch to {color}",
-        "is there a {color} option?",
-    ),
-    "not_brand": (
-        "leave out {brand}",
-        "no {brand} stuff, thanks",
-        "please remove anything made by {brand}",
-    ),
-    "like_nth": (
-        "can you find stuff close to the {ordinal} item?",
-        "really into #{n}, anything comparable?",
-        "show more options resembling the {ordinal} pick",
-    ),
-    "add_word": (
-        "show me the {word} versions",
-        "gotta be {word} tho",
-        "any {word} models available?",
-    ),
-}
 HELDOUT6: dict[str, tuple[str, ...]] = {
     "cheaper": (
         "whoa, pricey. what's the cheap stuff look like?",
@@ -100,9 +68,6 @@ HELDOUT6: dict[str, tuple[str, ...]] = {
 # (sluice.gateway.refine_examples); the split still held out is here alone.
 TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     **EXAMPLE_TEMPLATES,
-    # written by a helper that had not seen the parser, before the parser learned from the
-    # failures of "heldout4"; never tuned on
-    "heldout5": HELDOUT5,
     # written blind by a helper, committed unread, before the parser learned from the
     # failures of "heldout5" and from a helper's training paraphrases; never tuned on
     "heldout6": HELDOUT6,

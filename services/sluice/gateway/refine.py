@@ -47,7 +47,7 @@ from sluice.core.errors import InvalidArgument
 from sluice.data.catalog import UNKNOWN, Catalog
 from sluice.data.filters import MAX_FILTER_VALUES, AttributeFilter
 from sluice.domain import Boost
-from sluice.gateway.refine_examples import EXAMPLE_TEMPLATES
+from sluice.gateway.refine_examples import EXAMPLE_TEMPLATES, TRAINING_PARAPHRASES
 
 
 def _words(text: str) -> frozenset[str]:
@@ -368,7 +368,7 @@ class Refiner:
         self._polarity = {k: np.stack([encode(p) for p in v]) for k, v in POLARITY.items()}
         pairs = [
             (kind, _masked_example(template))
-            for split in EXAMPLE_TEMPLATES.values()
+            for split in (*EXAMPLE_TEMPLATES.values(), TRAINING_PARAPHRASES)
             for kind, templates in split.items()
             if kind in EXAMPLE_KINDS
             for template in templates
@@ -428,7 +428,7 @@ class Refiner:
                 anchor = page[0]
                 applied.append(f"like item {anchor}")
                 rest = ""
-            elif not intent and page and (kind := self._example_kind(t)):
+            elif not intent and page and (kind := self._example_kind(t, rest)):
                 anchor = self._apply_example(kind, t, c, page, applied) or anchor
                 rest = "" if applied else rest
 
@@ -596,8 +596,13 @@ class Refiner:
                 spans.append((start, span[1]))
                 applied.append(f"not brand {brand}")
             elif (
-                re.search(r"\b(?:only|from|by|brand)\s+(?:the\s+)?$", t[: span[0]])
+                re.search(r"\b(?:only|brand)\s+(?:the\s+)?$", t[: span[0]])
                 or re.match(r"\s+(?:only|brand)\b", t[span[1] :])
+                or (
+                    # "from", "by": weak cues ("remove anything made by X")
+                    re.search(r"\b(?:from|by)\s+(?:the\s+)?$", t[: span[0]])
+                    and self._example_kind(t) != "not_brand"
+                )
                 or self._brand_polarity(t, span) == "only"
             ):
                 c.brand = brand
@@ -653,9 +658,11 @@ class Refiner:
         t = re.sub(r"\d+(?:\.\d+)?", " N ", t)
         return " ".join(t.split())
 
-    def _example_kind(self, t: str) -> str:
+    def _example_kind(self, t: str, rest: str = "") -> str:
         """The kind of the learned example nearest to ``t`` masked (MiniLM), when it is near
-        enough and ``t`` holds the value that kind needs; "" otherwise."""
+        enough and ``t`` holds the value that kind needs; "" otherwise. A kind that needs no
+        value (cheaper) is not taken over words that some title has (``rest``): they are
+        more likely a word to add ("premium")."""
         masked = self.mask(t)
         if self._examples is None or len(masked.split()) > 12:
             return ""
@@ -665,7 +672,9 @@ class Refiner:
             return ""
         kind = self._example_kinds[best]
         needs = EXAMPLE_NEEDS.get(kind, ())
-        return kind if not needs or set(needs) & set(masked.split()) else ""
+        if not needs:
+            return "" if rest else kind
+        return kind if set(needs) & set(masked.split()) else ""
 
     def _apply_example(
         self, kind: str, t: str, c: Constraints, page: Sequence[int], applied: list[str]
