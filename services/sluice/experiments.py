@@ -32,7 +32,7 @@
 * The response names each experiment and arm (``experiment_arms``), and
   ``sluice_experiment_requests_total`` counts requests per experiment and arm.
 * Track labels each event with its user's arms when it arrives (``Event.arms``,
-  "experiment=arm,…", in the durable event log and the Redis event stream), and
+  "experiment=arm,…", kept in the Redis event stream; the file log keeps its format), and
   ``sluice_experiment_events_total`` counts accepted events per arm and event type: the
   conversions an experiment compares.
 """

@@ -124,6 +124,9 @@ def test_a_bound_that_contradicts_the_session_s_replaces_it(
     state.constraints = over.constraints
     again = refiner.refine("no more than 30 dollars", state)
     assert (again.constraints.price_min_cents, again.constraints.price_max_cents) == (None, 3000)
+    huge = refiner.refine("under " + "9" * 400 + " dollars", state)  # no overflow, a bound
+    assert huge.constraints.price_max_cents is not None
+    validate(huge.filters)
 
 
 def test_cheaper_is_below_the_median_price_of_the_last_page(

@@ -25,6 +25,11 @@ FILTERABLE = STRING_ATTRIBUTES + WORD_ATTRIBUTES + NUMERIC_ATTRIBUTES + BOOL_ATT
 _WORD = re.compile(r"\w+")
 
 
+def item_text(title: str, description: str = "") -> str:
+    """An item's text as the build embeds it: the title, then the description if any."""
+    return f"{title}. {description}" if description else title
+
+
 def words(text: str) -> list[str]:
     """The lower-case words of a title or of a title-word filter's value."""
     return _WORD.findall(text.lower())
@@ -129,7 +134,8 @@ class Catalog:
                 for row in new_rows:
                     for w in set(words(self.titles[row])):
                         index[w] = np.union1d(index.get(w, np.zeros(0, np.int64)), [row])
-        self.index = RowIndex(self.item_ids[:end])
+        if end != self.live_end:  # new rows: their ids join the index
+            self.index = RowIndex(self.item_ids[:end])
         self.live_end = end
         self.deleted = int(np.count_nonzero(self.hidden[:end]))
         self.version += 1
@@ -166,10 +172,7 @@ class Catalog:
 
     def text(self, row: int) -> str:
         """Text that represents an item for embedding and lexical match."""
-        parts = [self.titles[row]]
-        if self.descriptions and self.descriptions[row]:
-            parts.append(self.descriptions[row])
-        return ". ".join(parts)
+        return item_text(self.titles[row], self.descriptions[row] if self.descriptions else "")
 
     def category_of(self, row: int) -> str:
         return self.categories[self.category_codes[row]]

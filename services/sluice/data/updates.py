@@ -87,12 +87,42 @@ class ItemChange:
 
     @classmethod
     def from_json(cls, line: str) -> ItemChange:
+        """The change a log record holds; ValueError for one this version cannot apply
+        (a record written by something else than a gateway)."""
         record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("f", {}), dict):
+            raise ValueError("a record is an object whose f is an object")
+        item = record.get("i")
+        if not isinstance(item, int) or isinstance(item, bool) or not 0 < item < 1 << 63:
+            raise ValueError("i must be an item id from 1 to 2^63-1")
         vector = None
         if "v" in record:
             vector = np.frombuffer(base64.b64decode(record["v"]), dtype="<f4").astype(np.float32)
         values = {k: v for k, v in record.get("f", {}).items() if k in FIELDS}
-        return cls(int(record["i"]), values, bool(record.get("d", False)), vector)
+        problem = check_values(values)
+        if problem is not None:
+            raise ValueError(f"{problem[0]}: {problem[1]}")
+        return cls(item, values, bool(record.get("d", False)), vector)
+
+
+def check_values(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first field of ``values`` that no catalog may hold, and why; None when all may.
+    The gateway refuses such a call (INVALID_ARGUMENT); the applier skips such a record."""
+    for name, value in values.items():
+        if name in STRING_LIMITS:
+            if not isinstance(value, str):
+                return name, "must be a string"
+            if len(value) > STRING_LIMITS[name]:
+                return name, f"is longer than {STRING_LIMITS[name]} characters"
+            if name == "title" and not value.strip():
+                return name, "must not be empty"
+        elif name == "price_cents" and not (
+            isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_PRICE_CENTS
+        ):
+            return name, "must be 0 or more (and below 2^53)"
+        elif name == "in_stock" and not isinstance(value, bool):
+            return name, "must be true or false"
+    return None
 
 
 def _decode(lines: Sequence[str]) -> list[ItemChange]:
@@ -100,7 +130,7 @@ def _decode(lines: Sequence[str]) -> list[ItemChange]:
     for line in lines:
         try:
             changes.append(ItemChange.from_json(line))
-        except (ValueError, KeyError, TypeError) as err:  # written by something else: skip it
+        except (ValueError, KeyError, TypeError, OverflowError) as err:  # not a gateway's
             log.error("catalog update log: a record that does not parse", extra={"error": str(err)})
     return changes
 
@@ -279,16 +309,10 @@ class LiveCatalog:
 
 
 def _well_formed(change: ItemChange, vectors: np.ndarray | None) -> bool:
-    """Whether applying ``change`` cannot fail (types and ranges the gateway checks)."""
-    for name, value in change.values.items():
-        if name in STRING_LIMITS and not isinstance(value, str):
-            return False
-        if name == "price_cents" and not (
-            isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_PRICE_CENTS
-        ):
-            return False
-        if name == "in_stock" and not isinstance(value, bool):
-            return False
+    """Whether applying ``change`` cannot fail: values any catalog may hold, a text vector
+    of the catalog's width (a change made in this process skipped :meth:`from_json`)."""
+    if check_values(change.values) is not None or not 0 < change.item_id < 1 << 63:
+        return False
     vector = change.text_vector
     if vector is None or vectors is None:
         return True
@@ -311,9 +335,9 @@ class CatalogFeed:
         with self._lock:
             self._catch_up(live)
             self._live.append(live)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="catalog-feed", daemon=True)
-            self._thread.start()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="catalog-feed", daemon=True)
+                self._thread.start()
 
         def detach() -> None:
             with self._lock, contextlib.suppress(ValueError):

@@ -1,9 +1,7 @@
 """Append-only event log with group commit.
 
 Records are ``<u32 length><u32 crc32(length bytes + payload)><payload>``; one
-record per event. An event labelled with experiment arms ends its payload with the label
-and its length (``<arms><u16 length>``); records without one are as they always were.
-Concurrent :meth:`EventLog.append` calls queue their encoded
+record per event. Concurrent :meth:`EventLog.append` calls queue their encoded
 records; a single writer thread writes everything pending in one ``write`` and
 one ``fdatasync`` and then wakes the callers, so a caller returns only once its
 records are durable. On open, the last segment is scanned and a torn or
@@ -31,9 +29,8 @@ _LEN = struct.Struct("<I")
 _HEADER = struct.Struct("<II")
 # appended_ms, type, item_id, timestamp_ms, then byte lengths of event_id, user_id, query
 _FIXED = struct.Struct("<qBqqHHH")
-_ARMS_LEN = struct.Struct("<H")
 _MAX_FIELD = 0xFFFF
-_MAX_PAYLOAD = _FIXED.size + 4 * _MAX_FIELD + _ARMS_LEN.size
+_MAX_PAYLOAD = _FIXED.size + 3 * _MAX_FIELD
 _SEGMENT_SUFFIX = ".log"
 _SYNC = getattr(os, "fdatasync", os.fsync)
 
@@ -51,8 +48,7 @@ def encode_record(event: Event, appended_ms: int) -> bytes:
     eid = event.event_id.encode()
     uid = event.user_id.encode()
     query = event.query.encode()
-    arms = event.arms.encode()
-    if max(len(eid), len(uid), len(query), len(arms)) > _MAX_FIELD:
+    if max(len(eid), len(uid), len(query)) > _MAX_FIELD:
         raise ValueError("event field longer than 65535 bytes")
     payload = (
         _FIXED.pack(
@@ -67,7 +63,6 @@ def encode_record(event: Event, appended_ms: int) -> bytes:
         + eid
         + uid
         + query
-        + (arms + _ARMS_LEN.pack(len(arms)) if arms else b"")
     )
     size = len(payload)
     crc = zlib.crc32(payload, zlib.crc32(_LEN.pack(size)))
@@ -77,25 +72,18 @@ def encode_record(event: Event, appended_ms: int) -> bytes:
 def _decode_payload(payload: memoryview) -> tuple[int, Event] | None:
     appended, kind, item_id, ts, n_eid, n_uid, n_query = _FIXED.unpack_from(payload, 0)
     start = _FIXED.size
-    n_arms = 0
-    if start + n_eid + n_uid + n_query != len(payload):  # labelled with experiment arms?
-        if len(payload) < start + n_eid + n_uid + n_query + _ARMS_LEN.size:
-            return None
-        (n_arms,) = _ARMS_LEN.unpack_from(payload, len(payload) - _ARMS_LEN.size)
-        if start + n_eid + n_uid + n_query + n_arms + _ARMS_LEN.size != len(payload) or not n_arms:
-            return None
+    if start + n_eid + n_uid + n_query != len(payload):
+        return None
     try:
         eid = str(payload[start : start + n_eid], "utf-8")
         start += n_eid
         uid = str(payload[start : start + n_uid], "utf-8")
         start += n_uid
-        query = str(payload[start : start + n_query], "utf-8")
-        start += n_query
-        arms = str(payload[start : start + n_arms], "utf-8")
+        query = str(payload[start:], "utf-8")
         event_type = EventType(kind)
     except ValueError:
         return None
-    return appended, Event(eid, uid, item_id, event_type, ts, query, arms)
+    return appended, Event(eid, uid, item_id, event_type, ts, query)
 
 
 def _records(data: bytes) -> Iterator[tuple[int, int, Event]]:

@@ -17,15 +17,15 @@ import grpc
 import numpy as np
 
 from sluice.core.auth import StorefrontAuth
-from sluice.core.errors import FailedPrecondition, InvalidArgument
+from sluice.core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from sluice.data.catalog import item_text
 from sluice.data.updates import (
     FIELDS,
-    MAX_PRICE_CENTS,
-    STRING_LIMITS,
     TEXT_FIELDS,
     CatalogFeed,
     ItemChange,
     LiveCatalog,
+    check_values,
 )
 from sluice.v1 import catalog_pb2, catalog_pb2_grpc
 
@@ -46,17 +46,6 @@ class UpdateCounts:
     updated: int
     deleted: int
     room_left: int
-
-
-def _check_value(name: str, value: Any, where: str) -> None:
-    if name in STRING_LIMITS and len(value) > STRING_LIMITS[name]:
-        raise InvalidArgument(
-            f"{name} is longer than {STRING_LIMITS[name]} characters", field_path=where
-        )
-    if name == "title" and not str(value).strip():
-        raise InvalidArgument("title must not be empty", field_path=where)
-    if name == "price_cents" and not 0 <= int(value) < MAX_PRICE_CENTS:
-        raise InvalidArgument("price_cents must be 0 or more (and below 2^53)", field_path=where)
 
 
 class CatalogWriter:
@@ -83,6 +72,7 @@ class CatalogWriter:
                 f"at most {self.max_updates} updates per call", field_path="updates"
             )
         with self._lock:
+            self._sync()  # what other gateways wrote: an item one of them made is no new one
             cat = self.live.catalog
             pending: dict[int, dict[str, Any]] = {}  # ids this batch creates: their values
             changes: list[ItemChange] = []
@@ -105,8 +95,10 @@ class CatalogWriter:
                     raise InvalidArgument(
                         "a new item needs a title", field_path=f"{where}.item.title"
                     )
-                for name, value in values.items():
-                    _check_value(name, value, f"{where}.item.{name}")
+                problem = check_values(values)
+                if problem is not None:
+                    name, why = problem
+                    raise InvalidArgument(f"{name} {why}", field_path=f"{where}.item.{name}")
                 live_row = new or edit.item_id in pending or row >= cat.build_size
                 if live_row and (new or any(k in values for k in TEXT_FIELDS)):
                     merged = pending.get(edit.item_id) or (
@@ -116,7 +108,7 @@ class CatalogWriter:
                     )
                     merged = {**merged, **{k: values[k] for k in TEXT_FIELDS if k in values}}
                     pending[edit.item_id] = merged
-                    text = ". ".join(t for t in (merged["title"], merged.get("description")) if t)
+                    text = item_text(merged["title"], merged.get("description", ""))
                     to_embed.append((len(changes), text))
                 created += new
                 updated += not new
@@ -132,9 +124,26 @@ class CatalogWriter:
                 for (at, _), vec in zip(to_embed, vectors, strict=True):
                     c = changes[at]
                     changes[at] = ItemChange(c.item_id, c.values, c.delete, vec)
-            self.feed.log.append(changes)
-            self.feed.catch_up()  # this gateway's next page has the change
+            skipped = self.live.skipped
+            try:
+                self.feed.log.append(changes)
+            except Exception as err:  # the log's store (a file, Redis) failed: nothing is
+                # acknowledged; a retry is safe, since every change is an upsert
+                raise Unavailable(f"the catalog update log failed: {err}") from err
+            self._sync()  # this gateway's next page has the change
+            if self.live.skipped > skipped:  # another gateway took the last of the room
+                raise FailedPrecondition(
+                    f"{self.live.skipped - skipped} new items found no room in the catalog "
+                    "(other gateways filled it meanwhile); they wait for the next build",
+                    reason="CATALOG_ROOM_FULL",
+                )
             return UpdateCounts(created, updated, deleted, self.live.room_left)
+
+    def _sync(self) -> None:
+        try:
+            self.feed.catch_up()
+        except Exception as err:
+            raise Unavailable(f"the catalog update log cannot be read: {err}") from err
 
 
 def edits_from_proto(request: catalog_pb2.UpdateItemsRequest) -> list[ItemEdit]:

@@ -173,6 +173,9 @@ class _Request:
     anchor_item_id: int = 0  # a session's anchor: its vector pulls the query's; off the page
     boosts: tuple[Boost, ...] = ()  # a session's (its topic), after the merchant's
     query_embedding: np.ndarray | None = None  # None: the query's own
+    # the user's arms, read once per request from one experiments file (None: not yet)
+    assignment: Assignment | None = None
+    experiments_version: str = ""
 
     def fingerprint(self) -> str:
         key = json.dumps(
@@ -306,7 +309,8 @@ class Gateway:
             turn = self.sessions.turn(user_id, session_id, text, paging=bool(page_token))
             query = turn.query
             filters = _with(filters, turn.filters, "in this session: its refinements")
-        rules = self._rule_set(user_id)
+        assignment, version = self._assignment(user_id)
+        rules = self._rule_set(assignment)
         if rules is not None:
             decision = rules.query(query)
             if decision.blocked:
@@ -325,6 +329,8 @@ class Gateway:
             anchor_item_id=turn.anchor_item_id if turn is not None else 0,
             boosts=turn.boosts if turn is not None else (),
             query_embedding=turn.query_embedding if turn is not None else None,
+            assignment=assignment,
+            experiments_version=version,
         )
         result = self._run(req, deadline_s, cancellation)
         if turn is not None and self.sessions is not None:
@@ -429,7 +435,10 @@ class Gateway:
         for anchor in (req.context_item_id, req.anchor_item_id):
             if anchor:
                 exclude = np.union1d(exclude, [anchor])
-        rules = self._rules_for(req)
+        if req.assignment is None:
+            req.assignment, req.experiments_version = self._assignment(req.user_id)
+        assignment = req.assignment
+        rules = self._rules_for(req, assignment)
         filters = req.filters
         if rules is not None:  # blocked items first: they must survive the cut below
             filters = _with(filters, rules.filters, "on this surface: the merchant's rules")
@@ -437,8 +446,6 @@ class Gateway:
                 [rules.exclude_item_ids, np.setdiff1d(exclude, rules.exclude_item_ids)]
             )
         exclude = exclude[:MAX_EXCLUSIONS]  # what a stage accepts; beyond it, rerank's window
-        experiments = self.experiments.current if self.experiments is not None else None
-        assignment = experiments.assign(req.user_id) if experiments is not None else Assignment()
         for experiment, arm in assignment.arms:
             EXPERIMENT_REQUESTS.labels(experiment, arm).inc()
         ctx = RankContext(
@@ -564,7 +571,7 @@ class Gateway:
             reasons=reasons,
             blurbs=blurbs,
             experiment_arms=assignment.arms,
-            experiments_version=experiments.version if experiments is not None else "",
+            experiments_version=req.experiments_version,
         )
 
     def _shadow(
@@ -612,16 +619,21 @@ class Gateway:
         return rows[rows >= 0]
 
     # -- the merchant's rules --------------------------------------------------------
-    def _rule_set(self, user_id: str) -> RuleSet | None:
-        """The rules for this user: their experiment arm's, else the rules file's."""
-        if self.experiments is not None:
-            arm_rules = self.experiments.current.assign(user_id).rules
-            if arm_rules is not None:
-                return arm_rules
+    def _assignment(self, user_id: str) -> tuple[Assignment, str]:
+        """The user's arms, and the version of the experiments file they come from."""
+        if self.experiments is None:
+            return Assignment(), ""
+        experiments = self.experiments.current  # one file for the whole request
+        return experiments.assign(user_id), experiments.version
+
+    def _rule_set(self, assignment: Assignment) -> RuleSet | None:
+        """The rules for this request: the user's experiment arm's, else the rules file's."""
+        if assignment.rules is not None:
+            return assignment.rules
         return self.rules.current if self.rules is not None else None
 
-    def _rules_for(self, req: _Request) -> RequestRules | None:
-        rules = self._rule_set(req.user_id)
+    def _rules_for(self, req: _Request, assignment: Assignment) -> RequestRules | None:
+        rules = self._rule_set(assignment)
         if rules is None:
             return None
         return rules.for_request(

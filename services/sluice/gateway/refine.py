@@ -164,7 +164,7 @@ FILLER = _words(
     "thing items item stuff make look looking"
 )
 
-_NUM = r"\$?\s*(\d+(?:\.\d{1,2})?)\s*\$?"
+_NUM = r"\$?\s*(\d{1,9}(?:\.\d{1,2})?)\s*\$?"  # at most 9 digits: a float that fits
 _CURRENCY = r"(?:\s*(?:dollars?|bucks|usd))?"
 # "20", "$20", "20 dollars", "20$", "the $20 (mark)"
 _BOUND = rf"(?:\s+the)?{_CURRENCY}\s*{_NUM}{_CURRENCY}"
@@ -682,7 +682,7 @@ class Refiner:
         """What an example's kind does with the values of ``t``; the anchor for like_nth."""
         if kind == "cheaper":
             self._relative_price("cheaper", c, page, applied)
-        elif kind == "under_price" and (m := re.search(r"\d+(?:\.\d{1,2})?", t)):
+        elif kind == "under_price" and (m := re.search(r"\d{1,9}(?:\.\d{1,2})?", t)):
             c.price_max_cents = round(float(m.group()) * 100)
             if c.price_min_cents is not None and c.price_min_cents > c.price_max_cents:
                 c.price_min_cents = None
