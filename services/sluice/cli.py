@@ -43,6 +43,7 @@ def _build(args: argparse.Namespace) -> int:
         valid_users=args.valid_users,
         encoder=args.encoder,
         progress=not args.no_progress,
+        catalog_as_of_ms=args.catalog_as_of_ms,
     )
     (refit if args.refit else build)(options)
     if args.store:
@@ -284,6 +285,13 @@ def command_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         default=DEFAULT_ENCODER,
         help="how item texts and pseudo-queries are embedded: "
         + "; ".join(f"{e.name}: {e.help}" for e in BUILD_ENCODERS.values()),
+    )
+    b.add_argument(
+        "--catalog-as-of-ms",
+        type=int,
+        default=None,
+        help="when the shop's catalog export was taken, unix ms: the live catalog updates "
+        "accepted before it are not applied to this build (default: when the build starts)",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     b.add_argument(

@@ -242,3 +242,25 @@ def test_a_damaged_log_does_not_stop_the_catalog(live: Live, tiny_artifacts: Art
         fh.write(b"\xff\xfe not json\n")
     live.writer.update([ItemEdit(item, {**NEW_ITEM, "title": "Wibblewort lamp"})])
     assert live.ids(query="wibblewort lamp")[0] == item
+
+
+def test_a_build_skips_the_changes_older_than_its_data() -> None:
+    """A build made from an export taken at ``as_of`` already holds what was changed before
+    then (or newer values): replaying those changes would put stale prices back, and give
+    items it already has another row of its room."""
+    from sluice.data.catalog import Catalog
+    from sluice.data.updates import LiveCatalog
+
+    base = Catalog.from_columns([1, 2], ["Red kettle", "Blue lamp"], price_cents=[500, 900])
+    live = LiveCatalog(base.with_room(4), None, as_of_ms=1_000)
+    live.apply(
+        [
+            ItemChange(1, {"price_cents": 100}, ts_ms=999),  # before the export: stale
+            ItemChange(3, {**NEW_ITEM, "title": "Old lamp"}, ts_ms=10),  # in the export, or gone
+            ItemChange(2, {"price_cents": 700}, ts_ms=1_000),
+            ItemChange(4, {**NEW_ITEM, "title": "New lamp"}, ts_ms=2_000),
+        ]
+    )
+    cat = live.catalog
+    assert cat.price_cents[cat.row(1)] == 500 and cat.price_cents[cat.row(2)] == 700
+    assert cat.row(3) < 0 and cat.row(4) == 2 and live.room_left == 3

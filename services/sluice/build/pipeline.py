@@ -54,6 +54,9 @@ class BuildOptions:
     train_budget_s: float = 1080.0
     ranker: RankerConfig = field(default_factory=RankerConfig)
     coarse_users: int = 3000
+    # when the catalog data was exported, unix ms (live catalog updates accepted before it
+    # are not applied to this build); None: when the build started
+    catalog_as_of_ms: int | None = None
     cache_dir: Path = field(default_factory=lambda: paths.var("cache"))
     progress: bool = True
     build_id: str = ""  # "": a new one (sluice.builds.new_build_id)
@@ -276,6 +279,7 @@ def refit(options: BuildOptions) -> Artifacts:
 
 def build(options: BuildOptions) -> Artifacts:
     """Run every build step and return the new artifacts."""
+    started_ms = time.time_ns() // 1_000_000
     from sluice.coarse.training import COOC_TOP_K
     from sluice.embed.onnx import ONNX_FILE, export_onnx
     from sluice.eval.baselines import CoocModel
@@ -399,6 +403,8 @@ def build(options: BuildOptions) -> Artifacts:
 
     manifest = {
         "build_id": options.build_id or new_build_id(),
+        # live catalog changes accepted before this are in the data, or older than it
+        "catalog_as_of_ms": options.catalog_as_of_ms or started_ms,
         "version": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         "dataset": source,
         "holdout": options.holdout,

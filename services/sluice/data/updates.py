@@ -29,8 +29,9 @@ a row it was given, and no lock is held on the request path.
 * Title and description edits of an item the build has change its text (blurbs, refinement,
   dedupe keys) but not its BM25 or vectors until the next build.
 
-A new build replays the whole log on load (changes are upserts, so applying one twice is
-harmless). Nothing compacts the log yet: it holds every change since it was created.
+A new build reads the whole log on load and applies the changes accepted after its catalog
+data was taken (``catalog_as_of_ms`` in its manifest); changes are upserts, so applying one
+twice is harmless. Nothing compacts the log yet: it holds every change since it was created.
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ class ItemChange:
     delete: bool = False
     # MiniLM of the item's text after the change, for an item added after the build
     text_vector: np.ndarray | None = None
+    ts_ms: int = 0  # when the gateway accepted it, unix ms (0: unknown)
 
     def to_json(self) -> str:
-        record: dict[str, Any] = {"i": self.item_id}
+        record: dict[str, Any] = {"i": self.item_id, "t": self.ts_ms}
         if self.delete:
             record["d"] = True
         if self.values:
@@ -102,7 +104,9 @@ class ItemChange:
         problem = check_values(values)
         if problem is not None:
             raise ValueError(f"{problem[0]}: {problem[1]}")
-        return cls(item, values, bool(record.get("d", False)), vector)
+        ts = record.get("t", 0)
+        ts = ts if isinstance(ts, int) and not isinstance(ts, bool) and 0 <= ts < 1 << 62 else 0
+        return cls(item, values, bool(record.get("d", False)), vector, ts)
 
 
 def check_values(values: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -233,11 +237,18 @@ def open_log(spec: str) -> UpdateLog:
 class LiveCatalog:
     """A loaded build's catalog (with room) and the per-row text vectors, kept up to date."""
 
-    def __init__(self, catalog: Catalog, text_vectors: np.ndarray | None) -> None:
+    def __init__(
+        self, catalog: Catalog, text_vectors: np.ndarray | None, as_of_ms: int = 0
+    ) -> None:
+        """``as_of_ms``: when the build's catalog data was taken (its manifest's
+        ``catalog_as_of_ms``). Changes accepted before then are in that data, or older than
+        it: they are skipped, so a new build is not overwritten by stale prices, and items
+        added before it do not take its room again."""
         if text_vectors is not None and len(text_vectors) != len(catalog):
             raise ValueError("text vectors and catalog have different row counts")
         self.catalog = catalog
         self.text_vectors = text_vectors
+        self.as_of_ms = as_of_ms
         self.position = ""
         # called with rows whose text is new (items added live), after their columns are
         # written and before their ids are published
@@ -254,9 +265,10 @@ class LiveCatalog:
         added: dict[int, int] = {}  # ids given rows in this batch
         text_rows: list[int] = []
         for change in changes:
-            if not _well_formed(
-                change, self.text_vectors
-            ):  # the gateway validated it; someone else wrote it
+            if change.ts_ms < self.as_of_ms:  # the build's own data is as new or newer
+                continue
+            # the gateway validates what it writes; a record written by anything else may not be
+            if not _well_formed(change, self.text_vectors):
                 log.error("catalog update skipped: malformed", extra={"item_id": change.item_id})
                 continue
             row = added.get(change.item_id, cat.row(change.item_id))
@@ -409,7 +421,8 @@ def follow_updates(
     feed = feed_for(settings)
     if feed is None:
         return None
-    live = LiveCatalog(artifacts.catalog, artifacts.text_vectors if text_vectors else None)
+    as_of = int(artifacts.manifest.get("catalog_as_of_ms", 0))
+    live = LiveCatalog(artifacts.catalog, artifacts.text_vectors if text_vectors else None, as_of)
     for listener in listeners:
         live.listeners.append(functools.partial(listener, live))
     closers.append(feed.follow(live))

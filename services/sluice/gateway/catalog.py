@@ -8,7 +8,9 @@ this gateway serves already has the change. Every other process follows the log.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +76,7 @@ class CatalogWriter:
         with self._lock:
             self._sync()  # what other gateways wrote: an item one of them made is no new one
             cat = self.live.catalog
+            now = time.time_ns() // 1_000_000
             pending: dict[int, dict[str, Any]] = {}  # ids this batch creates: their values
             changes: list[ItemChange] = []
             to_embed: list[tuple[int, str]] = []  # (change index, text)
@@ -87,7 +90,7 @@ class CatalogWriter:
                 row = cat.row(edit.item_id)
                 if edit.delete:
                     deleted += row >= 0 or edit.item_id in pending
-                    changes.append(ItemChange(edit.item_id, delete=True))
+                    changes.append(ItemChange(edit.item_id, delete=True, ts_ms=now))
                     continue
                 new = row < 0 and edit.item_id not in pending
                 values = dict(edit.full if new and edit.full is not None else edit.values)
@@ -112,7 +115,7 @@ class CatalogWriter:
                     to_embed.append((len(changes), text))
                 created += new
                 updated += not new
-                changes.append(ItemChange(edit.item_id, values))
+                changes.append(ItemChange(edit.item_id, values, ts_ms=now))
             if created > self.live.room_left:
                 raise FailedPrecondition(
                     f"the catalog has room for {self.live.room_left} more new items until the "
@@ -123,7 +126,7 @@ class CatalogWriter:
                 vectors = np.asarray(self.encode([t for _, t in to_embed]), dtype=np.float32)
                 for (at, _), vec in zip(to_embed, vectors, strict=True):
                     c = changes[at]
-                    changes[at] = ItemChange(c.item_id, c.values, c.delete, vec)
+                    changes[at] = dataclasses.replace(c, text_vector=vec)
             skipped = self.live.skipped
             try:
                 self.feed.log.append(changes)
