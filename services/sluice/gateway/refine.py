@@ -506,13 +506,7 @@ class Refiner:
                     c.price_min_cents = values[0] + 1
                 else:
                     c.price_min_cents = values[0]
-                low, high = c.price_min_cents, c.price_max_cents
-                if low is not None and high is not None and low > high:
-                    # the new bound contradicts the session's other one: the new one wins
-                    if kind in ("under", "at_most"):
-                        c.price_min_cents = None
-                    else:
-                        c.price_max_cents = None
+                _newest_bound_wins(c, upper=kind in ("under", "at_most"))
                 spans.append(m.span())
                 applied.append(f"price {_bounds(c)}")
         if page:
@@ -532,12 +526,9 @@ class Refiner:
         median = int(np.median(prices))
         if intent == "cheaper":
             c.price_max_cents = median - 1
-            if c.price_min_cents is not None and c.price_min_cents > c.price_max_cents:
-                c.price_min_cents = None
         else:
             c.price_min_cents = median + 1
-            if c.price_max_cents is not None and c.price_max_cents < c.price_min_cents:
-                c.price_max_cents = None
+        _newest_bound_wins(c, upper=intent == "cheaper")
         applied.append(f"{intent}: price {_bounds(c)}")
 
     def _colors(
@@ -589,33 +580,27 @@ class Refiner:
                 continue
             start = _negated(t, span[0])
             if start >= 0:
-                if brand not in c.not_brands:
-                    c.not_brands.append(brand)
-                if c.brand == brand:
-                    c.brand = ""
+                _exclude_brand(c, brand, applied)
                 spans.append((start, span[1]))
-                applied.append(f"not brand {brand}")
-            elif (
-                re.search(r"\b(?:only|brand)\s+(?:the\s+)?$", t[: span[0]])
-                or re.match(r"\s+(?:only|brand)\b", t[span[1] :])
-                or (
-                    # "from", "by": weak cues ("remove anything made by X")
-                    re.search(r"\b(?:from|by)\s+(?:the\s+)?$", t[: span[0]])
-                    and self._example_kind(t) != "not_brand"
-                )
-                or self._brand_polarity(t, span) == "only"
+                continue
+            before, after = t[: span[0]], t[span[1] :]
+            if re.search(r"\b(?:only|brand)\s+(?:the\s+)?$", before) or re.match(
+                r"\s+(?:only|brand)\b", after
             ):
+                polarity = "only"
+            elif re.search(r"\b(?:from|by)\s+(?:the\s+)?$", before):
+                # weak cues: "remove anything made by X" is nearest to an exclusion
+                polarity = "not" if self._example_kind(t) == "not_brand" else "only"
+            else:
+                polarity = self._brand_polarity(t, span)
+            if polarity == "only":
                 c.brand = brand
                 c.not_brands = [b for b in c.not_brands if b != brand]
                 spans.append(span)
                 applied.append(f"brand {brand}")
-            elif self._brand_polarity(t, span) == "not":
-                if brand not in c.not_brands:
-                    c.not_brands.append(brand)
-                if c.brand == brand:
-                    c.brand = ""
+            elif polarity == "not":
+                _exclude_brand(c, brand, applied)
                 spans.append((0, len(t)) if len(t.split()) <= 6 else span)
-                applied.append(f"not brand {brand}")
 
     def _not_categories(
         self, t: str, c: Constraints, spans: list[tuple[int, int]], applied: list[str]
@@ -684,16 +669,11 @@ class Refiner:
             self._relative_price("cheaper", c, page, applied)
         elif kind == "under_price" and (m := re.search(r"\d{1,9}(?:\.\d{1,2})?", t)):
             c.price_max_cents = round(float(m.group()) * 100)
-            if c.price_min_cents is not None and c.price_min_cents > c.price_max_cents:
-                c.price_min_cents = None
+            _newest_bound_wins(c, upper=True)
             applied.append(f"price {_bounds(c)}")
         elif kind == "not_brand":
             for m in self._brand_re.finditer(t):
-                brand = self.brands[m.group(1)]
-                if brand not in c.not_brands:
-                    c.not_brands.append(brand)
-                c.brand = "" if c.brand == brand else c.brand
-                applied.append(f"not brand {brand}")
+                _exclude_brand(c, self.brands[m.group(1)], applied)
         elif kind == "like_nth":
             ordinal, number = ORDINAL_RE.search(t), re.search(r"\d+", t)
             position = ORDINAL_WORDS[ordinal.group(1)] if ordinal else 0
@@ -781,6 +761,25 @@ def _combine(query: str, rest: str) -> str:
     seen = set(query.split())
     combined = " ".join([query, *[w for w in rest.split() if w not in seen]])
     return combined if len(combined) <= MAX_QUERY_CHARS else query
+
+
+def _newest_bound_wins(c: Constraints, upper: bool) -> None:
+    """When the bound just set (the upper one, or the lower) contradicts the session's other
+    bound, drop the other: a filter with min above max would fail the search."""
+    low, high = c.price_min_cents, c.price_max_cents
+    if low is not None and high is not None and low > high:
+        if upper:
+            c.price_min_cents = None
+        else:
+            c.price_max_cents = None
+
+
+def _exclude_brand(c: Constraints, brand: str, applied: list[str]) -> None:
+    if brand not in c.not_brands:
+        c.not_brands.append(brand)
+    if c.brand == brand:
+        c.brand = ""
+    applied.append(f"not brand {brand}")
 
 
 def _bounds(c: Constraints) -> str:
