@@ -23,9 +23,10 @@ from sluice.data.updates import (
     follow_updates,
     serving_artifacts,
 )
-from sluice.domain import Budget, RankContext, Source, StageName
+from sluice.domain import Budget, RankContext, Source, StageName, Surface
 from sluice.embed.text import MiniLMEncoder
 from sluice.gateway.catalog import CatalogWriter, ItemEdit
+from sluice.gateway.explain import Explainer, ReasonCode
 from sluice.gateway.pipeline import Gateway, QueryEncoder
 from sluice.gateway.stages import LocalStage
 from sluice.gateway.users import UserHistory, item_attributes
@@ -87,6 +88,7 @@ def live(
         artifacts.catalog,
         UserHistory.from_artifacts(artifacts, store),
         QueryEncoder(encoder.encode),
+        explainer=Explainer.from_artifacts(artifacts),
         catalog_writer=writer,
     )
     yield Live(gateway, writer, engines, settings, options)
@@ -114,6 +116,20 @@ def test_a_new_item_is_searchable_at_once(live: Live, tiny_artifacts: Artifacts)
     # and it passes the filters on its attributes, in every stage
     teal = (AttributeFilter("color", any_of=("teal",)),)
     assert live.ids(query="kettle", filters=teal) == [item]
+    # explained like any item, from what ranked it (its words), and as a seed of a page
+    explained = live.gateway.search(
+        query="zorblax kettle", page_size=5, deadline_s=30.0, explain=True
+    )
+    assert explained.reasons[0].code == ReasonCode.MATCHES_QUERY
+    similar = live.gateway.recommend(
+        user_id="",
+        surface=Surface.SIMILAR_ITEMS,
+        context_item_id=item,
+        page_size=5,
+        deadline_s=30.0,
+        explain=True,
+    )
+    assert len(similar.candidates) == 5 and item not in similar.candidates.item_ids.tolist()
     # the same call again is an update, not a second item
     again = live.writer.update([ItemEdit(item, NEW_ITEM)])
     assert (again.created, again.updated, again.room_left) == (0, 1, ROOM - 1)

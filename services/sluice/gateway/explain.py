@@ -93,12 +93,8 @@ class Explainer:
 
     @classmethod
     def from_artifacts(cls, a: Artifacts, live_popularity: bool = False) -> Explainer:
-        # with room for live items, the table with their (empty) rows; else mapped, not read
-        vectors = (
-            a.behaviour_vectors
-            if a.room
-            else np.load(a.root / "behaviour_vectors.npy", mmap_mode="r")
-        )
+        # mapped, not read: the build's rows (items added live have none, see _behaviour)
+        vectors = np.load(a.root / "behaviour_vectors.npy", mmap_mode="r")
         return cls(a.catalog, a.popularity, vectors, live_popularity)
 
     def explain(self, ctx: RankContext, item_ids: np.ndarray, sources: np.ndarray) -> list[Reason]:
@@ -129,7 +125,9 @@ class Explainer:
 
     def _behaviour(self, row: int, seeds: np.ndarray, weights: np.ndarray) -> Reason | None:
         """The user's recent items that add most to ``row``'s behavioural score, if any."""
-        if not len(seeds):
+        known = seeds < len(self.vectors)  # items added live since the build have no vector
+        seeds, weights = seeds[known], weights[known]
+        if not len(seeds) or row >= len(self.vectors):
             return None
         vecs = _unit(np.asarray(self.vectors[seeds], np.float32))
         item = _unit(np.asarray(self.vectors[row : row + 1], np.float32))[0]
