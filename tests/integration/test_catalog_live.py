@@ -20,6 +20,7 @@ from sluice.v1 import catalog_pb2, catalog_pb2_grpc, storefront_pb2, storefront_
 from tests.integration.conftest import running_cluster
 from tests.integration.fuzzing import fuzz
 from tests.integration.storefront_load import Load
+from tests.integration.test_cascade import field_violations
 from tests.integration.test_foreign_client import node_client, run_node_client
 
 pytestmark = pytest.mark.integration
@@ -170,7 +171,7 @@ def test_update_items_needs_a_catalog_key_and_names_bad_fields(
     with pytest.raises(grpc.RpcError) as err:
         catalog.UpdateItems(bad, metadata=(("x-api-key", KEY),))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "updates[0].item.price_cents" in _violations(err.value)
+    assert "updates[0].item.price_cents" in field_violations(err.value)
     # raw bytes that are no UpdateItemsRequest: INVALID_ARGUMENT, not INTERNAL
     raw = grpc.insecure_channel(live.gateway_address).unary_unary(
         "/sluice.v1.CatalogService/UpdateItems"
@@ -212,21 +213,6 @@ def test_fuzzed_updates_get_a_clear_answer(live: Cluster, tiny_artifacts: Artifa
     assert shop.Search(storefront_pb2.SearchRequest(query="shoes", page_size=5)).page.item_ids
     dead = [p for p, proc in live.processes.items() if proc.poll() is not None]
     assert not dead, f"died under fuzzing: {dead}"
-
-
-def _violations(err: grpc.RpcError) -> list[str]:
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    assert status is not None
-    fields = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 def test_a_nodejs_feed_adds_an_item(
