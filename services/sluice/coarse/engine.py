@@ -116,8 +116,7 @@ class FeatureTables:
             htext = w @ self.text_vectors[hist]
             htext /= max(float(np.linalg.norm(htext)), 1e-9)
             x[:, c["history_text_sim"]] = text @ htext
-            co = np.asarray(self.cooc[hist].T @ w).ravel()
-            x[:, c["cooc"]] = co[rows]
+            x[:, c["cooc"]] = weighted_row_sum(self.cooc, hist, w, rows)
             hcats = cat.category_codes[hist]
             share = np.bincount(hcats, weights=w, minlength=len(cat.categories))
             x[:, c["category_affinity"]] = share[cat.category_codes[rows]]
@@ -146,6 +145,34 @@ class FeatureTables:
             for term in terms:
                 found += self.lexical.title_scores(term)[rows] > 0
             x[:, COLUMN["title_coverage"]] = found / len(terms)
+
+
+def weighted_row_sum(
+    matrix: sparse.csr_matrix, seeds: np.ndarray, weights: np.ndarray, columns: np.ndarray
+) -> np.ndarray:
+    """``(weights @ matrix[seeds])[columns]``, reading only the seeds' stored entries.
+
+    The dense product touches every column of the catalog (and scipy's row slicing builds a
+    new matrix): at 100k items that was most of the coarse stage's time. Here the seeds'
+    entries are gathered from the CSR arrays and matched to the wanted columns by a binary
+    search, so the cost is the seeds' row lengths plus ``len(columns)``."""
+    starts, ends = matrix.indptr[seeds], matrix.indptr[seeds + 1]
+    lengths = (ends - starts).astype(np.int64)
+    out = np.zeros(len(columns), np.float32)
+    total = int(lengths.sum())
+    if total == 0 or len(columns) == 0:
+        return out
+    # positions of every stored entry of the seeds' rows, in one vectorized step
+    entry = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    entry += np.repeat(starts.astype(np.int64), lengths)
+    cols = matrix.indices[entry]
+    values = matrix.data[entry] * np.repeat(weights, lengths)
+    wanted, inverse = np.unique(columns, return_inverse=True)
+    pos = np.minimum(np.searchsorted(wanted, cols), len(wanted) - 1)
+    hit = wanted[pos] == cols
+    per_column = np.bincount(pos[hit], weights=values[hit], minlength=len(wanted))
+    out[:] = per_column[inverse]
+    return out
 
 
 def weight_vector(**weights: float) -> np.ndarray:

@@ -146,16 +146,18 @@ def merge(
     picked_rows: list[np.ndarray] = []
     picked_src: list[np.ndarray] = []
     leftovers: list[tuple[Source, np.ndarray]] = []
-    taken = np.zeros(0, dtype=np.int64)  # sorted rows chosen so far
+    taken = np.zeros(len(item_ids), dtype=bool)  # rows chosen so far (a mask: no sorting)
+    count = 0
     for source in ordered:
         rows = lists[source][0]
-        fresh = rows[~_member(rows, taken)]
-        take = min(round(quotas.get(source, 0.0) * budget), budget - len(taken), len(fresh))
+        fresh = rows[~taken[rows]]
+        take = min(round(quotas.get(source, 0.0) * budget), budget - count, len(fresh))
         picked_rows.append(fresh[:take])
         picked_src.append(np.full(take, int(source), dtype=np.int8))
-        taken = np.union1d(taken, fresh[:take])
+        taken[fresh[:take]] = True
+        count = int(np.count_nonzero(taken))
         leftovers.append((source, fresh[take:]))
-    room = budget - len(taken)
+    room = budget - count
     if room > 0:
         # round-robin over the sources' remaining lists: round i holds each source's i-th
         rows = np.concatenate([r for _, r in leftovers])
@@ -163,7 +165,7 @@ def merge(
         src = np.concatenate([np.full(len(r), int(s), np.int8) for s, r in leftovers])
         order = np.lexsort((np.arange(len(rows)), rounds))
         rows, src = rows[order], src[order]
-        keep = ~_member(rows, taken)
+        keep = ~taken[rows]
         rows, src = rows[keep], src[keep]
         _, first = np.unique(rows, return_index=True)
         first.sort()
@@ -173,19 +175,11 @@ def merge(
     sources = np.concatenate(picked_src)
 
     fused = np.zeros(len(rows), dtype=np.float64)
-    sorter = np.argsort(rows)
+    position = np.full(len(item_ids), -1, dtype=np.int32)  # row -> its place in ``rows``
+    position[rows] = np.arange(len(rows), dtype=np.int32)
     for source_rows, _ in lists.values():
-        pos = np.searchsorted(rows, source_rows, sorter=sorter)
-        pos = np.minimum(pos, len(rows) - 1)
-        hit = rows[sorter[pos]] == source_rows if len(rows) else np.zeros(0, bool)
-        np.add.at(fused, sorter[pos[hit]], 1.0 / (RRF_K + np.flatnonzero(hit)))
+        pos = position[source_rows]
+        hit = pos >= 0
+        np.add.at(fused, pos[hit], 1.0 / (RRF_K + np.flatnonzero(hit)))
     order = np.argsort(-fused, kind="stable")
     return Candidates(item_ids[rows[order]], fused[order].astype(np.float32), sources[order])
-
-
-def _member(rows: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Which of ``rows`` are in the sorted array ``sorted_set``."""
-    if len(sorted_set) == 0 or len(rows) == 0:
-        return np.zeros(len(rows), dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_set, rows), len(sorted_set) - 1)
-    return sorted_set[pos] == rows

@@ -56,7 +56,9 @@ class RerankEngine:
         self.catalog = catalog
         self.vectors = item_vectors
         self.config = config or RerankConfig()
-        self._keys = [title_key(t) for t in catalog.titles]
+        # dedupe keys as integer codes per row, so that dedupe is one vectorized step
+        self._key_codes: dict[str, int] = {}
+        self._keys = np.array([self._code(title_key(t)) for t in catalog.titles], np.int64)
         if self.config.tail_share > 0 and tail is None:
             raise ValueError("an exposure target (tail_share > 0) needs the tail rows")
         self.tail = tail
@@ -64,7 +66,10 @@ class RerankEngine:
     def learn_titles(self, rows: np.ndarray) -> None:
         """Dedupe keys of rows whose title changed (items added by a live update)."""
         for row in rows.tolist():
-            self._keys[row] = title_key(self.catalog.titles[row])
+            self._keys[row] = self._code(title_key(self.catalog.titles[row]))
+
+    def _code(self, key: str) -> int:
+        return self._key_codes.setdefault(key, len(self._key_codes))
 
     def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
         """Every eligible candidate, in final order up to the end of the budget's page
@@ -88,16 +93,12 @@ class RerankEngine:
         """Apply filters, stock, exclusions and dedupe; keep the relevance order."""
         cands = cands.top(len(cands))
         rows = self.catalog.rows(cands.item_ids)
-        keep = self.allows(ctx, cands.item_ids)
-        seen_ids: set[int] = set()
-        seen_titles: set[str] = set()
-        for i in np.flatnonzero(keep).tolist():
-            item, key = int(cands.item_ids[i]), self._keys[rows[i]]
-            if item in seen_ids or key in seen_titles:
-                keep[i] = False
-                continue
-            seen_ids.add(item)
-            seen_titles.add(key)
+        kept = np.flatnonzero(self.allows(ctx, cands.item_ids))
+        # the first of each title key in relevance order (an item id seen twice has one row,
+        # so one key: its later copies go too)
+        _, first = np.unique(self._keys[rows[kept]], return_index=True)
+        keep = np.zeros(len(cands), dtype=bool)
+        keep[kept[first]] = True
         return cands.take(np.flatnonzero(keep))
 
     def _mmr(self, cands: Candidates, needed: int, config: RerankConfig) -> Candidates:
