@@ -393,6 +393,12 @@ class GatewaySettings(ServiceSettings):
     coarse_addr: str = "127.0.0.1:50062"
     fine_addr: str = "127.0.0.1:50063"
     rerank_addr: str = "127.0.0.1:50064"
+    packed_candidates: bool = Field(
+        True,
+        description="candidates travel to and from the stage services as packed arrays "
+        "(CANDIDATE_ENCODING_PACKED), read without an object per candidate; stages older "
+        "than this field do not know them: upgrade the stages first, or set false",
+    )
     stage_attempts: int = Field(
         3,
         ge=1,
@@ -400,6 +406,11 @@ class GatewaySettings(ServiceSettings):
         description="with several replicas behind a stage address: tries of a stage call that "
         "meets UNAVAILABLE (each on the next healthy replica, within the call's deadline); "
         "1: no retries",
+    )
+    query_encoder: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="precision of the MiniLM query encoder: int8 (the build's quantized "
+        "export) costs about half the CPU per query; item vectors stay fp32 either way",
     )
     deadline_ms: int = Field(250, ge=1, description="used when the caller sets no deadline")
     min_deadline_ms: int = Field(5, ge=1, description="below this nothing is attempted")

@@ -53,6 +53,14 @@ _MAX_SOURCE = max(int(s) for s in Source)
 
 
 def candidates_from_proto(msg: common_pb2.Candidates, field: str = "candidates") -> Candidates:
+    """Candidates in either encoding (the repeated fields, or the packed arrays), validated."""
+    if msg.item_ids_le or msg.scores_le or msg.sources_u8:
+        if len(msg.item_ids) or len(msg.scores) or len(msg.sources):
+            raise InvalidArgument(
+                "set the repeated fields or the packed arrays, not both",
+                field_path=f"{field}.item_ids_le",
+            )
+        return _packed_candidates(msg, field)
     n = len(msg.item_ids)
     if len(msg.scores) not in (0, n):
         raise InvalidArgument(
@@ -76,7 +84,46 @@ def candidates_from_proto(msg: common_pb2.Candidates, field: str = "candidates")
     return Candidates(np.fromiter(msg.item_ids, dtype=np.int64, count=n), scores, sources)
 
 
-def candidates_to_proto(c: Candidates) -> common_pb2.Candidates:
+def _packed_candidates(msg: common_pb2.Candidates, field: str) -> Candidates:
+    """The packed arrays, read in place and copied once (the copies are the stage's own)."""
+    if len(msg.item_ids_le) % 8:
+        raise InvalidArgument(
+            f"{len(msg.item_ids_le)} bytes is not a whole number of int64 item ids",
+            field_path=f"{field}.item_ids_le",
+        )
+    n = len(msg.item_ids_le) // 8
+    if len(msg.scores_le) not in (0, 4 * n):
+        raise InvalidArgument(
+            f"{len(msg.scores_le)} bytes of float32 scores for {n} item ids",
+            field_path=f"{field}.scores_le",
+        )
+    if len(msg.sources_u8) not in (0, n):
+        raise InvalidArgument(
+            f"{len(msg.sources_u8)} sources for {n} item ids", field_path=f"{field}.sources_u8"
+        )
+    ids = np.frombuffer(msg.item_ids_le, dtype="<i8").astype(np.int64)
+    scores = np.zeros(n, np.float32)
+    if msg.scores_le:
+        scores = np.frombuffer(msg.scores_le, dtype="<f4").astype(np.float32)
+        if not np.isfinite(scores).all():
+            raise InvalidArgument("scores must be finite", field_path=f"{field}.scores_le")
+    sources = np.zeros(n, np.int8)
+    if msg.sources_u8:
+        raw = np.frombuffer(msg.sources_u8, dtype=np.uint8)
+        if raw.max() > _MAX_SOURCE:
+            raise InvalidArgument("unknown candidate source", field_path=f"{field}.sources_u8")
+        sources = raw.astype(np.int8)
+    return Candidates(ids, scores, sources)
+
+
+def candidates_to_proto(c: Candidates, packed: bool = False) -> common_pb2.Candidates:
+    """``packed``: the arrays as bytes (CANDIDATE_ENCODING_PACKED), else the repeated fields."""
+    if packed:
+        return common_pb2.Candidates(
+            item_ids_le=c.item_ids.astype("<i8", copy=False).tobytes(),
+            scores_le=c.scores.astype("<f4", copy=False).tobytes(),
+            sources_u8=c.sources.astype(np.uint8).tobytes(),
+        )
     return common_pb2.Candidates(
         item_ids=c.item_ids.tolist(), scores=c.scores.tolist(), sources=c.sources.tolist()
     )

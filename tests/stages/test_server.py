@@ -206,6 +206,65 @@ def test_bad_stage_input_names_the_field(service: tuple, mutate: Any, field: str
     assert _violations(err.value) == [field]
 
 
+def packed(req: rerank_pb2.RankCandidatesRequest) -> rerank_pb2.RankCandidatesRequest:
+    """``req`` with its candidates as packed arrays, asking for a packed answer."""
+    out = rerank_pb2.RankCandidatesRequest()
+    out.CopyFrom(req)
+    out.candidates.Clear()
+    out.candidates.item_ids_le = np.array(req.candidates.item_ids, "<i8").tobytes()
+    out.candidates.scores_le = np.array(req.candidates.scores, "<f4").tobytes()
+    out.candidates.sources_u8 = np.array(req.candidates.sources, np.uint8).tobytes()
+    out.response_encoding = common_pb2.CANDIDATE_ENCODING_PACKED
+    return out
+
+
+def test_packed_candidates_are_answered_packed_with_the_same_page(service: tuple) -> None:
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    plain = rerank(svc.port, GOOD)
+    resp = rerank(svc.port, packed(GOOD))
+    assert len(resp.candidates.item_ids) == 0 and len(resp.candidates.scores) == 0
+    assert np.frombuffer(resp.candidates.item_ids_le, "<i8").tolist() == list(
+        plain.candidates.item_ids
+    )
+    np.testing.assert_array_equal(
+        np.frombuffer(resp.candidates.scores_le, "<f4"), np.array(plain.candidates.scores)
+    )
+    assert np.frombuffer(resp.candidates.sources_u8, np.uint8).tolist() == list(
+        plain.candidates.sources
+    )
+
+
+def _set(field: str, value: Any) -> Any:
+    return lambda r: setattr(r.candidates, field, value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (_set("item_ids_le", b"\x01" * 7), "candidates.item_ids_le"),
+        (_set("item_ids_le", b"\x01" * 8 * 101), "candidates.item_ids_le"),
+        (_set("scores_le", b"\x00" * 5), "candidates.scores_le"),
+        (_set("scores_le", np.array([1, np.nan, 2], "<f4").tobytes()), "candidates.scores_le"),
+        (_set("sources_u8", bytes([1, 99, 1])), "candidates.sources_u8"),
+        (_set("sources_u8", bytes([1])), "candidates.sources_u8"),
+        (lambda r: r.candidates.item_ids.append(4), "candidates.item_ids_le"),  # both forms
+        (lambda r: setattr(r, "response_encoding", 7), "response_encoding"),
+    ],
+)
+def test_bad_packed_candidates_name_the_field(service: tuple, mutate: Any, field: str) -> None:
+    svc, release, _ = service
+    release.set()
+    svc.warm()
+    req = packed(GOOD)
+    mutate(req)
+    with pytest.raises(grpc.RpcError) as err:
+        rerank(svc.port, req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(err.value) == [field]
+
+
 def test_a_request_is_answered_by_the_build_it_names_or_unavailable(service: tuple) -> None:
     """A caller pins a build (``context.build_id``): the stage answers from it and says so;
     a build it has not loaded is UNAVAILABLE (another replica may have it), not another."""

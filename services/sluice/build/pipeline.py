@@ -281,7 +281,7 @@ def build(options: BuildOptions) -> Artifacts:
     """Run every build step and return the new artifacts."""
     started_ms = time.time_ns() // 1_000_000
     from sluice.coarse.training import COOC_TOP_K
-    from sluice.embed.onnx import ONNX_FILE, export_onnx
+    from sluice.embed.onnx import INT8_FILE, ONNX_FILE, export_onnx, quantize_int8
     from sluice.eval.baselines import CoocModel
     from sluice.eval.offline import pseudo_query_table, text_table
     from sluice.fine.train import train_ranker
@@ -316,8 +316,9 @@ def build(options: BuildOptions) -> Artifacts:
         text_vectors = np.ascontiguousarray(table[1:])
         np.save(out / "text_vectors.npy", text_vectors)
 
-    with steps.step("export the query encoder (ONNX)"):
+    with steps.step("export the query encoder (ONNX, fp32 and int8)"):
         export_onnx(out / ONNX_FILE)
+        quantize_int8(out / ONNX_FILE, out / INT8_FILE)
 
     with steps.step("lexical index (BM25)"):
         LexicalIndex.build(catalog.titles, catalog.descriptions or None).save(out / "lexical")

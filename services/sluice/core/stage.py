@@ -30,6 +30,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
 from sluice.builds import LoadedBuilds
+from sluice.common.v1 import common_pb2
 from sluice.convert import (
     candidates_from_proto,
     candidates_to_proto,
@@ -156,12 +157,23 @@ class StageBinding:
         return "offset" in self.request.DESCRIPTOR.fields_by_name
 
     # -- the caller's side (the gateway) --------------------------------------------------
-    def encode(self, context: Message, cands: Candidates | None, budget: Budget) -> Any:
+    @property
+    def encodes(self) -> bool:
+        """True when the request may ask for packed candidates in the response."""
+        return "response_encoding" in self.request.DESCRIPTOR.fields_by_name
+
+    def encode(
+        self, context: Message, cands: Candidates | None, budget: Budget, packed: bool = False
+    ) -> Any:
+        """``packed``: candidates both ways as packed arrays (the stage must know them)."""
         req: Any = self.request(context=context, max_candidates=budget.max_candidates)
+        packed = packed and self.encodes
         if cands is not None:
-            req.candidates.CopyFrom(candidates_to_proto(cands))
+            req.candidates.CopyFrom(candidates_to_proto(cands, packed))
         if self.paged:
             req.offset = budget.offset
+        if packed:
+            req.response_encoding = common_pb2.CANDIDATE_ENCODING_PACKED
         return req
 
     def decode(self, response: Any) -> StageResult:
@@ -224,14 +236,22 @@ class StageServicer:
                 raise InvalidArgument(
                     f"at most {limit} candidates", field_path="candidates.item_ids"
                 )
+            if len(request.candidates.item_ids_le) > 8 * limit:
+                raise InvalidArgument(
+                    f"at most {limit} candidates", field_path="candidates.item_ids_le"
+                )
             cands = candidates_from_proto(request.candidates)
+        packed = False
+        if b.encodes:
+            encoding = check_range(request.response_encoding, "response_encoding", 0, 1)
+            packed = encoding == common_pb2.CANDIDATE_ENCODING_PACKED
         ctx = context_from_proto(request.context)
         build_id, engine = self.builds.get(ctx.build_id)
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"{b.name}: the deadline passed before the work began")
         result = run_stage(b.stage, engine, ctx, cands, Budget(keep, deadline, offset), build_id)
         response: Any = b.response(
-            candidates=candidates_to_proto(result.candidates),
+            candidates=candidates_to_proto(result.candidates, packed),
             report=report_to_proto(result.report),
         )
         if b.paged:

@@ -31,7 +31,7 @@ from sluice.data.updates import LiveCatalog, feed_for, follow_updates, serving_a
 from sluice.domain import Cancellation, StageName
 from sluice.events.ingest import DurableLog, Ingestor
 from sluice.events.log import EventLog
-from sluice.events.metrics import EventMetrics
+from sluice.events.metrics import TRACK_ACK_SECONDS, EventMetrics
 from sluice.events.model import Event, EventStatus, EventType
 from sluice.events.stream import RedisEventStream, StreamConfig, durability_warnings
 from sluice.experiments import EVENTS as EXPERIMENT_EVENTS
@@ -230,6 +230,7 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
     def Track(  # noqa: N802
         self, request: storefront_pb2.TrackRequest, context: grpc.ServicerContext
     ) -> storefront_pb2.TrackResponse:
+        received = time.perf_counter()
         ingestor = self._ingesting()
         if len(request.events) == 0:
             raise InvalidArgument("at least one event is required", field_path="events")
@@ -250,17 +251,23 @@ class StorefrontServicer(storefront_pb2_grpc.StorefrontServiceServicer):
             events = [dataclasses.replace(e, arms=labels[e.user_id]) for e in events]
         results = ingestor.track(events)
         IN_FLIGHT.set(ingestor.in_flight)
+        counts: dict[EventStatus, int] = {}
+        for r in results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        for status, count in counts.items():
+            EVENTS.labels(status.name.lower()).inc(count)
         for event, r in zip(events, results, strict=True):
-            EVENTS.labels(r.status.name.lower()).inc()
             if event.arms and r.status is EventStatus.ACCEPTED:
                 kind = event.type.name.lower() if isinstance(event.type, EventType) else ""
                 for pair in event.arms.split(","):
                     experiment, _, arm = pair.partition("=")
                     EXPERIMENT_EVENTS.labels(experiment, arm, kind).inc()
-        return storefront_pb2.TrackResponse(
+        response = storefront_pb2.TrackResponse(
             statuses=[storefront_pb2.EventStatus.Name(r.status) for r in results],
             errors=[r.error for r in results],
         )
+        TRACK_ACK_SECONDS.observe(time.perf_counter() - received)
+        return response
 
 
 def catalog_writer(
@@ -315,7 +322,13 @@ def stage_clients(
         else None
     )
     remote = [
-        GrpcStage(e.binding(), getattr(settings, f"{e.name}_addr"), tls, settings.stage_attempts)
+        GrpcStage(
+            e.binding(),
+            getattr(settings, f"{e.name}_addr"),
+            tls,
+            settings.stage_attempts,
+            packed=settings.packed_candidates,
+        )
         for e in STAGES
     ]
     # connect now, so that the first requests after a (re)start do not pay for it; a stage
@@ -358,10 +371,16 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         live = follow_updates(settings, artifacts, closers)
         build_id = build_id_of(build)
         encoder = query_encoder(build, threads=settings.torch_threads)
+        # queries may use the quantized export; item texts (live updates) and blurbs stay fp32
+        queries = (
+            encoder
+            if settings.query_encoder == "fp32"
+            else query_encoder(build, settings.torch_threads, settings.query_encoder)
+        )
         stages: Mapping[StageName, StageClient] = (
             remote if settings.stages == "grpc" else local_stages(settings, build, closers)
         )
-        query = QueryEncoder(encoder.encode)
+        query = QueryEncoder(queries.encode)
         gateway = Gateway(
             stages,
             artifacts.catalog,
@@ -458,6 +477,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             event_log,
             store,
             known_item=lambda item: current().catalog.contains(item),
+            known_items=lambda items: (current().catalog.rows(items) >= 0).tolist(),
             max_in_flight=settings.track_max_in_flight,
         )
         recovered = ingestor.recover()

@@ -91,12 +91,15 @@ class GrpcStage:
         address: str,
         credentials: grpc.ChannelCredentials | None = None,
         attempts: int = 3,
+        packed: bool = False,
     ) -> None:
         """``address`` is a gRPC target (:mod:`sluice.balancer`): one ``host:port`` is called
         as it always was; several replicas get round_robin, health checks and up to
-        ``attempts`` tries of a call that meets UNAVAILABLE."""
+        ``attempts`` tries of a call that meets UNAVAILABLE. ``packed``: candidates travel
+        as packed arrays both ways (CANDIDATE_ENCODING_PACKED; the stage must know them)."""
         self.stage = binding.stage
         self.binding = binding
+        self.packed = packed
         self.target = parse_target(address)
         self._credentials = credentials
         options = channel_options(
@@ -126,7 +129,7 @@ class GrpcStage:
         timeout_s = budget.remaining_s()
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded(f"no time left for {self.binding.name}")
-        request = self.binding.encode(_MEMO.proto(ctx), cands, budget)
+        request = self.binding.encode(_MEMO.proto(ctx), cands, budget, self.packed)
         t0 = time.perf_counter()
         call = self._rpc.future(request, timeout=timeout_s, metadata=outgoing_metadata())
         if budget.cancellation is not None:  # the caller went away: so does this call
