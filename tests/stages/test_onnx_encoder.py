@@ -5,9 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sluice.artifacts import Artifacts
-from sluice.embed.onnx import ONNX_FILE, TOKENIZER_FILE, OnnxMiniLMEncoder, query_encoder
+from sluice.embed.onnx import (
+    INT8_FILE,
+    ONNX_FILE,
+    TOKENIZER_FILE,
+    OnnxMiniLMEncoder,
+    query_encoder,
+)
 from sluice.embed.text import MiniLMEncoder
 
 
@@ -66,3 +73,23 @@ def test_loading_the_encoders_leaves_the_environment_alone(tiny_artifacts: Artif
     query_encoder(tiny_artifacts.root).encode(["a query"])
     MiniLMEncoder().encode(["a title"])
     assert dict(os.environ) == before
+
+
+def test_the_int8_query_encoder_is_the_builds_quantized_export(
+    tmp_path: Path, tiny_artifacts: Artifacts
+) -> None:
+    """SLUICE_GATEWAY_QUERY_ENCODER=int8: the build's quantized file, close to fp32; a build
+    without it falls back to fp32; an unknown precision is refused."""
+    int8 = query_encoder(tiny_artifacts.root, precision="int8")
+    fp32 = query_encoder(tiny_artifacts.root)
+    assert isinstance(int8, OnnxMiniLMEncoder) and int8.path.name == INT8_FILE
+    titles = tiny_artifacts.catalog.titles[:40]
+    a, b = int8.encode(titles), fp32.encode(titles)
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() > 0.95 and cosine.mean() > 0.98 and not np.array_equal(a, b)
+    for name in (ONNX_FILE, TOKENIZER_FILE):
+        (tmp_path / name).symlink_to(tiny_artifacts.root / name)
+    fallback = query_encoder(tmp_path, precision="int8")
+    assert isinstance(fallback, OnnxMiniLMEncoder) and fallback.path.name == ONNX_FILE
+    with pytest.raises(ValueError, match="precision"):
+        query_encoder(tiny_artifacts.root, precision="fp16")
