@@ -6,7 +6,6 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 from typing import Protocol
 
 from sluice.core.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -32,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
 """Most events per :meth:`Ingestor.track` call (``TrackRequest`` allows 1000)."""
+
+_STATUSES = tuple(EventStatus)
 
 
 class DurableLog(Protocol):
@@ -80,12 +81,15 @@ class Ingestor:
         store: OnlineStateStore,
         *,
         known_item: Callable[[int], bool] | None = None,
+        known_items: Callable[[Sequence[int]], Sequence[bool]] | None = None,
         max_in_flight: int = 10_000,
         append_timeout_s: float | None = 10.0,
         replay_window_s: float = 600.0,
         max_future_skew_ms: int = MAX_FUTURE_SKEW_MS,
     ) -> None:
-        """``max_in_flight`` bounds events accepted for logging but not yet
+        """``known_item`` tells whether an item is in the catalog; ``known_items`` does the
+        same for a whole batch in one call (cheaper; used instead when given).
+        ``max_in_flight`` bounds events accepted for logging but not yet
         durable; beyond it :meth:`track` raises ``ResourceExhausted``.
         ``replay_window_s`` is how far back :meth:`recover` replays into a
         persistent store (an in-memory store gets the whole log).
@@ -97,6 +101,7 @@ class Ingestor:
         self.log = log
         self.store = store
         self.known_item = known_item
+        self.known_items = known_items
         self.max_in_flight = max_in_flight
         self.append_timeout_s = append_timeout_s
         self.replay_window_s = replay_window_s
@@ -169,6 +174,15 @@ class Ingestor:
         delay = max(self.log.commit_ms_ewma, 1.0) * commits_to_drain
         return int(min(max(math.ceil(delay), 5), 1000))
 
+    def _known_item_of(self, events: Sequence[Event]) -> Callable[[int], bool] | None:
+        """The catalog check for one batch: with ``known_items``, one lookup for all its
+        items (ids that cannot be items are left to :func:`validate_event` to reject)."""
+        if self.known_items is None:
+            return self.known_item
+        ids = list({e.item_id for e in events if 0 < e.item_id < 1 << 63})
+        known = {item for item, ok in zip(ids, self.known_items(ids), strict=True) if ok}
+        return known.__contains__
+
     def track(self, events: Sequence[Event]) -> list[EventResult]:
         """Record a batch; return one result per event, in order.
 
@@ -183,13 +197,14 @@ class Ingestor:
         now = now_ms()
         results: list[EventResult | None] = [None] * len(events)
         valid: list[tuple[int, Event]] = []
+        known_item = self._known_item_of(events)
         for i, event in enumerate(events):
             if event.timestamp_ms == 0:
-                event = replace(event, timestamp_ms=now)  # 0 means now
+                event = event.at(now)  # 0 means now
             reason = validate_event(
                 event,
                 now=now,
-                known_item=self.known_item,
+                known_item=known_item,
                 max_future_skew_ms=self.max_future_skew_ms,
             )
             if reason is None:
@@ -201,15 +216,16 @@ class Ingestor:
         # Reserve first, then consult the store: an id is marked seen in the
         # store before its reservation is dropped, so no window lets it through.
         reserved: list[tuple[int, Event]] = []
+        digests = [event.digest for _, event in valid]  # hashed before taking the lock
         with self._lock:
             self.track_calls += 1
             self.events_received += len(events)
-            for i, event in valid:
+            for (i, event), payload in zip(valid, digests, strict=True):
                 held = self._reserved.get(event.event_id)
                 if held is not None:
-                    results[i] = DUPLICATE if held == event.digest else CONFLICT
+                    results[i] = DUPLICATE if held == payload else CONFLICT
                 else:
-                    self._reserved[event.event_id] = event.digest
+                    self._reserved[event.event_id] = payload
                     reserved.append((i, event))
             if self._in_flight + len(reserved) > self.max_in_flight:
                 for _, e in reserved:
@@ -254,7 +270,7 @@ class Ingestor:
                     del self._reserved[e.event_id]
 
         final = [r if r is not None else DUPLICATE for r in results]
-        counts = dict.fromkeys(EventStatus, 0)
+        counts = dict.fromkeys(_STATUSES, 0)
         for r in final:
             counts[r.status] += 1
         with self._lock:

@@ -1,6 +1,7 @@
 """The event path's counters (``EventLog``, ``Ingestor``) as Prometheus metrics.
 
-Events by outcome are counted where Track answers (``sluice_track_events_total``).
+Events by outcome are counted where Track answers (``sluice_track_events_total``), and so is
+the server-side time from a Track call's receipt to its answer (``sluice_track_ack_seconds``).
 
 The log and the ingestor keep plain counters on their hot paths; this collector reads
 them when Prometheus scrapes, so counting costs nothing between scrapes.
@@ -8,8 +9,10 @@ them when Prometheus scrapes, so counting costs nothing between scrapes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 
+from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -49,3 +52,60 @@ class EventMetrics(Collector):
             "records in the latest group commit",
             value=float(log.last_commit_records),
         )
+
+
+TRACK_ACK_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.006,
+    0.007,
+    0.008,
+    0.009,
+    0.01,
+    0.0125,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+TRACK_ACK_SECONDS = Histogram(
+    "sluice_track_ack_seconds",
+    "Track, server side: from the handler receiving the call to its answer (every ACCEPTED "
+    "event durable); what the client sees adds the transport and its own wait for a core",
+    buckets=TRACK_ACK_BUCKETS,
+)
+
+
+def histogram_quantile(buckets: Sequence[tuple[float, float]], q: float) -> float:
+    """The ``q`` quantile (0..1) of a Prometheus histogram given as ``(upper bound,
+    cumulative count)`` pairs in increasing order (the last bound may be ``inf``), by
+    linear interpolation inside the bucket, as PromQL's ``histogram_quantile`` does; ``nan``
+    without observations. A quantile in the ``+Inf`` bucket is the largest finite bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
+        lower_bound, lower_count = bound, count
+    return lower_bound

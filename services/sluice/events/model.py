@@ -66,6 +66,19 @@ class Event:
     def weight(self) -> float:
         return EVENT_WEIGHTS[self.type]
 
+    def at(self, timestamp_ms: int) -> Event:
+        """This event with another timestamp (``dataclasses.replace``, without its cost on
+        Track's path: a field added above must be added here too)."""
+        return Event(
+            self.event_id,
+            self.user_id,
+            self.item_id,
+            self.type,
+            timestamp_ms,
+            self.query,
+            self.arms,
+        )
+
     @property
     def digest(self) -> str:
         """What a retry of this event must repeat: its user, item, type and query (not the
@@ -128,6 +141,8 @@ def validate_id(name: str, value: str, limit: int) -> str | None:
         return f"{name} is empty"
     if len(value) > limit:
         return f"{name} is longer than {limit} characters"
+    if value.isascii() and value.isprintable():  # the usual id: no control characters
+        return None if value.strip() else f"{name} is blank"
     if not value.strip():
         return f"{name} is blank"
     if any(unicodedata.category(c).startswith("C") for c in value):
