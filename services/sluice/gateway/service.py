@@ -51,9 +51,9 @@ from sluice.gateway.refine import Refiner, Sessions, Turn
 from sluice.gateway.shadow import ShadowArms
 from sluice.gateway.stages import GrpcStage, LocalStage, StageClient
 from sluice.gateway.tokens import PageTokens
-from sluice.gateway.users import UserHistory, item_attributes
+from sluice.gateway.users import CatalogAttributes, UserHistory
 from sluice.rules import RulesWatcher
-from sluice.state.store import InMemoryStateStore, OnlineStateStore, RedisStateStore
+from sluice.state.store import Attributes, InMemoryStateStore, OnlineStateStore, RedisStateStore
 from sluice.v1 import catalog_pb2, catalog_pb2_grpc, storefront_pb2, storefront_pb2_grpc
 from sluice.wiring import STAGES, load_engines, serve_builds
 
@@ -280,9 +280,7 @@ def catalog_writer(
     return CatalogWriter(live, feed, encode, settings.max_catalog_updates)
 
 
-def make_store(
-    settings: GatewaySettings, attributes: Callable[[int], tuple[str, str] | None]
-) -> OnlineStateStore:
+def make_store(settings: GatewaySettings, attributes: Attributes) -> OnlineStateStore:
     if settings.state == "redis":
         return RedisStateStore.from_url(settings.redis_url, attributes)
     return InMemoryStateStore(attributes)
@@ -462,7 +460,8 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         ]
 
     def warmup() -> None:
-        store = make_store(settings, lambda item: item_attributes(current().catalog)(item))
+        # the current build's catalog (live updates included), one lookup per applied batch
+        store = make_store(settings, CatalogAttributes(lambda: current().catalog))
         state.append(store)
         resources.append(store.close)
         if settings.stages == "grpc":

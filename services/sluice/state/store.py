@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
 
 import redis
 from cachetools import TTLCache
@@ -51,6 +51,22 @@ from sluice.events.model import WEIGHT_BY_TYPE, Event, EventType
 Window = Literal["short", "long"]
 ItemAttributes = Callable[[int], "tuple[str, str] | None"]
 """Item id to ``(category, brand)``; None or ``""`` parts for unknown."""
+AttributesMany = Callable[[Sequence[int]], "Sequence[tuple[str, str] | None]"]
+"""Item ids to their ``(category, brand)`` each, in order (one call per applied batch)."""
+
+
+@runtime_checkable
+class BatchItemAttributes(Protocol):
+    """Item attributes that also answer a whole batch at once (``many``): the stores look up
+    every item of an ``apply`` with one call instead of one per event."""
+
+    def __call__(self, item_id: int) -> tuple[str, str] | None: ...
+
+    def many(self, item_ids: Sequence[int]) -> Sequence[tuple[str, str] | None]: ...
+
+
+Attributes = ItemAttributes | BatchItemAttributes | Mapping[int, tuple[str, str]] | None
+"""What a store is given: a callable per item, one with ``many``, a mapping, or nothing."""
 
 RESCALE_AFTER = 32.0
 """Half-lives a landmark may lag the newest event before scores are rescaled."""
@@ -158,15 +174,24 @@ class OnlineStateStore(Protocol):
     def close(self) -> None: ...
 
 
-def attribute_lookup(
-    attributes: ItemAttributes | Mapping[int, tuple[str, str]] | None,
-) -> ItemAttributes:
+def attribute_lookup(attributes: Attributes) -> ItemAttributes:
     """Normalise a mapping or callable of item attributes to a callable."""
     if attributes is None:
         return lambda _item: None
     if isinstance(attributes, Mapping):
         return attributes.get
     return attributes
+
+
+def attributes_many(attributes: Attributes) -> AttributesMany:
+    """Normalise item attributes to a lookup of a whole batch: ``many`` where given, else the
+    one-item lookup for each id."""
+    if isinstance(attributes, BatchItemAttributes):
+        return attributes.many
+    one = attribute_lookup(attributes)
+    if attributes is None:
+        return lambda items: [None] * len(items)
+    return lambda items: [one(item) for item in items]
 
 
 def _decay(score: float, reference: float, landmark: float, half_life: float) -> float:
@@ -247,12 +272,12 @@ class InMemoryStateStore:
 
     def __init__(
         self,
-        attributes: ItemAttributes | Mapping[int, tuple[str, str]] | None = None,
+        attributes: Attributes = None,
         *,
         config: StateConfig | None = None,
     ) -> None:
         self.config = config or StateConfig()
-        self._attributes = attribute_lookup(attributes)
+        self._attributes_many = attributes_many(attributes)
         self._lock = threading.RLock()
         # event id -> (expiry (monotonic), payload digest), in expiry order
         self._seen: dict[str, tuple[float, str]] = {}
@@ -305,6 +330,9 @@ class InMemoryStateStore:
             return [self._is_seen(e, now) for e in event_ids]
 
     def apply(self, events: Sequence[Event]) -> list[bool]:
+        # the batch's attributes in one lookup, outside the lock (the catalog has its own
+        # consistency: a live update is visible here or not, as it was to a per-event lookup)
+        attributes = self._attributes_many([e.item_id for e in events]) if events else []
         now = time.monotonic()
         expiry = now + self.config.dedupe_ttl_s
         out: list[bool] = []
@@ -315,16 +343,16 @@ class InMemoryStateStore:
                 if seen[first][0] > now:
                     break
                 del seen[first]
-            for event in events:
+            for event, attrs in zip(events, attributes, strict=True):
                 if event.event_id in seen:  # everything left is unexpired
                     out.append(False)
                     continue
                 seen[event.event_id] = (expiry, event.digest)
                 out.append(True)
-                self._apply_one(event)
+                self._apply_one(event, attrs)
         return out
 
-    def _apply_one(self, event: Event) -> None:
+    def _apply_one(self, event: Event, attrs: tuple[str, str] | None) -> None:
         ts = event.timestamp_ms
         item = event.item_id
         weight = _WEIGHTS[event.type]
@@ -337,7 +365,6 @@ class InMemoryStateStore:
             del history[0]
         if event.type == _PURCHASE:
             user.suppressed.add(item)
-        attrs = self._attributes(item)
         affinity = user.affinity
         growth = affinity.advance(ts)
         if attrs:
@@ -773,7 +800,7 @@ class RedisStateStore:
     def __init__(
         self,
         client: RedisClient,
-        attributes: ItemAttributes | Mapping[int, tuple[str, str]] | None = None,
+        attributes: Attributes = None,
         *,
         config: StateConfig | None = None,
         prefix: str = "sluice:",
@@ -782,7 +809,7 @@ class RedisStateStore:
             raise ValueError("the key prefix must not contain braces (Redis Cluster hash tags)")
         self.config = config or StateConfig()
         self._r: Any = cast(Any, client)  # (types-redis lacks part of RedisCluster)
-        self._attributes = attribute_lookup(attributes)
+        self._attributes_many = attributes_many(attributes)
         self._p = prefix
         self._pop = f"{prefix}{{pop}}:"
         self._user_apply = self._r.register_script(_USER_APPLY_LUA)
@@ -822,7 +849,7 @@ class RedisStateStore:
     def from_url(
         cls,
         url: str,
-        attributes: ItemAttributes | Mapping[int, tuple[str, str]] | None = None,
+        attributes: Attributes = None,
         **kwargs: Any,
     ) -> RedisStateStore:
         """``redis://...`` for one server, ``redis+cluster://host:port[,...]`` for a cluster."""
@@ -843,15 +870,15 @@ class RedisStateStore:
             return out
         cfg = self.config
         shared = [repr(RESCALE_AFTER), repr(PRUNE_BELOW)]
-        by_user: dict[str, list[Event]] = {}
-        for e in todo:
-            by_user.setdefault(e.user_id, []).append(e)
-        lookup = self._attributes
+        found = self._attributes_many([e.item_id for e in todo])  # one lookup per batch
+        by_user: dict[str, list[tuple[Event, tuple[str, str] | None]]] = {}
+        for e, attrs in zip(todo, found, strict=True):
+            by_user.setdefault(e.user_id, []).append((e, attrs))
         user_calls: list[ScriptCall] = []
         for user_id, user_events in by_user.items():
             rows = []
-            for e in user_events:
-                category, brand = lookup(e.item_id) or ("", "")
+            for e, attrs in user_events:
+                category, brand = attrs or ("", "")
                 row = (e.event_id, str(e.item_id), int(e.type), e.timestamp_ms, _WEIGHTS[e.type])
                 rows.append((*row, category or "", brand or ""))
             base = self._user_base(user_id)
