@@ -337,6 +337,8 @@ class RowIndex:
             return np.full(len(ids), -1, dtype=np.int64)
         if self._dense_rows is not None:
             table = self._dense_rows
+            if ids.min() >= 0 and ids.max() < len(table):  # the usual case: one gather
+                return table[ids]
             inside = (ids >= 0) & (ids < len(table))
             return np.where(inside, table[np.where(inside, ids, 0)], -1)
         pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)

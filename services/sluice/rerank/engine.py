@@ -118,7 +118,13 @@ class RerankEngine:
         cap = config.max_per_brand
         brand_count = np.zeros(len(self.catalog.brands), dtype=np.int64)
         chosen: list[int] = []
-        max_sim = np.full(limit, -np.inf)
+        # each step: lam * rel - (1 - lam) * (similarity to the closest chosen item, 0 before the
+        # first pick) + bias, where bias is -10 for a capped brand (those go last, not away)
+        # and -inf for a chosen item; only the picked item's similarities are computed
+        relevance = lam * rel
+        penalty = np.zeros(limit)
+        max_sim = np.zeros(limit)
+        bias = np.zeros(limit)
         free = np.ones(limit, dtype=bool)
         target = min(needed, limit)
         tail, minimums, tail_count = None, None, 0
@@ -126,24 +132,24 @@ class RerankEngine:
             tail = self.tail[rows]
             minimums = fair_minimums(target, config.tail_share, config.tail_alpha)
         while len(chosen) < target and free.any():
-            sim_term = np.where(np.isfinite(max_sim), max_sim, 0.0)
-            value = lam * rel - (1.0 - lam) * sim_term
-            if cap:
-                over = brand_count[brands] >= cap
-                value = np.where(over, value - 10.0, value)  # capped brands go last, not away
-            allowed = free
+            value = relevance - penalty + bias
             if tail is not None and minimums is not None:
                 short = tail_count < minimums[len(chosen) + 1]
-                if short and (free & tail).any():
-                    allowed = free & tail  # the prefix needs a tail item: the best of them
-            value = np.where(allowed, value, -np.inf)
+                if short and (free & tail).any():  # the prefix needs a tail item: the best of them
+                    value = np.where(tail, value, -np.inf)
             pick = int(np.argmax(value))
             chosen.append(pick)
             free[pick] = False
-            brand_count[brands[pick]] += 1
+            bias[pick] = -np.inf
+            brand = brands[pick]
+            brand_count[brand] += 1
+            if cap and brand_count[brand] == cap:
+                bias[brands == brand] -= 10.0
             if tail is not None:
                 tail_count += int(tail[pick])
-            max_sim = np.maximum(max_sim, vecs @ vecs[pick])
+            sims = vecs @ vecs[pick]
+            max_sim = sims if len(chosen) == 1 else np.maximum(max_sim, sims)
+            penalty = (1.0 - lam) * max_sim
         rest = np.concatenate([np.flatnonzero(free), np.arange(limit, n)])
         order = np.concatenate([np.asarray(chosen, dtype=np.int64), rest.astype(np.int64)])
         return cands.take(order)
