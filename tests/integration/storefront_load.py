@@ -61,14 +61,26 @@ class HeldBuild:
 
     @classmethod
     def make(cls, store: Store) -> HeldBuild:
-        from sluice.build.pipeline import build
+        from sluice.build.pipeline import build, next_version
 
         new = new_build_id()
-        made = build(
-            tiny_build(store.root / BUILDS / new, store.repository, build_id=new, seed=11, epochs=4)
-        )
         staged = store.root / f"staged-{new}"
+        # built against a private repository that numbers versions like the served one: a
+        # Triton polling the served repository must not see the version before release()
+        # (it would start loading a directory that then vanishes, and not try it again)
+        private = store.root / f"repository-{new}"
+        for version in range(1, next_version(store.repository)):
+            (private / "fine_ranker" / str(version)).mkdir(parents=True)
+        made = build(
+            tiny_build(store.root / BUILDS / new, private, build_id=new, seed=11, epochs=4)
+        )
         made.ranker_dir.rename(staged)
+        manifest = made.root / MANIFEST
+        data = json.loads(manifest.read_text())
+        data["fine_ranker"]["repository"] = str(store.repository.resolve())
+        manifest.write_text(json.dumps(data, indent=2))
+        shutil.rmtree(private)
+        made = Artifacts(made.root)
         return cls(new, made.ranker_dir, staged)
 
     def hold(self) -> None:
