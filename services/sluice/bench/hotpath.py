@@ -1,0 +1,218 @@
+"""The cost round's small benchmarks (docs/benchmarks.md, "The cost round against 8eb4a55").
+
+``python -m sluice.bench.hotpath cpu ARTIFACTS --requests 600 --name new``
+    CPU per request (``time.process_time``) of the in-process cascade, ``Gateway`` over the
+    four stages with the torch ranker (:func:`sluice.bench.compare.local_gateway`), for a
+    fixed request set (half Search), after 100 warm-up requests. Run it from two checkouts
+    in turn to compare them on the same artifacts.
+``python -m sluice.bench.hotpath pages ARTIFACTS FILE --requests 600``
+    Writes every page (ids and scores) of a fixed request set to ``FILE``, or, when ``FILE``
+    exists, compares the pages with it: a rewrite that claims to change nothing must print
+    ``identical pages N/N``.
+``python -m sluice.bench.hotpath encoder ARTIFACTS --queries 600``
+    The fp32 and int8 query encoders side by side on the same queries: CPU per query and
+    the cosine between their vectors.
+``python -m sluice.bench.hotpath rtt``
+    Client CPU and wall time of a gRPC round trip to a health service in another process,
+    made blocking and made with ``.future()`` (what the gateway's stage calls use, so that a
+    cancelled request cancels the call in flight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _requests(artifacts: Path, n: int, seed: int, search_share: float = 0.5) -> list[Any]:
+    from sluice.bench.load import load_workload, make_requests
+
+    users, words = load_workload(artifacts)
+    return make_requests(n, search_share, users, words, np.random.default_rng(seed))
+
+
+def _caller(gateway: Any, page_size: int) -> Callable[[Any], Any]:
+    from sluice.bench.load import KIND_SEARCH
+
+    def call(spec: Any) -> Any:
+        if spec.kind == KIND_SEARCH:
+            return gateway.search(
+                query=spec.query, user_id=spec.user_id, page_size=page_size, deadline_s=30.0
+            )
+        return gateway.recommend(user_id=spec.user_id, page_size=page_size, deadline_s=30.0)
+
+    return call
+
+
+def cpu(args: argparse.Namespace) -> dict[str, Any]:
+    from sluice.bench.compare import local_gateway
+    from sluice.bench.load import KIND_SEARCH
+
+    call = _caller(local_gateway(args.artifacts), 10)
+    specs = _requests(args.artifacts, args.requests + 100, args.seed)
+    for spec in specs[:100]:
+        call(spec)
+    spent: dict[str, list[float]] = {"search": [], "recommend": []}
+    for spec in specs[100:]:
+        t0 = time.process_time()
+        call(spec)
+        kind = "search" if spec.kind == KIND_SEARCH else "recommend"
+        spent[kind].append(time.process_time() - t0)
+    out = {
+        "name": args.name,
+        "requests": args.requests,
+        "all_ms": 1000 * sum(map(sum, spent.values())) / args.requests,
+        **{f"{k}_ms": 1000 * float(np.mean(v)) if v else float("nan") for k, v in spent.items()},
+    }
+    print(
+        f"{args.name}: {out['all_ms']:.2f} ms of CPU per request (Search {out['search_ms']:.2f}, "
+        f"Recommend {out['recommend_ms']:.2f}; {args.requests} requests)"
+    )
+    return out
+
+
+def pages(args: argparse.Namespace) -> dict[str, Any]:
+    from sluice.bench.compare import local_gateway
+
+    call = _caller(local_gateway(args.artifacts), 50)
+    got = []
+    for spec in _requests(args.artifacts, args.requests, args.seed):
+        page = call(spec)
+        got.append(
+            {
+                "ids": page.candidates.item_ids.tolist(),
+                "scores": [round(float(s), 5) for s in page.candidates.scores],
+            }
+        )
+    if not args.file.exists():
+        args.file.write_text(json.dumps(got))
+        print(f"wrote {len(got)} pages to {args.file}")
+        return {"written": len(got)}
+    before = json.loads(args.file.read_text())
+    same = sum(a == b for a, b in zip(before, got, strict=True))
+    print(f"identical pages {same}/{len(got)} (ids and scores to 5 decimals)")
+    return {"identical": same, "pages": len(got)}
+
+
+def encoder(args: argparse.Namespace) -> dict[str, Any]:
+    from sluice.embed.onnx import query_encoder
+
+    fp32 = query_encoder(args.artifacts)
+    int8 = query_encoder(args.artifacts, precision="int8")
+    queries = [s.query for s in _requests(args.artifacts, args.queries, args.seed, 1.0)]
+    spent = {"fp32": 0.0, "int8": 0.0}
+    cosines = []
+    for q in queries:  # interleaved, so that the host's load hits both alike
+        t0 = time.process_time()
+        a = fp32.encode([q])[0]
+        t1 = time.process_time()
+        b = int8.encode([q])[0]
+        spent["fp32"] += t1 - t0
+        spent["int8"] += time.process_time() - t1
+        cosines.append(float(a @ b))
+    out = {
+        "fp32_ms": 1000 * spent["fp32"] / len(queries),
+        "int8_ms": 1000 * spent["int8"] / len(queries),
+        "cosine_mean": float(np.mean(cosines)),
+        "cosine_min": float(np.min(cosines)),
+    }
+    print(
+        f"per query: fp32 {out['fp32_ms']:.2f} ms, int8 {out['int8_ms']:.2f} ms "
+        f"({out['int8_ms'] / out['fp32_ms']:.2f}x); cosine mean {out['cosine_mean']:.4f}, "
+        f"min {out['cosine_min']:.4f}"
+    )
+    return out
+
+
+_HEALTH_SERVER = """
+import sys, time
+from concurrent import futures
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+server = grpc.server(futures.ThreadPoolExecutor(4))
+health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+sys.stdin.read()
+"""
+
+
+def rtt(args: argparse.Namespace) -> dict[str, Any]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HEALTH_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            request = health_pb2.HealthCheckRequest()
+            variants: dict[str, Callable[[], Any]] = {
+                "blocking": lambda: check(request, timeout=5),
+                "future": lambda: check.future(request, timeout=5).result(),
+            }
+            for call in variants.values():
+                for _ in range(200):
+                    call()
+            out: dict[str, Any] = {}
+            for _ in range(args.rounds):  # alternating, so that the host's load hits both
+                for name, call in variants.items():
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    for _ in range(args.calls):
+                        call()
+                    out.setdefault(f"{name}_cpu_us", []).append(
+                        1e6 * (time.process_time() - c0) / args.calls
+                    )
+                    out.setdefault(f"{name}_wall_us", []).append(
+                        1e6 * (time.perf_counter() - t0) / args.calls
+                    )
+    finally:
+        proc.kill()
+    medians = {k: float(np.median(v)) for k, v in out.items()}
+    print(
+        "client per round trip (median of rounds): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in medians.items())
+    )
+    return medians
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sluice.bench.hotpath", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("cpu", help="in-process CPU per request")
+    p.add_argument("artifacts", type=Path)
+    p.add_argument("--requests", type=int, default=600)
+    p.add_argument("--name", default="this checkout")
+    p = sub.add_parser("pages", help="write or compare the pages of a fixed request set")
+    p.add_argument("artifacts", type=Path)
+    p.add_argument("file", type=Path)
+    p.add_argument("--requests", type=int, default=600)
+    p = sub.add_parser("encoder", help="fp32 against int8 query encoding")
+    p.add_argument("artifacts", type=Path)
+    p.add_argument("--queries", type=int, default=600)
+    p = sub.add_parser("rtt", help="blocking against future gRPC round trips")
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=3)
+    for p in sub.choices.values():
+        p.add_argument("--seed", type=int, default=7)
+        p.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    result = {"cpu": cpu, "pages": pages, "encoder": encoder, "rtt": rtt}[args.command](args)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
