@@ -8,11 +8,15 @@ have, and columns outside the seeds' rows.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import sparse
 
+from sluice.artifacts import Artifacts
 from sluice.coarse.engine import weighted_row_sum
 from sluice.data.catalog import Catalog
 from sluice.domain import RRF_K, Candidates, RankContext, Source
@@ -214,3 +218,24 @@ def test_mmr_follows_the_reference_rule(
     )
     expected = [ids[rows[i]] for i in order] + [ids[r] for r in chosen[limit:]]
     assert got == expected
+
+
+def test_the_pages_benchmark_finds_a_changed_page(
+    tmp_path: Path, tiny_artifacts: Artifacts
+) -> None:
+    """``sluice.bench.hotpath pages``, the check behind "identical pages" claims: the same
+    code gives the same pages, and one changed score is found."""
+    from sluice.bench.hotpath import main
+
+    file = tmp_path / "pages.json"
+    args = ["pages", str(tiny_artifacts.root), str(file), "--requests", "20"]
+    assert main(args) == 0 and len(json.loads(file.read_text())) == 20
+    out = tmp_path / "out.json"
+    main([*args, "--json", str(out)])
+    assert json.loads(out.read_text()) == {"identical": 20, "pages": 20}
+    pages = json.loads(file.read_text())
+    changed = next(p for p in pages if p["scores"])
+    changed["scores"][0] += 0.001
+    file.write_text(json.dumps(pages))
+    main([*args, "--json", str(out)])
+    assert json.loads(out.read_text()) == {"identical": 19, "pages": 20}
