@@ -8,41 +8,25 @@ import dataclasses
 import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.unit.test_ingest import ev, statuses, wait_until
 
 from sluice.core.errors import Unavailable
 from sluice.events import log as log_module
 from sluice.events.ingest import Ingestor
 from sluice.events.log import EventLog
 from sluice.events.metrics import histogram_quantile
-from sluice.events.model import Event, EventResult, EventStatus, EventType, now_ms, validate_id
+from sluice.events.model import Event, EventResult, EventStatus, EventType, validate_id
 from sluice.events.visibility import server_quantiles
 from sluice.state.store import InMemoryStateStore
 
 ATTRS = {i: (f"cat{i % 3}", f"brand{i % 2}") for i in range(1, 100)}
 ACCEPTED, REJECTED = EventStatus.ACCEPTED, EventStatus.REJECTED
-
-
-def ev(eid: str, user: str = "u", item: int = 1, kind: int = 1) -> Event:
-    return Event.from_wire(eid, user, item, kind, now_ms())
-
-
-def statuses(results: list[EventResult]) -> list[EventStatus]:
-    return [r.status for r in results]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for an observable condition (not for an amount of time)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.0005)
 
 
 class Calls:
