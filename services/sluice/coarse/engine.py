@@ -24,6 +24,7 @@ import numpy as np
 from scipy import sparse
 
 from sluice.artifacts import Artifacts
+from sluice.coarse.fields import TextFields
 from sluice.data.catalog import Catalog
 from sluice.domain import RRF_K, Budget, Candidates, RankContext, Source
 from sluice.recall.lexical import LexicalIndex
@@ -45,12 +46,20 @@ FEATURES = (
     # search: field-level features
     "bm25_title",
     "title_coverage",
+    "title_bigram",
+    "description_length",
 )
 
 # What the search weights fitted on judged queries read: a small model on purpose. On
-# crowdflower-search, 5-fold CV preferred it to the 5- and 7-feature variants that added
-# title BM25, MiniLM of titles alone and within-request ranks (docs/quality.md).
-SEARCH_FEATURES = ("bm25", "query_text_sim", "title_coverage")
+# crowdflower-search, 5-fold CV (forward selection over some 25 candidate features, and
+# LightGBM LambdaRank, which cross-validated worse) preferred it (docs/quality.md).
+SEARCH_FEATURES = (
+    "bm25",
+    "query_text_sim",
+    "title_coverage",
+    "title_bigram",
+    "description_length",
+)
 
 # Column of each feature in the matrix: features are written and weighted by name.
 COLUMN = {name: j for j, name in enumerate(FEATURES)}
@@ -74,6 +83,15 @@ class FeatureTables:
     popularity: np.ndarray
     history_window: int = 20
     recency_decay: float = 0.85
+    text_fields: TextFields | None = None  # built from the catalog on first use
+
+    @property
+    def fields(self) -> TextFields:
+        """Title term pairs and description lengths (:mod:`sluice.coarse.fields`)."""
+        if self.text_fields is None:
+            cat = self.catalog
+            self.text_fields = TextFields(cat.titles, cat.descriptions or None, self.lexical.stem)
+        return self.text_fields
 
     @classmethod
     def from_artifacts(cls, a: Artifacts) -> FeatureTables:
@@ -129,8 +147,9 @@ class FeatureTables:
         return x
 
     def _search_features(self, query: str, rows: np.ndarray, x: np.ndarray) -> None:
-        """BM25 of the document and of the title (each over the query's best match) and the
-        share of the query's distinct terms found in the title."""
+        """BM25 of the document and of the title (each over the query's best match), the
+        share of the query's distinct terms found in the title, the share of its adjacent
+        term pairs found adjacent in the title and the description's log length."""
         bm = self.lexical.scores(query)
         top = float(bm.max()) if len(bm) else 0.0
         if top > 0:
@@ -145,6 +164,9 @@ class FeatureTables:
             for term in terms:
                 found += self.lexical.title_scores(term)[rows] > 0
             x[:, COLUMN["title_coverage"]] = found / len(terms)
+        fields = self.fields
+        x[:, COLUMN["title_bigram"]] = fields.title_bigram(query, rows)
+        x[:, COLUMN["description_length"]] = fields.description_length(rows)
 
 
 def weighted_row_sum(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from sluice.coarse.engine import CoarseEngine, FeatureTables, LinearWeights
 from sluice.config import CoarseSettings
-from sluice.data.updates import follow_updates, lexical_listener, serving_artifacts
+from sluice.data.updates import LiveCatalog, follow_updates, lexical_listener, serving_artifacts
 from sluice.domain import Budget, Candidates, RankContext
 
 
@@ -16,7 +18,17 @@ def load(settings: CoarseSettings, closers: list[Callable[[], None]]) -> CoarseE
     weights_path = artifacts.root / "coarse.json"
     weights = LinearWeights.load(weights_path) if weights_path.exists() else LinearWeights.default()
     tables = FeatureTables.from_artifacts(artifacts)
-    follow_updates(settings, artifacts, closers, lexical_listener(tables.lexical))
+    fields = tables.fields  # built now, not on the first search
+
+    def index_fields(live: LiveCatalog, rows: np.ndarray) -> None:
+        cat = live.catalog
+        fields.add(
+            rows.tolist(),
+            [cat.titles[r] for r in rows.tolist()],
+            [cat.descriptions[r] if cat.descriptions else "" for r in rows.tolist()],
+        )
+
+    follow_updates(settings, artifacts, closers, lexical_listener(tables.lexical), index_fields)
     engine = CoarseEngine(tables, weights)
     ids = artifacts.catalog.item_ids[:50]
     engine.rank(

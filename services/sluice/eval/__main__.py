@@ -96,6 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--repeats", type=int, default=3, help="CV repeats with reshuffled folds")
     s.add_argument("--skip-cv", action="store_true")
     s.add_argument("--skip-served", action="store_true")
+    s.add_argument(
+        "--skip-out-of-fold",
+        action="store_true",
+        help="no served run per fold (weights fitted without the fold's queries)",
+    )
     s.add_argument("--threads", type=int, default=4, help="client threads for the served run")
     s.add_argument("--out", type=Path, help="evaluation folder (default var/eval/<dataset>)")
     s.add_argument("--no-progress", action="store_true")
@@ -177,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data=args.data,
                 rebuild=args.rebuild,
                 served=not args.skip_served,
+                out_of_fold=not args.skip_out_of_fold,
                 cv=not args.skip_cv,
                 folds=args.folds,
                 repeats=args.repeats,

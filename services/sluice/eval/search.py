@@ -21,6 +21,9 @@ What is measured, all by the same NDCG code:
   This estimates how the learned combination generalizes to unseen queries.
 * **served** — the build (weights fitted on every labelled query) behind the
   real gateway: every query's ``Search`` (page size 10) over gRPC.
+* **served out of fold** — the same, but every query is served by a copy of
+  the build whose search weights were fitted on the other folds (the folds of
+  the CV's first repeat; one cluster per fold).
 """
 
 from __future__ import annotations
@@ -313,6 +316,109 @@ def cross_validate(
     }
 
 
+def oof_folds(n: int, folds: int = 5, seed: int = 0) -> list[np.ndarray]:
+    """The query indices of each fold: the folds of :func:`cross_validate`'s first repeat."""
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(order[f::folds]) for f in range(folds)]
+
+
+def out_of_fold_weights(
+    samples: Sequence[QuerySample],
+    columns: Sequence[int],
+    folds: int = 5,
+    seed: int = 0,
+    c: float = 1.0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(held-out query indices, search weights over all FEATURES fitted without them) per fold.
+
+    Every query is in exactly one fold, and that fold's weights never saw it.
+    """
+    from sluice.coarse.engine import FEATURES
+
+    out = []
+    for test in oof_folds(len(samples), folds, seed):
+        train = np.setdiff1d(np.arange(len(samples)), test)
+        w = np.zeros(len(FEATURES), np.float32)
+        w[list(columns)] = fit_pairwise([samples[i] for i in train], columns, c=c, seed=seed)
+        out.append((test, w))
+    return out
+
+
+def fold_artifacts(artifacts: Path, search_weights: np.ndarray, dest: Path) -> Path:
+    """A copy of the build at ``dest`` whose coarse search weights are ``search_weights``.
+
+    Every file but ``coarse.json`` is a symbolic link to the build's (the model repository
+    is named by absolute path in the manifest, so Triton serves the same ranker)."""
+    from sluice.coarse.engine import LinearWeights
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in artifacts.resolve().iterdir():
+        if entry.name != "coarse.json" and not (dest / entry.name).exists():
+            (dest / entry.name).symlink_to(entry)
+    built = LinearWeights.load(artifacts / "coarse.json")
+    LinearWeights(built.recommend, np.asarray(search_weights, np.float32)).save(
+        dest / "coarse.json"
+    )
+    return dest
+
+
+def subset(queries: LabelledQueries, indices: Sequence[int] | np.ndarray) -> LabelledQueries:
+    """The queries at ``indices``, in that order."""
+    return LabelledQueries(
+        [queries.query_ids[i] for i in indices],
+        [queries.texts[i] for i in indices],
+        [queries.judgments[i] for i in indices],
+    )
+
+
+def served_on(
+    artifacts: Path, queries: LabelledQueries, log_dir: Path, threads: int = 4
+) -> tuple[list[list[int]], int, float]:
+    """Start the cluster on ``artifacts``, serve every query's ``Search``, stop it:
+    (item ids per query, degraded responses, seconds serving)."""
+    from sluice.launch import Cluster, Ports
+
+    with tempfile.TemporaryDirectory(prefix="sluice-eval-") as tmp:
+        cluster = Cluster(
+            artifacts=artifacts,
+            ports=Ports.random(),
+            log_dir=log_dir,
+            event_log_dir=Path(tmp) / "events",
+        )
+        print(f"starting Triton and the services (logs in {log_dir}) …", flush=True)
+        cluster.start(timeout_s=600)
+        try:
+            t0 = time.perf_counter()
+            rankings, degraded = served_search(cluster.gateway_address, queries, threads=threads)
+            seconds = time.perf_counter() - t0
+        finally:
+            cluster.stop()
+    return rankings, degraded, seconds
+
+
+def served_out_of_fold(
+    artifacts: Path,
+    queries: LabelledQueries,
+    samples: Sequence[QuerySample],
+    columns: Sequence[int],
+    work: Path,
+    folds: int = 5,
+    threads: int = 4,
+) -> tuple[list[list[int]], int, float]:
+    """Every query served over gRPC by a build whose search weights were fitted without it:
+    per fold, a copy of the build with that fold's weights behind its own cluster."""
+    rankings: list[list[int]] = [[] for _ in range(len(queries))]
+    degraded, seconds = 0, 0.0
+    for f, (test, w) in enumerate(out_of_fold_weights(samples, columns, folds)):
+        with tempfile.TemporaryDirectory(prefix=f"fold{f}-", dir=work) as tmp:
+            root = fold_artifacts(artifacts, w, Path(tmp) / "artifacts")
+            got, d, sec = served_on(root, subset(queries, test), work / "logs", threads)
+        for i, r in zip(test, got, strict=True):
+            rankings[int(i)] = r
+        degraded, seconds = degraded + d, seconds + sec
+    return rankings, degraded, seconds
+
+
 def in_process_rankings(
     artifacts: Artifacts,
     queries: LabelledQueries,
@@ -365,6 +471,7 @@ class SearchOptions:
     data: Path
     rebuild: bool = False
     served: bool = True
+    out_of_fold: bool = True
     cv: bool = True
     folds: int = 5
     repeats: int = 3
@@ -376,7 +483,6 @@ class SearchOptions:
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
     from sluice.coarse.engine import FEATURES, SEARCH_FEATURES
-    from sluice.launch import Cluster, Ports
 
     base = opts.root or eval_dir(opts.data, EVAL_ROOT)
     artifacts = ensure_build(
@@ -469,29 +575,31 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             "what the rerank stage's MMR diversity costs in NDCG@10",
         )
     if opts.served:
-        with tempfile.TemporaryDirectory(prefix="sluice-eval-") as tmp:
-            cluster = Cluster(
-                artifacts=artifacts.root,
-                ports=Ports.random(),
-                log_dir=base / "logs",
-                event_log_dir=Path(tmp) / "events",
-            )
-            print(f"starting Triton and the services (logs in {base / 'logs'}) …", flush=True)
-            cluster.start(timeout_s=600)
-            try:
-                t0 = time.perf_counter()
-                rankings, degraded = served_search(
-                    cluster.gateway_address, queries, threads=opts.threads
-                )
-                seconds = time.perf_counter() - t0
-            finally:
-                cluster.stop()
+        rankings, degraded, seconds = served_on(
+            artifacts.root, queries, base / "logs", opts.threads
+        )
         served = mean_ndcg(rankings, queries)
         report["served"] = {"ndcg10": served, "degraded": degraded, "seconds": seconds}
         add(
             "Sluice served Search (gateway over gRPC, page 10)",
             served,
-            f"degraded {degraded}; weights fitted on these queries (see CV)",
+            f"degraded {degraded}; weights fitted on these queries (in-sample)",
+        )
+    if opts.served and opts.out_of_fold:
+        rankings, degraded, seconds = served_out_of_fold(
+            artifacts.root, queries, samples, columns, base, folds=opts.folds, threads=opts.threads
+        )
+        served = mean_ndcg(rankings, queries)
+        report["served_out_of_fold"] = {
+            "ndcg10": served,
+            "degraded": degraded,
+            "seconds": seconds,
+            "folds": opts.folds,
+        }
+        add(
+            f"Sluice served Search, out of fold ({opts.folds} folds)",
+            served,
+            f"degraded {degraded}; each query served by weights fitted without it",
         )
     report["rows"] = [{"name": n, "ndcg10": v, "note": note} for n, v, note in rows]
     (base / "search-report.json").write_text(json.dumps(report, indent=1))
