@@ -6,6 +6,7 @@ import numpy as np
 
 from sluice.artifacts import Artifacts
 from sluice.coarse.training import FittingView, training_contexts
+from sluice.eval.baselines import COOC_WINDOW
 
 
 def _sequences(a: Artifacts) -> list[np.ndarray]:
@@ -27,7 +28,7 @@ def test_view_counts_leave_out_each_users_last_item(tiny_artifacts: Artifacts) -
     earlier: set[tuple[int, int]] = set()
     for s in sequences:
         body = s[:-1].tolist()
-        for d in (1, 2, 3):
+        for d in range(1, COOC_WINDOW + 1):
             for x, y in zip(body[:-d], body[d:], strict=False):
                 earlier |= {(x, y), (y, x)}
     only_last = [

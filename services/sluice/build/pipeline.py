@@ -226,12 +226,19 @@ def fit_cascade(
         if search_only:
             fusion = FusionWeights(NO_BEHAVIOUR_FUSION_BETA, NO_BEHAVIOUR_FUSION_BETA)
         else:
-            rec, search = training_contexts(
+            # search's beta needs few requests; the recommendation signals' weights more
+            rec, _ = training_contexts(artifacts, sequences, coarse_users, seed + 1, None)
+            _, search = training_contexts(
                 artifacts, sequences, min(coarse_users // 2, 500), seed + 1, pseudo
             )
             fusion = fit_fusion(artifacts, view, rec, search)
         fusion.save(out / "fusion.json")
         console.print(f"  fusion beta: recommend {fusion.recommend}, search {fusion.search}")
+        if fusion.signals:
+            console.print(
+                "  recommendation signals: "
+                + ", ".join(f"{k} {v:+.3f}" for k, v in fusion.signals.items())
+            )
 
 
 def refit(options: BuildOptions) -> Artifacts:

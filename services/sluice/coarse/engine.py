@@ -48,6 +48,8 @@ FEATURES = (
     "title_coverage",
     "title_bigram",
     "description_length",
+    # recommendation: co-occurrence on a log scale (its evidence spans orders of magnitude)
+    "log_cooc",
 )
 
 # What the search weights fitted on judged queries read: a small model on purpose. On
@@ -60,6 +62,10 @@ SEARCH_FEATURES = (
     "title_bigram",
     "description_length",
 )
+
+# ``log_cooc`` = log(1 + LOG_COOC_SCALE * cooc): cosine-normalised co-occurrence weights of a
+# history are mostly 1e-3 to 1e-1, so this maps them to about 0.7 to 4.6 and no evidence to 0
+LOG_COOC_SCALE = 1000.0
 
 # Column of each feature in the matrix: features are written and weighted by name.
 COLUMN = {name: j for j, name in enumerate(FEATURES)}
@@ -78,7 +84,8 @@ class FeatureTables:
     catalog: Catalog
     behaviour_vectors: np.ndarray
     text_vectors: np.ndarray
-    lexical: LexicalIndex
+    # None in a process that ranks no searches by these features (the fine stage's fusion)
+    lexical: LexicalIndex | None
     cooc: sparse.csr_matrix  # [n, n] row -> following items
     popularity: np.ndarray
     history_window: int = 20
@@ -90,16 +97,18 @@ class FeatureTables:
         """Title term pairs and description lengths (:mod:`sluice.coarse.fields`)."""
         if self.text_fields is None:
             cat = self.catalog
-            self.text_fields = TextFields(cat.titles, cat.descriptions or None, self.lexical.stem)
+            stem = self.lexical.stem if self.lexical is not None else True
+            self.text_fields = TextFields(cat.titles, cat.descriptions or None, stem)
         return self.text_fields
 
     @classmethod
-    def from_artifacts(cls, a: Artifacts) -> FeatureTables:
+    def from_artifacts(cls, a: Artifacts, lexical: bool = True) -> FeatureTables:
+        """The build's tables; ``lexical=False``: without the BM25 index (no search features)."""
         return cls(
             catalog=a.catalog,
             behaviour_vectors=a.behaviour_vectors,
             text_vectors=a.text_vectors,
-            lexical=LexicalIndex.load(a.root / "lexical", a.room),
+            lexical=LexicalIndex.load(a.root / "lexical", a.room) if lexical else None,
             cooc=a.cooc[0],
             popularity=a.popularity,
         )
@@ -134,35 +143,39 @@ class FeatureTables:
             htext = w @ self.text_vectors[hist]
             htext /= max(float(np.linalg.norm(htext)), 1e-9)
             x[:, c["history_text_sim"]] = text @ htext
-            x[:, c["cooc"]] = weighted_row_sum(self.cooc, hist, w, rows)
+            cooc = weighted_row_sum(self.cooc, hist, w, rows)
+            x[:, c["cooc"]] = cooc
+            x[:, c["log_cooc"]] = np.log1p(LOG_COOC_SCALE * cooc)
             hcats = cat.category_codes[hist]
             share = np.bincount(hcats, weights=w, minlength=len(cat.categories))
             x[:, c["category_affinity"]] = share[cat.category_codes[rows]]
             x[:, c["has_history"]] = 1.0
         if ctx.query_embedding is not None:
             x[:, c["query_text_sim"]] = text @ ctx.query_embedding
-        if ctx.query:
-            self._search_features(ctx.query, rows, x)
+        if ctx.query and self.lexical is not None:
+            self._search_features(self.lexical, ctx.query, rows, x)
         x[:, c["log_popularity"]] = np.log1p(self.popularity[rows])
         return x
 
-    def _search_features(self, query: str, rows: np.ndarray, x: np.ndarray) -> None:
+    def _search_features(
+        self, lexical: LexicalIndex, query: str, rows: np.ndarray, x: np.ndarray
+    ) -> None:
         """BM25 of the document and of the title (each over the query's best match), the
         share of the query's distinct terms found in the title, the share of its adjacent
         term pairs found adjacent in the title and the description's log length."""
-        bm = self.lexical.scores(query)
+        bm = lexical.scores(query)
         top = float(bm.max()) if len(bm) else 0.0
         if top > 0:
             x[:, COLUMN["bm25"]] = bm[rows] / top
-        title = self.lexical.title_scores(query)
+        title = lexical.title_scores(query)
         top = float(title.max()) if len(title) else 0.0
         if top > 0:
             x[:, COLUMN["bm25_title"]] = title[rows] / top
-        terms = sorted(set(self.lexical.tokens(query)))
+        terms = sorted(set(lexical.tokens(query)))
         if terms:
             found = np.zeros(len(rows), np.float32)
             for term in terms:
-                found += self.lexical.title_scores(term)[rows] > 0
+                found += lexical.title_scores(term)[rows] > 0
             x[:, COLUMN["title_coverage"]] = found / len(terms)
         fields = self.fields
         x[:, COLUMN["title_bigram"]] = fields.title_bigram(query, rows)

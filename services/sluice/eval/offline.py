@@ -270,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(f"popularity ({label} counts)", pop.scores, time.perf_counter() - t0)
     t0 = time.perf_counter()
     cooc = CoocModel.fit(split.train, n)
-    run("co-occurrence (window 3)", cooc.scores, time.perf_counter() - t0)
+    run("co-occurrence (window 10)", cooc.scores, time.perf_counter() - t0)
 
     text = text_table(split.catalog, args.cache_dir, progress)
     queries = pseudo_query_table(split.catalog, 2, args.seed, args.cache_dir, progress)

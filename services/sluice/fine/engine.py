@@ -8,6 +8,7 @@ runs behind a :class:`~sluice.fine.backend.RankerBackend` (Triton in production)
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,7 +17,10 @@ from sluice.data.catalog import Catalog
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.embed.text import TEXT_DIM
 from sluice.fine.backend import CANDIDATES_PER_ROW, HISTORY_LEN, RankerBackend
-from sluice.fine.fusion import FusionWeights, fuse
+from sluice.fine.fusion import FusionWeights, fuse, fuse_signals, signal_matrix
+
+if TYPE_CHECKING:
+    from sluice.coarse.engine import FeatureTables
 
 
 class FineEngine:
@@ -28,13 +32,16 @@ class FineEngine:
         backend: RankerBackend,
         fusion: FusionWeights | None = None,
         arm_backends: Mapping[str, RankerBackend] | None = None,
+        tables: FeatureTables | None = None,
     ) -> None:
         """``arm_backends``: the other rankers an experiment arm may ask for, by the
-        "name[:version]" it names (``RankContext.fine.model``)."""
+        "name[:version]" it names (``RankContext.fine.model``). ``tables``: the coarse
+        feature tables the fusion's signals read (needed when ``fusion.signals`` is set)."""
         self.catalog = catalog
         self.backend = backend
         self.fusion = fusion or FusionWeights()
         self.arm_backends = dict(arm_backends or {})
+        self.tables = tables
 
     def backend_for(self, ctx: RankContext) -> RankerBackend:
         """The ranker this request asks for: an arm's model, else the stage's own."""
@@ -83,10 +90,22 @@ class FineEngine:
         if live.any() and not live.all():  # items added live: unknown to the model, neutral
             fine[live] = np.median(fine[~live])
         beta = ctx.fine.fusion_beta  # an experiment arm's, else the build's
-        fused = fuse(fine, cands.scores, self.fusion.beta(ctx.is_search) if beta is None else beta)
+        if beta is None and self.fuses_signals(ctx):
+            assert self.tables is not None
+            signals = signal_matrix(fine, cands.scores, self.tables.features(ctx, cands))
+            fused = fuse_signals(signals, self.fusion.signals)
+        else:
+            if beta is None:
+                beta = self.fusion.beta(ctx.is_search)
+            fused = fuse(fine, cands.scores, beta)
         known = rows >= 0
         ranked = cands.with_scores(np.where(known, fused, np.float32(-1e9)))
         return ranked.top(budget.max_candidates)
+
+    def fuses_signals(self, ctx: RankContext) -> bool:
+        """Whether this request's score fuses several signals (a recommendation, with the
+        build's signal weights and the tables they read) rather than ``beta``."""
+        return bool(self.fusion.signals) and self.tables is not None and not ctx.is_search
 
     def model_scores(
         self, ctx: RankContext, cands: Candidates, timeout_s: float | None = None

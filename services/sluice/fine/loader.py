@@ -48,8 +48,13 @@ def load(settings: FineSettings, closers: list[Callable[[], None]]) -> FineEngin
         if isinstance(b, TritonBackend):
             closers.append(b.close)
             b.wait_ready(settings.triton_wait_s)
-    engine = FineEngine(artifacts.catalog, backend, fusion, arms)
-    follow_updates(settings, artifacts, closers, text_vectors=False)
+    tables = None
+    if fusion.signals:  # the signals read coarse features: their tables, without BM25
+        from sluice.coarse.engine import FeatureTables
+
+        tables = FeatureTables.from_artifacts(artifacts, lexical=False)
+    engine = FineEngine(artifacts.catalog, backend, fusion, arms, tables)
+    follow_updates(settings, artifacts, closers, text_vectors=tables is not None)
     ids = artifacts.catalog.item_ids[:20]
     for _ in range(3):
         engine.rank(
