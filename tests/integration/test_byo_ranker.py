@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sluice.artifacts import MANIFEST, Artifacts
+from sluice.coarse.engine import FeatureTables
 from sluice.convert import candidates_to_proto, context_to_proto
 from sluice.domain import Budget, Candidates, FineOverrides, RankContext
 from sluice.fine import contract
@@ -193,7 +194,8 @@ def test_the_stage_ranks_with_the_brought_model(
         resp = fine_pb2_grpc.FineRankServiceStub(channel).RankCandidates(request, timeout=30)
 
     # what the MLP dictates, computed here in numpy from its weights, fused as the stage does
-    # (equal incoming scores: the order is the MLP's alone)
+    # (by beta: the build's signal weights were fitted beside another model; equal incoming
+    # scores: the order is the MLP's alone)
     default = FineEngine(catalog, TorchBackend(byo_artifacts.ranker_dir))
     history_t, cand_t, _, _ = default.tensors(ctx, cands)
     mlp_scores = mlp.numpy_scores(history_t, cand_t).reshape(-1)[: len(items)]
@@ -235,10 +237,14 @@ def test_an_experiment_arm_ranks_with_its_own_model(
     default, arm = rank(""), rank(contract.BUILD_MODEL)
     assert default.model_version == MLP_VERSION
     assert arm.model_version == byo_artifacts.ranker_version
+    # the arm's model is the one the build's signal weights were fitted beside: they apply
+    fusion = FusionWeights.load(byo_artifacts.root / "fusion.json")
+    assert fusion.signals_model == f"{contract.BUILD_MODEL}:{byo_artifacts.ranker_version}"
     transformer = FineEngine(
         catalog,
         TorchBackend(byo_artifacts.ranker_dir),
-        FusionWeights.load(byo_artifacts.root / "fusion.json"),
+        fusion,
+        tables=FeatureTables.from_artifacts(byo_artifacts, lexical=False),
     ).rank(RankContext(history_item_ids=history), cands, Budget(len(items)))
     assert list(arm.candidates.item_ids)[:10] == transformer.item_ids.tolist()[:10]
     assert list(default.candidates.item_ids) != list(arm.candidates.item_ids)

@@ -38,6 +38,7 @@ TRITON_SPAN = "/inference.GRPCInferenceService/ModelInfer"
 class RankerBackend(Protocol):
     """Scores padded batches; shapes [B, HISTORY_LEN], [B, CANDIDATES_PER_ROW], [B, 384], [B, 1]."""
 
+    model_name: str
     version: str
 
     def score(
@@ -63,6 +64,7 @@ class TorchBackend:
         self._torch = torch
         self._device = torch.device(device)
         self._model = FineRanker.load(directory, map_location=self._device).eval()
+        self.model_name = contract.BUILD_MODEL  # a build's ranker folder holds its own model
         self.version = directory.name
         self._lock = threading.Lock()
 

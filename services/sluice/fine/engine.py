@@ -89,12 +89,12 @@ class FineEngine:
         live = rows >= self.catalog.build_size
         if live.any() and not live.all():  # items added live: unknown to the model, neutral
             fine[live] = np.median(fine[~live])
-        beta = ctx.fine.fusion_beta  # an experiment arm's, else the build's
-        if beta is None and self.fuses_signals(ctx):
+        if self.fuses_signals(ctx):
             assert self.tables is not None
             signals = signal_matrix(fine, cands.scores, self.tables.features(ctx, cands))
             fused = fuse_signals(signals, self.fusion.signals)
         else:
+            beta = ctx.fine.fusion_beta  # an experiment arm's, else the build's
             if beta is None:
                 beta = self.fusion.beta(ctx.is_search)
             fused = fuse(fine, cands.scores, beta)
@@ -103,9 +103,15 @@ class FineEngine:
         return ranked.top(budget.max_candidates)
 
     def fuses_signals(self, ctx: RankContext) -> bool:
-        """Whether this request's score fuses several signals (a recommendation, with the
-        build's signal weights and the tables they read) rather than ``beta``."""
-        return bool(self.fusion.signals) and self.tables is not None and not ctx.is_search
+        """Whether this request's score fuses several signals rather than a ``beta``: a
+        recommendation with no arm's beta, ranked by the model the build's signal weights
+        were fitted beside, with the tables the signals read."""
+        if not self.fusion.signals or self.tables is None or ctx.is_search:
+            return False
+        if ctx.fine.fusion_beta is not None:
+            return False
+        backend = self.backend_for(ctx)
+        return f"{backend.model_name}:{backend.version}" == self.fusion.signals_model
 
     def model_scores(
         self, ctx: RankContext, cands: Candidates, timeout_s: float | None = None

@@ -53,6 +53,9 @@ class FusionWeights:
     search: float = 0.0
     # recommendation by several signals (weights by name, see SIGNALS); empty: by ``recommend``
     signals: dict[str, float] = field(default_factory=dict)
+    # the ranker ("name:version") whose score the signal weights were fitted beside: another
+    # model's score (a brought model, an arm's) is fused by ``recommend``
+    signals_model: str = ""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.signals) - set(SIGNALS))
@@ -66,6 +69,7 @@ class FusionWeights:
         data: dict[str, object] = {"recommend": self.recommend, "search": self.search}
         if self.signals:
             data["recommend_signals"] = self.signals
+            data["recommend_signals_model"] = self.signals_model
         path.write_text(json.dumps(data, indent=1))
 
     @classmethod
@@ -74,7 +78,8 @@ class FusionWeights:
             return cls()
         data = json.loads(path.read_text())
         signals = {str(k): float(v) for k, v in data.get("recommend_signals", {}).items()}
-        return cls(float(data["recommend"]), float(data["search"]), signals)
+        model = str(data.get("recommend_signals_model", ""))
+        return cls(float(data["recommend"]), float(data["search"]), signals, model)
 
 
 def fuse(fine: np.ndarray, coarse: np.ndarray, beta: float) -> np.ndarray:

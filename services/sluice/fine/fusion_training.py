@@ -33,7 +33,8 @@ def fit_fusion(
     per task and, for recommendation, the weights of the signal fusion."""
     recaller = RecallEngine(view.recall)
     coarse = CoarseEngine(view.tables, LinearWeights.load(artifacts.root / "coarse.json"))
-    fine = FineEngine(artifacts.catalog, TorchBackend(artifacts.ranker_dir))
+    backend = TorchBackend(artifacts.ranker_dir)
+    fine = FineEngine(artifacts.catalog, backend)
     signal_samples: list[tuple[np.ndarray, int]] = []
 
     def samples(
@@ -58,4 +59,5 @@ def fit_fusion(
     )
     if len(signal_samples) >= MIN_SIGNAL_SAMPLES:
         weights.signals = fit_signals(signal_samples)
+        weights.signals_model = f"{backend.model_name}:{backend.version}"
     return weights
