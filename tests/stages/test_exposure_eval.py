@@ -85,17 +85,19 @@ def test_arms_replay_reports_a_paired_difference(tiny_artifacts: Artifacts, tmp_
 
 
 def test_a_fusion_arm_replays_the_fine_stage(tiny_artifacts: Artifacts) -> None:
-    """An arm's fusion_beta runs fine ranking again on its recorded input: the build's own
-    beta gives the served pages back, the ranker alone (beta 0) changes some."""
+    """Fine ranking runs again on its recorded input: with the build's own fusion (here its
+    signal weights) it gives the served pages back; an arm's fusion_beta replaces the
+    signals, the build's own beta and the ranker alone (beta 0) both change some pages."""
     split = _split(tiny_artifacts)
     users = np.arange(0, len(split.user_ids), len(split.user_ids) // 40)
     recorded = record_rerank_inputs(split, users)
-    own = recorded.fine_engine.fusion.beta(False)
-    assert own != 0.0  # else the check below could not fail
-    same = replay(split, recorded, RerankOverrides(), fine=FineOverrides(own))
+    fusion = recorded.fine_engine.fusion
+    assert fusion.signals and fusion.beta(False) != 0.0  # else the checks below could not fail
+    same = replay(split, recorded, RerankOverrides(), fine=FineOverrides())
     assert all(np.array_equal(a, b) for a, b in zip(same, recorded.pages, strict=True))
-    alone = replay(split, recorded, RerankOverrides(), fine=FineOverrides(0.0))
-    assert any(not np.array_equal(a, b) for a, b in zip(alone, recorded.pages, strict=True))
+    for beta in (fusion.beta(False), 0.0):
+        arm = replay(split, recorded, RerankOverrides(), fine=FineOverrides(beta))
+        assert any(not np.array_equal(a, b) for a, b in zip(arm, recorded.pages, strict=True))
 
 
 def test_paired_difference() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import bootstrap
 
+from sluice.domain import FineOverrides
 from sluice.experiments import Experiment, read_experiments
 
 RESAMPLES = 2000
@@ -72,7 +73,9 @@ def arms_section(
     out: dict[str, Any] = {"experiment": chosen.name, "users": len(users), "arms": {}}
     per: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for arm in (first, second):
-        pages = replay(split, recorded, arm.settings.overrides(), threads, arm.settings.fine())
+        fine = arm.settings.fine()  # no fine-ranking settings: the recorded output stands
+        changed = fine if fine != FineOverrides() else None
+        pages = replay(split, recorded, arm.settings.overrides(), threads, changed)
         per[arm.name] = per_user(pages, targets)
         out["arms"][arm.name] = {
             "settings": arm.settings.model_dump(exclude_none=True),

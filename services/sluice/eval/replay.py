@@ -91,7 +91,7 @@ def replay(
     fine: FineOverrides | None = None,
 ) -> list[np.ndarray]:
     """Each user's page (catalog rows) re-ranked with ``overrides``, after fine ranking
-    again with ``fine`` when it changes anything."""
+    again with ``fine`` when given (``FineOverrides()``: the build's own fusion)."""
     from sluice.core.stage import run_stage
     from sluice.eval.served import fan_out
 
@@ -100,7 +100,7 @@ def replay(
     def rank(i: int) -> np.ndarray:
         ctx, cands, budget = recorded.inputs[i]
         ctx = dataclasses.replace(ctx, rerank=overrides)
-        if fine is not None and fine != FineOverrides():
+        if fine is not None:
             fine_ctx, fine_cands, fine_budget = recorded.fine_inputs[i]
             ctx = dataclasses.replace(ctx, fine=fine)
             cands = run_stage(
