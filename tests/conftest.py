@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,28 @@ def tiny_build(out: Path, model_repository: Path, **options: Any) -> BuildOption
         **options,
     }
     return BuildOptions(out=out, model_repository=model_repository, **fields)
+
+
+@pytest.fixture(autouse=True)
+def _thread_pools_restored() -> Iterator[None]:
+    """Set the process's thread pools back after each test to what they were before it.
+
+    Code under test sets them for the whole process, as a service does at start
+    (``sluice.bench.compare.local_gateway``: ``torch.set_num_threads`` and
+    ``threadpool_limits(limits=1)``). Left so, every later test ran on one BLAS thread, and
+    results that depend on the BLAS's summation order moved: ``sluice build --refit`` fitted
+    other coarse weights than ``tiny_artifacts``, built on the default pools, after
+    ``test_vectorized``'s pages benchmark. (Pools of libraries first loaded during the test
+    have no "before" and are left as they are.)
+    """
+    from threadpoolctl import ThreadpoolController
+
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    with ThreadpoolController().limit(limits=None):
+        yield
+    if torch is not None:
+        torch.set_num_threads(torch_threads)
 
 
 @pytest.fixture(scope="session")
