@@ -28,7 +28,12 @@ from tqdm.auto import tqdm
 
 from sluice.data.catalog import Catalog
 from sluice.data.interactions import load_catalog, load_interactions
-from sluice.eval.baselines import CoocModel, PopularityModel, neighbour_table_scores
+from sluice.eval.baselines import (
+    COOC_WINDOW,
+    CoocModel,
+    PopularityModel,
+    neighbour_table_scores,
+)
 from sluice.eval.metrics import KS, ScoreFn, evaluate, leave_one_out, mask_history
 from sluice.fine.model import FineRanker, RankerConfig
 from sluice.fine.train import full_scores, make_pseudo_queries, pseudo_query_texts, train_ranker
@@ -270,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(f"popularity ({label} counts)", pop.scores, time.perf_counter() - t0)
     t0 = time.perf_counter()
     cooc = CoocModel.fit(split.train, n)
-    run("co-occurrence (window 10)", cooc.scores, time.perf_counter() - t0)
+    run(f"co-occurrence (window {COOC_WINDOW})", cooc.scores, time.perf_counter() - t0)
 
     text = text_table(split.catalog, args.cache_dir, progress)
     queries = pseudo_query_table(split.catalog, 2, args.seed, args.cache_dir, progress)
