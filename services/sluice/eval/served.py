@@ -652,7 +652,8 @@ def ablations(
     """The cascade in process on a user sample, as deployed and with one stage changed.
 
     Tells which stage's ordering helps or hurts: the rerank's MMR diversity,
-    the fine/coarse fusion (the model's score alone), the fine stage itself.
+    the fine stage's fusion (by β alone, without the signal weights; the model's score
+    alone), the fine stage itself.
     """
     from sluice.fine.fusion import FusionWeights
 
@@ -668,6 +669,10 @@ def ablations(
         "no fine stage (coarse order, then rerank)": local_stages(a)
         | {StageName.FINE_RANK: _Skipped(StageName.FINE_RANK)},
     }
+    if deployed.signals:  # the build's β alone, as recommendation fused before the signals
+        variants["fusion by beta, no signal weights"] = local_stages(
+            a, fusion=FusionWeights(deployed.recommend, deployed.search)
+        )
     out: dict[str, dict[str, float]] = {}
     print(f"\nablations: the cascade in process on {len(users)} sampled test users\n" + header)
     for name, stages in variants.items():
