@@ -30,6 +30,7 @@ __all__ = [
     "RankerContractError",
     "TorchBackend",
     "TritonBackend",
+    "model_id",
 ]
 # the CLIENT span of a Triton inference, named as the gRPC instrumentation names calls
 TRITON_SPAN = "/inference.GRPCInferenceService/ModelInfer"
@@ -49,6 +50,11 @@ class RankerBackend(Protocol):
         has_query: np.ndarray,
         timeout_s: float | None = None,
     ) -> np.ndarray: ...
+
+
+def model_id(backend: RankerBackend) -> str:
+    """``name:version`` of the model a backend scores with (what fusion weights name)."""
+    return f"{backend.model_name}:{backend.version}"
 
 
 class TorchBackend:

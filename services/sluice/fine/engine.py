@@ -16,7 +16,7 @@ from sluice.core.errors import InvalidArgument
 from sluice.data.catalog import Catalog
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.embed.text import TEXT_DIM
-from sluice.fine.backend import CANDIDATES_PER_ROW, HISTORY_LEN, RankerBackend
+from sluice.fine.backend import CANDIDATES_PER_ROW, HISTORY_LEN, RankerBackend, model_id
 from sluice.fine.fusion import FusionWeights, fuse, fuse_signals, signal_matrix
 
 if TYPE_CHECKING:
@@ -110,8 +110,7 @@ class FineEngine:
             return False
         if ctx.fine.fusion_beta is not None:
             return False
-        backend = self.backend_for(ctx)
-        return f"{backend.model_name}:{backend.version}" == self.fusion.signals_model
+        return model_id(self.backend_for(ctx)) == self.fusion.signals_model
 
     def model_scores(
         self, ctx: RankContext, cands: Candidates, timeout_s: float | None = None

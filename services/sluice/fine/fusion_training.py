@@ -11,7 +11,7 @@ from sluice.artifacts import Artifacts
 from sluice.coarse.engine import CoarseEngine, LinearWeights
 from sluice.coarse.training import FittingView
 from sluice.domain import Budget, RankContext
-from sluice.fine.backend import TorchBackend
+from sluice.fine.backend import TorchBackend, model_id
 from sluice.fine.engine import FineEngine
 from sluice.fine.fusion import FusionWeights, fit_beta, fit_signals, signal_matrix
 from sluice.recall.engine import RecallEngine
@@ -59,5 +59,5 @@ def fit_fusion(
     )
     if len(signal_samples) >= MIN_SIGNAL_SAMPLES:
         weights.signals = fit_signals(signal_samples)
-        weights.signals_model = f"{backend.model_name}:{backend.version}"
+        weights.signals_model = model_id(backend)
     return weights
