@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import random
 import socket
@@ -89,6 +90,25 @@ def test_apply_is_idempotent_by_event_id(make_store: MakeStore) -> None:
     assert digests == [ev("a", "u", 1).digest, None, ev("c", "u", 3).digest]
     assert digests[0] != ev("a", "u", 3).digest
     assert s.digests([]) == []
+
+
+def test_in_memory_seen_ids_expire_after_the_ttl() -> None:
+    s = InMemoryStateStore(ATTRS, config=StateConfig(dedupe_ttl_s=0))  # expired at once
+    assert s.apply([ev("a", "u", 1), ev("b", "u", 2)]) == [True, True]
+    assert s.seen_many(["a", "b"]) == [False, False] and s.digests(["a"]) == [None]
+    assert s.apply([ev("a", "u", 1)]) == [True]  # forgotten: applied again
+    assert s.history("u") == [1, 2, 1]
+
+
+def test_the_in_memory_dedupe_tables_stay_out_of_the_cyclic_collector() -> None:
+    """Every young-generation pass of the collector walks a tracked container in full: the
+    ids kept for a day must live in tables the collector never tracks."""
+    s = InMemoryStateStore(ATTRS)
+    n = 3000
+    assert all(s.apply([ev(f"e{i}", f"u{i % 7}", i % 6 + 1) for i in range(n)]))
+    big = [v for v in vars(s).values() if isinstance(v, dict) and len(v) >= n]
+    assert big and not any(gc.is_tracked(table) for table in big)
+    assert s.seen_many(["e0", f"e{n - 1}", "zz"]) == [True, True, False]
 
 
 def test_history_is_most_recent_last_and_capped(make_store: MakeStore) -> None:

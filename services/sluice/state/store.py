@@ -279,8 +279,13 @@ class InMemoryStateStore:
         self.config = config or StateConfig()
         self._attributes_many = attributes_many(attributes)
         self._lock = threading.RLock()
-        # event id -> (expiry (monotonic), payload digest), in expiry order
-        self._seen: dict[str, tuple[float, str]] = {}
+        # event id -> expiry (monotonic), in expiry order, and event id -> payload digest.
+        # Two tables of plain floats and strings, not one of tuples: a dict that holds only
+        # those is never tracked by the cyclic collector, while one that takes a fresh tuple
+        # is tracked again at each insert, so every young-generation pass walked all of it
+        # (an ack p99 that grew with the ids kept; docs/realtime.md)
+        self._seen_until: dict[str, float] = {}
+        self._seen_digest: dict[str, str] = {}
         self._users: dict[str, _User] = {}
         self._erased: set[str] = set()
         self._short = _Decayed(self.config.popularity_short_half_life_ms, 1)
@@ -293,8 +298,8 @@ class InMemoryStateStore:
         )
 
     def _is_seen(self, event_id: str, now: float) -> bool:
-        entry = self._seen.get(event_id)
-        return entry is not None and entry[0] > now
+        until = self._seen_until.get(event_id)
+        return until is not None and until > now
 
     def forget_user(self, user_id: str) -> None:
         with self._lock:
@@ -318,7 +323,7 @@ class InMemoryStateStore:
     def digests(self, event_ids: Sequence[str]) -> list[str | None]:
         now = time.monotonic()
         with self._lock:
-            return [self._seen[e][1] if self._is_seen(e, now) else None for e in event_ids]
+            return [self._seen_digest[e] if self._is_seen(e, now) else None for e in event_ids]
 
     def seen(self, event_id: str) -> bool:
         with self._lock:
@@ -337,17 +342,18 @@ class InMemoryStateStore:
         expiry = now + self.config.dedupe_ttl_s
         out: list[bool] = []
         with self._lock:
-            seen = self._seen
+            seen, digests = self._seen_until, self._seen_digest
             while seen:  # drop expired ids; insertion order is expiry order
                 first = next(iter(seen))
-                if seen[first][0] > now:
+                if seen[first] > now:
                     break
-                del seen[first]
+                del seen[first], digests[first]
             for event, attrs in zip(events, attributes, strict=True):
                 if event.event_id in seen:  # everything left is unexpired
                     out.append(False)
                     continue
-                seen[event.event_id] = (expiry, event.digest)
+                seen[event.event_id] = expiry
+                digests[event.event_id] = event.digest
                 out.append(True)
                 self._apply_one(event, attrs)
         return out
