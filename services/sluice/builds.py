@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from sluice.artifacts import MANIFEST
+from sluice.core import heap
 from sluice.core.errors import InvalidArgument, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ class LoadedBuilds(Generic[T]):
             _close(closers)
             raise
         self.add(build_id, value, closers)
+        heap.refreeze()
         return build_id
 
     def add(self, build_id: str, value: T | None, closers: Closers | None = None) -> None:
@@ -236,6 +238,8 @@ class LoadedBuilds(Generic[T]):
         if loaded is not None:
             self.on_change(build_id, False)
             _close(loaded.closers)
+            del loaded
+            heap.refreeze()  # the retired build's objects were frozen with the rest
             log.info("build retired", extra={"build_id": build_id})
 
     def close(self) -> None:

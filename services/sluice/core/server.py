@@ -25,8 +25,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
 
+from sluice.core import heap, tracing
 from sluice.core import logging as slog
-from sluice.core import tracing
 from sluice.core.admission import AdaptiveLimit, Admission, AdmissionConfig
 from sluice.core.auth import Guard, RateLimits
 from sluice.core.errors import (
@@ -452,8 +452,10 @@ def start(spec: ServiceSpec, options: ServerOptions) -> RunningService:
 
 
 def serve_forever(spec: ServiceSpec, options: ServerOptions) -> None:
-    """Run a service until SIGTERM or SIGINT, then drain gracefully."""
+    """Run a service until SIGTERM or SIGINT, then drain gracefully. This is a service
+    process's entry point: once warm, its heap is frozen (:mod:`sluice.core.heap`)."""
     running = start(spec, options)
+    heap.freeze()
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
