@@ -22,6 +22,7 @@ With ``--state redis`` and no ``--redis-url`` a private redis-server is started.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import multiprocessing
@@ -87,6 +88,7 @@ class IngestResult:
     batch: int
     seconds: float
     events: int
+    rate: float | None  # offered events/s (open loop); None: closed loop
     calls: int
     overloaded: int
     p50_ms: float
@@ -102,16 +104,36 @@ class IngestResult:
 
 
 def _ingest_client(
-    address: str, run: str, client: int, items: list[int], batch: int, seconds: float
+    address: str,
+    run: str,
+    client: int,
+    items: list[int],
+    batch: int,
+    seconds: float,
+    interval_s: float | None = None,
 ) -> tuple[int, int, list[float]]:
-    """One client process: Track batches until ``seconds`` pass; (accepted, overloaded, lat)."""
+    """One client process: Track batches until ``seconds`` pass; (accepted, overloaded, lat).
+
+    ``interval_s`` None: closed loop, each call as soon as the last one answered. Otherwise
+    open loop: call ``k`` is due at ``start + k * interval_s`` and its latency counts from
+    that due time, so a call that starts late because the previous one was slow carries its
+    wait (no coordinated omission)."""
     channel, stub = _stub(address)
+    grpc.channel_ready_future(channel).result(timeout=30)  # connected before the clock runs
+    # this client's imports out of its own collector's passes, as a service's are
+    # (sluice.core.heap): their pauses are the client's, not the gateway's
+    gc.freeze()
     rng = np.random.default_rng(client)
-    accepted = overloaded = n = 0
+    accepted = overloaded = n = calls = 0
     latencies: list[float] = []
-    stop = time.monotonic() + seconds
+    start = time.perf_counter()
+    stop = start + seconds
     try:
-        while time.monotonic() < stop:
+        while (now := time.perf_counter()) < stop:
+            due = now if interval_s is None else start + calls * interval_s
+            if due >= stop:
+                break
+            calls += 1
             picks = rng.integers(len(items), size=batch)
             req = storefront_pb2.TrackRequest(
                 events=[
@@ -120,8 +142,10 @@ def _ingest_client(
                 ]
             )
             n += batch
+            if due > time.perf_counter():
+                time.sleep(due - time.perf_counter())  # pacing to the schedule
             while True:
-                started = time.perf_counter()
+                started = time.perf_counter() if interval_s is None else due
                 try:
                     resp = stub.Track(req, timeout=10)
                 except grpc.RpcError as err:
@@ -139,8 +163,16 @@ def _ingest_client(
 
 
 def measure_ingest(
-    address: str, items: list[int], clients: int, batch: int, seconds: float
+    address: str,
+    items: list[int],
+    clients: int,
+    batch: int,
+    seconds: float,
+    rate: float | None = None,
 ) -> IngestResult:
+    """Track load from ``clients`` processes: closed loop, or open loop at ``rate`` events/s
+    in all (each client calls every ``clients * batch / rate`` seconds)."""
+    interval = None if rate is None else clients * batch / rate
     run = uuid.uuid4().hex[:8]
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(clients, mp_context=ctx) as pool:
@@ -148,7 +180,7 @@ def measure_ingest(
         list(pool.map(_noop, range(clients)))
         started = time.perf_counter()
         futures = [
-            pool.submit(_ingest_client, address, run, c, items, batch, seconds)
+            pool.submit(_ingest_client, address, run, c, items, batch, seconds, interval)
             for c in range(clients)
         ]
         results = [f.result() for f in futures]
@@ -160,6 +192,7 @@ def measure_ingest(
         batch,
         elapsed,
         sum(a for a, _, _ in results),
+        rate,
         len(latencies),
         sum(o for _, o, _ in results),
         p50,
@@ -460,9 +493,23 @@ def run(args: argparse.Namespace) -> Report:
         try:
             _say(f"cluster up in {startup_s:.0f} s ({args.state}); ingesting …")
             metrics_port = cluster.metrics_port_of("gateway")
+            if args.warmup > 0:  # the same load, not counted: first calls open the log
+                measure_ingest(
+                    cluster.gateway_address,
+                    in_stock,
+                    args.clients,
+                    args.batch,
+                    args.warmup,
+                    args.rate,
+                )
             before = track_ack_buckets(metrics_port)
             ingest = measure_ingest(
-                cluster.gateway_address, in_stock, args.clients, args.batch, args.seconds
+                cluster.gateway_address,
+                in_stock,
+                args.clients,
+                args.batch,
+                args.seconds,
+                args.rate,
             )
             server_p50, server_p99 = server_quantiles(before, track_ack_buckets(metrics_port))
             ingest = replace(ingest, server_p50_ms=server_p50, server_p99_ms=server_p99)
@@ -487,7 +534,8 @@ def render(r: Report) -> str:
         ("store", r.state),
         ("catalog items", f"{r.items}"),
         (
-            f"ingest (batches of {i.batch}, {i.clients} client processes, {i.seconds:.0f} s)",
+            f"ingest (batches of {i.batch}, {i.clients} client processes, {i.seconds:.0f} s, "
+            + ("closed loop)" if i.rate is None else f"offered {i.rate:,.0f} events/s)"),
             f"{i.events_per_s:,.0f} events/s",
         ),
         ("Track ack latency p50 / p99 (clients)", f"{i.p50_ms:.1f} / {i.p99_ms:.1f} ms"),
@@ -528,6 +576,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="ingest client processes")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=10.0, help="ingest duration")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of the same ingest load before the measured one (not counted)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help="offered events/s, open loop (latency from each call's due time); "
+        "default: closed loop, as fast as the gateway answers",
+    )
     parser.add_argument("--trials", type=int, default=200, help="ack -> visible trials")
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--json", help="also write the figures to this file")
