@@ -16,6 +16,7 @@ from sluice.data.products import (
     product_id_of,
     product_number,
 )
+from sluice.eval.recall_ceiling import kept
 from sluice.eval.search import QuerySample, cross_validate, fit_pairwise, ndcg_at_k
 from sluice.eval.served import biggest_loss, hit_rate
 
@@ -77,3 +78,14 @@ def test_stage_recall_helpers() -> None:
     )
     assert worst.startswith("fine")
     assert losses["recall (catalog → 1000)"] == pytest.approx(0.2)
+
+
+def test_recall_ceiling_counts_the_top_k_without_the_history_and_ties_in_expectation() -> None:
+    scores = np.array([9.0, 5.0, 5.0, 5.0, 1.0, 8.0])
+    history = np.array([0])  # the best item is already bought: not a slot
+    assert kept(scores, history, target=5, k=1) == 1.0
+    assert kept(scores, history, target=4, k=5) == 1.0
+    assert kept(scores, history, target=4, k=4) == 0.0
+    assert kept(scores, history, target=2, k=2) == pytest.approx(1 / 3)  # 1 slot, 3 tied
+    assert kept(scores, history, target=2, k=4) == 1.0
+    assert kept(scores, history, target=0, k=6) == 0.0  # a history item is never kept
