@@ -138,7 +138,9 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 server = grpc.server(futures.ThreadPoolExecutor(4))
-health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+health_pb2_grpc.add_HealthServicer_to_server(
+    health.HealthServicer(experimental_non_blocking=True), server
+)
 print(server.add_insecure_port("127.0.0.1:0"), flush=True)
 server.start()
 sys.stdin.read()
@@ -149,6 +151,8 @@ def rtt(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from sluice.gateway.stages import SpinKeeper
+
     proc = subprocess.Popen(
         [sys.executable, "-c", _HEALTH_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
@@ -158,16 +162,21 @@ def rtt(args: argparse.Namespace) -> dict[str, Any]:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             check = health_pb2_grpc.HealthStub(channel).Check
             request = health_pb2.HealthCheckRequest()
-            variants: dict[str, Callable[[], Any]] = {
-                "blocking": lambda: check(request, timeout=5),
-                "future": lambda: check.future(request, timeout=5).result(),
+            future = lambda: check.future(request, timeout=5).result()  # noqa: E731
+            # name -> (call, whether a watch keeps the channel's spin thread alive meanwhile,
+            # as GrpcStage's keeper does)
+            variants: dict[str, tuple[Callable[[], Any], bool]] = {
+                "blocking": (lambda: check(request, timeout=5), False),
+                "future": (future, False),
+                "future_kept": (future, True),
             }
-            for call in variants.values():
+            for call, _ in variants.values():
                 for _ in range(200):
                     call()
             out: dict[str, Any] = {}
-            for _ in range(args.rounds):  # alternating, so that the host's load hits both
-                for name, call in variants.items():
+            for _ in range(args.rounds):  # alternating, so that the host's load hits all
+                for name, (call, kept) in variants.items():
+                    keeper = SpinKeeper(channel, "") if kept else None
                     c0, t0 = time.process_time(), time.perf_counter()
                     for _ in range(args.calls):
                         call()
@@ -177,6 +186,8 @@ def rtt(args: argparse.Namespace) -> dict[str, Any]:
                     out.setdefault(f"{name}_wall_us", []).append(
                         1e6 * (time.perf_counter() - t0) / args.calls
                     )
+                    if keeper is not None:
+                        keeper.close()
     finally:
         proc.kill()
     medians = {k: float(np.median(v)) for k, v in out.items()}
