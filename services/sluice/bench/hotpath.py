@@ -12,10 +12,12 @@
 ``python -m sluice.bench.hotpath encoder ARTIFACTS --queries 600``
     The fp32 and int8 query encoders side by side on the same queries: CPU per query and
     the cosine between their vectors.
-``python -m sluice.bench.hotpath rtt``
+``python -m sluice.bench.hotpath rtt [--server sync|aio]``
     Client CPU and wall time of a gRPC round trip to a health service in another process,
-    made blocking and made with ``.future()`` (what the gateway's stage calls use, so that a
-    cancelled request cancels the call in flight).
+    made blocking, with ``.future()`` (what the gateway's stage calls use, so that a
+    cancelled request cancels the call in flight), with ``.future()`` while a watch keeps
+    the channel's thread alive (``gateway.stages.SpinKeeper``), and from a ``grpc.aio``
+    client; the server is the sync bootstrap's kind or ``grpc.aio``.
 """
 
 from __future__ import annotations
@@ -146,53 +148,96 @@ server.start()
 sys.stdin.read()
 """
 
+_AIO_HEALTH_SERVER = """
+import asyncio
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio
+async def main():
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(aio.HealthServicer(), server)
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    await server.start()
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
 
 def rtt(args: argparse.Namespace) -> dict[str, Any]:
+    import asyncio
+
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from sluice.bench.load import proc_usage
     from sluice.gateway.stages import SpinKeeper
 
+    server = _AIO_HEALTH_SERVER if args.server == "aio" else _HEALTH_SERVER
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HEALTH_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [sys.executable, "-c", server], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
+    loop = asyncio.new_event_loop()
     try:
         assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        target = f"127.0.0.1:{int(proc.stdout.readline())}"
+        request = health_pb2.HealthCheckRequest()
+
+        async def open_aio() -> Any:
+            return grpc.aio.insecure_channel(target)
+
+        aio_channel = loop.run_until_complete(open_aio())
+        aio_check = health_pb2_grpc.HealthStub(aio_channel).Check
+
+        async def aio_calls(n: int) -> None:
+            for _ in range(n):
+                await aio_check(request, timeout=5)
+
+        with grpc.insecure_channel(target) as channel:
             check = health_pb2_grpc.HealthStub(channel).Check
-            request = health_pb2.HealthCheckRequest()
-            future = lambda: check.future(request, timeout=5).result()  # noqa: E731
-            # name -> (call, whether a watch keeps the channel's spin thread alive meanwhile,
-            # as GrpcStage's keeper does)
-            variants: dict[str, tuple[Callable[[], Any], bool]] = {
-                "blocking": (lambda: check(request, timeout=5), False),
+
+            def repeat(call: Callable[[], Any]) -> Callable[[int], None]:
+                def calls(n: int) -> None:
+                    for _ in range(n):
+                        call()
+
+                return calls
+
+            future = repeat(lambda: check.future(request, timeout=5).result())
+            # name -> (n calls, whether a watch keeps the channel's spin thread alive
+            # meanwhile, as GrpcStage's keeper does)
+            variants: dict[str, tuple[Callable[[int], None], bool]] = {
+                "blocking": (repeat(lambda: check(request, timeout=5)), False),
                 "future": (future, False),
                 "future_kept": (future, True),
+                "aio_client": (lambda n: loop.run_until_complete(aio_calls(n)), False),
             }
-            for call, _ in variants.values():
-                for _ in range(200):
-                    call()
+            for calls, _ in variants.values():
+                calls(200)
             out: dict[str, Any] = {}
             for _ in range(args.rounds):  # alternating, so that the host's load hits all
-                for name, (call, kept) in variants.items():
+                for name, (calls, kept) in variants.items():
                     keeper = SpinKeeper(channel, "") if kept else None
+                    s0 = proc_usage([proc.pid])[0]
                     c0, t0 = time.process_time(), time.perf_counter()
-                    for _ in range(args.calls):
-                        call()
+                    calls(args.calls)
                     out.setdefault(f"{name}_cpu_us", []).append(
                         1e6 * (time.process_time() - c0) / args.calls
+                    )
+                    out.setdefault(f"{name}_server_cpu_us", []).append(
+                        1e6 * (proc_usage([proc.pid])[0] - s0) / args.calls
                     )
                     out.setdefault(f"{name}_wall_us", []).append(
                         1e6 * (time.perf_counter() - t0) / args.calls
                     )
                     if keeper is not None:
                         keeper.close()
+        loop.run_until_complete(aio_channel.close())
     finally:
+        loop.close()
         proc.kill()
     medians = {k: float(np.median(v)) for k, v in out.items()}
     print(
-        "client per round trip (median of rounds): "
+        f"per round trip to the {args.server} server (median of rounds; cpu: the client's): "
         + ", ".join(f"{k} {v:.0f}" for k, v in medians.items())
     )
     return medians
@@ -213,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("artifacts", type=Path)
     p.add_argument("--queries", type=int, default=600)
     p = sub.add_parser("rtt", help="blocking against future gRPC round trips")
+    p.add_argument(
+        "--server", choices=("sync", "aio"), default="sync", help="the health server's kind"
+    )
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
     for p in sub.choices.values():
