@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sluice.data.products import (
+    LabelledQueries,
     is_search_only,
     load_products,
     load_queries,
@@ -17,7 +18,13 @@ from sluice.data.products import (
     product_number,
 )
 from sluice.eval.recall_ceiling import kept
-from sluice.eval.search import QuerySample, cross_validate, fit_pairwise, ndcg_at_k
+from sluice.eval.search import (
+    QuerySample,
+    against_baseline,
+    cross_validate,
+    fit_pairwise,
+    ndcg_at_k,
+)
 from sluice.eval.served import biggest_loss, hit_rate
 
 
@@ -89,3 +96,18 @@ def test_recall_ceiling_counts_the_top_k_without_the_history_and_ties_in_expecta
     assert kept(scores, history, target=2, k=2) == pytest.approx(1 / 3)  # 1 slot, 3 tied
     assert kept(scores, history, target=2, k=4) == 1.0
     assert kept(scores, history, target=0, k=6) == 0.0  # a history item is never kept
+
+
+def test_a_search_run_against_a_baseline_is_compared_query_by_query(tmp_path: Path) -> None:
+    queries = LabelledQueries(
+        [f"q{i}" for i in range(6)], [f"text {i}" for i in range(6)], [{1: 3, 2: 1}] * 6
+    )
+    worse = [[9, 8, 1]] * 6  # the relevant item third
+    baseline = tmp_path / "search-report.json"
+    baseline.write_text(json.dumps({"served_out_of_fold": {"rankings": worse}}))
+    same = against_baseline(worse, baseline, queries)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    better = against_baseline([[1, 2, 9]] * 5 + worse[:1], baseline, queries)
+    assert 0 < better["low"] <= better["difference"] <= better["high"]
+    with pytest.raises(ValueError, match="ranks 6 queries"):
+        against_baseline(worse[:5], baseline, queries)

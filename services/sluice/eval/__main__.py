@@ -104,6 +104,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--threads", type=int, default=4, help="client threads for the served run")
     s.add_argument("--out", type=Path, help="evaluation folder (default var/eval/<dataset>)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument(
+        "--baseline",
+        type=Path,
+        help="another run's search-report.json: compare the served out-of-fold NDCG@10 "
+        "query by query (paired bootstrap)",
+    )
     from sluice.embed.batch import BUILD_ENCODERS, DEFAULT_ENCODER
 
     s.add_argument(
@@ -190,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
                 root=args.out,
                 build_kwargs={"encoder": args.encoder},
+                baseline=args.baseline,
             )
         )
     return 0

@@ -483,6 +483,26 @@ class SearchOptions:
     progress: bool = True
     root: Path | None = None
     build_kwargs: dict[str, Any] = field(default_factory=dict)
+    baseline: Path | None = None
+    """Another run's search-report.json: its served out-of-fold rankings are compared with
+    this run's, query by query (a paired bootstrap over the queries)."""
+
+
+def against_baseline(
+    rankings: Sequence[Sequence[int]], baseline: Path, queries: LabelledQueries
+) -> dict[str, float]:
+    """This run's per-query NDCG@10 minus the baseline report's, with its 95% paired-bootstrap
+    interval over the queries (:func:`sluice.eval.arms.paired_difference`)."""
+    from sluice.eval.arms import paired_difference
+
+    before = json.loads(baseline.read_text())["served_out_of_fold"]["rankings"]
+    if len(before) != len(rankings):
+        raise ValueError(f"{baseline} ranks {len(before)} queries, this run {len(rankings)}")
+
+    def per_query(lists: Sequence[Sequence[int]]) -> np.ndarray:
+        return np.array([ndcg_at_k(r, j) for r, j in zip(lists, queries.judgments, strict=True)])
+
+    return paired_difference(per_query(before), per_query(rankings))
 
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
@@ -583,7 +603,12 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             artifacts.root, queries, base / "logs", opts.threads
         )
         served = mean_ndcg(rankings, queries)
-        report["served"] = {"ndcg10": served, "degraded": degraded, "seconds": seconds}
+        report["served"] = {
+            "ndcg10": served,
+            "degraded": degraded,
+            "seconds": seconds,
+            "rankings": rankings,  # per query: for paired comparisons between runs
+        }
         add(
             "Sluice served Search (gateway over gRPC, page 10)",
             served,
@@ -599,7 +624,19 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             "degraded": degraded,
             "seconds": seconds,
             "folds": opts.folds,
+            "rankings": rankings,
         }
+        if opts.baseline is not None:
+            diff = against_baseline(rankings, opts.baseline, queries)
+            report["served_out_of_fold"]["against_baseline"] = {
+                "baseline": str(opts.baseline),
+                **diff,
+            }
+            print(
+                f"served out of fold against {opts.baseline}: {diff['difference']:+.4f} NDCG@10 "
+                f"(95% paired-bootstrap interval {diff['low']:+.4f} to {diff['high']:+.4f})",
+                flush=True,
+            )
         add(
             f"Sluice served Search, out of fold ({opts.folds} folds)",
             served,
