@@ -408,9 +408,11 @@ class GatewaySettings(ServiceSettings):
         "1: no retries",
     )
     query_encoder: Literal["fp32", "int8"] = Field(
-        "fp32",
+        "int8",
         description="precision of the MiniLM query encoder: int8 (the build's quantized "
-        "export) costs about half the CPU per query; item vectors stay fp32 either way",
+        "export; a build without one falls back to fp32) costs about half the CPU per "
+        "uncached query, and served CrowdFlower search quality is the same within its "
+        "interval (docs/benchmarks.md); item vectors stay fp32 either way",
     )
     deadline_ms: int = Field(250, ge=1, description="used when the caller sets no deadline")
     min_deadline_ms: int = Field(5, ge=1, description="below this nothing is attempted")
