@@ -16,6 +16,7 @@ import pytest
 from sluice.artifacts import Artifacts
 from sluice.client import StorefrontClient
 from sluice.common.v1 import common_pb2
+from sluice.config import GatewaySettings
 from sluice.domain import StageName
 from sluice.embed.onnx import query_encoder
 from sluice.eval.served import in_process_gateway, local_stages
@@ -138,7 +139,11 @@ def test_local_stages_answer_as_the_stage_logic_does(
     the same wiring; the ranker on Triton instead of in process)."""
     client = StorefrontClient(colocated.gateway_address)
     a = tiny_artifacts
-    reference = in_process_gateway(a, local_stages(a), QueryEncoder(query_encoder(a.root).encode))
+    # queries encoded at the gateway's precision (the same settings, read from this
+    # environment as the cluster's gateway reads it)
+    precision = GatewaySettings().query_encoder
+    encoder = query_encoder(a.root, precision=precision)
+    reference = in_process_gateway(a, local_stages(a), QueryEncoder(encoder.encode))
     users, histories = a.users()
     active = [u for u, h in zip(users, histories, strict=True) if len(h) >= 3][:6]
     for user in active:

@@ -485,6 +485,7 @@ def local_gateway(artifacts: Path, torch_threads: int = 1) -> Any:
     from threadpoolctl import threadpool_limits
 
     from sluice.artifacts import Artifacts
+    from sluice.config import GatewaySettings
     from sluice.embed.onnx import query_encoder
     from sluice.eval.served import in_process_gateway, local_stages
     from sluice.gateway.pipeline import QueryEncoder
@@ -492,7 +493,9 @@ def local_gateway(artifacts: Path, torch_threads: int = 1) -> Any:
     torch.set_num_threads(torch_threads)
     threadpool_limits(limits=1)  # as the services run (ServiceSettings.blas_threads)
     a = Artifacts(artifacts)
-    encoder = query_encoder(artifacts, threads=torch_threads)
+    # queries at the precision the gateway service encodes them (SLUICE_GATEWAY_QUERY_ENCODER)
+    precision = GatewaySettings().query_encoder
+    encoder = query_encoder(artifacts, threads=torch_threads, precision=precision)
     gw = in_process_gateway(
         a, local_stages(a, torch_threads=torch_threads), QueryEncoder(encoder.encode)
     )
