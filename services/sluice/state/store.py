@@ -27,6 +27,7 @@ import json
 import math
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, runtime_checkable
@@ -259,7 +260,9 @@ class _User:
     __slots__ = ("affinity", "history", "last", "suppressed")
 
     def __init__(self, half_life: float) -> None:
-        self.history: list[int] = []
+        # item ids in an array, not a list: the cyclic collector never walks it (a list of
+        # 200 ids per user made each full pass walk every id of every user)
+        self.history = array("q")
         self.affinity = _Decayed(half_life, 2)  # categories, brands
         self.suppressed: set[int] = set()
         self.last = 0
@@ -395,7 +398,7 @@ class InMemoryStateStore:
             user = self._users.get(user_id)
             if user is None:
                 return []
-            return user.history[-limit:] if limit else list(user.history)
+            return (user.history[-limit:] if limit else user.history).tolist()
 
     def _affinities(self, user_id: str, table: int, k: int) -> list[tuple[str, float]]:
         user = self._users.get(user_id)
