@@ -111,3 +111,9 @@ def test_a_search_run_against_a_baseline_is_compared_query_by_query(tmp_path: Pa
     assert 0 < better["low"] <= better["difference"] <= better["high"]
     with pytest.raises(ValueError, match="ranks 6 queries"):
         against_baseline(worse[:5], baseline, queries)
+    for text in ("{}", "not json", '{"served_out_of_fold": {"ndcg10": 0.8}}'):
+        baseline.write_text(text)  # a run without the served out-of-fold step, or garbage
+        with pytest.raises(ValueError, match="holds no served out-of-fold rankings"):
+            against_baseline(worse, baseline, queries)
+    with pytest.raises(ValueError, match="holds no served out-of-fold rankings"):
+        against_baseline(worse, tmp_path / "missing.json", queries)

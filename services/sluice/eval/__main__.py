@@ -142,6 +142,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--out", type=Path, help="the report (default: beside the artifacts)")
 
     args = parser.parse_args(argv)
+    if args.task == "search" and args.baseline is not None:
+        from sluice.eval.search import baseline_rankings
+
+        if args.skip_served or args.skip_out_of_fold:
+            parser.error("--baseline compares the served out-of-fold run: do not skip it")
+        try:
+            baseline_rankings(args.baseline)
+        except ValueError as err:
+            parser.error(str(err))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     if args.task == "recommend":

@@ -488,6 +488,20 @@ class SearchOptions:
     this run's, query by query (a paired bootstrap over the queries)."""
 
 
+def baseline_rankings(baseline: Path) -> list[list[int]]:
+    """The served out-of-fold rankings of another run's search-report.json; ValueError when
+    the file cannot give them (checked before a run starts, not after it)."""
+    try:
+        report = json.loads(baseline.read_text())
+        rankings: list[list[int]] = report["served_out_of_fold"]["rankings"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{baseline} holds no served out-of-fold rankings (a search-report.json of a run "
+            f"with the served out-of-fold step): {err!r}"
+        ) from err
+    return rankings
+
+
 def against_baseline(
     rankings: Sequence[Sequence[int]], baseline: Path, queries: LabelledQueries
 ) -> dict[str, float]:
@@ -495,7 +509,7 @@ def against_baseline(
     interval over the queries (:func:`sluice.eval.arms.paired_difference`)."""
     from sluice.eval.arms import paired_difference
 
-    before = json.loads(baseline.read_text())["served_out_of_fold"]["rankings"]
+    before = baseline_rankings(baseline)
     if len(before) != len(rankings):
         raise ValueError(f"{baseline} ranks {len(before)} queries, this run {len(rankings)}")
 
