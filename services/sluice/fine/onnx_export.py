@@ -63,11 +63,19 @@ class ServedRanker(nn.Module):
         m = self.ranker
         searching = has_query.reshape(-1)
         user = m.encode(history, query_emb, searching, item_table=self.table)
-        scores = torch.einsum("bd,bcd->bc", user, F.embedding(candidates, self.table))
-        # score() adds the query-title term only when some row searches; here it is always
-        # computed and masked per row, which adds exactly 0 to a row without a query
-        match = m.query_match(query_emb, candidates)
-        return scores + match * searching.unsqueeze(1).to(scores.dtype)
+        # [B, C, D] x [B, D, 1]: a batched MatMul (onnxruntime's Einsum took 4x as long)
+        items = F.embedding(candidates, self.table)
+        scores = torch.matmul(items, user.unsqueeze(-1)).squeeze(-1)
+        if m.query_scale is None:
+            return scores
+        # score() adds the query-title term (FineRanker.query_match) to the rows with a
+        # query. Only those rows gather their candidates' 384-d title vectors: that gather
+        # was a quarter of a batch's time when every row paid for it (docs/benchmarks.md)
+        rows = torch.nonzero(searching).reshape(-1)
+        titles = F.embedding(candidates.index_select(0, rows), m.text_emb)
+        query = query_emb.index_select(0, rows).to(titles.dtype).unsqueeze(-1)
+        match = m.query_scale * torch.matmul(titles, query).squeeze(-1)
+        return scores.index_add(0, rows, match)
 
 
 def example_inputs(ranker: FineRanker, batch: int = 2, seed: int = 0) -> tuple[Tensor, ...]:
