@@ -32,7 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,31 @@ def flops_per_request(model: Any, search: bool) -> tuple[int, dict[str, int]]:
     return int(counter.get_total_flops()), by_op
 
 
+def _time_calls(call: Callable[[], object], batch: int, seconds: float) -> dict[str, float]:
+    """Calls ``call`` (one batch of ``batch`` requests) for ``seconds`` after 3 warm-ups:
+    median and best wall time per call (best-of is comparable with the best-of matmul
+    peak), CPU time per call, and the requests per second each implies."""
+    for _ in range(3):
+        call()
+    times: list[float] = []
+    c0 = time.process_time()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - c0) / len(times)
+    med, best = float(np.median(times)), float(min(times))
+    return {
+        "batch": batch,
+        "ms_per_call": round(med * 1000, 3),
+        "best_ms_per_call": round(best * 1000, 3),
+        "cpu_ms_per_call": round(cpu * 1000, 3),
+        "requests_per_s": round(batch / med, 1),
+        "best_requests_per_s": round(batch / best, 1),
+    }
+
+
 def model_throughput(
     model: Any, threads: int, batches: Sequence[int], seconds: float = 2.0, search: bool = False
 ) -> list[dict[str, float]]:
@@ -166,27 +192,7 @@ def model_throughput(
     for b in batches:
         inputs = served_inputs(b, search, model.num_items)
         with torch.inference_mode():
-            for _ in range(3):
-                model.score(*inputs)
-            times: list[float] = []
-            c0 = time.process_time()
-            end = time.perf_counter() + seconds
-            while time.perf_counter() < end or len(times) < 5:
-                t0 = time.perf_counter()
-                model.score(*inputs)
-                times.append(time.perf_counter() - t0)
-            cpu = (time.process_time() - c0) / len(times)
-        med, best = float(np.median(times)), float(min(times))
-        out.append(
-            {
-                "batch": b,
-                "ms_per_call": round(med * 1000, 3),
-                "best_ms_per_call": round(best * 1000, 3),
-                "cpu_ms_per_call": round(cpu * 1000, 3),
-                "requests_per_s": round(b / med, 1),
-                "best_requests_per_s": round(b / best, 1),
-            }
-        )
+            out.append(_time_calls(partial(model.score, *inputs), b, seconds))
     return out
 
 
@@ -220,27 +226,7 @@ def onnx_throughput(
                 INPUTS, (history.numpy(), cands.numpy(), query.numpy(), has_query), strict=True
             )
         }
-        for _ in range(3):
-            session.run(None, feed)
-        times: list[float] = []
-        c0 = time.process_time()
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or len(times) < 5:
-            t0 = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - t0)
-        cpu = (time.process_time() - c0) / len(times)
-        med, best = float(np.median(times)), float(min(times))
-        out.append(
-            {
-                "batch": b,
-                "ms_per_call": round(med * 1000, 3),
-                "best_ms_per_call": round(best * 1000, 3),
-                "cpu_ms_per_call": round(cpu * 1000, 3),
-                "requests_per_s": round(b / med, 1),
-                "best_requests_per_s": round(b / best, 1),
-            }
-        )
+        out.append(_time_calls(partial(session.run, None, feed), b, seconds))
     return out
 
 
