@@ -30,6 +30,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,6 +94,58 @@ def example_inputs(ranker: FineRanker, batch: int = 2, seed: int = 0) -> tuple[T
     return history, candidates, query, has_query
 
 
+def _scalar(value: Any) -> float | None:
+    """The value of a one-element constant input, else None."""
+    const = value.const_value if value is not None else None
+    if const is None or const.size != 1:
+        return None
+    return float(const.numpy().reshape(-1)[0])
+
+
+def order_gelu_for_fusion(graph: Any) -> int:
+    """Reorder each exact GELU so that onnxruntime fuses it; returns how many it reordered.
+
+    The exporter writes ``F.gelu(x)`` as ``x * (0.5 * (erf(x / sqrt 2) + 1))``.
+    onnxruntime's GeluFusion knows ``(x * (erf(x / sqrt 2) + 1)) * 0.5`` and leaves this
+    order as five separate nodes (a fifth of the ranker's time at batch 16). Swapping the
+    two Muls' inputs gives the known order: the same standard-ONNX graph, and the same
+    values (a product with 0.5 is exact), which onnxruntime then runs as one BiasGelu
+    kernel.
+    """
+    count = 0
+    for erf in [n for n in graph if n.op_type == "Erf"]:
+        div = erf.inputs[0].producer() if erf.inputs[0] is not None else None
+        uses = list(erf.outputs[0].uses())
+        if div is None or div.op_type != "Div" or len(uses) != 1:
+            continue
+        add = uses[0].node
+        add_uses = list(add.outputs[0].uses())
+        if add.op_type != "Add" or len(add_uses) != 1 or len(add.inputs) != 2:
+            continue
+        one = add.inputs[1 - uses[0].idx]
+        half_mul = add_uses[0].node
+        half_uses = list(half_mul.outputs[0].uses())
+        if half_mul.op_type != "Mul" or len(half_uses) != 1 or len(half_mul.inputs) != 2:
+            continue
+        half = half_mul.inputs[1 - add_uses[0].idx]
+        x_mul = half_uses[0].node
+        x = div.inputs[0]
+        if (
+            x_mul.op_type != "Mul"
+            or x not in x_mul.inputs
+            or _scalar(div.inputs[1]) is None
+            or abs((_scalar(div.inputs[1]) or 0.0) - 2.0**0.5) > 1e-6
+            or _scalar(one) != 1.0
+            or _scalar(half) != 0.5
+        ):
+            continue
+        # half_mul: 0.5 * (erf + 1)  ->  x * (erf + 1);  x_mul: x * that  ->  that * 0.5
+        half_mul.replace_input_with(1 - add_uses[0].idx, x)
+        x_mul.replace_input_with(x_mul.inputs.index(x), half)
+        count += 1
+    return count
+
+
 def export_onnx(ranker: FineRanker, path: Path) -> Path:
     """Write ``ranker`` as an ONNX graph on the ranker contract to ``path``."""
     import onnx
@@ -119,6 +172,7 @@ def export_onnx(ranker: FineRanker, path: Path) -> Path:
     finally:
         registry_log.setLevel(level)
     assert program is not None
+    fused = order_gelu_for_fusion(program.model.graph)
     program.model.ir_version = IR_VERSION
     program.model.producer_name = "sluice"
     weights = sum(
@@ -131,7 +185,10 @@ def export_onnx(ranker: FineRanker, path: Path) -> Path:
     path.with_name(path.name + ".data").unlink(missing_ok=True)
     program.save(path, external_data=big)  # external data: <path>.data
     onnx.checker.check_model(str(path))
-    log.info("exported the ranker to onnx", extra={"path": str(path), "external_data": big})
+    log.info(
+        "exported the ranker to onnx",
+        extra={"path": str(path), "external_data": big, "gelu_reordered": fused},
+    )
     return path
 
 
