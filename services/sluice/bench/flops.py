@@ -180,6 +180,19 @@ def _time_calls(call: Callable[[], object], batch: int, seconds: float) -> dict[
     }
 
 
+def _add_rates(row: dict[str, Any], flops: float, peak: float, per_core: float) -> None:
+    """Adds FLOP/s and fractions of the peak to a :func:`_time_calls` row, for ``flops``
+    per request: at the median and the best call, and per CPU-second actually obtained
+    (which removes most of a busy host's effect)."""
+    row["gflops"] = round(row["requests_per_s"] * flops / 1e9, 2)
+    row["fraction_of_peak"] = round(row["gflops"] / peak, 4)
+    row["best_gflops"] = round(row["best_requests_per_s"] * flops / 1e9, 2)
+    row["best_fraction_of_peak"] = round(row["best_gflops"] / peak, 4)
+    cpu_gflops = row["batch"] * flops / (row["cpu_ms_per_call"] / 1000) / 1e9
+    row["gflops_per_cpu_core"] = round(cpu_gflops, 2)
+    row["fraction_of_per_core_peak"] = round(cpu_gflops / per_core, 4)
+
+
 def model_throughput(
     model: Any, threads: int, batches: Sequence[int], seconds: float = 2.0, search: bool = False
 ) -> list[dict[str, float]]:
@@ -470,14 +483,7 @@ def flops_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
     alone = model_throughput(model, threads, batches)
     per_core = peak["peak_gflops"] / threads
     for r in alone:
-        r["gflops"] = round(r["requests_per_s"] * f_rec / 1e9, 2)
-        r["fraction_of_peak"] = round(r["gflops"] / peak["peak_gflops"], 4)
-        r["best_gflops"] = round(r["best_requests_per_s"] * f_rec / 1e9, 2)
-        r["best_fraction_of_peak"] = round(r["best_gflops"] / peak["peak_gflops"], 4)
-        # per CPU-second actually obtained: removes most of a busy host's effect
-        cpu_gflops = r["batch"] * f_rec / (r["cpu_ms_per_call"] / 1000) / 1e9
-        r["gflops_per_cpu_core"] = round(cpu_gflops, 2)
-        r["fraction_of_per_core_peak"] = round(cpu_gflops / per_core, 4)
+        _add_rates(r, f_rec, peak["peak_gflops"], per_core)
         _print(
             f"  model alone, batch {r['batch']:>3}: median {r['ms_per_call']:7.2f} ms/call "
             f"({r['gflops']:6.2f} GFLOP/s = {r['fraction_of_peak']:.1%} of peak), best "
@@ -494,11 +500,7 @@ def flops_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
         )
         f_mixed = (f_rec + f_search) / 2
         for r in onnx_alone:
-            r["gflops"] = round(r["requests_per_s"] * f_mixed / 1e9, 2)
-            r["fraction_of_peak"] = round(r["gflops"] / peak["peak_gflops"], 4)
-            cpu_gflops = r["batch"] * f_mixed / (r["cpu_ms_per_call"] / 1000) / 1e9
-            r["gflops_per_cpu_core"] = round(cpu_gflops, 2)
-            r["fraction_of_per_core_peak"] = round(cpu_gflops / per_core, 4)
+            _add_rates(r, f_mixed, peak["peak_gflops"], per_core)
             _print(
                 f"  model.onnx alone (onnxruntime, {served_threads} thread(s), half search), "
                 f"batch {r['batch']:>3}: median {r['ms_per_call']:7.2f} ms/call "
