@@ -129,12 +129,12 @@ def order_gelu_for_fusion(graph: Any) -> int:
             continue
         half = half_mul.inputs[1 - add_uses[0].idx]
         x_mul = half_uses[0].node
-        x = div.inputs[0]
+        x, root = div.inputs[0], _scalar(div.inputs[1])
         if (
             x_mul.op_type != "Mul"
             or x not in x_mul.inputs
-            or _scalar(div.inputs[1]) is None
-            or abs((_scalar(div.inputs[1]) or 0.0) - 2.0**0.5) > 1e-6
+            or root is None
+            or abs(root - 2.0**0.5) > 1e-6
             or _scalar(one) != 1.0
             or _scalar(half) != 0.5
         ):
