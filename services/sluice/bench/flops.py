@@ -610,9 +610,11 @@ def flops_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
             f"queue {ms['queue_us']:.2f} + input {ms['compute_input_us']:.2f} + "
             f"infer {ms['compute_infer_us']:.2f} (its batch's execution) + "
             f"output {ms['compute_output_us']:.2f} ms; mean batch {tb['mean_batch']}; the model "
-            f"instances were busy {sat['model_busy_fraction']:.0%} of the time (summed) at "
-            f"{sat['gflops_inside_compute_infer']} GFLOP/s "
-            f"({sat['fraction_inside_compute_infer']:.1%} of peak) inside execute()"
+            f"instances were busy at most about {sat['model_busy_fraction']:.0%} of the time "
+            f"(summed over instances), so at least {sat['gflops_inside_compute_infer']} GFLOP/s "
+            f"({sat['fraction_inside_compute_infer']:.1%} of peak) inside execute() (Triton "
+            "charges each request its whole batch's time, and larger batches take longer: "
+            "the busy time is an upper estimate, exact when batch sizes are equal)"
         )
     (args.out / "flops.json").write_text(json.dumps(summary, indent=2, default=str))
     figs = plot_flops(summary, args.out)
