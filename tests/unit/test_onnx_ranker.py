@@ -20,6 +20,7 @@ from sluice.fine import contract
 from sluice.fine.backend import TorchBackend
 from sluice.fine.engine import FineEngine
 from sluice.fine.model import FineRanker
+from sluice.fine.onnx_export import order_gelu_for_fusion
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "model_repository" / "fine_ranker"
@@ -123,6 +124,71 @@ def test_onnxruntime_fuses_every_gelu(onnx_path: Path, tmp_path: Path) -> None:
     kinds = [node.op_type for node in optimized.node]
     assert "Erf" not in kinds
     assert kinds.count("BiasGelu") + kinds.count("Gelu") == erfs
+
+
+def gelu_chain(
+    tag: str, x: str, divisor: float
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """``x * (0.5 * (erf(x / divisor) + 1))`` in the exporter's order, output ``tag``."""
+    h = onnx.helper
+    consts = [
+        h.make_tensor(f"{tag}_div", onnx.TensorProto.FLOAT, [], [divisor]),
+        h.make_tensor(f"{tag}_one", onnx.TensorProto.FLOAT, [], [1.0]),
+        h.make_tensor(f"{tag}_half", onnx.TensorProto.FLOAT, [], [0.5]),
+    ]
+    nodes = [
+        h.make_node("Div", [x, f"{tag}_div"], [f"{tag}_d"]),
+        h.make_node("Erf", [f"{tag}_d"], [f"{tag}_e"]),
+        h.make_node("Add", [f"{tag}_e", f"{tag}_one"], [f"{tag}_a"]),
+        h.make_node("Mul", [f"{tag}_half", f"{tag}_a"], [f"{tag}_h"]),
+        h.make_node("Mul", [x, f"{tag}_h"], [tag]),
+    ]
+    return nodes, consts
+
+
+def test_order_gelu_for_fusion_reorders_only_an_exact_gelu() -> None:
+    """A GELU chain is reordered with bit-identical outputs; the same chain dividing by 2
+    (not a GELU) is left as it was."""
+    import onnx_ir as ir
+
+    h = onnx.helper
+    gelu, gelu_consts = gelu_chain("gelu", "X", 2.0**0.5)
+    other, other_consts = gelu_chain("other", "X", 2.0)
+    graph = h.make_graph(
+        [*gelu, *other],
+        "g",
+        [h.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [4, 16])],
+        [
+            h.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [4, 16])
+            for name in ("gelu", "other")
+        ],
+        initializer=[*gelu_consts, *other_consts],
+    )
+    original = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    model = ir.from_proto(original)
+    assert order_gelu_for_fusion(model.graph) == 1
+    rewritten = ir.to_proto(model)
+    onnx.checker.check_model(rewritten)
+    mul_inputs = {n.output[0]: list(n.input) for n in rewritten.graph.node if n.op_type == "Mul"}
+    # x * (erf + 1) first, then the product with 0.5 (either operand order)
+    assert mul_inputs["gelu_h"] == ["X", "gelu_a"]
+    assert sorted(mul_inputs["gelu"]) == ["gelu_h", "gelu_half"]
+    assert mul_inputs["other_h"] == ["other_half", "other_a"]
+    assert mul_inputs["other"] == ["X", "other_h"]
+    x = {"X": np.random.default_rng(3).normal(0, 3, (4, 16)).astype(np.float32)}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    runs = [
+        ort.InferenceSession(
+            m.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        ).run(None, x)
+        for m in (original, rewritten)
+    ]
+    for before, after in zip(*runs, strict=True):
+        assert np.array_equal(before, after)
+    assert np.allclose(
+        runs[1][0], torch.nn.functional.gelu(torch.from_numpy(x["X"])).numpy(), atol=1e-6
+    )
 
 
 def test_the_onnx_graph_declares_the_contract(onnx_path: Path) -> None:

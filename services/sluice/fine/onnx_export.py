@@ -70,12 +70,10 @@ class ServedRanker(nn.Module):
         if m.query_scale is None:
             return scores
         # score() adds the query-title term (FineRanker.query_match) to the rows with a
-        # query. Only those rows gather their candidates' 384-d title vectors: that gather
-        # was a quarter of a batch's time when every row paid for it (docs/benchmarks.md)
+        # query. Only those rows gather their candidates' 384-d title vectors, which cost
+        # every row when computed for the whole batch (docs/benchmarks.md)
         rows = torch.nonzero(searching).reshape(-1)
-        titles = F.embedding(candidates.index_select(0, rows), m.text_emb)
-        query = query_emb.index_select(0, rows).to(titles.dtype).unsqueeze(-1)
-        match = m.query_scale * torch.matmul(titles, query).squeeze(-1)
+        match = m.query_match(query_emb.index_select(0, rows), candidates.index_select(0, rows))
         return scores.index_add(0, rows, match)
 
 
@@ -102,6 +100,16 @@ def _scalar(value: Any) -> float | None:
     return float(const.numpy().reshape(-1)[0])
 
 
+def _sole_use(node: Any) -> tuple[Any, int] | None:
+    """The one (node, input index) that reads ``node``'s only output, if the output is read
+    exactly once and is not a graph output; else None."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(node.outputs) != 1 or len(uses) != 1 or out.is_graph_output():
+        return None
+    return uses[0].node, uses[0].idx
+
+
 def order_gelu_for_fusion(graph: Any) -> int:
     """Reorder each exact GELU so that onnxruntime fuses it; returns how many it reordered.
 
@@ -110,38 +118,34 @@ def order_gelu_for_fusion(graph: Any) -> int:
     order as five separate nodes (a fifth of the ranker's time at batch 16). Swapping the
     two Muls' inputs gives the known order: the same standard-ONNX graph, and the same
     values (a product with 0.5 is exact), which onnxruntime then runs as one BiasGelu
-    kernel.
+    kernel. Only that exact chain, each link read once, is touched.
     """
     count = 0
     for erf in [n for n in graph if n.op_type == "Erf"]:
         div = erf.inputs[0].producer() if erf.inputs[0] is not None else None
-        uses = list(erf.outputs[0].uses())
-        if div is None or div.op_type != "Div" or len(uses) != 1:
+        if div is None or div.op_type != "Div" or len(div.inputs) != 2:
             continue
-        add = uses[0].node
-        add_uses = list(add.outputs[0].uses())
-        if add.op_type != "Add" or len(add_uses) != 1 or len(add.inputs) != 2:
-            continue
-        one = add.inputs[1 - uses[0].idx]
-        half_mul = add_uses[0].node
-        half_uses = list(half_mul.outputs[0].uses())
-        if half_mul.op_type != "Mul" or len(half_uses) != 1 or len(half_mul.inputs) != 2:
-            continue
-        half = half_mul.inputs[1 - add_uses[0].idx]
-        x_mul = half_uses[0].node
         x, root = div.inputs[0], _scalar(div.inputs[1])
-        if (
-            x_mul.op_type != "Mul"
-            or x not in x_mul.inputs
-            or root is None
-            or abs(root - 2.0**0.5) > 1e-6
-            or _scalar(one) != 1.0
-            or _scalar(half) != 0.5
-        ):
+        if root is None or abs(root - 2.0**0.5) > 1e-6:
+            continue
+        add_use = _sole_use(erf)
+        if add_use is None or add_use[0].op_type != "Add" or len(add_use[0].inputs) != 2:
+            continue
+        add, erf_at = add_use
+        half_use = _sole_use(add)
+        if half_use is None or half_use[0].op_type != "Mul" or len(half_use[0].inputs) != 2:
+            continue
+        half_mul, add_at = half_use
+        x_use = _sole_use(half_mul)
+        if x_use is None or x_use[0].op_type != "Mul" or len(x_use[0].inputs) != 2:
+            continue
+        x_mul, half_at = x_use
+        one, half = add.inputs[1 - erf_at], half_mul.inputs[1 - add_at]
+        if x_mul.inputs[1 - half_at] is not x or _scalar(one) != 1.0 or _scalar(half) != 0.5:
             continue
         # half_mul: 0.5 * (erf + 1)  ->  x * (erf + 1);  x_mul: x * that  ->  that * 0.5
-        half_mul.replace_input_with(1 - add_uses[0].idx, x)
-        x_mul.replace_input_with(x_mul.inputs.index(x), half)
+        half_mul.replace_input_with(1 - add_at, x)
+        x_mul.replace_input_with(1 - half_at, half)
         count += 1
     return count
 
