@@ -319,7 +319,7 @@ def saturate_triton(
                 pool.warm(list(range(20)), 30.0)
                 pool.closed_loop(concurrency, warmup_s, 10.0)  # reach steady state
             tree = process_tree(srv.proc.pid) if srv.proc is not None else []
-            stubs = [p for p in tree if srv.proc is None or p != srv.proc.pid]
+            stubs = tree[1:]  # process_tree lists the server first
             spy = None
             if profile is not None and PY_SPY.exists() and stubs:
                 spy = subprocess.Popen(
@@ -357,7 +357,6 @@ def saturate_triton(
                 client = {
                     "client_p50_ms": round(row.get("p50 latency", math.nan) / 1000, 2),
                     "client_p99_ms": round(row.get("p99 latency", math.nan) / 1000, 2),
-                    "errors": 0,
                     "perf_analyzer_stable": bool(row.get("stable")),
                 }
             else:
@@ -380,6 +379,9 @@ def saturate_triton(
                 except subprocess.TimeoutExpired:
                     spy.kill()
     tb = triton_breakdown(m0, m1)
+    if driver == "perf_analyzer":  # failed requests, as Triton counted them
+        failed = "nv_inference_request_failure"
+        client["errors"] = int(m1.get(failed, 0.0) - m0.get(failed, 0.0))
     server = srv.proc.pid if srv.proc is not None else -1
     return {
         "driver": driver,
@@ -452,6 +454,7 @@ def flops_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
     import torch
 
     from sluice.artifacts import Artifacts
+    from sluice.fine.contract import ONNX_FILE
     from sluice.fine.model import FineRanker
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -492,7 +495,7 @@ def flops_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
             f"the per-core peak"
         )
     served_threads = _config_threads(args.artifacts)
-    onnx_path = a.ranker_dir / "model.onnx"
+    onnx_path = a.ranker_dir / ONNX_FILE
     onnx_alone = []
     if onnx_path.exists():
         onnx_alone = onnx_throughput(
@@ -573,17 +576,14 @@ def flops_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
         achieved = sat["requests_per_s"] * f_served
         busy = tb["infer_busy_s"]
         inside = tb["requests"] * f_served / busy if busy else math.nan
+        # FLOP/s per CPU-second Triton (server + python stubs) actually got
+        per_cpu = achieved / 1e9 / max(sat["triton_cpu_cores"], 1e-9)
         sat.update(
             {
                 "flops_per_request_served": f_served,
                 "model_busy_fraction": round(busy / sat["elapsed_s"], 3),
-                # FLOPs per CPU-second Triton (server + python stub) actually got
-                "gflops_per_triton_cpu_core": round(
-                    achieved / 1e9 / max(sat["triton_cpu_cores"], 1e-9), 3
-                ),
-                "fraction_of_per_core_peak": round(
-                    achieved / 1e9 / max(sat["triton_cpu_cores"], 1e-9) / per_core, 4
-                ),
+                "gflops_per_triton_cpu_core": round(per_cpu, 3),
+                "fraction_of_per_core_peak": round(per_cpu / per_core, 4),
                 "achieved_gflops": round(achieved / 1e9, 3),
                 "fraction_of_peak": round(achieved / 1e9 / peak["peak_gflops"], 4),
                 "gflops_inside_compute_infer": round(inside / 1e9, 3),
