@@ -150,6 +150,27 @@ def test_a_shard_that_fails_degrades_the_answer(
         ShardedRecall([Down(), Down()], front.catalog_size).retrieve(ctx, Budget(10))
 
 
+def test_a_shard_whose_call_runs_out_of_time_missed_the_budget(
+    fronts: dict[int, ShardedRecall], tiny_artifacts: Artifacts
+) -> None:
+    """A shard call that ends in DEADLINE_EXCEEDED (it carries the deadline the front waits
+    for, so it can notice first) is reported like a shard the front stopped waiting for."""
+    from sluice.core.errors import DeadlineExceeded
+    from sluice.recall.shards import MISSED_BUDGET
+
+    class Late:
+        def call(self, *args: object) -> object:
+            raise DeadlineExceeded("recall ran out of time")
+
+    front = fronts[4]
+    late = ShardedRecall([front.shards[0], Late(), *front.shards[2:]], front.catalog_size)
+    _, histories = tiny_artifacts.users()
+    got = late.retrieve(RankContext(history_item_ids=histories[3]), Budget(200))
+    assert [s.answered for s in got.shards] == [True, False, True, True]
+    assert got.shards[1].error == MISSED_BUDGET
+    assert len(got) == 200
+
+
 def test_in_range_neighbours_keeps_order_and_scores() -> None:
     rows = np.array([[5, 1, 7, 2, -1], [9, 8, 3, -1, -1]])
     scores = np.array([[9.0, 8, 7, 6, 0], [5, 4, 3, 0, 0]], np.float32)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from sluice.artifacts import Artifacts
-from sluice.core.errors import InvalidArgument, SluiceError, Unavailable
+from sluice.core.errors import DeadlineExceeded, InvalidArgument, SluiceError, Unavailable
 from sluice.core.stage import StageResult
 from sluice.data.catalog import Catalog, RowIndex
 from sluice.domain import (
@@ -62,6 +62,8 @@ if TYPE_CHECKING:
     from sluice.recall.live_popularity import LivePopularity
 
 log = logging.getLogger(__name__)
+
+MISSED_BUDGET = "missed the recall budget"  # a shard report's error when time ran out
 
 SHARDS_DIR = "shards"
 SHARD_MANIFEST = "manifest.json"
@@ -320,12 +322,18 @@ def _gathered(
     for index, outcome in enumerate(outcomes):
         if outcome is None:
             us = int((time.perf_counter() - t0) * 1e6)
-            reports.append(ShardReport(index, False, "missed the recall budget", us))
+            reports.append(ShardReport(index, False, MISSED_BUDGET, us))
             continue
         try:
             cands, us = outcome()
         except InvalidArgument:  # the request's fault: every shard says the same
             raise
+        except DeadlineExceeded:
+            # the shard's call carries the deadline the front waits for: whichever of the
+            # two noticed it first, the shard missed the recall budget
+            us = int((time.perf_counter() - t0) * 1e6)
+            reports.append(ShardReport(index, False, MISSED_BUDGET, us))
+            continue
         except SluiceError as err:
             reports.append(ShardReport(index, False, f"{err.code.name}: {err.message}"))
             continue
