@@ -193,6 +193,17 @@ def _add_rates(row: dict[str, Any], flops: float, peak: float, per_core: float) 
     row["fraction_of_per_core_peak"] = round(cpu_gflops / per_core, 4)
 
 
+def _rate_line(label: str, row: dict[str, Any]) -> str:
+    """One printed line for a row :func:`_add_rates` completed."""
+    return (
+        f"  {label}, batch {row['batch']:>3}: median {row['ms_per_call']:7.2f} ms/call "
+        f"({row['gflops']:6.2f} GFLOP/s = {row['fraction_of_peak']:.1%} of peak), best "
+        f"{row['best_ms_per_call']:7.2f} ms ({row['best_fraction_of_peak']:.1%}), per CPU-second "
+        f"{row['gflops_per_cpu_core']:.1f} GFLOP/s = {row['fraction_of_per_core_peak']:.1%} of "
+        "the per-core peak"
+    )
+
+
 def model_throughput(
     model: Any, threads: int, batches: Sequence[int], seconds: float = 2.0, search: bool = False
 ) -> list[dict[str, float]]:
@@ -487,13 +498,7 @@ def flops_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
     per_core = peak["peak_gflops"] / threads
     for r in alone:
         _add_rates(r, f_rec, peak["peak_gflops"], per_core)
-        _print(
-            f"  model alone, batch {r['batch']:>3}: median {r['ms_per_call']:7.2f} ms/call "
-            f"({r['gflops']:6.2f} GFLOP/s = {r['fraction_of_peak']:.1%} of peak), best "
-            f"{r['best_ms_per_call']:7.2f} ms ({r['best_fraction_of_peak']:.1%}), per CPU-second "
-            f"{r['gflops_per_cpu_core']:.1f} GFLOP/s = {r['fraction_of_per_core_peak']:.1%} of "
-            f"the per-core peak"
-        )
+        _print(_rate_line("model alone", r))
     served_threads = _config_threads(args.artifacts)
     onnx_path = a.ranker_dir / ONNX_FILE
     onnx_alone = []
@@ -504,13 +509,8 @@ def flops_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> i
         f_mixed = (f_rec + f_search) / 2
         for r in onnx_alone:
             _add_rates(r, f_mixed, peak["peak_gflops"], per_core)
-            _print(
-                f"  model.onnx alone (onnxruntime, {served_threads} thread(s), half search), "
-                f"batch {r['batch']:>3}: median {r['ms_per_call']:7.2f} ms/call "
-                f"({r['gflops']:6.2f} GFLOP/s = {r['fraction_of_peak']:.1%} of peak), per "
-                f"CPU-second {r['gflops_per_cpu_core']:.1f} GFLOP/s = "
-                f"{r['fraction_of_per_core_peak']:.1%} of the per-core peak"
-            )
+            label = f"model.onnx alone (onnxruntime, {served_threads} thread(s), half search)"
+            _print(_rate_line(label, r))
     ops = profile_ops(model, threads, 32)
     _print(
         "  top ops at batch 32 (self CPU us/batch): "
