@@ -320,11 +320,9 @@ def _gathered(
     reports: list[ShardReport] = []
     answers: list[Candidates] = []
     for index, outcome in enumerate(outcomes):
-        if outcome is None:
-            us = int((time.perf_counter() - t0) * 1e6)
-            reports.append(ShardReport(index, False, MISSED_BUDGET, us))
-            continue
         try:
+            if outcome is None:  # the front stopped waiting for it
+                raise DeadlineExceeded(MISSED_BUDGET)
             cands, us = outcome()
         except InvalidArgument:  # the request's fault: every shard says the same
             raise
