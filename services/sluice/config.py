@@ -352,6 +352,13 @@ class RerankSettings(StageSettings):
     port: int = 50064
     workers: int = _cpu_bound_workers()
     diversity_lambda: float = Field(0.85, ge=0.0, le=1.0)
+    search_diversity_lambda: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="the MMR lambda of search requests (1.0: relevance order, the brand cap "
+        "still applies); an experiment arm's diversity_lambda overrides it (docs/quality.md)",
+    )
     max_per_brand: int = Field(4, ge=0)
     exposure_tail_share: float = Field(
         0.0,

@@ -3,7 +3,7 @@ import pytest
 
 from sluice.data.catalog import Catalog
 from sluice.data.filters import AttributeFilter
-from sluice.domain import Budget, Candidates, RankContext
+from sluice.domain import Budget, Candidates, RankContext, RerankOverrides
 from sluice.rerank.engine import RerankConfig, RerankEngine, title_key
 from sluice.rerank.exposure import fair_minimums
 
@@ -42,6 +42,27 @@ def test_mmr_pushes_down_a_near_duplicate_embedding() -> None:
     rr = RerankEngine(catalog, vecs, RerankConfig(diversity_lambda=0.5, max_per_brand=0))
     ids = rr.rank(RankContext(), cands(list(range(100, 112))), Budget(4)).item_ids[:4].tolist()
     assert ids[0] == 100 and 101 not in ids
+
+
+def test_search_requests_use_the_search_lambda_unless_an_arm_sets_one() -> None:
+    catalog, vecs = make()
+    config = RerankConfig(diversity_lambda=0.5, max_per_brand=0, search_diversity_lambda=1.0)
+    rr = RerankEngine(catalog, vecs, config)
+
+    def top4(ctx: RankContext) -> list[int]:
+        return rr.rank(ctx, cands(list(range(100, 112))), Budget(4)).item_ids[:4].tolist()
+
+    assert top4(RankContext(query="red item")) == [100, 101, 102, 104]  # relevance order
+    assert 101 not in top4(RankContext())  # recommendation: MMR at 0.5
+    arm = RerankOverrides(diversity_lambda=0.5)
+    assert 101 not in top4(RankContext(query="red item", rerank=arm))
+    plain = RerankEngine(catalog, vecs, RerankConfig(0.5, 0, search_diversity_lambda=None))
+    assert (
+        101
+        not in plain.rank(RankContext(query="red item"), cands(list(range(100, 112))), Budget(4))
+        .item_ids[:4]
+        .tolist()
+    )
 
 
 def test_brand_cap_and_dedupe_by_title_and_id() -> None:

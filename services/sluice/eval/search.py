@@ -427,13 +427,19 @@ def in_process_rankings(
     artifacts: Artifacts,
     queries: LabelledQueries,
     encode: Callable[[str], np.ndarray],
-    diversity_lambda: float | None = None,
+    search_diversity_lambda: float | None = None,
 ) -> list[list[int]]:
-    """Every query through the gateway logic and the four stages in this process."""
+    """Every query through the gateway logic and the four stages in this process (the
+    rerank stage's search MMR lambda as deployed, or the one given)."""
     from sluice.eval.served import in_process_gateway, local_stages
 
     a = artifacts
-    stages = local_stages(a, diversity_lambda=diversity_lambda)
+    rerank = (
+        {}
+        if search_diversity_lambda is None
+        else {"search_diversity_lambda": search_diversity_lambda}
+    )
+    stages = local_stages(a, rerank=rerank)
     gateway = in_process_gateway(a, stages, encode)
     return [
         gateway.search(query=q, page_size=K, deadline_s=30.0).candidates.item_ids.tolist()
@@ -521,6 +527,7 @@ def against_baseline(
 
 def run_search(opts: SearchOptions) -> dict[str, Any]:
     from sluice.coarse.engine import FEATURES, SEARCH_FEATURES
+    from sluice.config import RerankSettings
 
     base = opts.root or eval_dir(opts.data, EVAL_ROOT)
     artifacts = ensure_build(
@@ -604,13 +611,13 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             cv["mean"],
             f"fold std {cv['fold_std']:.3f}; features {', '.join(SEARCH_FEATURES)}",
         )
-    for lam in (None, 1.0):
-        rankings = in_process_rankings(artifacts, queries, encode, diversity_lambda=lam)
-        label = "default diversity" if lam is None else f"diversity_lambda {lam} (MMR off)"
+    for lam in (None, RerankSettings().diversity_lambda):
+        rankings = in_process_rankings(artifacts, queries, encode, search_diversity_lambda=lam)
+        label = "as deployed" if lam is None else f"with the recommend MMR lambda {lam}"
         add(
             f"whole cascade in process (local stages + Gateway), rerank {label}",
             mean_ndcg(rankings, queries),
-            "what the rerank stage's MMR diversity costs in NDCG@10",
+            "what MMR diversity would cost search in NDCG@10",
         )
     if opts.served:
         rankings, degraded, seconds = served_on(

@@ -614,21 +614,21 @@ def run_recommend(opts: RecommendOptions) -> dict[str, Any]:
 
 def local_stages(
     artifacts: Artifacts,
-    diversity_lambda: float | None = None,
+    rerank: dict[str, Any] | None = None,
     fusion: Any = None,
     torch_threads: int | None = None,
 ) -> dict[StageName, Any]:
     """The four stages in this process, loaded through the services' wiring, with the ranker
-    in process (``TorchBackend``) and the given settings changed."""
+    in process (``TorchBackend``) and the given settings changed (``rerank``: fields of
+    :class:`~sluice.config.RerankSettings`)."""
     from sluice.gateway.stages import LocalStage
     from sluice.wiring import load_engines
 
     fine: dict[str, Any] = {"backend": "torch"}
     if torch_threads:
         fine["torch_threads"] = torch_threads
-    rerank = {} if diversity_lambda is None else {"diversity_lambda": diversity_lambda}
     closers: list[Callable[[], None]] = []  # nothing to close without a shared state store
-    engines = load_engines(artifacts.root, closers, {"fine": fine, "rerank": rerank})
+    engines = load_engines(artifacts.root, closers, {"fine": fine, "rerank": rerank or {}})
     if fusion is not None:
         engines[StageName.FINE_RANK].fusion = fusion
     return {stage: LocalStage(stage, engine) for stage, engine in engines.items()}
@@ -662,7 +662,7 @@ def ablations(
     deployed = FusionWeights.load(a.root / "fusion.json")
     variants: dict[str, Any] = {
         "as deployed (in process)": local_stages(a),
-        "rerank MMR off (diversity_lambda 1.0)": local_stages(a, diversity_lambda=1.0),
+        "rerank MMR off (diversity_lambda 1.0)": local_stages(a, rerank={"diversity_lambda": 1.0}),
         "fine score alone (fusion beta 0)": local_stages(
             a, fusion=FusionWeights(0.0, deployed.search)
         ),

@@ -39,6 +39,9 @@ class RerankConfig:
     window: int = 100  # MMR looks this far down the relevance list
     tail_share: float = 0.0  # FA*IR target share of long-tail providers' items; 0 disables
     tail_alpha: float = 0.1  # FA*IR significance: lower asks fewer tail items per prefix
+    # the MMR lambda of search requests (a query): relevant products for one query look
+    # alike, so diversity costs search relevance (docs/quality.md); None: diversity_lambda
+    search_diversity_lambda: float | None = 1.0
 
 
 class RerankEngine:
@@ -75,6 +78,8 @@ class RerankEngine:
         """Every eligible candidate, in final order up to the end of the budget's page
         (``offset + max_candidates``) and in relevance order after it."""
         config = self.config
+        if ctx.is_search and config.search_diversity_lambda is not None:
+            config = dataclasses.replace(config, diversity_lambda=config.search_diversity_lambda)
         changes = ctx.rerank.config_changes()
         if changes:  # an experiment arm's settings, for this request only
             if changes.get("tail_share", 0) > 0 and self.tail is None:

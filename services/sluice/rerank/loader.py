@@ -17,6 +17,7 @@ def load(settings: RerankSettings, closers: list[Callable[[], None]]) -> RerankE
     config = RerankConfig(
         settings.diversity_lambda,
         settings.max_per_brand,
+        search_diversity_lambda=settings.search_diversity_lambda,
         tail_share=settings.exposure_tail_share,
         tail_alpha=settings.exposure_alpha,
     )
