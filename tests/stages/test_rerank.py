@@ -1,6 +1,9 @@
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
+from sluice.artifacts import Artifacts
 from sluice.data.catalog import Catalog
 from sluice.data.filters import AttributeFilter
 from sluice.domain import Budget, Candidates, RankContext, RerankOverrides
@@ -145,3 +148,19 @@ def test_an_exposure_target_needs_the_tail() -> None:
     catalog, vecs = make()
     with pytest.raises(ValueError, match="tail"):
         RerankEngine(catalog, vecs, RerankConfig(tail_share=0.5))
+
+
+def test_the_loader_takes_both_lambdas_from_the_settings(tiny_artifacts: Artifacts) -> None:
+    from sluice.config import RerankSettings
+    from sluice.rerank.loader import load
+
+    closers: list[Callable[[], None]] = []
+    settings = RerankSettings(
+        artifacts=tiny_artifacts.root, diversity_lambda=0.7, search_diversity_lambda=0.3
+    )
+    try:
+        config = load(settings, closers).config
+    finally:
+        for close in closers:
+            close()
+    assert (config.diversity_lambda, config.search_diversity_lambda) == (0.7, 0.3)

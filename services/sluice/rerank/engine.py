@@ -152,9 +152,10 @@ class RerankEngine:
                 bias[brands == brand] -= 10.0
             if tail is not None:
                 tail_count += int(tail[pick])
-            sims = vecs @ vecs[pick]
-            max_sim = sims if len(chosen) == 1 else np.maximum(max_sim, sims)
-            penalty = (1.0 - lam) * max_sim
+            if lam < 1.0:  # at 1.0 similarity has no weight (search pages, by default)
+                sims = vecs @ vecs[pick]
+                max_sim = sims if len(chosen) == 1 else np.maximum(max_sim, sims)
+                penalty = (1.0 - lam) * max_sim
         rest = np.concatenate([np.flatnonzero(free), np.arange(limit, n)])
         order = np.concatenate([np.asarray(chosen, dtype=np.int64), rest.astype(np.int64)])
         return cands.take(order)
