@@ -51,21 +51,17 @@ def test_search_requests_use_the_search_lambda_unless_an_arm_sets_one() -> None:
     catalog, vecs = make()
     config = RerankConfig(diversity_lambda=0.5, max_per_brand=0, search_diversity_lambda=1.0)
     rr = RerankEngine(catalog, vecs, config)
-
-    def top4(ctx: RankContext) -> list[int]:
-        return rr.rank(ctx, cands(list(range(100, 112))), Budget(4)).item_ids[:4].tolist()
-
-    assert top4(RankContext(query="red item")) == [100, 101, 102, 104]  # relevance order
-    assert 101 not in top4(RankContext())  # recommendation: MMR at 0.5
-    arm = RerankOverrides(diversity_lambda=0.5)
-    assert 101 not in top4(RankContext(query="red item", rerank=arm))
     plain = RerankEngine(catalog, vecs, RerankConfig(0.5, 0, search_diversity_lambda=None))
-    assert (
-        101
-        not in plain.rank(RankContext(query="red item"), cands(list(range(100, 112))), Budget(4))
-        .item_ids[:4]
-        .tolist()
-    )
+
+    def top4(engine: RerankEngine, ctx: RankContext) -> list[int]:
+        return engine.rank(ctx, cands(list(range(100, 112))), Budget(4)).item_ids[:4].tolist()
+
+    search = RankContext(query="red item")
+    assert top4(rr, search) == [100, 101, 102, 104]  # relevance order (103 is out of stock)
+    assert 101 not in top4(rr, RankContext())  # recommendation: MMR at 0.5
+    arm = RerankOverrides(diversity_lambda=0.5)
+    assert 101 not in top4(rr, RankContext(query="red item", rerank=arm))
+    assert 101 not in top4(plain, search)  # no search lambda: the recommendation one
 
 
 def test_brand_cap_and_dedupe_by_title_and_id() -> None:
