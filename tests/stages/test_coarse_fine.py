@@ -4,9 +4,10 @@ import numpy as np
 
 from sluice.artifacts import Artifacts
 from sluice.coarse.engine import FEATURES, CoarseEngine, FeatureTables, LinearWeights
-from sluice.domain import Budget, Candidates, RankContext, StageName
+from sluice.domain import Budget, Candidates, FineOverrides, RankContext, StageName
 from sluice.fine.backend import CANDIDATES_PER_ROW, TorchBackend
 from sluice.fine.engine import FineEngine
+from sluice.fine.fusion import COARSE_DECIDES_BETA, FusionWeights
 from sluice.recall.engine import RecallEngine
 
 
@@ -86,3 +87,44 @@ def test_an_anonymous_request_keeps_recalls_popularity_order(
     _, histories = tiny_artifacts.users()
     known = RankContext(history_item_ids=histories[2])
     assert coarse_engine.rank(known, cands, Budget(50)).item_ids.tolist() != expected
+
+
+class CountingBackend:
+    """The real ranker, counting the calls that reach it."""
+
+    def __init__(self, backend: TorchBackend) -> None:
+        self.backend = backend
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def score(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        self.calls += 1
+        return self.backend.score(*args, **kwargs)
+
+
+def test_the_fine_stage_does_not_run_a_model_that_cannot_change_the_order(
+    tiny_artifacts: Artifacts,
+) -> None:
+    """A build without behaviour fuses with a beta at which the coarse score decides: the
+    stage keeps the coarse order (unknown items still last) and never calls the model; a
+    fitted beta, or an arm's, runs it."""
+    catalog = tiny_artifacts.catalog
+    backend = CountingBackend(TorchBackend(tiny_artifacts.ranker_dir))
+    decides = FineEngine(catalog, backend, FusionWeights(COARSE_DECIDES_BETA, COARSE_DECIDES_BETA))
+    ids = np.append(catalog.item_ids[:40], 987654321)
+    scores = np.random.default_rng(0).random(len(ids)).astype(np.float32)
+    cands = Candidates(ids, scores, np.zeros(len(ids), np.int8))
+    coarse_order = [i for i in cands.top(len(ids)).item_ids.tolist() if i != 987654321]
+    search = RankContext(query="red shoes", query_embedding=np.full(384, 384**-0.5, np.float32))
+    recommend = RankContext(history_item_ids=catalog.item_ids[50:53])
+    for ctx in (search, recommend):
+        ranked = decides.rank(ctx, cands, Budget(len(ids))).item_ids.tolist()
+        assert ranked == [*coarse_order, 987654321]
+    assert backend.calls == 0
+    arm = RankContext(query="red shoes", fine=FineOverrides(fusion_beta=1.0))
+    decides.rank(arm, cands, Budget(10))
+    assert backend.calls == 1
+    FineEngine(catalog, backend, FusionWeights(1.0, 1.0)).rank(search, cands, Budget(10))
+    assert backend.calls == 2

@@ -30,14 +30,14 @@ from sluice.data.catalog import Catalog
 from sluice.data.interactions import Interactions, load_data
 from sluice.data.products import is_search_only, load_products
 from sluice.data.synthetic import ShopSpec, generate_shop
+from sluice.fine.fusion import COARSE_DECIDES_BETA
 from sluice.fine.model import RankerConfig
 
 log = logging.getLogger(__name__)
 # Without interactions the transformer has no behaviour to learn from: it is exported
-# untrained (Triton still serves the stage) and the fine stage's fused score is the
-# coarse score (z(fine) + beta * z(coarse) with a beta so large the fine score only
-# breaks exact ties).
-NO_BEHAVIOUR_FUSION_BETA = 1e6
+# untrained (Triton still serves the stage, for a shop that later brings behaviour or its
+# own model) and the fine stage keeps the coarse order without running it.
+NO_BEHAVIOUR_FUSION_BETA = COARSE_DECIDES_BETA
 
 
 @dataclass

@@ -17,7 +17,13 @@ from sluice.data.catalog import Catalog
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.embed.text import TEXT_DIM
 from sluice.fine.backend import CANDIDATES_PER_ROW, HISTORY_LEN, RankerBackend, model_id
-from sluice.fine.fusion import FusionWeights, fuse, fuse_signals, signal_matrix
+from sluice.fine.fusion import (
+    COARSE_DECIDES_BETA,
+    FusionWeights,
+    fuse,
+    fuse_signals,
+    signal_matrix,
+)
 
 if TYPE_CHECKING:
     from sluice.coarse.engine import FeatureTables
@@ -84,23 +90,30 @@ class FineEngine:
             return cands
         if ctx.is_anonymous:  # the transformer would read nothing: keep the incoming order
             return cands.top(budget.max_candidates)
-        fine = self.model_scores(ctx, cands, budget.remaining_s())
+        beta = None if self.fuses_signals(ctx) else self.beta(ctx)
         rows = self.catalog.rows(cands.item_ids)
-        live = rows >= self.catalog.build_size
-        if live.any() and not live.all():  # items added live: unknown to the model, neutral
-            fine[live] = np.median(fine[~live])
-        if self.fuses_signals(ctx):
-            assert self.tables is not None
-            signals = signal_matrix(fine, cands.scores, self.tables.features(ctx, cands))
-            fused = fuse_signals(signals, self.fusion.signals)
+        if beta is not None and beta >= COARSE_DECIDES_BETA:
+            fused = cands.scores  # the model could only break exact ties: it is not run
         else:
-            beta = ctx.fine.fusion_beta  # an experiment arm's, else the build's
+            fine = self.model_scores(ctx, cands, budget.remaining_s())
+            live = rows >= self.catalog.build_size
+            if live.any() and not live.all():  # items added live: unknown to the model
+                fine[live] = np.median(fine[~live])
             if beta is None:
-                beta = self.fusion.beta(ctx.is_search)
-            fused = fuse(fine, cands.scores, beta)
+                assert self.tables is not None
+                matrix = signal_matrix(fine, cands.scores, self.tables.features(ctx, cands))
+                fused = fuse_signals(matrix, self.fusion.signals)
+            else:
+                fused = fuse(fine, cands.scores, beta)
         known = rows >= 0
         ranked = cands.with_scores(np.where(known, fused, np.float32(-1e9)))
         return ranked.top(budget.max_candidates)
+
+    def beta(self, ctx: RankContext) -> float:
+        """The fusion beta of a request that does not fuse signals: an experiment arm's,
+        else the build's for its kind."""
+        beta = ctx.fine.fusion_beta
+        return self.fusion.beta(ctx.is_search) if beta is None else beta
 
     def fuses_signals(self, ctx: RankContext) -> bool:
         """Whether this request's score fuses several signals rather than a ``beta``: a
