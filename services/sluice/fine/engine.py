@@ -93,7 +93,7 @@ class FineEngine:
         beta = None if self.fuses_signals(ctx) else self.beta(ctx)
         rows = self.catalog.rows(cands.item_ids)
         if beta is not None and beta >= COARSE_DECIDES_BETA:
-            fused = cands.scores  # the model could only break exact ties: it is not run
+            fused = cands.scores  # the model could only break ties: it is not run
         else:
             fine = self.model_scores(ctx, cands, budget.remaining_s())
             live = rows >= self.catalog.build_size

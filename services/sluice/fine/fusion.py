@@ -27,9 +27,10 @@ import numpy as np
 
 GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
 # A beta this large means the coarse score decides: the transformer's score could only break
-# exact ties. A build without behaviour writes it (nothing taught the model), and the fine
-# stage then keeps the coarse order without running the model. An arm's beta stays far
-# below it (sluice.domain.MAX_FUSION_BETA).
+# ties (coarse z-scores within about 1e-6 of each other, equal at float32). A build without
+# behaviour writes it (nothing taught the model), and the fine stage then keeps the coarse
+# order without running the model. An arm's beta stays far below it
+# (sluice.domain.MAX_FUSION_BETA).
 COARSE_DECIDES_BETA = 1e6
 
 
