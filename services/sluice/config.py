@@ -357,7 +357,7 @@ class RerankSettings(StageSettings):
         ge=0.0,
         le=1.0,
         description="the MMR lambda of search requests (1.0: relevance order, the brand cap "
-        "still applies); an experiment arm's diversity_lambda overrides it (docs/quality.md)",
+        "still applies); diversity_lambda, and an experiment arm's, are for recommendations",
     )
     max_per_brand: int = Field(4, ge=0)
     exposure_tail_share: float = Field(

@@ -119,11 +119,16 @@ def test_the_fine_stage_does_not_run_a_model_that_cannot_change_the_order(
     coarse_order = [i for i in cands.top(len(ids)).item_ids.tolist() if i != 987654321]
     search = RankContext(query="red shoes", query_embedding=np.full(384, 384**-0.5, np.float32))
     recommend = RankContext(history_item_ids=catalog.item_ids[50:53])
+    flat = Candidates(ids[::-1].copy(), np.ones(len(ids), np.float32), np.zeros(len(ids), np.int8))
     for ctx in (search, recommend):
         ranked = decides.rank(ctx, cands, Budget(len(ids))).item_ids.tolist()
         assert ranked == [*coarse_order, 987654321]
+        ties = decides.rank(ctx, flat, Budget(len(ids))).item_ids.tolist()
+        assert ties == [*ids[-2::-1].tolist(), 987654321]  # equal scores: the incoming order
+        assert not decides.runs_model(ctx)
     assert backend.calls == 0
     arm = RankContext(query="red shoes", fine=FineOverrides(fusion_beta=1.0))
+    assert decides.runs_model(arm)
     decides.rank(arm, cands, Budget(10))
     assert backend.calls == 1
     FineEngine(catalog, backend, FusionWeights(1.0, 1.0)).rank(search, cands, Budget(10))

@@ -47,7 +47,7 @@ def test_mmr_pushes_down_a_near_duplicate_embedding() -> None:
     assert ids[0] == 100 and 101 not in ids
 
 
-def test_search_requests_use_the_search_lambda_unless_an_arm_sets_one() -> None:
+def test_search_requests_use_the_search_lambda_and_arms_set_the_recommend_one() -> None:
     catalog, vecs = make()
     config = RerankConfig(diversity_lambda=0.5, max_per_brand=0, search_diversity_lambda=1.0)
     rr = RerankEngine(catalog, vecs, config)
@@ -59,8 +59,11 @@ def test_search_requests_use_the_search_lambda_unless_an_arm_sets_one() -> None:
     search = RankContext(query="red item")
     assert top4(rr, search) == [100, 101, 102, 104]  # relevance order (103 is out of stock)
     assert 101 not in top4(rr, RankContext())  # recommendation: MMR at 0.5
-    arm = RerankOverrides(diversity_lambda=0.5)
-    assert 101 not in top4(rr, RankContext(query="red item", rerank=arm))
+    arm = RerankOverrides(diversity_lambda=0.3)  # a recommendation experiment's lambda
+    assert 101 not in top4(rr, RankContext(rerank=arm))
+    assert top4(rr, RankContext(query="red item", rerank=arm)) == [100, 101, 102, 104]
+    capped = RankContext(query="red item", rerank=RerankOverrides(max_per_brand=1))
+    assert top4(rr, capped) == [100, 106, 109, 101]  # the arm's cap, still no MMR
     assert 101 not in top4(plain, search)  # no search lambda: the recommendation one
 
 

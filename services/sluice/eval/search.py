@@ -611,9 +611,17 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
             cv["mean"],
             f"fold std {cv['fold_std']:.3f}; features {', '.join(SEARCH_FEATURES)}",
         )
-    for lam in (None, RerankSettings().diversity_lambda):
+    rerank = RerankSettings()  # as the rerank stage reads them (SLUICE_RERANK_*)
+    lambdas: list[float | None] = [None]
+    if rerank.diversity_lambda != rerank.search_diversity_lambda:
+        lambdas.append(rerank.diversity_lambda)
+    for lam in lambdas:
         rankings = in_process_rankings(artifacts, queries, encode, search_diversity_lambda=lam)
-        label = "as deployed" if lam is None else f"with the recommend MMR lambda {lam}"
+        label = (
+            f"as deployed (search MMR lambda {rerank.search_diversity_lambda})"
+            if lam is None
+            else f"with the recommend MMR lambda {lam}"
+        )
         add(
             f"whole cascade in process (local stages + Gateway), rerank {label}",
             mean_ndcg(rankings, queries),

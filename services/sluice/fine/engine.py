@@ -88,26 +88,32 @@ class FineEngine:
     def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
         if len(cands) == 0:
             return cands
-        if ctx.is_anonymous:  # the transformer would read nothing: keep the incoming order
-            return cands.top(budget.max_candidates)
-        beta = None if self.fuses_signals(ctx) else self.beta(ctx)
+        backend = self.backend_for(ctx)  # an arm's unknown model is refused either way
         rows = self.catalog.rows(cands.item_ids)
-        if beta is not None and beta >= COARSE_DECIDES_BETA:
-            fused = cands.scores  # the model could only break ties: it is not run
+        if not self.runs_model(ctx):
+            fused = cands.scores  # the incoming order stands (ties stay in it)
         else:
-            fine = self.model_scores(ctx, cands, budget.remaining_s())
+            fine = self.model_scores(ctx, cands, budget.remaining_s(), backend)
             live = rows >= self.catalog.build_size
             if live.any() and not live.all():  # items added live: unknown to the model
                 fine[live] = np.median(fine[~live])
-            if beta is None:
+            if self.fuses_signals(ctx):
                 assert self.tables is not None
                 matrix = signal_matrix(fine, cands.scores, self.tables.features(ctx, cands))
                 fused = fuse_signals(matrix, self.fusion.signals)
             else:
-                fused = fuse(fine, cands.scores, beta)
+                fused = fuse(fine, cands.scores, self.beta(ctx))
         known = rows >= 0
         ranked = cands.with_scores(np.where(known, fused, np.float32(-1e9)))
         return ranked.top(budget.max_candidates)
+
+    def runs_model(self, ctx: RankContext) -> bool:
+        """Whether this request's order reads the model. Not for an anonymous request (the
+        transformer would read nothing), nor at a beta where the coarse score decides (the
+        model could only break ties: a build without behaviour)."""
+        if ctx.is_anonymous:
+            return False
+        return self.fuses_signals(ctx) or self.beta(ctx) < COARSE_DECIDES_BETA
 
     def beta(self, ctx: RankContext) -> float:
         """The fusion beta of a request that does not fuse signals: an experiment arm's,
@@ -126,10 +132,15 @@ class FineEngine:
         return model_id(self.backend_for(ctx)) == self.fusion.signals_model
 
     def model_scores(
-        self, ctx: RankContext, cands: Candidates, timeout_s: float | None = None
+        self,
+        ctx: RankContext,
+        cands: Candidates,
+        timeout_s: float | None = None,
+        backend: RankerBackend | None = None,
     ) -> np.ndarray:
-        """The transformer's raw score of each candidate, in input order."""
+        """The transformer's raw score of each candidate, in input order (by ``backend``, else
+        the one the request asks for)."""
         history, cand, query, has_query = self.tensors(ctx, cands)
-        backend = self.backend_for(ctx)
+        backend = backend or self.backend_for(ctx)
         scores = backend.score(history, cand, query, has_query, timeout_s=timeout_s)
         return scores.reshape(-1)[: len(cands)].astype(np.float32)

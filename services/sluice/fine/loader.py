@@ -56,8 +56,9 @@ def load(settings: FineSettings, closers: list[Callable[[], None]]) -> FineEngin
     engine = FineEngine(artifacts.catalog, backend, fusion, arms, tables)
     follow_updates(settings, artifacts, closers, text_vectors=tables is not None)
     ids = artifacts.catalog.item_ids[:20]
+    ctx, cands = RankContext(history_item_ids=ids[:5]), Candidates(ids, ids * 0.0, ids * 0)
     for _ in range(3):
-        engine.rank(
-            RankContext(history_item_ids=ids[:5]), Candidates(ids, ids * 0.0, ids * 0), Budget(10)
-        )
+        engine.rank(ctx, cands, Budget(10))
+        if not engine.runs_model(ctx):  # the build's fusion does not read it: an arm's may
+            engine.model_scores(ctx, cands)
     return engine

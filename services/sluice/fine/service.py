@@ -12,7 +12,8 @@ from sluice.fine.v2 import fine_pb2
 def _model_version(
     engine: Any, response: fine_pb2.RankCandidatesResponse, ctx: RankContext
 ) -> None:
-    response.model_version = engine.backend_for(ctx).version
+    # empty when no model scored them (sluice.fine.engine.FineEngine.runs_model)
+    response.model_version = engine.backend_for(ctx).version if engine.runs_model(ctx) else ""
 
 
 BINDING = StageBinding.of(StageName.FINE_RANK, fine_pb2, "FineRankService", _model_version)

@@ -78,8 +78,6 @@ class RerankEngine:
         """Every eligible candidate, in final order up to the end of the budget's page
         (``offset + max_candidates``) and in relevance order after it."""
         config = self.config
-        if ctx.is_search and config.search_diversity_lambda is not None:
-            config = dataclasses.replace(config, diversity_lambda=config.search_diversity_lambda)
         changes = ctx.rerank.config_changes()
         if changes:  # an experiment arm's settings, for this request only
             if changes.get("tail_share", 0) > 0 and self.tail is None:
@@ -87,6 +85,10 @@ class RerankEngine:
                     "this stage knows no long tail", field_path="context.rerank.exposure_tail_share"
                 )
             config = dataclasses.replace(config, **changes)
+        if ctx.is_search and config.search_diversity_lambda is not None:
+            # search pages have their own lambda: an arm's diversity_lambda is the
+            # recommendation one, so a recommendation experiment leaves search pages alone
+            config = dataclasses.replace(config, diversity_lambda=config.search_diversity_lambda)
         eligible = apply_boosts(self.catalog, self._eligible(ctx, cands), ctx.boosts)
         ranked = self._mmr(eligible, budget.offset + budget.max_candidates, config)
         return place_pins(ranked, ctx.pins, lambda ids: self.allows(ctx, ids))
