@@ -421,6 +421,12 @@ class GatewaySettings(ServiceSettings):
         "uncached query, and served CrowdFlower search quality is the same within its "
         "interval (docs/benchmarks.md); item vectors stay fp32 either way",
     )
+    spell_correction: bool = Field(
+        True,
+        description="search a query word the catalog never uses (nor its stem) as the "
+        "catalog word one typo away (sluice.gateway.spelling); the response's searched_query "
+        "says what was searched",
+    )
     deadline_ms: int = Field(250, ge=1, description="used when the caller sets no deadline")
     min_deadline_ms: int = Field(5, ge=1, description="below this nothing is attempted")
     build_switch_wait_s: float = Field(

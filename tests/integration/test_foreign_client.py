@@ -20,6 +20,7 @@ import pytest
 
 from sluice.artifacts import Artifacts
 from sluice.gateway.blurbs import item_sentences
+from sluice.gateway.spelling import Speller
 from sluice.launch import Cluster
 
 pytestmark = pytest.mark.integration
@@ -73,6 +74,10 @@ def check_report(report: dict[str, Any], tiny_artifacts: Artifacts, item: int) -
     assert search["next_page_token"]
     assert len(report["search_page_2"]) == 5
     assert not set(report["search_page_2"]) & set(search["item_ids"])
+    # "Shoess" is no catalog word: searched as the one a typo away, what the speller says
+    expected = Speller.from_catalog(tiny_artifacts.catalog).correct("Shoess")
+    assert expected != "Shoess" and report["typo"]["searched_query"] == expected
+    assert len(report["typo"]["item_ids"]) == 5
     assert len(report["similar"]) == 4 and str(item) not in report["similar"]
     basic = report["basic"]
     assert basic["item_ids"] == report["similar"] and basic["sources"] == []

@@ -99,6 +99,11 @@ async function main() {
   if (second.err) throw second.err;
   report.search_page_2 = second.response.page.item_ids;
 
+  // a typo: the gateway searches the catalog's word and says so in searched_query
+  const typo = await unary(client, "Search", { query: "Shoess", page_size: 5 });
+  if (typo.err) throw typo.err;
+  report.typo = { searched_query: typo.response.searched_query, item_ids: typo.response.page.item_ids };
+
   if (process.env.SLUICE_CATALOG_KEY) {
     // the merchant's feed: a new item, then a search that finds it (no deadline either)
     const catalogSet = await descriptorSet(["sluice.v1.CatalogService"]);

@@ -15,6 +15,7 @@ from sluice.gateway.pipeline import (
     QueryEncoder,
     _scores_of,
 )
+from sluice.gateway.spelling import Speller
 from sluice.gateway.stages import LocalStage
 from sluice.gateway.tokens import PageTokens
 from sluice.gateway.users import UserHistory, item_attributes
@@ -340,3 +341,29 @@ def test_a_stage_refusing_work_or_the_request_degrades_the_page(
         def add_callback(self, callback: object) -> None: ...  # type: ignore[override]
 
     assert isinstance(from_rpc_error(Refused(), "recall"), Unavailable)
+
+
+def test_a_typo_is_searched_as_the_catalogs_word(
+    local_stages: dict[StageName, LocalStage], tiny_artifacts: Artifacts, encoder: MiniLMEncoder
+) -> None:
+    catalog = tiny_artifacts.catalog
+    store = InMemoryStateStore(item_attributes(catalog))
+    speller = Speller.from_catalog(catalog)
+    gateway = Gateway(
+        local_stages,
+        catalog,
+        UserHistory.from_artifacts(tiny_artifacts, store),
+        QueryEncoder(encoder.encode),
+        speller=speller,
+    )
+    # the catalog's most used long word, with its second letter dropped
+    word = max(
+        (w for t in catalog.titles for w in t.lower().split() if w.isalpha() and len(w) >= 6),
+        key=lambda w: sum(t.lower().split().count(w) for t in catalog.titles),
+    )
+    typo = word[0] + word[2:]
+    assert speller.correct(typo) == word
+    typed = gateway.search(query=typo, page_size=5)
+    right = gateway.search(query=word, page_size=5)
+    assert typed.searched_query == right.searched_query == word
+    assert typed.candidates.item_ids.tolist() == right.candidates.item_ids.tolist()

@@ -136,9 +136,15 @@ def fit_search_on_judgments(artifacts: Artifacts, data: Path, console: Console) 
     """
     from sluice.coarse.engine import FEATURES, SEARCH_FEATURES
     from sluice.data.products import load_queries
-    from sluice.eval.search import collect_samples, fit_pairwise, query_encoder, sample_ndcg
+    from sluice.eval.search import (
+        as_searched,
+        collect_samples,
+        fit_pairwise,
+        query_encoder,
+        sample_ndcg,
+    )
 
-    queries = load_queries(data)
+    queries = as_searched(artifacts.catalog, load_queries(data))
     samples = collect_samples(artifacts, queries, query_encoder(queries.texts))
     columns = [FEATURES.index(f) for f in SEARCH_FEATURES]
     w = fit_pairwise(samples, columns)

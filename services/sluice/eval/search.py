@@ -366,6 +366,20 @@ def fold_artifacts(artifacts: Path, search_weights: np.ndarray, dest: Path) -> P
     return dest
 
 
+def as_searched(catalog: Catalog, queries: LabelledQueries) -> LabelledQueries:
+    """The queries as the gateway searches them: with its spelling correction when its
+    settings have it on (``SLUICE_GATEWAY_SPELL_CORRECTION``, :mod:`sluice.gateway.spelling`),
+    so that weights are fitted, and cross-validated, on what is served."""
+    from sluice.config import GatewaySettings
+    from sluice.gateway.spelling import Speller
+
+    if not GatewaySettings().spell_correction:
+        return queries
+    speller = Speller.from_catalog(catalog)
+    texts = [speller.correct(t.strip()) for t in queries.texts]
+    return LabelledQueries(queries.query_ids, texts, queries.judgments)
+
+
 def subset(queries: LabelledQueries, indices: Sequence[int] | np.ndarray) -> LabelledQueries:
     """The queries at ``indices``, in that order."""
     return LabelledQueries(
@@ -568,7 +582,8 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         mean_ndcg(bm25_rankings(catalog, queries, stem=True), queries),
         "the lexical index recall serves",
     )
-    encode = query_encoder(queries.texts)
+    searched = as_searched(catalog, queries)  # the served cascade's rows read these
+    encode = query_encoder([*queries.texts, *searched.texts])
     qv = np.stack([encode(q.strip()) for q in queries.texts])
     add(
         "dense MiniLM (title + description)",
@@ -580,7 +595,7 @@ def run_search(opts: SearchOptions) -> dict[str, Any]:
         "the vectors of the regression floor's in-process cascade",
     )
 
-    samples = collect_samples(artifacts, queries, encode)
+    samples = collect_samples(artifacts, searched, encode)
     columns = [FEATURES.index(f) for f in SEARCH_FEATURES]
     recall_1000 = float(
         np.mean(

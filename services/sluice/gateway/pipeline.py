@@ -55,6 +55,7 @@ from sluice.gateway.catalog import CatalogWriter
 from sluice.gateway.explain import Explainer, Reason
 from sluice.gateway.refine import Sessions, Turn
 from sluice.gateway.shadow import ShadowArms
+from sluice.gateway.spelling import Speller
 from sluice.gateway.tokens import PageTokens
 from sluice.rules import (
     GUARD_DROPPED,
@@ -271,6 +272,9 @@ class Gateway:
     """Search sessions whose turns refine the last result; None: no session_id accepted."""
     catalog_writer: CatalogWriter | None = None
     """Takes UpdateItems for this build's catalog (:mod:`sluice.gateway.catalog`); None: off."""
+    speller: Speller | None = None
+    """Corrects the words of a query the catalog does not know (:mod:`sluice.gateway.spelling`);
+    None: queries are searched as typed."""
 
     # -- entry points ---------------------------------------------------------------
     def search(
@@ -309,6 +313,8 @@ class Gateway:
             turn = self.sessions.turn(user_id, session_id, text, paging=bool(page_token))
             query = turn.query
             filters = _with(filters, turn.filters, "in this session: its refinements")
+        elif self.speller is not None:  # a session's turns are refinements, not product words
+            query = self.speller.correct(query)
         assignment, version = self._assignment(user_id)
         rules = self._rule_set(assignment)
         if rules is not None:

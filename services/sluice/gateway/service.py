@@ -49,6 +49,7 @@ from sluice.gateway.pipeline import (
 )
 from sluice.gateway.refine import Refiner, Sessions, Turn
 from sluice.gateway.shadow import ShadowArms
+from sluice.gateway.spelling import Speller
 from sluice.gateway.stages import GrpcStage, LocalStage, StageClient
 from sluice.gateway.tokens import PageTokens
 from sluice.gateway.users import CatalogAttributes, UserHistory
@@ -366,7 +367,9 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         from sluice.embed.onnx import query_encoder
 
         artifacts = serving_artifacts(build, settings)
-        live = follow_updates(settings, artifacts, closers)
+        speller = Speller.from_catalog(artifacts.catalog) if settings.spell_correction else None
+        learn = [lambda live, rows: speller.learn(live.catalog, rows)] if speller else []
+        live = follow_updates(settings, artifacts, closers, *learn)
         build_id = build_id_of(build)
         encoder = query_encoder(build, threads=settings.torch_threads)
         # queries may use the quantized export; item texts (live updates) and blurbs stay fp32
@@ -398,6 +401,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
             shadow=shadow[0] if shadow else None,
             sessions=Sessions(Refiner.from_artifacts(artifacts, query), state[0]),
             catalog_writer=catalog_writer(settings, live, encoder.encode),
+            speller=speller,
         )
         gateway.encode_query("warm up")
         if first.is_set() and settings.stages == "grpc":
