@@ -23,6 +23,7 @@ from sluice.domain import Budget, Candidates, RankContext, StageName, Surface
 from sluice.embed.text import MiniLMEncoder
 from sluice.gateway.fallback import FallbackRecall
 from sluice.gateway.pipeline import Gateway, PageResult, QueryEncoder
+from sluice.gateway.spelling import Speller
 from sluice.gateway.stages import LocalStage
 from sluice.gateway.users import UserHistory, item_attributes
 from sluice.rules import GUARD_DROPPED, RulesWatcher, write_rules
@@ -338,6 +339,35 @@ def test_blocked_and_rewritten_queries(
     assert rewritten.searched_query == "kitchen knives" and not rewritten.query_blocked
     plain = gateway.search(query="kitchen knives", page_size=10, deadline_s=DEADLINE_S)
     assert rewritten.candidates.item_ids.tolist() == plain.candidates.item_ids.tolist()
+
+
+def test_the_query_list_reads_the_query_as_typed_and_as_corrected(
+    ruled: Make, tiny_artifacts: Artifacts, tmp_path: Path
+) -> None:
+    """Spelling would change a word the merchant blocks or rewrites (such words are often
+    ones the catalog never uses): the list is checked before it, and again after."""
+    catalog = tiny_artifacts.catalog
+    speller = Speller.from_catalog(catalog)
+    counts = Counter(w for t in catalog.titles for w in set(t.lower().split()) if w.isalpha())
+    first, second = [w for w, n in counts.most_common() if len(w) >= 6][:2]
+    typo_1, typo_2 = first[0] + first[2:], second[0] + second[2:]
+    assert speller.correct(typo_1) == first and speller.correct(typo_2) == second
+    path = tmp_path / "rules.json"
+    write_rules(
+        path,
+        {
+            "version": "typos",
+            "queries": {"blocked": [typo_1, second], "rewrites": {"zzqxx": "kitchen"}},
+        },
+    )
+    gateway = replace(ruled(path=path), speller=speller)
+    typed = gateway.search(query=typo_1, page_size=10, deadline_s=DEADLINE_S)
+    assert typed.query_blocked and typed.searched_query == typo_1  # as typed
+    corrected = gateway.search(query=typo_2, page_size=10, deadline_s=DEADLINE_S)
+    assert corrected.query_blocked and corrected.searched_query == second  # as corrected
+    rewritten = gateway.search(query="zzqxx knives", page_size=10, deadline_s=DEADLINE_S)
+    assert rewritten.searched_query == "kitchen knives"  # rewritten, not corrected first
+    assert gateway.search(query=first, page_size=10, deadline_s=DEADLINE_S).candidates.item_ids.size
 
 
 def test_a_changed_rules_file_applies_to_the_next_request_without_a_restart(

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluice.data.catalog import Catalog
+from sluice.data.tokens import tokenize
 from sluice.gateway.spelling import Speller
 
 TITLES = [
@@ -33,9 +34,10 @@ def speller() -> Speller:
     ("query", "searched"),
     [
         ("adidas fragance", "adidas fragrance"),  # a letter missing
-        ("Assassinss Creed", "assassins creed"),  # one too many; lower-cased when corrected
+        ("Assassinss Creed", "assassins Creed"),  # one too many; the rest stays as typed
         ("extenal hard drive", "external hard drive"),
         ("fargrance", "fragrance"),  # two adjacent letters swapped
+        ("Fragance (men's) t-shirt, $50!", "fragrance (men's) t-shirt, $50!"),
     ],
 )
 def test_a_word_the_catalog_never_uses_is_searched_as_its_word(
@@ -72,15 +74,32 @@ def test_the_most_used_neighbour_wins_and_rare_words_are_no_target() -> None:
 
 def test_items_added_live_teach_their_words() -> None:
     catalog = Catalog.from_columns(
-        item_ids=[1, 2, 3], titles=["Zorbex kettle", "Zorbex toaster", "Zorbex mug"]
+        item_ids=[1, 2], titles=["Zorbex kettle", "Kettle"], brands=["Brevilla", "x"]
     )
-    speller = Speller(["kettle", "toaster"])
-    assert speller.correct("zorbexx") == "zorbexx"  # nothing one edit away yet
-    speller.learn(catalog, [0])
-    assert speller.correct("zorbex") == "zorbex"  # known now: never corrected away
-    assert speller.correct("zorbexx") == "zorbexx"  # used once: not yet a target
-    speller.learn(catalog, [1, 2])
-    assert speller.correct("zorbexx") == "zorbex"
+    speller = Speller(["kettle a", "kettle b", "zorbet c", "zorbet d", "brevill e", "brevill f"])
+    assert speller.correct("zorbex brevilla") == "zorbet brevill"  # unknown yet: corrected
+    speller.learn(catalog, [0])  # its title and its brand
+    assert speller.correct("zorbex brevilla") == "zorbex brevilla"  # known now: as typed
+    assert speller.correct("zorbexx") == "zorbexx"  # a live word is no target until a build
+
+
+def test_words_of_two_descriptions_are_known_but_no_target() -> None:
+    speller = Speller(["waterproof a", "waterproof b"], known=["waterprof x", "waterprof y"])
+    assert speller.correct("waterprof") == "waterprof"  # two descriptions use it
+    speller = Speller(["waterproof a", "waterproof b"], known=["waterprof x"])
+    assert speller.correct("waterprof") == "waterproof"  # one description: a typo there
+
+
+def test_from_catalog_targets_titles_brands_and_categories() -> None:
+    catalog = Catalog.from_columns(
+        item_ids=[1, 2],
+        titles=["Kettle", "Toaster"],
+        brands=["Brevilla", "Brevilla"],
+        categories=["Kitchen", "Kitchen"],
+        descriptions=["made of steell", "made of steell"],
+    )
+    speller = Speller.from_catalog(catalog)
+    assert speller.correct("brevila kitchn steell") == "brevilla kitchen steell"
 
 
 def test_a_query_of_nonsense_looks_up_a_bounded_number_of_words(
@@ -103,9 +122,12 @@ def test_a_query_of_nonsense_looks_up_a_bounded_number_of_words(
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from("adefgimnrstu xÄ1!-"), max_size=60))
-def test_any_text_gives_a_query_that_a_second_pass_leaves_alone(text: str) -> None:
+def test_any_text_is_searched_as_typed_or_with_catalog_words(text: str) -> None:
     speller = Speller(TITLES)
     once = speller.correct(text)
-    assert isinstance(once, str)
-    if len(text.split()) <= speller.max_corrections:
-        assert speller.correct(once) == once
+    typed, searched = tokenize(text, stem=False), tokenize(once, stem=False)
+    assert len(searched) == len(typed)  # words are replaced, never added or dropped
+    vocabulary = set(tokenize(" ".join(TITLES), stem=False))
+    assert all(a == b or b in vocabulary for a, b in zip(typed, searched, strict=True))
+    if len(typed) <= speller.max_corrections:
+        assert speller.correct(once) == once  # a second pass changes nothing

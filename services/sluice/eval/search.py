@@ -370,12 +370,11 @@ def as_searched(catalog: Catalog, queries: LabelledQueries) -> LabelledQueries:
     """The queries as the gateway searches them: with its spelling correction when its
     settings have it on (``SLUICE_GATEWAY_SPELL_CORRECTION``, :mod:`sluice.gateway.spelling`),
     so that weights are fitted, and cross-validated, on what is served."""
-    from sluice.config import GatewaySettings
-    from sluice.gateway.spelling import Speller
+    from sluice.gateway.spelling import speller_for
 
-    if not GatewaySettings().spell_correction:
+    speller = speller_for(catalog)
+    if speller is None:
         return queries
-    speller = Speller.from_catalog(catalog)
     texts = [speller.correct(t.strip()) for t in queries.texts]
     return LabelledQueries(queries.query_ids, texts, queries.judgments)
 

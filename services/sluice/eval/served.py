@@ -336,7 +336,7 @@ def in_process_gateway(artifacts: Artifacts, stages: Any, encode_query: Any = No
     """The gateway's logic over ``stages``, with the users and limits the gateway service uses."""
     from sluice.config import GatewaySettings
     from sluice.gateway.pipeline import Gateway, GatewayLimits
-    from sluice.gateway.spelling import Speller
+    from sluice.gateway.spelling import speller_for
     from sluice.gateway.users import UserHistory, item_attributes
     from sluice.state.store import InMemoryStateStore
 
@@ -345,7 +345,7 @@ def in_process_gateway(artifacts: Artifacts, stages: Any, encode_query: Any = No
     store = InMemoryStateStore(item_attributes(artifacts.catalog))
     users = UserHistory.from_artifacts(artifacts, store)
     encoder = encode_query or (lambda q: np.zeros(384, np.float32))
-    speller = Speller.from_catalog(artifacts.catalog) if settings.spell_correction else None
+    speller = speller_for(artifacts.catalog, settings)
     return Gateway(stages, artifacts.catalog, users, encoder, limits, speller=speller)
 
 

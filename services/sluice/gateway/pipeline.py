@@ -208,6 +208,15 @@ def _with(
     return filters + more
 
 
+def _listed(rules: RuleSet | None, query: str) -> tuple[bool, str]:
+    """Whether the merchant's query list blocks ``query``, and the query after its rewrites
+    (as given when blocked or without rules)."""
+    if rules is None:
+        return False, query
+    decision = rules.query(query)
+    return decision.blocked, query if decision.blocked else decision.query
+
+
 def _scores_of(cands: Candidates, item_ids: np.ndarray) -> np.ndarray:
     """Each item's score in ``cands`` (NaN where the stage did not return it)."""
     out = np.full(len(item_ids), np.nan, dtype=np.float32)
@@ -313,15 +322,18 @@ class Gateway:
             turn = self.sessions.turn(user_id, session_id, text, paging=bool(page_token))
             query = turn.query
             filters = _with(filters, turn.filters, "in this session: its refinements")
-        elif self.speller is not None:  # a session's turns are refinements, not product words
-            query = self.speller.correct(query)
         assignment, version = self._assignment(user_id)
         rules = self._rule_set(assignment)
-        if rules is not None:
-            decision = rules.query(query)
-            if decision.blocked:
-                return self._blocked(query, rules.version, start)
-            query = decision.query
+        # the merchant's query list reads the query as typed, then as corrected: a blocked or
+        # rewritten word is often one the catalog never uses, which spelling would change
+        # (a session's turns are refinements such as "cheaper", not product words)
+        blocked, query = _listed(rules, query)
+        speller = self.speller if turn is None else None
+        if not blocked and speller is not None and (fixed := speller.correct(query)) != query:
+            blocked, query = _listed(rules, fixed)
+        if blocked:
+            assert rules is not None
+            return self._blocked(query, rules.version, start)
         req = _Request(
             RequestKind.SEARCH,
             user_id,

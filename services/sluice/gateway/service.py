@@ -49,7 +49,7 @@ from sluice.gateway.pipeline import (
 )
 from sluice.gateway.refine import Refiner, Sessions, Turn
 from sluice.gateway.shadow import ShadowArms
-from sluice.gateway.spelling import Speller
+from sluice.gateway.spelling import speller_for
 from sluice.gateway.stages import GrpcStage, LocalStage, StageClient
 from sluice.gateway.tokens import PageTokens
 from sluice.gateway.users import CatalogAttributes, UserHistory
@@ -367,7 +367,7 @@ def spec(settings: GatewaySettings) -> ServiceSpec:
         from sluice.embed.onnx import query_encoder
 
         artifacts = serving_artifacts(build, settings)
-        speller = Speller.from_catalog(artifacts.catalog) if settings.spell_correction else None
+        speller = speller_for(artifacts.catalog, settings)
         learn = [lambda live, rows: speller.learn(live.catalog, rows)] if speller else []
         live = follow_updates(settings, artifacts, closers, *learn)
         build_id = build_id_of(build)
