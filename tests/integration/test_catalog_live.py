@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from google.protobuf import field_mask_pb2
 
 from sluice.artifacts import Artifacts
 from sluice.common.v1 import common_pb2
+from sluice.gateway.spelling import Speller
 from sluice.launch import Cluster
 from sluice.v1 import catalog_pb2, catalog_pb2_grpc, storefront_pb2, storefront_pb2_grpc
 from tests.integration.conftest import running_cluster
@@ -219,8 +221,17 @@ def test_a_nodejs_feed_adds_an_item(
     live: Cluster, node_client: Path, tiny_artifacts: Artifacts
 ) -> None:
     item = int(tiny_artifacts.catalog.item_ids[3])
-    report = run_node_client(node_client, live.gateway_address, item, {"SLUICE_CATALOG_KEY": KEY})
+    # a word one typo from the catalog's most used long title word: the build's speller
+    # corrects it, so only the gateway learning the new item's title keeps it as typed
+    catalog = tiny_artifacts.catalog
+    counts = Counter(w for t in catalog.titles for w in set(t.lower().split()) if w.isalpha())
+    word = next(w for w, _ in counts.most_common() if len(w) >= 6)
+    live_word = word[0] + word[2:]
+    assert Speller.from_catalog(catalog).correct(live_word) == word
+    env = {"SLUICE_CATALOG_KEY": KEY, "SLUICE_LIVE_WORD": live_word}
+    report = run_node_client(node_client, live.gateway_address, item, env)
     made = report["catalog"]
+    assert made["live_word_searched"] == f"{live_word} lantern"
     assert made["created"] == 1
     assert made["unauthenticated"] == "UNAUTHENTICATED"
     assert made["bad_mask"] == ["INVALID_ARGUMENT", ["updates[0].update_mask.paths[0]"]]

@@ -134,6 +134,14 @@ async function main() {
       if (found.response.page.item_ids.includes(newId) || Date.now() - began > 5000) break;
       await new Promise((r) => setTimeout(r, 100));
     }
+    // a word only the new item uses (SLUICE_LIVE_WORD, one typo from a catalog word): the
+    // gateway learned it from the update, so it is searched as typed, not corrected away
+    const liveWord = process.env.SLUICE_LIVE_WORD || "frobnitz";
+    const worded = await call({ updates: [{ item: { item_id: newId,
+      title: `Frobnitz node lantern ${liveWord}` } }] }, md);
+    if (worded.err) throw worded.err;
+    const kept = await unary(client, "Search", { query: `${liveWord} lantern`, page_size: 5 });
+    if (kept.err) throw kept.err;
     const violations = Status.decode(badMask.err.metadata.get("grpc-status-details-bin")[0])
       .details.filter((any) => any.type_url.endsWith("google.rpc.BadRequest"))
       .flatMap((any) => BadRequest.decode(any.value).field_violations.map((v) => v.field));
@@ -143,6 +151,7 @@ async function main() {
       unauthenticated: grpc.status[unauthenticated.err.code],
       bad_mask: [grpc.status[badMask.err.code], violations],
       search: found.response.page.item_ids,
+      live_word_searched: kept.response.searched_query,
       visible_after_ms: Date.now() - began,
     };
     catalog.close();
