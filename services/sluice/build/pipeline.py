@@ -34,10 +34,6 @@ from sluice.fine.fusion import COARSE_DECIDES_BETA
 from sluice.fine.model import RankerConfig
 
 log = logging.getLogger(__name__)
-# Without interactions the transformer has no behaviour to learn from: it is exported
-# untrained (Triton still serves the stage, for a shop that later brings behaviour or its
-# own model) and the fine stage keeps the coarse order without running it.
-NO_BEHAVIOUR_FUSION_BETA = COARSE_DECIDES_BETA
 
 
 @dataclass
@@ -230,7 +226,10 @@ def fit_cascade(
 
     with steps.step("fit the fine/coarse score fusion on other held-out requests"):
         if search_only:
-            fusion = FusionWeights(NO_BEHAVIOUR_FUSION_BETA, NO_BEHAVIOUR_FUSION_BETA)
+            # without interactions the transformer has no behaviour to learn from: it is exported
+            # untrained (Triton still serves the stage, for a shop that later brings behaviour or
+            # its own model) and the fine stage keeps the coarse order without running it
+            fusion = FusionWeights(COARSE_DECIDES_BETA, COARSE_DECIDES_BETA)
         else:
             # search's beta needs few requests; the recommendation signals' weights more
             rec, _ = training_contexts(artifacts, sequences, coarse_users, seed + 1, None)

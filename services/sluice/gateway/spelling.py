@@ -52,12 +52,12 @@ class Speller:
         max_corrections: int = MAX_CORRECTIONS,
     ) -> None:
         """``targets``: texts whose words a query word may become (one text per item);
-        ``known``: texts whose words, used in two of them, are never corrected."""
+        ``known``: texts whose words, used in ``min_count`` of them, are never corrected."""
         self.min_length = min_length
         self.max_corrections = max_corrections
         self._counts = Counter(w for text in targets for w in set(tokenize(text, stem=False)))
         others = Counter(w for text in known for w in set(tokenize(text, stem=False)))
-        self._known = set(self._counts) | {w for w, n in others.items() if n >= MIN_COUNT}
+        self._known = set(self._counts) | {w for w, n in others.items() if n >= min_count}
         self._stems = set(tokenize(" ".join(self._known)))
         # the targets by length; never changed after this, so lookups need no lock
         self._by_length: dict[int, list[str]] = {}
