@@ -10,10 +10,12 @@ import pytest
 
 from sluice.recall.ann_index import (
     AUTO_FLAT_MAX,
+    AUTO_IVF_FLAT_MAX_BYTES,
     DEFAULT_LARGE_KIND,
     KINDS,
     AnnIndex,
     build_index,
+    factory_string,
     resolve_kind,
 )
 
@@ -150,9 +152,24 @@ def test_auto_picks_flat_for_small_sets(data: tuple[np.ndarray, np.ndarray]) -> 
     assert isinstance(flat, faiss.IndexFlat)
     assert flat.metric_type == faiss.METRIC_INNER_PRODUCT
     assert resolve_kind("auto", AUTO_FLAT_MAX - 1) == "flat"
-    assert resolve_kind("auto", AUTO_FLAT_MAX) == DEFAULT_LARGE_KIND
+    assert resolve_kind("auto", AUTO_FLAT_MAX) == DEFAULT_LARGE_KIND  # dimension unknown
     with pytest.raises(ValueError, match="unknown index kind"):
         resolve_kind("lsh", 10)
+
+
+def test_auto_trades_memory_for_cpu_by_the_vectors_size() -> None:
+    # IVF-Flat while the float32 vectors fit the bound (a 100k catalog's 384-d text vectors),
+    # RaBitQ beyond it (1M x 64-d behaviour vectors, 1M x 384-d text vectors)
+    assert resolve_kind("auto", 100_000, 64) == "ivf_flat"
+    assert resolve_kind("auto", 100_000, 384) == "ivf_flat"
+    at_bound = AUTO_IVF_FLAT_MAX_BYTES // (4 * 384)
+    assert resolve_kind("auto", at_bound, 384) == "ivf_flat"
+    assert resolve_kind("auto", at_bound + 1, 384) == DEFAULT_LARGE_KIND
+    assert resolve_kind("auto", 1_000_000, 64) == DEFAULT_LARGE_KIND
+    assert resolve_kind("auto", 1_000_000, 384) == DEFAULT_LARGE_KIND
+    assert resolve_kind("auto", AUTO_FLAT_MAX - 1, 384) == "flat"
+    assert factory_string("auto", 100_000, 384).endswith(",Flat")
+    assert "RaBitQ" in factory_string("auto", 1_000_000, 64)
 
 
 def test_compressed_kinds_use_less_memory(indexes: dict[str, AnnIndex]) -> None:

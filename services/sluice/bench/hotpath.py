@@ -12,6 +12,11 @@
 ``python -m sluice.bench.hotpath encoder ARTIFACTS --queries 600``
     The fp32 and int8 query encoders side by side on the same queries: CPU per query and
     the cosine between their vectors.
+``python -m sluice.bench.hotpath ann ARTIFACTS --kinds ivf_flat,ivf_rabitq``
+    The recall stage's two ANN indexes as served (top 1,000, the history excluded) built
+    as each kind from the build's vectors: CPU per query, alternating kinds, and recall@1000
+    against exact search. Queries are the recall stage's own: users' recency-weighted
+    history vectors for the behaviour index, encoded benchmark queries for the text index.
 ``python -m sluice.bench.hotpath rtt [--server sync|aio]``
     Client CPU and wall time of a gRPC round trip to a health service in another process,
     made blocking, with ``.future()`` (what the gateway's stage calls use, so that a
@@ -135,6 +140,66 @@ def encoder(args: argparse.Namespace) -> dict[str, Any]:
         f"({out['int8_ms'] / out['fp32_ms']:.2f}x); cosine mean {out['cosine_mean']:.4f}, "
         f"min {out['cosine_min']:.4f}"
     )
+    return out
+
+
+def ann(args: argparse.Namespace) -> dict[str, Any]:
+    import faiss
+
+    from sluice.artifacts import Artifacts
+    from sluice.domain import RankContext
+    from sluice.embed.onnx import query_encoder
+    from sluice.recall.ann_index import AnnIndex, build_index
+    from sluice.recall.engine import RecallConfig
+    from sluice.recall.sources import seed_rows
+
+    faiss.omp_set_num_threads(1)  # as the recall service searches: one query, one thread
+    a = Artifacts(args.artifacts)
+    catalog, cfg = a.catalog, RecallConfig()
+    rng = np.random.default_rng(args.seed)
+    users, histories = a.users()
+    queries: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"behaviour": [], "text": []}
+    for u in rng.choice(len(users), size=min(args.queries, len(users)), replace=False):
+        ctx = RankContext(history_item_ids=histories[u])
+        seeds, weights = seed_rows(catalog, ctx, cfg.history_window, cfg.recency_decay)
+        if len(seeds):
+            allowed = np.ones(len(catalog), bool)
+            allowed[catalog.rows(histories[u])] = False  # recall excludes the history
+            queries["behaviour"].append((weights @ a.behaviour_vectors[seeds], allowed))
+    encoder = query_encoder(args.artifacts, precision="int8")
+    texts = [s.query for s in _requests(args.artifacts, args.queries, args.seed, 1.0)]
+    for vector in encoder.encode(texts):
+        queries["text"].append((vector, np.ones(len(catalog), bool)))
+    out: dict[str, Any] = {}
+    for name, vectors in (("behaviour", a.behaviour_vectors), ("text", a.text_vectors)):
+        qs = [
+            ((q / np.linalg.norm(q)).reshape(1, -1).astype(np.float32), ok)
+            for q, ok in queries[name]
+        ]
+        exact = AnnIndex(build_index(vectors, "flat"))
+        truth = [exact.search_filtered(q, 1000, ok)[1][0] for q, ok in qs]
+        indexes = {kind: AnnIndex(build_index(vectors, kind)) for kind in args.kinds.split(",")}
+        spent = dict.fromkeys(indexes, 0.0)
+        for _ in range(args.rounds):  # alternating, so that the host's load hits each alike
+            for kind, index in indexes.items():
+                t0 = time.process_time()
+                for q, ok in qs:
+                    index.search_filtered(q, 1000, ok)
+                spent[kind] += time.process_time() - t0
+        for kind, index in indexes.items():
+            found = [index.search_filtered(q, 1000, ok)[1][0] for q, ok in qs]
+            kept = [len(np.intersect1d(f, t)) / len(t) for f, t in zip(found, truth, strict=True)]
+            row = {
+                "ms_per_query": 1000 * spent[kind] / (args.rounds * len(qs)),
+                "recall_at_1000": float(np.mean(kept)),
+                "memory_mib": index.memory_bytes() / 2**20,
+            }
+            out[f"{name}/{kind}"] = row
+            print(
+                f"{name} ({vectors.shape[1]}-d, {len(vectors):,} items) {kind}: "
+                f"{row['ms_per_query']:.3f} ms of CPU per query, "
+                f"recall@1000 {row['recall_at_1000']:.3f}, {row['memory_mib']:.0f} MiB"
+            )
     return out
 
 
@@ -264,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("encoder", help="fp32 against int8 query encoding")
     p.add_argument("artifacts", type=Path)
     p.add_argument("--queries", type=int, default=600)
+    p = sub.add_parser("ann", help="the recall indexes as each kind: CPU and recall@1000")
+    p.add_argument("artifacts", type=Path)
+    p.add_argument("--kinds", default="ivf_flat,ivf_rabitq")
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("rtt", help="blocking against future gRPC round trips")
     p.add_argument(
         "--server", choices=("sync", "aio"), default="sync", help="the health server's kind"
@@ -274,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=7)
         p.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    result = {"cpu": cpu, "pages": pages, "encoder": encoder, "rtt": rtt}[args.command](args)
+    commands = {"cpu": cpu, "pages": pages, "encoder": encoder, "ann": ann, "rtt": rtt}
+    result = commands[args.command](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
