@@ -1,9 +1,17 @@
 from typing import Any
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sluice.artifacts import Artifacts
-from sluice.coarse.engine import FEATURES, CoarseEngine, FeatureTables, LinearWeights
+from sluice.coarse.engine import (
+    FEATURES,
+    CoarseEngine,
+    FeatureTables,
+    LinearWeights,
+    weighted_features,
+)
 from sluice.domain import Budget, Candidates, FineOverrides, RankContext, StageName
 from sluice.fine.backend import CANDIDATES_PER_ROW, TorchBackend
 from sluice.fine.engine import FineEngine
@@ -24,6 +32,55 @@ def test_coarse_keeps_the_best_scored(
     assert x.shape == (500, len(FEATURES)) and np.isfinite(x).all()
     full = x @ ranker.weights.recommend
     assert np.isclose(kept.scores.min(), np.sort(full)[-100], rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    needed=st.frozensets(st.sampled_from(FEATURES)),
+    user=st.integers(0, 50),
+    search=st.booleans(),
+    context_item=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_features_computes_only_what_is_needed_and_the_same_values(
+    tiny_artifacts: Artifacts,
+    needed: frozenset[str],
+    user: int,
+    search: bool,
+    context_item: bool,
+    seed: int,
+) -> None:
+    """What a scorer skips (its zero weights) changes no score: the needed columns hold
+    exactly what the full matrix holds, and a skipped feature (not a source flag or the
+    recall score, which are always written) stays 0."""
+    tables = FeatureTables.from_artifacts(tiny_artifacts)
+    catalog = tiny_artifacts.catalog
+    _, histories = tiny_artifacts.users()
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(catalog.item_ids, size=200, replace=False)
+    cands = Candidates(ids, rng.random(200).astype(np.float32) / 60, rng.integers(1, 5, 200))
+    query = " ".join(catalog.titles[int(rng.integers(len(catalog)))].split()[:3])
+    ctx = RankContext(
+        history_item_ids=histories[user % len(histories)],
+        context_item_id=int(ids[0]) if context_item else 0,
+        query=query if search else "",
+        query_embedding=(
+            tiny_artifacts.text_vectors[int(rng.integers(len(catalog)))] if search else None
+        ),
+    )
+    full = tables.features(ctx, cands)
+    some = tables.features(ctx, cands, needed)
+    always = {"recall_score", *(n for n in FEATURES if n.startswith("src_"))}
+    for j, name in enumerate(FEATURES):
+        if name in needed or name in always:
+            np.testing.assert_array_equal(some[:, j], full[:, j], err_msg=name)
+        else:
+            assert not some[:, j].any(), name
+    w = np.where([n in needed for n in FEATURES], rng.normal(size=len(FEATURES)), 0).astype(
+        np.float32
+    )
+    assert weighted_features(w) == needed - {n for n, v in zip(FEATURES, w, strict=True) if v == 0}
+    np.testing.assert_array_equal(some @ w, full @ w)
 
 
 def test_coarse_weights_were_fitted(tiny_artifacts: Artifacts) -> None:

@@ -69,6 +69,14 @@ LOG_COOC_SCALE = 1000.0
 
 # Column of each feature in the matrix: features are written and weighted by name.
 COLUMN = {name: j for j, name in enumerate(FEATURES)}
+_ALL = frozenset(FEATURES)
+# the features read from the shopper's history, and the search features read from the text
+HISTORY_FEATURES = frozenset(
+    ("behaviour_sim", "history_text_sim", "cooc", "log_cooc", "category_affinity", "has_history")
+)
+SEARCH_FIELD_FEATURES = frozenset(
+    ("bm25", "bm25_title", "title_coverage", "title_bigram", "description_length")
+)
 SOURCE_FEATURES = {
     Source.ANN: "src_ann",
     Source.LEXICAL: "src_lexical",
@@ -113,8 +121,14 @@ class FeatureTables:
             popularity=a.popularity,
         )
 
-    def features(self, ctx: RankContext, cands: Candidates) -> np.ndarray:
-        """Feature matrix [len(cands), len(FEATURES)], float32."""
+    def features(
+        self, ctx: RankContext, cands: Candidates, needed: frozenset[str] | None = None
+    ) -> np.ndarray:
+        """Feature matrix [len(cands), len(FEATURES)], float32.
+
+        ``needed``: the features the caller reads (every one when None); the others stay 0
+        and are not computed. A scorer passes the features its weights do not zero
+        (:func:`weighted_features`), so its scores are the same as with every feature."""
         cat = self.catalog
         rows = cat.rows(cands.item_ids)
         rows = np.where(rows >= 0, rows, 0)
@@ -122,64 +136,91 @@ class FeatureTables:
         x = np.zeros((n, len(FEATURES)), dtype=np.float32)
         if n == 0:
             return x
+        want = needed if needed is not None else _ALL
         c = COLUMN
         x[:, c["recall_score"]] = cands.scores * RRF_K  # fusion scores are ~1/RRF_K: unit scale
         for src, name in SOURCE_FEATURES.items():
             x[:, c[name]] = cands.sources == src
-        hist = cat.rows(ctx.history_item_ids)
-        hist = hist[hist >= 0][-self.history_window :]
-        if ctx.context_item_id and cat.row(ctx.context_item_id) >= 0:
-            hist = np.array([cat.row(ctx.context_item_id)], dtype=np.int64)
+        hist = np.zeros(0, np.int64)
+        if not want.isdisjoint(HISTORY_FEATURES):
+            hist = cat.rows(ctx.history_item_ids)
+            hist = hist[hist >= 0][-self.history_window :]
+            if ctx.context_item_id and cat.row(ctx.context_item_id) >= 0:
+                hist = np.array([cat.row(ctx.context_item_id)], dtype=np.int64)
+        query_sim = ctx.query_embedding is not None and "query_text_sim" in want
         # one gather of the candidates' text vectors serves both text features (a random gather
         # from the catalog's table is the expensive part, not the product)
-        text = self.text_vectors[rows] if len(hist) or ctx.query_embedding is not None else None
+        history_text = len(hist) > 0 and "history_text_sim" in want
+        text = self.text_vectors[rows] if history_text or query_sim else None
         if len(hist):
             ages = np.arange(len(hist))[::-1]
             w = (self.recency_decay**ages).astype(np.float32)
             w /= w.sum()
-            user = w @ self.behaviour_vectors[hist]
-            user /= max(float(np.linalg.norm(user)), 1e-9)
-            x[:, c["behaviour_sim"]] = self.behaviour_vectors[rows] @ user
-            htext = w @ self.text_vectors[hist]
-            htext /= max(float(np.linalg.norm(htext)), 1e-9)
-            x[:, c["history_text_sim"]] = text @ htext
-            cooc = weighted_row_sum(self.cooc, hist, w, rows)
-            x[:, c["cooc"]] = cooc
-            x[:, c["log_cooc"]] = np.log1p(LOG_COOC_SCALE * cooc)
-            hcats = cat.category_codes[hist]
-            share = np.bincount(hcats, weights=w, minlength=len(cat.categories))
-            x[:, c["category_affinity"]] = share[cat.category_codes[rows]]
-            x[:, c["has_history"]] = 1.0
-        if ctx.query_embedding is not None:
+            if "behaviour_sim" in want:
+                user = w @ self.behaviour_vectors[hist]
+                user /= max(float(np.linalg.norm(user)), 1e-9)
+                x[:, c["behaviour_sim"]] = self.behaviour_vectors[rows] @ user
+            if history_text:
+                htext = w @ self.text_vectors[hist]
+                htext /= max(float(np.linalg.norm(htext)), 1e-9)
+                x[:, c["history_text_sim"]] = text @ htext
+            if not want.isdisjoint(("cooc", "log_cooc")):
+                cooc = weighted_row_sum(self.cooc, hist, w, rows)
+                if "cooc" in want:
+                    x[:, c["cooc"]] = cooc
+                if "log_cooc" in want:
+                    x[:, c["log_cooc"]] = np.log1p(LOG_COOC_SCALE * cooc)
+            if "category_affinity" in want:
+                hcats = cat.category_codes[hist]
+                share = np.bincount(hcats, weights=w, minlength=len(cat.categories))
+                x[:, c["category_affinity"]] = share[cat.category_codes[rows]]
+            if "has_history" in want:
+                x[:, c["has_history"]] = 1.0
+        if query_sim:
             x[:, c["query_text_sim"]] = text @ ctx.query_embedding
-        if ctx.query and self.lexical is not None:
-            self._search_features(self.lexical, ctx.query, rows, x)
-        x[:, c["log_popularity"]] = np.log1p(self.popularity[rows])
+        if ctx.query and self.lexical is not None and not want.isdisjoint(SEARCH_FIELD_FEATURES):
+            self._search_features(self.lexical, ctx.query, rows, x, want)
+        if "log_popularity" in want:
+            x[:, c["log_popularity"]] = np.log1p(self.popularity[rows])
         return x
 
     def _search_features(
-        self, lexical: LexicalIndex, query: str, rows: np.ndarray, x: np.ndarray
+        self,
+        lexical: LexicalIndex,
+        query: str,
+        rows: np.ndarray,
+        x: np.ndarray,
+        want: frozenset[str] = frozenset(),
     ) -> None:
         """BM25 of the document and of the title (each over the query's best match), the
         share of the query's distinct terms found in the title, the share of its adjacent
-        term pairs found adjacent in the title and the description's log length."""
-        bm = lexical.scores(query)
-        top = float(bm.max()) if len(bm) else 0.0
-        if top > 0:
-            x[:, COLUMN["bm25"]] = bm[rows] / top
-        title = lexical.title_scores(query)
-        top = float(title.max()) if len(title) else 0.0
-        if top > 0:
-            x[:, COLUMN["bm25_title"]] = title[rows] / top
-        terms = sorted(set(lexical.tokens(query)))
+        term pairs found adjacent in the title and the description's log length (those of
+        them in ``want``)."""
+        if "bm25" in want:
+            bm = lexical.scores(query)
+            top = float(bm.max()) if len(bm) else 0.0
+            if top > 0:
+                x[:, COLUMN["bm25"]] = bm[rows] / top
+        if "bm25_title" in want:
+            title = lexical.title_scores(query)
+            top = float(title.max()) if len(title) else 0.0
+            if top > 0:
+                x[:, COLUMN["bm25_title"]] = title[rows] / top
+        terms = sorted(set(lexical.tokens(query))) if "title_coverage" in want else []
         if terms:
             found = np.zeros(len(rows), np.float32)
             for term in terms:
                 found += lexical.title_scores(term)[rows] > 0
             x[:, COLUMN["title_coverage"]] = found / len(terms)
-        fields = self.fields
-        x[:, COLUMN["title_bigram"]] = fields.title_bigram(query, rows)
-        x[:, COLUMN["description_length"]] = fields.description_length(rows)
+        if "title_bigram" in want:
+            x[:, COLUMN["title_bigram"]] = self.fields.title_bigram(query, rows)
+        if "description_length" in want:
+            x[:, COLUMN["description_length"]] = self.fields.description_length(rows)
+
+
+def weighted_features(weights: np.ndarray) -> frozenset[str]:
+    """The features a weight vector over FEATURES reads (its nonzero weights)."""
+    return frozenset(name for name, w in zip(FEATURES, weights, strict=True) if w != 0)
 
 
 def weighted_row_sum(
@@ -272,6 +313,8 @@ class CoarseEngine:
     def __init__(self, tables: FeatureTables, weights: LinearWeights) -> None:
         self.tables = tables
         self.weights = weights
+        # a feature whose weight is 0 cannot change a score: it is not computed
+        self._needed = (weighted_features(weights.search), weighted_features(weights.recommend))
 
     def rank(self, ctx: RankContext, cands: Candidates, budget: Budget) -> Candidates:
         keep = budget.max_candidates
@@ -279,8 +322,9 @@ class CoarseEngine:
             return cands
         if ctx.is_anonymous:  # popularity decides; the features hold only build-time counts
             return cands.top(keep)
-        x = self.tables.features(ctx, cands)
-        w = self.weights.search if ctx.is_search else self.weights.recommend
+        search = ctx.is_search
+        x = self.tables.features(ctx, cands, self._needed[0 if search else 1])
+        w = self.weights.search if search else self.weights.recommend
         return cands.with_scores(x @ w).top(keep)
 
 

@@ -19,6 +19,7 @@ from sluice.embed.text import TEXT_DIM
 from sluice.fine.backend import CANDIDATES_PER_ROW, HISTORY_LEN, RankerBackend, model_id
 from sluice.fine.fusion import (
     COARSE_DECIDES_BETA,
+    NEEDED_FEATURES,
     FusionWeights,
     fuse,
     fuse_signals,
@@ -99,7 +100,8 @@ class FineEngine:
                 fine[live] = np.median(fine[~live])
             if self.fuses_signals(ctx):
                 assert self.tables is not None
-                matrix = signal_matrix(fine, cands.scores, self.tables.features(ctx, cands))
+                features = self.tables.features(ctx, cands, NEEDED_FEATURES)
+                matrix = signal_matrix(fine, cands.scores, features)
                 fused = fuse_signals(matrix, self.fusion.signals)
             else:
                 fused = fuse(fine, cands.scores, self.beta(ctx))

@@ -51,6 +51,8 @@ SIGNAL_FEATURES = (
     "recall_score",
 )
 SIGNALS = ("fine", "coarse", *SIGNAL_FEATURES)
+NEEDED_FEATURES = frozenset(SIGNAL_FEATURES)
+"""What the fine stage computes of the coarse features (``FeatureTables.features``)."""
 
 
 @dataclass
