@@ -342,7 +342,7 @@ def command_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--artifacts", default=str(paths.default_artifacts()))
-        p.add_argument("--fine-backend", choices=("triton", "torch"), default="triton")
+        p.add_argument("--fine-backend", choices=("triton", "onnx", "torch"), default="triton")
         p.add_argument("--gpu", action="store_true", help="Triton with the KIND_GPU config")
         p.add_argument(
             "--stages",

@@ -309,7 +309,12 @@ class CoarseSettings(StageSettings):
 class FineSettings(StageSettings):
     model_config = SettingsConfigDict(env_prefix="SLUICE_FINE_")
     port: int = 50063
-    backend: Literal["triton", "torch"] = "triton"
+    backend: Literal["triton", "onnx", "torch"] = Field(
+        "triton",
+        description="triton: the model on Triton (dynamic batching, GPUs); onnx: the build's "
+        "model.onnx on ONNX Runtime in this process, no Triton (torch_threads threads); "
+        "torch: the torch model in this process (needs torch, which the service image lacks)",
+    )
     triton_url: str = "127.0.0.1:8001"
     triton_tls_ca_file: Path | None = Field(None, description="verify Triton's gRPC TLS")
     triton_tls_cert_file: Path | None = Field(None, description="client certificate for Triton")

@@ -35,6 +35,16 @@ def colocated(
     yield from running_cluster(tiny_artifacts, tmp_path_factory.mktemp("colocated"), "local")
 
 
+@pytest.fixture(scope="module")
+def one_process(
+    tiny_artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """The one-machine layout without Triton: the gateway runs the build's model.onnx on ONNX
+    Runtime itself (``SLUICE_FINE_BACKEND=onnx``)."""
+    base = tmp_path_factory.mktemp("one-process")
+    yield from running_cluster(tiny_artifacts, base, "local", fine_backend="onnx")
+
+
 def _requests(a: Artifacts) -> dict[str, Callable[[StorefrontClient], Any]]:
     """One of every kind of request, by name; each takes a client and returns the response."""
     users, histories = a.users()
@@ -113,6 +123,24 @@ def test_both_layouts_return_identical_pages(
         assert [(s.candidates_in, s.candidates_out) for s in a.stages] == [
             (s.candidates_in, s.candidates_out) for s in b.stages
         ], name
+
+
+def test_the_gateway_alone_ranks_as_triton_does(
+    colocated: Cluster, one_process: Cluster, tiny_artifacts: Artifacts
+) -> None:
+    """The same model file on ONNX Runtime in the gateway and on Triton: the same pages, with
+    the model's scores, and one process instead of two."""
+    assert set(one_process.processes) == {"gateway"}
+    triton, alone = (
+        StorefrontClient(colocated.gateway_address),
+        StorefrontClient(one_process.gateway_address),
+    )
+    for name, request in _requests(tiny_artifacts).items():
+        a, b = request(triton), request(alone)
+        assert len(b.page.item_ids) > 0, name
+        assert list(a.page.item_ids) == list(b.page.item_ids), name
+        np.testing.assert_allclose(a.page.fine_scores, b.page.fine_scores, rtol=1e-5, err_msg=name)
+        assert [s.degraded for s in b.stages] == [False] * 4, name
 
 
 def test_anonymous_similar_items_run_the_ranker_in_both_layouts(

@@ -15,9 +15,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from sluice.artifacts import Artifacts
-from sluice.domain import Candidates, RankContext
+from sluice.core.errors import Unavailable
+from sluice.domain import Budget, Candidates, RankContext
 from sluice.fine import contract
-from sluice.fine.backend import TorchBackend
+from sluice.fine.backend import OnnxBackend, RankerContractError, TorchBackend
 from sluice.fine.engine import FineEngine
 from sluice.fine.model import FineRanker
 from sluice.fine.onnx_export import order_gelu_for_fusion
@@ -108,6 +109,50 @@ def test_a_query_changes_the_onnx_scores(
     without = run_onnx(session, (history, candidates, query, np.zeros_like(has_query)))
     real = candidates > 0
     assert np.abs(with_query - without)[real].max() > 1e-3
+
+
+def test_the_onnx_backend_ranks_as_the_torch_backend_in_the_fine_stage(
+    tiny_artifacts: Artifacts,
+) -> None:
+    """SLUICE_FINE_BACKEND=onnx: the build's model.onnx in the stage's own process gives the
+    torch ranker's scores (to 1e-4) and the same pages, with and without a query."""
+    backend = OnnxBackend(tiny_artifacts.ranker_dir)
+    assert (backend.model_name, backend.version) == ("fine_ranker", tiny_artifacts.ranker_version)
+    for tensors in served_tensors(tiny_artifacts):
+        got = backend.score(*tensors)
+        want = TorchBackend(tiny_artifacts.ranker_dir).score(*tensors)
+        assert got.dtype == np.float32 and np.abs(got - want).max() <= 1e-4
+    catalog = tiny_artifacts.catalog
+    _, histories = tiny_artifacts.users()
+    onnx_stage = FineEngine(catalog, backend)
+    torch_stage = FineEngine(catalog, TorchBackend(tiny_artifacts.ranker_dir))
+    text = np.load(tiny_artifacts.root / "text_vectors.npy")
+    rng = np.random.default_rng(3)
+    for user, query_row in ((0, None), (1, 4), (2, None)):
+        cands = rng.choice(catalog.item_ids, size=300, replace=False)
+        ctx = RankContext(
+            history_item_ids=histories[user],
+            query_embedding=None if query_row is None else text[query_row],
+        )
+        found = Candidates(cands, rng.random(300).astype(np.float32), cands * 0)
+        a = onnx_stage.rank(ctx, found, Budget(50))
+        b = torch_stage.rank(ctx, found, Budget(50))
+        assert len(a) == 50
+        # identical up to float noise: the same items, each scored within 1e-4
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+        assert len(np.intersect1d(a.item_ids[:40], b.item_ids)) == 40
+
+
+def test_the_onnx_backend_refuses_a_model_without_the_contract(
+    tiny_artifacts: Artifacts, tmp_path: Path
+) -> None:
+    """A folder without model.onnx, or an ONNX graph that is not a ranker (the build's query
+    encoder), keeps the stage down with the reason, as a Triton model without it does."""
+    with pytest.raises(Unavailable, match=r"has no model\.onnx"):
+        OnnxBackend(tmp_path)
+    (tmp_path / contract.ONNX_FILE).symlink_to(tiny_artifacts.root / "text_encoder.onnx")
+    with pytest.raises(RankerContractError, match="input HISTORY is missing"):
+        OnnxBackend(tmp_path)
 
 
 def test_onnxruntime_fuses_every_gelu(onnx_path: Path, tmp_path: Path) -> None:

@@ -1325,7 +1325,7 @@ def add_load_args(ap: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Triton with the KIND_GPU config (FAISS on GPU: set SLUICE_RECALL_USE_GPU=1)",
     )
-    ap.add_argument("--fine-backend", choices=("triton", "torch"), default="triton")
+    ap.add_argument("--fine-backend", choices=("triton", "onnx", "torch"), default="triton")
     ap.add_argument(
         "--stages",
         choices=("grpc", "local"),

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -91,6 +91,71 @@ class TorchBackend:
                 torch.from_numpy(has_query.reshape(-1)).to(self._device),
             )
         return out.float().cpu().numpy()
+
+
+class OnnxBackend:
+    """The build's ``model.onnx`` on ONNX Runtime in this process: the file Triton serves,
+    without Triton (no gRPC hop, no dynamic batching across requests). ``threads``: ONNX
+    Runtime's intra-op threads (the python backend's ``configs/local.pbtxt`` uses 1)."""
+
+    def __init__(self, directory: Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        path = directory / contract.ONNX_FILE
+        if not path.exists():
+            raise Unavailable(
+                f"{directory} has no {contract.ONNX_FILE}: rebuild, or export it with "
+                f"python -m sluice.fine.onnx_export {directory}"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, threads)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.model_name = contract.BUILD_MODEL  # a build's ranker folder holds its own model
+        self.version = directory.name
+        problems = contract.check_metadata(self.metadata())
+        if problems:
+            raise RankerContractError(
+                f"{path} does not declare the ranker contract: {'; '.join(problems)} "
+                f"(wanted: {contract.describe()})"
+            )
+
+    def metadata(self) -> dict[str, list[dict[str, object]]]:
+        """The model's tensors as Triton's model metadata names them (for the contract)."""
+        names = {"tensor(int64)": "INT64", "tensor(float)": "FP32", "tensor(bool)": "BOOL"}
+
+        def tensors(args: list[Any]) -> list[dict[str, object]]:
+            return [
+                {
+                    "name": t.name,
+                    "datatype": names.get(t.type, t.type),
+                    "shape": [d if isinstance(d, int) else -1 for d in t.shape],
+                }
+                for t in args
+            ]
+
+        return {
+            "inputs": tensors(self._session.get_inputs()),
+            "outputs": tensors(self._session.get_outputs()),
+        }
+
+    def score(
+        self,
+        history: np.ndarray,
+        candidates: np.ndarray,
+        query_emb: np.ndarray,
+        has_query: np.ndarray,
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
+        feed = {
+            "HISTORY": history,
+            "CANDIDATES": candidates,
+            "QUERY_EMB": query_emb,
+            "HAS_QUERY": has_query.reshape(-1, 1),
+        }
+        (scores,) = self._session.run(["SCORES"], feed)  # thread-safe: no lock
+        return np.asarray(scores, dtype=np.float32)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from sluice.artifacts import Artifacts
 from sluice.config import FineSettings
 from sluice.data.updates import follow_updates, serving_artifacts
 from sluice.domain import Budget, Candidates, RankContext
-from sluice.fine.backend import RankerBackend, TorchBackend, TritonBackend
+from sluice.fine.backend import OnnxBackend, RankerBackend, TorchBackend, TritonBackend
 from sluice.fine.contract import BUILD_MODEL
 from sluice.fine.engine import FineEngine
 from sluice.fine.fusion import FusionWeights
@@ -18,9 +18,11 @@ def make_backend(
     settings: FineSettings, artifacts: Artifacts, model: str | None = None
 ) -> RankerBackend:
     """The stage's ranker; ``model`` ("name[:version]", an arm model): that one on Triton."""
-    if settings.backend == "torch":
+    if settings.backend != "triton":
         if model is not None:
             raise ValueError("arm models need the triton backend")
+        if settings.backend == "onnx":
+            return OnnxBackend(artifacts.ranker_dir, threads=settings.torch_threads)
         return TorchBackend(artifacts.ranker_dir, threads=settings.torch_threads)
     tls = (
         (settings.triton_tls_ca_file, settings.triton_tls_cert_file, settings.triton_tls_key_file)
