@@ -160,7 +160,7 @@ class FeatureTables:
                 user = w @ self.behaviour_vectors[hist]
                 user /= max(float(np.linalg.norm(user)), 1e-9)
                 x[:, c["behaviour_sim"]] = self.behaviour_vectors[rows] @ user
-            if history_text:
+            if history_text and text is not None:
                 htext = w @ self.text_vectors[hist]
                 htext /= max(float(np.linalg.norm(htext)), 1e-9)
                 x[:, c["history_text_sim"]] = text @ htext
@@ -176,7 +176,7 @@ class FeatureTables:
                 x[:, c["category_affinity"]] = share[cat.category_codes[rows]]
             if "has_history" in want:
                 x[:, c["has_history"]] = 1.0
-        if query_sim:
+        if query_sim and text is not None:
             x[:, c["query_text_sim"]] = text @ ctx.query_embedding
         if ctx.query and self.lexical is not None and not want.isdisjoint(SEARCH_FIELD_FEATURES):
             self._search_features(self.lexical, ctx.query, rows, x, want)
