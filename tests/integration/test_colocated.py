@@ -103,16 +103,11 @@ def _requests(a: Artifacts) -> dict[str, Callable[[StorefrontClient], Any]]:
     }
 
 
-def test_both_layouts_return_identical_pages(
-    cluster: Cluster, colocated: Cluster, tiny_artifacts: Artifacts
-) -> None:
-    assert set(colocated.processes) == {"triton", "gateway"}
-    split, local = (
-        StorefrontClient(cluster.gateway_address),
-        StorefrontClient(colocated.gateway_address),
-    )
-    for name, request in _requests(tiny_artifacts).items():
-        a, b = request(split), request(local)
+def _assert_same_pages(first: Cluster, second: Cluster, artifacts: Artifacts) -> None:
+    """Every kind of request gets the same page, scores and stage counts from both."""
+    one, other = StorefrontClient(first.gateway_address), StorefrontClient(second.gateway_address)
+    for name, request in _requests(artifacts).items():
+        a, b = request(one), request(other)
         assert len(a.page.item_ids) > 0, name
         assert list(a.page.item_ids) == list(b.page.item_ids), name
         np.testing.assert_allclose(a.page.scores, b.page.scores, rtol=1e-5, err_msg=name)
@@ -125,22 +120,20 @@ def test_both_layouts_return_identical_pages(
         ], name
 
 
+def test_both_layouts_return_identical_pages(
+    cluster: Cluster, colocated: Cluster, tiny_artifacts: Artifacts
+) -> None:
+    assert set(colocated.processes) == {"triton", "gateway"}
+    _assert_same_pages(cluster, colocated, tiny_artifacts)
+
+
 def test_the_gateway_alone_ranks_as_triton_does(
     colocated: Cluster, one_process: Cluster, tiny_artifacts: Artifacts
 ) -> None:
-    """The same model file on ONNX Runtime in the gateway and on Triton: the same pages, with
-    the model's scores, and one process instead of two."""
+    """The same model file on ONNX Runtime in the gateway and on Triton: the same pages and
+    scores, and one process instead of two."""
     assert set(one_process.processes) == {"gateway"}
-    triton, alone = (
-        StorefrontClient(colocated.gateway_address),
-        StorefrontClient(one_process.gateway_address),
-    )
-    for name, request in _requests(tiny_artifacts).items():
-        a, b = request(triton), request(alone)
-        assert len(b.page.item_ids) > 0, name
-        assert list(a.page.item_ids) == list(b.page.item_ids), name
-        np.testing.assert_allclose(a.page.fine_scores, b.page.fine_scores, rtol=1e-5, err_msg=name)
-        assert [s.degraded for s in b.stages] == [False] * 4, name
+    _assert_same_pages(colocated, one_process, tiny_artifacts)
 
 
 def test_anonymous_similar_items_run_the_ranker_in_both_layouts(

@@ -37,8 +37,8 @@ AUTO_FLAT_MAX = 50_000
 AUTO_IVF_FLAT_MAX_BYTES = 192 * 2**20
 """Above ``AUTO_FLAT_MAX``, ``kind="auto"`` builds IVF-Flat while the float32 vectors take at
 most this much, and RaBitQ beyond. Scanning the same lists, IVF-Flat costs half to two thirds
-of RaBitQ's CPU per query at equal recall (at 100k items: 0.34 against 0.73 ms at 64-d, 0.80
-against 1.25 ms at 384-d, top 1,000) for about 4.7 times its memory: 100k x 384-d (147 MiB)
+of RaBitQ's CPU per query at equal recall (at 100k items, top 1,000: 0.33 against 0.67 ms at
+64-d, 0.81 against 1.41 ms at 384-d; ``hotpath ann``) for about 4.7 times its memory: 100k x 384-d (147 MiB)
 takes IVF-Flat, 1M x 64-d (244 MiB) and anything larger keep RaBitQ (docs/benchmarks.md)."""
 
 DEFAULT_LARGE_KIND = "ivf_rabitq"
