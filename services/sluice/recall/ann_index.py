@@ -38,8 +38,9 @@ AUTO_IVF_FLAT_MAX_BYTES = 192 * 2**20
 """Above ``AUTO_FLAT_MAX``, ``kind="auto"`` builds IVF-Flat while the float32 vectors take at
 most this much, and RaBitQ beyond. Scanning the same lists, IVF-Flat costs half to two thirds
 of RaBitQ's CPU per query at equal recall (at 100k items, top 1,000: 0.33 against 0.67 ms at
-64-d, 0.81 against 1.41 ms at 384-d; ``hotpath ann``) for about 4.7 times its memory: 100k x 384-d (147 MiB)
-takes IVF-Flat, 1M x 64-d (244 MiB) and anything larger keep RaBitQ (docs/benchmarks.md)."""
+64-d, 0.81 against 1.41 ms at 384-d; ``hotpath ann``) for about 4.7 times its memory:
+100k x 384-d (147 MiB) takes IVF-Flat, 1M x 64-d (244 MiB) and anything larger keep RaBitQ
+(docs/benchmarks.md)."""
 
 DEFAULT_LARGE_KIND = "ivf_rabitq"
 KINDS = ("flat", "ivf_flat", "hnsw", "ivf_pq_refine", "ivf_rabitq")
