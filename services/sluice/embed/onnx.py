@@ -138,6 +138,19 @@ def _model_tokenizer() -> Any:
     return tokenizer
 
 
+def cpu_session(path: Path, threads: int = 1) -> Any:
+    """An ONNX Runtime session on the CPU provider with ``threads`` intra-op threads, one
+    inter-op thread and every graph optimization (the query encoder's, the in-process
+    ranker's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxMiniLMEncoder:
     """The exported encoder on ONNX Runtime's CPU provider, with the model's own tokenizer
     (read by the ``tokenizers`` library: no torch, no transformers) from the artifacts, or
@@ -149,16 +162,9 @@ class OnnxMiniLMEncoder:
     dim = TEXT_DIM
 
     def __init__(self, path: Path, threads: int = 1, max_length: int | None = None) -> None:
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session: Any = ort.InferenceSession(
-            str(path), options, providers=["CPUExecutionProvider"]
-        )
+        self._session: Any = cpu_session(path, threads)
         saved = path.parent / TOKENIZER_FILE
         tokenizer = Tokenizer.from_file(str(saved)) if saved.exists() else _model_tokenizer()
         if max_length is not None:

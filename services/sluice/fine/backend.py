@@ -99,7 +99,7 @@ class OnnxBackend:
     Runtime's intra-op threads (the python backend's ``configs/local.pbtxt`` uses 1)."""
 
     def __init__(self, directory: Path, threads: int = 1) -> None:
-        import onnxruntime as ort
+        from sluice.embed.onnx import cpu_session
 
         path = directory / contract.ONNX_FILE
         if not path.exists():
@@ -107,11 +107,7 @@ class OnnxBackend:
                 f"{directory} has no {contract.ONNX_FILE}: rebuild, or export it with "
                 f"python -m sluice.fine.onnx_export {directory}"
             )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._session = cpu_session(path, threads)
         self.model_name = contract.BUILD_MODEL  # a build's ranker folder holds its own model
         self.version = directory.name
         problems = contract.check_metadata(self.metadata())
