@@ -9,7 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
-from sluice import paths
+# grpc_env first: grpcio reads its settings from the environment once, when it loads
+from sluice import grpc_env, paths  # noqa: F401
 from sluice.wiring import SERVICES
 
 

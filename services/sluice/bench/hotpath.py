@@ -22,7 +22,9 @@
     made blocking, with ``.future()`` (what the gateway's stage calls use, so that a
     cancelled request cancels the call in flight), with ``.future()`` while a watch keeps
     the channel's thread alive (``gateway.stages.SpinKeeper``), and from a ``grpc.aio``
-    client; the server is the sync bootstrap's kind or ``grpc.aio``.
+    client; the server is the sync bootstrap's kind or ``grpc.aio``. Both sides run with
+    the services' grpcio settings (:mod:`sluice.grpc_env`); ``GRPC_EXPERIMENTS= python -m
+    sluice.bench.hotpath rtt`` measures grpcio's own defaults.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sluice import grpc_env  # noqa: F401  (before grpc loads, as in the services)
 
 
 def _requests(artifacts: Path, n: int, seed: int, search_share: float = 0.5) -> list[Any]:
