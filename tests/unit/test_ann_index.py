@@ -151,10 +151,10 @@ def test_auto_picks_flat_for_small_sets(data: tuple[np.ndarray, np.ndarray]) -> 
     flat = faiss.downcast_index(index.index)
     assert isinstance(flat, faiss.IndexFlat)
     assert flat.metric_type == faiss.METRIC_INNER_PRODUCT
-    assert resolve_kind("auto", AUTO_FLAT_MAX - 1) == "flat"
-    assert resolve_kind("auto", AUTO_FLAT_MAX) == DEFAULT_LARGE_KIND  # dimension unknown
+    assert resolve_kind("auto", AUTO_FLAT_MAX - 1, 384) == "flat"
+    assert resolve_kind("auto", AUTO_FLAT_MAX, 384) == "ivf_flat"
     with pytest.raises(ValueError, match="unknown index kind"):
-        resolve_kind("lsh", 10)
+        resolve_kind("lsh", 10, 8)
 
 
 def test_auto_trades_memory_for_cpu_by_the_vectors_size() -> None:

@@ -116,16 +116,19 @@ def test_the_onnx_backend_ranks_as_the_torch_backend_in_the_fine_stage(
 ) -> None:
     """SLUICE_FINE_BACKEND=onnx: the build's model.onnx in the stage's own process gives the
     torch ranker's scores (to 1e-4) and the same pages, with and without a query."""
-    backend = OnnxBackend(tiny_artifacts.ranker_dir)
+    backend, torch_backend = (
+        OnnxBackend(tiny_artifacts.ranker_dir),
+        TorchBackend(tiny_artifacts.ranker_dir),
+    )
     assert (backend.model_name, backend.version) == ("fine_ranker", tiny_artifacts.ranker_version)
     for tensors in served_tensors(tiny_artifacts):
         got = backend.score(*tensors)
-        want = TorchBackend(tiny_artifacts.ranker_dir).score(*tensors)
+        want = torch_backend.score(*tensors)
         assert got.dtype == np.float32 and np.abs(got - want).max() <= 1e-4
     catalog = tiny_artifacts.catalog
     _, histories = tiny_artifacts.users()
     onnx_stage = FineEngine(catalog, backend)
-    torch_stage = FineEngine(catalog, TorchBackend(tiny_artifacts.ranker_dir))
+    torch_stage = FineEngine(catalog, torch_backend)
     text = np.load(tiny_artifacts.root / "text_vectors.npy")
     rng = np.random.default_rng(3)
     for user, query_row in ((0, None), (1, 4), (2, None)):

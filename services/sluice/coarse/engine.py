@@ -190,7 +190,7 @@ class FeatureTables:
         query: str,
         rows: np.ndarray,
         x: np.ndarray,
-        want: frozenset[str] = frozenset(),
+        want: frozenset[str],
     ) -> None:
         """BM25 of the document and of the title (each over the query's best match), the
         share of the query's distinct terms found in the title, the share of its adjacent

@@ -122,13 +122,12 @@ def factory_string(
     raise ValueError(f"unknown index kind {kind!r}; expected 'auto' or one of {KINDS}")
 
 
-def resolve_kind(kind: str, n: int, d: int | None = None) -> str:
-    """Map ``auto`` to a concrete kind for ``n`` vectors of dimension ``d`` (unknown ``d``:
-    never ``ivf_flat``)."""
+def resolve_kind(kind: str, n: int, d: int) -> str:
+    """Map ``auto`` to a concrete kind for ``n`` vectors of dimension ``d``."""
     if kind == "auto":
         if n < AUTO_FLAT_MAX:
             return "flat"
-        if d is not None and 4 * n * d <= AUTO_IVF_FLAT_MAX_BYTES:
+        if 4 * n * d <= AUTO_IVF_FLAT_MAX_BYTES:
             return "ivf_flat"
         return DEFAULT_LARGE_KIND
     if kind not in KINDS:
