@@ -1,10 +1,14 @@
 """The load generator's pure parts: Poisson schedule, request mix, percentiles, SLO and
-saturation logic, CSV shape. Nothing here is timed."""
+saturation logic, CSV shape; and the context switch count it reports per service. Nothing
+here is timed."""
 
 from __future__ import annotations
 
 import csv
 import math
+import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,6 +25,7 @@ from sluice.bench.load import (
     next_rate,
     percentile,
     poisson_schedule,
+    proc_switches,
     saturation,
     slo_latency,
     step_rows,
@@ -359,3 +364,25 @@ def test_hop_floor_prices_six_null_round_trips_against_the_local_median() -> Non
     assert floor["floor_ms"] == 3.0
     assert floor["floor_ratio"] == 1.5  # (6 + 3) / 6
     assert floor["p99_ms"] > 8.0
+
+
+def test_context_switches_are_counted_over_every_thread_of_the_process() -> None:
+    """A second thread that goes to sleep 50 times is 50 voluntary switches, and the process
+    count includes them: the main thread sleeps only while it waits for that thread."""
+    slept, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        for _ in range(50):
+            time.sleep(0.0005)  # the behaviour under test: a thread giving up its core
+        slept.set()
+        done.wait()  # alive when counted: /proc lists live threads only
+
+    thread = threading.Thread(target=worker)
+    before = proc_switches([os.getpid()])
+    thread.start()
+    slept.wait()
+    after = proc_switches([os.getpid()])
+    done.set()
+    thread.join()
+    assert after - before >= 50
+    assert proc_switches([2**22 + 7]) == 0  # a process that is not there counts nothing

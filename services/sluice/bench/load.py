@@ -171,23 +171,53 @@ def proc_usage(pids: Sequence[int]) -> tuple[float, int]:
     return cpu, rss
 
 
+_SWITCH_FIELDS = ("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")
+
+
+def proc_switches(pids: Sequence[int]) -> int:
+    """Context switches so far, voluntary (a thread went to sleep: waiting for a lock, the
+    GIL, a condition, I/O) and not (it was preempted), summed over the live threads of
+    ``pids``. Their rate per request is the cost of handing a request between threads."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith(_SWITCH_FIELDS):
+                        total += int(line.split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total
+
+
 class ServiceMonitor:
-    """CPU seconds and RSS of each service process (with children) of a started cluster."""
+    """CPU seconds, RSS and context switches of each service process (with children) of a
+    started cluster."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
 
-    def sample(self) -> dict[str, tuple[float, int]]:
-        return {name: proc_usage(process_tree(pid)) for name, pid in self.pids.items()}
+    def sample(self) -> dict[str, tuple[float, int, int]]:
+        out = {}
+        for name, pid in self.pids.items():
+            tree = process_tree(pid)
+            out[name] = (*proc_usage(tree), proc_switches(tree))
+        return out
 
     @staticmethod
     def delta(
-        a: dict[str, tuple[float, int]], b: dict[str, tuple[float, int]], wall_s: float
+        a: dict[str, tuple[float, int, int]], b: dict[str, tuple[float, int, int]], wall_s: float
     ) -> dict[str, dict[str, float]]:
+        wall_s = max(wall_s, 1e-9)
         return {
             name: {
-                "cpu_cores": round((b[name][0] - a[name][0]) / max(wall_s, 1e-9), 3),
+                "cpu_cores": round((b[name][0] - a[name][0]) / wall_s, 3),
                 "rss_mib": round(b[name][1] / 2**20, 1),
+                "switches_per_s": round((b[name][2] - a[name][2]) / wall_s, 1),
             }
             for name in b
             if name in a
@@ -1085,6 +1115,7 @@ def run_load(
                 for u in usage.values():
                     # CPU time per request: close to the intrinsic cost even on a busy host
                     u["cpu_ms_per_request"] = round(u["cpu_cores"] * wall / answered * 1000, 2)
+                    u["switches_per_request"] = round(u["switches_per_s"] * wall / answered, 1)
                 services.append({"step": step, "offered_qps": rate, **usage})
             t_start = float(rec.intended.min()) - float(offsets.min()) if len(rec) else 0.0
             window = (t_start + cfg.warmup_s, t_start + cfg.duration_s)
@@ -1163,6 +1194,13 @@ def format_step(rows: Sequence[dict[str, Any]], usage: dict[str, Any] | None) ->
         total = sum(v.get("cpu_ms_per_request", 0) for v in svc.values())
         line += f"\n  service CPU (cores): {cores}"
         line += f"\n  service CPU ms per request: {per_req} (sum {total:.1f})"
+        switches = ", ".join(
+            f"{k} {v['switches_per_request']:.1f}"
+            for k, v in svc.items()
+            if "switches_per_request" in v
+        )
+        if switches:
+            line += f"\n  context switches per request: {switches}"
     return line
 
 
