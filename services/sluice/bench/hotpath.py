@@ -25,12 +25,20 @@
     client; the server is the sync bootstrap's kind or ``grpc.aio``. Both sides run with
     the services' grpcio settings (:mod:`sluice.grpc_env`); ``GRPC_EXPERIMENTS= python -m
     sluice.bench.hotpath rtt`` measures grpcio's own defaults.
+``python -m sluice.bench.hotpath hop ARTIFACTS --stage rerank --requests 300``
+    Where one stage hop's cost goes. The calls the in-process cascade makes to the stage for
+    a fixed request set are replayed, alternating: to the engine in this process, over gRPC
+    to ``sluice serve <stage>`` on the same build (the fine stage with the same torch
+    ranker), and as health checks to that server (the bare hop). Per call: wall time, this
+    process's and the server's CPU, and both sides' context switches. The answers must be
+    identical both ways; the count is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import subprocess
 import sys
@@ -316,6 +324,154 @@ def rtt(args: argparse.Namespace) -> dict[str, Any]:
     return medians
 
 
+def _stage_calls(artifacts: Path, label: str, n: int, seed: int) -> tuple[Any, list[Any]]:
+    """The in-process stage ``label`` and the calls the cascade made to it for a fixed request
+    set: (context, candidates, max_candidates, offset) each."""
+    import dataclasses
+
+    from sluice.bench.compare import local_gateway
+    from sluice.domain import StageName
+
+    stage = next(s for s in StageName if s.label == label)
+    gateway = local_gateway(artifacts)
+    local = gateway.stages[stage]
+    calls: list[Any] = []
+
+    class Recorder:
+        def call(self, ctx: Any, cands: Any, budget: Any) -> Any:
+            calls.append((ctx, cands, budget.max_candidates, budget.offset))
+            return local.call(ctx, cands, budget)
+
+    recording = dataclasses.replace(gateway, stages={**gateway.stages, stage: Recorder()})
+    call = _caller(recording, 10)
+    for spec in _requests(artifacts, n, seed):
+        call(spec)
+    return local, calls
+
+
+def _serve_stage(artifacts: Path, label: str, log: Any) -> tuple[subprocess.Popen[bytes], str]:
+    """``sluice serve <label>`` on ``artifacts`` (the fine stage with the in-process torch
+    ranker, as the in-process side has it), once its health says SERVING."""
+    import os
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from sluice.launch import free_port
+
+    port = free_port()
+    prefix = f"SLUICE_{label.upper()}_"
+    env = {
+        **os.environ,
+        prefix + "ARTIFACTS": str(artifacts.resolve()),
+        prefix + "PORT": str(port),
+        prefix + "METRICS_PORT": "0",
+    }
+    if label == "fine":
+        env |= {"SLUICE_FINE_BACKEND": "torch", "SLUICE_FINE_TORCH_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice.cli", "serve", label],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    with grpc.insecure_channel(address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch
+        while proc.poll() is None and time.monotonic() < deadline:
+            updates = watch(
+                health_pb2.HealthCheckRequest(),
+                timeout=deadline - time.monotonic(),
+                wait_for_ready=True,
+            )
+            try:  # NOT_SERVING while the build loads, then SERVING
+                for update in updates:
+                    if update.status == health_pb2.HealthCheckResponse.SERVING:
+                        return proc, address
+            except grpc.RpcError:
+                continue  # not listening yet, or it died: the loop condition tells
+            finally:
+                updates.cancel()
+    proc.kill()
+    log.seek(0)
+    tail = log.read().decode(errors="replace")[-2000:]
+    raise RuntimeError(f"sluice serve {label} did not become SERVING (exit {proc.poll()}):\n{tail}")
+
+
+def hop(args: argparse.Namespace) -> dict[str, Any]:
+    """One stage in process against the same calls over gRPC to ``sluice serve``, and a health
+    check on that server (the bare hop), alternating: where a hop's cost goes."""
+    import os
+    import tempfile
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from sluice.bench.load import proc_switches, proc_usage
+    from sluice.config import GatewaySettings
+    from sluice.domain import Budget
+    from sluice.gateway.stages import GrpcStage
+
+    local, calls = _stage_calls(args.artifacts, args.stage, args.requests, args.seed)
+    binding = importlib.import_module(f"sluice.{args.stage}.service").BINDING
+    with tempfile.TemporaryFile() as log:
+        proc, address = _serve_stage(args.artifacts, args.stage, log)
+        remote = GrpcStage(binding, address, packed=GatewaySettings().packed_candidates)
+        check = health_pb2_grpc.HealthStub(remote.channel).Check
+        try:
+
+            def run(stage: Any) -> list[Any]:
+                return [stage.call(c, k, Budget.within(m, 5.0, o)) for c, k, m, o in calls]
+
+            def health() -> None:
+                for _ in calls:
+                    check(health_pb2.HealthCheckRequest(), timeout=5)
+
+            mine, served = run(local), run(remote)  # also the warm-up
+            same = sum(
+                np.array_equal(a.candidates.item_ids, b.candidates.item_ids)
+                and np.array_equal(a.candidates.scores, b.candidates.scores)
+                and a.total_size == b.total_size
+                for a, b in zip(mine, served, strict=True)
+            )
+            variants: dict[str, Callable[[], Any]] = {
+                "in_process": lambda: run(local),
+                "grpc": lambda: run(remote),
+                "health": health,
+            }
+            here, there = [os.getpid()], [proc.pid]
+            out: dict[str, list[float]] = {}
+            for _ in range(args.rounds):  # alternating, so that the host's load hits all
+                for name, fn in variants.items():
+                    s0, x0, y0 = proc_usage(there)[0], proc_switches(there), proc_switches(here)
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fn()
+                    figures = {
+                        "wall_ms": 1e3 * (time.perf_counter() - t0),
+                        "client_cpu_ms": 1e3 * (time.process_time() - c0),
+                        "server_cpu_ms": 1e3 * (proc_usage(there)[0] - s0),
+                        "server_switches": float(proc_switches(there) - x0),
+                        "client_switches": float(proc_switches(here) - y0),
+                    }
+                    for key, value in figures.items():
+                        out.setdefault(f"{name}_{key}", []).append(value / len(calls))
+        finally:
+            remote.close()
+            proc.terminate()
+            proc.wait()
+    medians: dict[str, Any] = {k: float(np.median(v)) for k, v in out.items()}
+    medians |= {"stage": args.stage, "calls": len(calls), "identical_answers": same}
+    print(f"{args.stage}: {len(calls)} calls, answers identical in process and over gRPC: {same}")
+    for name in variants:
+        m = {k.removeprefix(f"{name}_"): v for k, v in medians.items() if k.startswith(name)}
+        print(
+            f"  {name:10s} per call (median of rounds): wall {m['wall_ms']:.3f} ms, CPU client "
+            f"{m['client_cpu_ms']:.3f} / server {m['server_cpu_ms']:.3f} ms, context switches "
+            f"client {m['client_switches']:.1f} / server {m['server_switches']:.1f}"
+        )
+    return medians
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sluice.bench.hotpath", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -344,11 +500,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("hop", help="one stage in process against over gRPC")
+    p.add_argument("artifacts", type=Path)
+    p.add_argument("--stage", choices=("recall", "coarse", "fine", "rerank"), default="rerank")
+    p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=3)
     for p in sub.choices.values():
         p.add_argument("--seed", type=int, default=7)
         p.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    commands = {"cpu": cpu, "pages": pages, "encoder": encoder, "ann": ann, "rtt": rtt}
+    commands = {"cpu": cpu, "pages": pages, "encoder": encoder, "ann": ann, "rtt": rtt, "hop": hop}
     result = commands[args.command](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
