@@ -394,9 +394,10 @@ def _serve_stage(artifacts: Path, label: str, log: Any) -> tuple[subprocess.Pope
             finally:
                 updates.cancel()
     proc.kill()
+    code = proc.wait()
     log.seek(0)
     tail = log.read().decode(errors="replace")[-2000:]
-    raise RuntimeError(f"sluice serve {label} did not become SERVING (exit {proc.poll()}):\n{tail}")
+    raise RuntimeError(f"sluice serve {label} did not become SERVING (exit {code}):\n{tail}")
 
 
 def hop(args: argparse.Namespace) -> dict[str, Any]:
