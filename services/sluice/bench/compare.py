@@ -1305,9 +1305,9 @@ def _scale_point(
         "build_s": round(sum(manifest.get("timings_s", {}).values()), 1),
         "build_steps_s": manifest.get("timings_s", {}),
     }
-    for name, (_, rss) in idle.items():
+    for name, (_, rss, _) in idle.items():
         point[f"rss_idle_{name}_mib"] = round(rss / 2**20, 1)
-    for name, (_, rss) in loaded.items():
+    for name, (_, rss, _) in loaded.items():
         point[f"rss_loaded_{name}_mib"] = round(rss / 2**20, 1)
     for r in res.rows:
         for key in (
