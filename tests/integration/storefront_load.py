@@ -22,7 +22,6 @@ from tests.conftest import tiny_build
 # a restarted process is dialled again within half a second, not after gRPC's 2 min back-off
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
 

@@ -47,7 +47,6 @@ REJECTED = storefront_pb2.EVENT_STATUS_REJECTED
 # A killed gateway comes back within seconds: reconnect quickly instead of backing off to 2 min.
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
 

@@ -30,7 +30,6 @@ pytestmark = pytest.mark.integration
 STAGE_INDEX = {"recall": 0, "coarse": 1, "fine": 2, "rerank": 3, "triton": 2}
 RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 300),
 ]
 

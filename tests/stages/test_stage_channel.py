@@ -1,9 +1,13 @@
 """The gateway's channel to a stage keeps one health watch open, so that its calls start no
 thread each (``sluice.gateway.stages.SpinKeeper``), and opens it again after the stage
-restarts. Real stage services over gRPC."""
+restarts; it reaches a stage whose connections are slow to set up. Real stage services over
+gRPC."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import socketserver
 import threading
 import time
 from collections.abc import Iterator
@@ -110,3 +114,63 @@ def test_the_watch_is_opened_again_after_the_stage_restarts(
         first.stop(0)
         if second is not None:
             second.stop(0)
+
+
+class SlowHandshakeProxy(socketserver.ThreadingTCPServer):
+    """Forwards TCP to ``upstream``, holding back the server's first bytes of each connection
+    (its HTTP/2 SETTINGS) for ``delay_s``: a stage on a loaded host, or behind a slow TLS
+    handshake, as the gateway's channel sees it."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, upstream: tuple[str, int], delay_s: float) -> None:
+        self.upstream, self.delay_s = upstream, delay_s
+        super().__init__(("127.0.0.1", 0), _Forward)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+
+class _Forward(socketserver.BaseRequestHandler):
+    server: SlowHandshakeProxy
+
+    def handle(self) -> None:
+        with socket.create_connection(self.server.upstream) as upstream:
+            to_server = threading.Thread(target=_pump, args=(self.request, upstream, 0.0))
+            to_server.start()
+            _pump(upstream, self.request, self.server.delay_s)
+            to_server.join()
+
+
+def _pump(source: socket.socket, sink: socket.socket, first_delay_s: float) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(65536):
+            if first_delay_s:
+                time.sleep(first_delay_s)  # the fault: the first bytes arrive late
+                first_delay_s = 0.0
+            sink.sendall(chunk)
+    for s in (source, sink):  # the other direction ends too
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_stage_whose_connections_set_up_slowly_is_still_reached(
+    service: RunningService,
+) -> None:
+    """gRPC core reads ``grpc.min_reconnect_backoff_ms`` as the least time a connection
+    attempt gets. At 100 ms, a stage that took 400 ms to answer the handshake was never
+    reached: every attempt timed out before the SETTINGS frame, and every call failed with
+    UNAVAILABLE. The calls must get through, the first one waiting for the connection."""
+    proxy = SlowHandshakeProxy(("127.0.0.1", service.port), delay_s=0.4)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    stage = GrpcStage(BINDING, proxy.address)
+    try:
+        for _ in range(3):
+            result = stage.call(RankContext(), CANDS, Budget.within(2, 10.0))
+            assert result.candidates.item_ids.tolist() == [1, 2]
+    finally:
+        stage.close()
+        proxy.shutdown()
+        proxy.server_close()

@@ -53,7 +53,6 @@ ACCEPTED = storefront_pb2.EVENT_STATUS_ACCEPTED
 DUPLICATE = storefront_pb2.EVENT_STATUS_DUPLICATE
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 ]
 _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -36,8 +36,11 @@ CHANNEL_OPTIONS = [
     # a stage that comes back is used again within half a second, not after gRPC's default
     # exponential back-off (up to 2 minutes): a call meanwhile fails fast and degrades
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
+    # Despite its name, gRPC core reads this as the least time a connection attempt gets
+    # (its default). At 100 ms, a handshake that a loaded host or TLS slowed past it never
+    # completed, and every call failed (tests/stages/test_stage_channel.py).
+    ("grpc.min_reconnect_backoff_ms", 20_000),
 ]
 
 
