@@ -349,55 +349,26 @@ def _stage_calls(artifacts: Path, label: str, n: int, seed: int) -> tuple[Any, l
     return local, calls
 
 
-def _serve_stage(artifacts: Path, label: str, log: Any) -> tuple[subprocess.Popen[bytes], str]:
-    """``sluice serve <label>`` on ``artifacts`` (the fine stage with the in-process torch
-    ranker, as the in-process side has it), once its health says SERVING."""
-    import os
+def _serve_stage(artifacts: Path, label: str, log_dir: Path) -> Any:
+    """``sluice serve <label>`` on ``artifacts``, started as ``sluice up`` starts it, once its
+    health says SERVING (the fine stage with the in-process torch ranker, as the in-process
+    side has it)."""
+    from sluice.launch import Cluster, Ports
 
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from sluice.launch import free_port
-
-    port = free_port()
-    prefix = f"SLUICE_{label.upper()}_"
-    env = {
-        **os.environ,
-        prefix + "ARTIFACTS": str(artifacts.resolve()),
-        prefix + "PORT": str(port),
-        prefix + "METRICS_PORT": "0",
-    }
-    if label == "fine":
-        env |= {"SLUICE_FINE_BACKEND": "torch", "SLUICE_FINE_TORCH_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice.cli", "serve", label],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log,
+    cluster = Cluster(
+        artifacts,
+        ports=Ports.random(),
+        log_dir=log_dir,
+        fine_backend="torch",
+        extra_env={"SLUICE_FINE_TORCH_THREADS": "1"},
     )
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    with grpc.insecure_channel(address) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch
-        while proc.poll() is None and time.monotonic() < deadline:
-            updates = watch(
-                health_pb2.HealthCheckRequest(),
-                timeout=deadline - time.monotonic(),
-                wait_for_ready=True,
-            )
-            try:  # NOT_SERVING while the build loads, then SERVING
-                for update in updates:
-                    if update.status == health_pb2.HealthCheckResponse.SERVING:
-                        return proc, address
-            except grpc.RpcError:
-                continue  # not listening yet, or it died: the loop condition tells
-            finally:
-                updates.cancel()
-    proc.kill()
-    code = proc.wait()
-    log.seek(0)
-    tail = log.read().decode(errors="replace")[-2000:]
-    raise RuntimeError(f"sluice serve {label} did not become SERVING (exit {code}):\n{tail}")
+    cluster.start_process(label)
+    try:
+        cluster.wait_serving(label, timeout_s=600)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
 
 
 def hop(args: argparse.Namespace) -> dict[str, Any]:
@@ -415,8 +386,9 @@ def hop(args: argparse.Namespace) -> dict[str, Any]:
 
     local, calls = _stage_calls(args.artifacts, args.stage, args.requests, args.seed)
     binding = importlib.import_module(f"sluice.{args.stage}.service").BINDING
-    with tempfile.TemporaryFile() as log:
-        proc, address = _serve_stage(args.artifacts, args.stage, log)
+    with tempfile.TemporaryDirectory() as logs:
+        cluster = _serve_stage(args.artifacts, args.stage, Path(logs))
+        address = cluster.address(args.stage)
         remote = GrpcStage(binding, address, packed=GatewaySettings().packed_candidates)
         check = health_pb2_grpc.HealthStub(remote.channel).Check
         try:
@@ -440,7 +412,7 @@ def hop(args: argparse.Namespace) -> dict[str, Any]:
                 "grpc": lambda: run(remote),
                 "health": health,
             }
-            here, there = [os.getpid()], [proc.pid]
+            here, there = [os.getpid()], [cluster.processes[args.stage].pid]
             out: dict[str, list[float]] = {}
             for _ in range(args.rounds):  # alternating, so that the host's load hits all
                 for name, fn in variants.items():
@@ -458,8 +430,7 @@ def hop(args: argparse.Namespace) -> dict[str, Any]:
                         out.setdefault(f"{name}_{key}", []).append(value / len(calls))
         finally:
             remote.close()
-            proc.terminate()
-            proc.wait()
+            cluster.stop()
     medians: dict[str, Any] = {k: float(np.median(v)) for k, v in out.items()}
     medians |= {"stage": args.stage, "calls": len(calls), "identical_answers": same}
     print(f"{args.stage}: {len(calls)} calls, answers identical in process and over gRPC: {same}")
