@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
@@ -37,6 +37,7 @@ from sluice.core.errors import (
     ResourceExhausted,
     SluiceError,
 )
+from sluice.core.health import HealthServicer
 from sluice.core.tracing import TracingConfig
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ class RunningService:
         self,
         spec: ServiceSpec,
         server: grpc.Server,
-        health_servicer: health.HealthServicer,
+        health_servicer: HealthServicer,
         names: list[str],
         port: int,
         probe_server: grpc.Server | None = None,
@@ -412,7 +413,7 @@ def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
         ],
     )
     names = list(spec.register(server))
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if o.reflection:
         _serve_reflection(

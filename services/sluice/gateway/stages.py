@@ -96,7 +96,7 @@ class SpinKeeper:
     the channel has none left. The gateway calls each stage once per request, so every call
     started a new thread: about 130 µs of client CPU per call (``docs/benchmarks.md``). An
     open watch keeps that thread alive. The stage's health service answers it without holding
-    a handler thread (``HealthServicer(experimental_non_blocking=True)``), so it costs the
+    a handler thread (``sluice.core.health.HealthServicer``), so it costs the
     stage one stream. One idle thread here reads the watch (a stream's end is only seen once
     its messages are read) and opens it again :data:`KEEPER_REOPEN_S` after it ends.
     """
