@@ -1,6 +1,6 @@
-"""``python -m sluice.bench.hotpath hop``: the figures it reports compare one stage in
-process with the same calls over gRPC to ``sluice serve``, so both must compute the same
-answers; a served stage that drifted from its in-process engine would make them meaningless."""
+"""``python -m sluice.bench.hotpath hop`` and ``served``: the figures they report compare
+the same work in process and over gRPC, so both sides must compute the same answers; a served
+stage or gateway that drifted from the in-process engines would make them meaningless."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ def test_a_stage_answers_the_same_in_process_and_served(
     assert figures["identical_answers"] == figures["calls"]
     assert figures["grpc_server_switches"] >= 1
     assert figures["grpc_wall_ms"] > 0 and figures["health_wall_ms"] > 0
+
+
+def test_the_served_one_machine_answers_what_the_cascade_does_in_process(
+    tmp_path: Path, tiny_artifacts: Artifacts
+) -> None:
+    """``hotpath served`` compares the in-process cascade with a served one-machine gateway
+    on the same torch ranker: both must give the same pages, and the served side's CPU must
+    be the gateway process's, which each request wakes."""
+    out = tmp_path / "served.json"
+    args = ["served", str(tiny_artifacts.root), "--requests", "12", "--rounds", "1"]
+    assert main([*args, "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["requests"] == 12
+    assert figures["identical_pages"] == 12
+    assert figures["served_gateway_cpu_ms"] > 0
+    assert figures["served_gateway_switches"] >= 1
+    assert figures["in_process_client_cpu_ms"] > 0 and figures["served_wall_ms"] > 0

@@ -32,6 +32,13 @@
     ranker), and as health checks to that server (the bare hop). Per call: wall time, this
     process's and the server's CPU, and both sides' context switches. The answers must be
     identical both ways; the count is printed.
+``python -m sluice.bench.hotpath served ARTIFACTS --requests 600``
+    What serving adds to the one-machine layout without concurrency. A fixed request set
+    (half Search) goes, one request at a time and alternating by round, to the in-process
+    cascade (as ``cpu``) and to ``sluice up --stages local`` on the same build with the
+    same torch ranker in the gateway (no Triton). Per request: the gateway's CPU and
+    context switches, this client's CPU, and wall time. The first pages must be identical
+    both ways (ids and scores); the count is printed.
 """
 
 from __future__ import annotations
@@ -444,6 +451,96 @@ def hop(args: argparse.Namespace) -> dict[str, Any]:
     return medians
 
 
+def served(args: argparse.Namespace) -> dict[str, Any]:
+    """The in-process cascade against the same requests to a served one-machine gateway,
+    one at a time, alternating: what the gateway's process and gRPC add per request."""
+    import os
+    import tempfile
+
+    import grpc
+
+    from sluice.bench.compare import local_gateway
+    from sluice.bench.load import KIND_SEARCH, proc_switches, proc_usage
+    from sluice.launch import Cluster, Ports
+    from sluice.v1 import storefront_pb2, storefront_pb2_grpc
+
+    local = _caller(local_gateway(args.artifacts), 10)
+    specs = _requests(args.artifacts, args.requests, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        cluster = Cluster(
+            args.artifacts,
+            ports=Ports.random(),
+            log_dir=Path(tmp) / "logs",
+            event_log_dir=Path(tmp) / "events",
+            stages="local",
+            fine_backend="torch",
+            extra_env={"SLUICE_FINE_TORCH_THREADS": "1"},  # as local_gateway has it
+        )
+        cluster.start(timeout_s=600)
+        channel = grpc.insecure_channel(cluster.gateway_address)
+        try:
+            stub = storefront_pb2_grpc.StorefrontServiceStub(channel)
+
+            def remote(spec: Any) -> Any:
+                if spec.kind == KIND_SEARCH:
+                    search = storefront_pb2.SearchRequest(
+                        query=spec.query, user_id=spec.user_id, page_size=10
+                    )
+                    return stub.Search(search, timeout=30).page
+                recommend = storefront_pb2.RecommendRequest(user_id=spec.user_id, page_size=10)
+                return stub.Recommend(recommend, timeout=30).page
+
+            # the first pass is also the warm-up: both sides start from the same state
+            mine = [local(spec) for spec in specs]
+            theirs = [remote(spec) for spec in specs]
+            same = sum(
+                list(a.candidates.item_ids) == list(b.item_ids)
+                and np.allclose(a.candidates.scores, b.scores, rtol=1e-6, atol=1e-6)
+                for a, b in zip(mine, theirs, strict=True)
+            )
+            variants: dict[str, Callable[[Any], Any]] = {"in_process": local, "served": remote}
+            gateway = [cluster.processes["gateway"].pid]
+            out: dict[str, list[float]] = {}
+            for _ in range(args.rounds):  # alternating, so that the host's load hits both
+                for name, fn in variants.items():
+                    s0, x0 = proc_usage(gateway)[0], proc_switches(gateway)
+                    y0, c0, t0 = (
+                        proc_switches([os.getpid()]),
+                        time.process_time(),
+                        time.perf_counter(),
+                    )
+                    for spec in specs:
+                        fn(spec)
+                    client_ms = 1e3 * (time.process_time() - c0)
+                    figures = {
+                        "wall_ms": 1e3 * (time.perf_counter() - t0),
+                        "client_cpu_ms": client_ms,
+                        "gateway_cpu_ms": 1e3 * (proc_usage(gateway)[0] - s0),
+                        "gateway_switches": float(proc_switches(gateway) - x0),
+                        "client_switches": float(proc_switches([os.getpid()]) - y0),
+                    }
+                    for key, value in figures.items():
+                        out.setdefault(f"{name}_{key}", []).append(value / len(specs))
+        finally:
+            channel.close()
+            cluster.stop()
+    medians: dict[str, Any] = {k: float(np.median(v)) for k, v in out.items()}
+    medians |= {"requests": len(specs), "identical_pages": same}
+    m = medians
+    print(f"{len(specs)} requests, pages identical in process and served: {same}")
+    print(
+        f"  in process per request (median of rounds): CPU {m['in_process_client_cpu_ms']:.3f} "
+        f"ms, wall {m['in_process_wall_ms']:.3f} ms"
+    )
+    print(
+        f"  served per request (median of rounds): gateway CPU {m['served_gateway_cpu_ms']:.3f} "
+        f"ms, client CPU {m['served_client_cpu_ms']:.3f} ms, wall {m['served_wall_ms']:.3f} ms, "
+        f"context switches gateway {m['served_gateway_switches']:.1f} / client "
+        f"{m['served_client_switches']:.1f}"
+    )
+    return medians
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sluice.bench.hotpath", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -477,11 +574,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stage", choices=("recall", "coarse", "fine", "rerank"), default="rerank")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("served", help="the in-process cascade against a served one machine")
+    p.add_argument("artifacts", type=Path)
+    p.add_argument("--requests", type=int, default=600)
+    p.add_argument("--rounds", type=int, default=3)
     for p in sub.choices.values():
         p.add_argument("--seed", type=int, default=7)
         p.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    commands = {"cpu": cpu, "pages": pages, "encoder": encoder, "ann": ann, "rtt": rtt, "hop": hop}
+    commands = {
+        "cpu": cpu,
+        "pages": pages,
+        "encoder": encoder,
+        "ann": ann,
+        "rtt": rtt,
+        "hop": hop,
+        "served": served,
+    }
     result = commands[args.command](args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
