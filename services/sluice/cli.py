@@ -116,6 +116,7 @@ def _cluster(args: argparse.Namespace, supervise: bool = False) -> object:
         stage_replicas=args.stage_replicas or 0,
         recall_shards=args.recall_shards,
         catalog_keys=tuple(args.catalog_key),
+        pin_cpus=args.pin_cpus,
     )
 
 
@@ -364,6 +365,12 @@ def command_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             default=None,
             help="processes of each stage service (default: 2 with --replicas above 1, else "
             "1), reached with round_robin, health checks and retries",
+        )
+        p.add_argument(
+            "--pin-cpus",
+            action="store_true",
+            help="with --stages local: each gateway on a core of its own, Triton and the rest "
+            "on the cores left (docs/benchmarks.md)",
         )
         p.add_argument(
             "--recall-shards",

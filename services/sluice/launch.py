@@ -192,6 +192,13 @@ class Cluster:
     catalog_updates: str = ""
     """The update log: a file path or a Redis URL (default: ``updates.jsonl`` beside the
     event logs, or a stream in the cluster's Redis when the gateways share one)."""
+    pin_cpus: bool = False
+    """One machine only (``stages="local"``): each gateway process runs on a core of its own,
+    and every other process (Triton with its python-backend stubs, Redis, HAProxy) on the
+    cores left, or on all of them when none is left (:meth:`cpu_plan`). A gateway's Python
+    holds one GIL, so it runs on one core at a time anyway; pinned, its threads hand the GIL
+    over on that core, its caches stay warm, and Triton is not preempted by it
+    (``docs/benchmarks.md``, "One core for the gateway")."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     """How often the supervisor restarted each process."""
@@ -207,6 +214,10 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if self.catalog_keys and self.recall_shards:
             raise ValueError("live catalog updates need an unsharded recall (no recall_shards)")
+        if self.pin_cpus and self.stages != "local":
+            raise ValueError("pin_cpus plans the one-machine layout (stages='local') only")
+        if self.pin_cpus and shutil.which("taskset") is None:
+            raise ValueError("pin_cpus needs taskset (util-linux)")
         deadline = time.monotonic() + timeout_s
         try:
             self._plan_replicas()
@@ -370,11 +381,41 @@ class Cluster:
             else ""
         )
 
+    def cpu_plan(self) -> dict[str, list[int]]:
+        """The cores each process may run on under :attr:`pin_cpus` (gateway processes by
+        name, everything else under ``"*"``); empty when nothing is pinned: pinning is off,
+        or this process may use one core only."""
+        cores = sorted(os.sched_getaffinity(0))
+        if not self.pin_cpus or len(cores) < 2:
+            return {}
+        gateways = self.process_names("gateway")
+        plan = {name: [cores[i % len(cores)]] for i, name in enumerate(gateways)}
+        plan["*"] = cores[len(gateways) :] or cores
+        return plan
+
+    def _pinned(self, name: str, argv: list[str]) -> list[str]:
+        """``argv`` run on the process's cores (``taskset``: every thread and child the
+        process starts inherits them, Triton's stubs too)."""
+        plan = self.cpu_plan()
+        if not plan:
+            return argv
+        cores = plan.get(name, plan["*"])
+        return [
+            shutil.which("taskset") or "taskset",
+            "--cpu-list",
+            ",".join(map(str, cores)),
+            *argv,
+        ]
+
     # -- processes ---------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own descriptor
             proc = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self._pinned(name, argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         with self._changed:  # re-entrant: the supervisor spawns while holding it
             self.processes[name] = proc

@@ -973,7 +973,8 @@ def started_cluster(
     layout: Mapping[str, int] | None = None,
 ) -> Iterator[Any]:
     """A fresh :class:`~sluice.launch.Cluster` on random ports (events to a temp dir);
-    ``layout`` sets its ``replicas``, ``stage_replicas`` and ``recall_shards``."""
+    ``layout`` sets its ``replicas``, ``stage_replicas``, ``recall_shards`` and ``pin_cpus``
+    (0 or 1)."""
     from sluice.launch import Cluster, Ports
 
     env = dict(extra_env or {})  # FAISS on GPU: SLUICE_RECALL_USE_GPU=1 in the environment
@@ -993,6 +994,7 @@ def started_cluster(
                 replicas=(layout or {}).get("replicas", 1),
                 stage_replicas=(layout or {}).get("stage_replicas", 0),
                 recall_shards=(layout or {}).get("recall_shards", 0),
+                pin_cpus=bool((layout or {}).get("pin_cpus", 0)),
             )
             t = time.monotonic()
             try:
@@ -1377,6 +1379,12 @@ def add_load_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--recall-shards", type=int, default=0, help="with --start: recall shards (sluice shard)"
     )
+    ap.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="with --start --stages local: each gateway on a core of its own, as sluice up "
+        "--pin-cpus",
+    )
     ap.add_argument("--out", type=Path, default=paths.var("bench", "load"))
     ap.add_argument("--figures", type=Path, default=None, help="also copy the PNGs here")
     ap.add_argument("--tag", default="load", help="label in the CSV and figure names")
@@ -1431,6 +1439,7 @@ def load_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> in
                         "replicas": args.replicas,
                         "stage_replicas": args.stage_replicas,
                         "recall_shards": args.recall_shards,
+                        "pin_cpus": int(args.pin_cpus),
                     },
                 )
             )
