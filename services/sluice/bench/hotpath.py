@@ -36,8 +36,9 @@
     What serving adds to the one-machine layout without concurrency. A fixed request set
     (half Search) goes, one request at a time and alternating by round, to the in-process
     cascade (as ``cpu``) and to ``sluice up --stages local`` on the same build with the
-    same torch ranker in the gateway (no Triton). Per request: the gateway's CPU and
-    context switches, this client's CPU, and wall time. The first pages must be identical
+    same torch ranker in the gateway (no Triton; ``--pin-cpus``: the gateway on a core of
+    its own, this process on the others). Per request: the gateway's CPU and context
+    switches, this client's CPU, and wall time. The first pages must be identical
     both ways (ids and scores); the count is printed.
 """
 
@@ -475,8 +476,12 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
             stages="local",
             fine_backend="torch",
             extra_env={"SLUICE_FINE_TORCH_THREADS": "1"},  # as local_gateway has it
+            pin_cpus=args.pin_cpus,
         )
         cluster.start(timeout_s=600)
+        cores = os.sched_getaffinity(0)
+        if cluster.cpu_plan():  # this process (client, and the in-process side) off its core
+            os.sched_setaffinity(0, cluster.cpu_plan()["*"])
         channel = grpc.insecure_channel(cluster.gateway_address)
         try:
             stub = storefront_pb2_grpc.StorefrontServiceStub(channel)
@@ -524,8 +529,9 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             channel.close()
             cluster.stop()
+            os.sched_setaffinity(0, cores)
     medians: dict[str, Any] = {k: float(np.median(v)) for k, v in out.items()}
-    medians |= {"requests": len(specs), "identical_pages": same}
+    medians |= {"requests": len(specs), "identical_pages": same, "pinned": args.pin_cpus}
     m = medians
     print(f"{len(specs)} requests, pages identical in process and served: {same}")
     print(
@@ -576,6 +582,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("served", help="the in-process cascade against a served one machine")
     p.add_argument("artifacts", type=Path)
+    p.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="the gateway on a core of its own (sluice up --pin-cpus), this process on the rest",
+    )
     p.add_argument("--requests", type=int, default=600)
     p.add_argument("--rounds", type=int, default=3)
     for p in sub.choices.values():
