@@ -104,6 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _cluster(args: argparse.Namespace, supervise: bool = False) -> object:
     from sluice.launch import Cluster
 
+    if args.pin_cpus and args.stages != "local":
+        raise SystemExit("--pin-cpus needs --stages local (it plans the one-machine layout)")
     return Cluster(
         artifacts=Path(args.artifacts),
         log_dir=paths.var("logs"),

@@ -53,3 +53,22 @@ def test_generate_writes_the_shop_a_build_trains_on(tmp_path: Path) -> None:
     assert interactions.user_ids == want.user_ids
     assert np.array_equal(interactions.item_rows, want.item_rows)
     assert np.array_equal(interactions.timestamps, want.timestamps)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["up", "--pin-cpus"], ["bench", "load", "--start", "--pin-cpus", "--artifacts", "x"]],
+)
+def test_pinning_outside_the_one_machine_layout_is_refused_with_a_message(
+    argv: list[str],
+) -> None:
+    with pytest.raises(SystemExit, match="--pin-cpus needs") as exit_:
+        cli.main(argv)
+    assert "--stages local" in str(exit_.value)
+
+
+def test_sluice_up_passes_pinning_to_the_cluster() -> None:
+    args = cli.command_parser().parse_args(["up", "--stages", "local", "--pin-cpus"])
+    cluster: Any = cli._cluster(args)
+    assert cluster.pin_cpus and cluster.stages == "local"
+    assert not cli._cluster(cli.command_parser().parse_args(["up"])).pin_cpus  # type: ignore[attr-defined]

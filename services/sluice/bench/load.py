@@ -1413,6 +1413,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
 
 
 def load_main(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    if args.pin_cpus and not (args.start and args.stages == "local"):
+        raise SystemExit("--pin-cpus needs --start --stages local (the one-machine layout)")
     cfg = config_from_args(args)
     env = apply_env(args.env)
     args.out.mkdir(parents=True, exist_ok=True)
