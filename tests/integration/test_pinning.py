@@ -7,13 +7,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from sluice.artifacts import Artifacts
 from sluice.bench.load import process_tree
-from sluice.launch import Cluster, Ports
-from sluice.v1 import storefront_pb2, storefront_pb2_grpc
+from sluice.client import StorefrontClient
+from sluice.launch import Cluster
+from tests.integration.conftest import running_cluster
 
 CORES = sorted(os.sched_getaffinity(0))
 
@@ -42,34 +42,19 @@ def pinned(
     tiny_artifacts: Artifacts, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     base = tmp_path_factory.mktemp("pinned")
-    cluster = Cluster(
-        artifacts=tiny_artifacts.root,
-        ports=Ports.random(),
-        log_dir=base / "logs",
-        event_log_dir=base / "events",
-        stages="local",
-        pin_cpus=True,
-        supervise=True,
-    )
-    cluster.start(timeout_s=300)
-    yield cluster
-    cluster.stop()
+    yield from running_cluster(tiny_artifacts, base, "local", pin_cpus=True, supervise=True)
 
 
-def _recommend(cluster: Cluster, user: str) -> storefront_pb2.RecommendResponse:
-    with grpc.insecure_channel(cluster.gateway_address) as channel:
-        stub = storefront_pb2_grpc.StorefrontServiceStub(channel)
-        response: storefront_pb2.RecommendResponse = stub.Recommend(
-            storefront_pb2.RecommendRequest(user_id=user, page_size=10), timeout=30
-        )
-        return response
+def _page_size(cluster: Cluster, user: str) -> int:
+    response = StorefrontClient(cluster.gateway_address).recommend(user, timeout_s=30)
+    return len(response.page.item_ids)
 
 
 def test_the_gateway_has_a_core_and_triton_the_rest(
     pinned: Cluster, tiny_artifacts: Artifacts
 ) -> None:
     users, _ = tiny_artifacts.users()
-    assert len(_recommend(pinned, users[0]).page.item_ids) == 10  # its threads exist by now
+    assert _page_size(pinned, users[0]) == 10  # its threads exist by now
     plan = pinned.cpu_plan()
     assert plan == {"gateway": [CORES[0]], "*": CORES[1:]}
     assert _threads_cores(pinned.processes["gateway"].pid) == {frozenset(CORES[:1])}
@@ -87,7 +72,7 @@ def test_a_gateway_restarted_after_kill_9_is_pinned_again(
     after = pinned.processes["gateway"].pid
     assert after != before
     users, _ = tiny_artifacts.users()
-    assert len(_recommend(pinned, users[1]).page.item_ids) == 10
+    assert _page_size(pinned, users[1]) == 10
     assert _threads_cores(after) == {frozenset(CORES[:1])}
 
 
