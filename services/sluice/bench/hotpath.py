@@ -38,8 +38,8 @@
     cascade (as ``cpu``) and to ``sluice up --stages local`` on the same build with the
     same torch ranker in the gateway (no Triton; ``--pin-cpus``: the gateway on a core of
     its own, this process on the others). Per request: the gateway's CPU and context
-    switches, this client's CPU, and wall time. The first pages must be identical
-    both ways (ids and scores); the count is printed.
+    switches, this client's CPU, and wall time. The first pages must be the same both
+    ways (the same ids, scores equal to 1e-6); the count is printed.
 """
 
 from __future__ import annotations
@@ -379,15 +379,42 @@ def _serve_stage(artifacts: Path, label: str, log_dir: Path) -> Any:
     return cluster
 
 
+def _alternate(
+    variants: dict[str, Callable[[], Any]], server: list[int], rounds: int, per: int
+) -> dict[str, float]:
+    """Run each variant once per round, alternating, so that the host's load hits all. The
+    medians over rounds, per one of its ``per`` calls, as ``<variant>_<figure>``: wall time,
+    this process's and ``server``'s CPU (ms), and both sides' context switches."""
+    import os
+
+    from sluice.bench.load import proc_switches, proc_usage
+
+    here = [os.getpid()]
+    out: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            s0, x0, y0 = proc_usage(server)[0], proc_switches(server), proc_switches(here)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            figures = {
+                "wall_ms": 1e3 * (time.perf_counter() - t0),
+                "client_cpu_ms": 1e3 * (time.process_time() - c0),
+                "server_cpu_ms": 1e3 * (proc_usage(server)[0] - s0),
+                "server_switches": float(proc_switches(server) - x0),
+                "client_switches": float(proc_switches(here) - y0),
+            }
+            for key, value in figures.items():
+                out.setdefault(f"{name}_{key}", []).append(value / per)
+    return {k: float(np.median(v)) for k, v in out.items()}
+
+
 def hop(args: argparse.Namespace) -> dict[str, Any]:
     """One stage in process against the same calls over gRPC to ``sluice serve``, and a health
     check on that server (the bare hop), alternating: where a hop's cost goes."""
-    import os
     import tempfile
 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from sluice.bench.load import proc_switches, proc_usage
     from sluice.config import GatewaySettings
     from sluice.domain import Budget
     from sluice.gateway.stages import GrpcStage
@@ -408,38 +435,23 @@ def hop(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in calls:
                     check(health_pb2.HealthCheckRequest(), timeout=5)
 
-            mine, served = run(local), run(remote)  # also the warm-up
+            mine, theirs = run(local), run(remote)  # also the warm-up
             same = sum(
                 np.array_equal(a.candidates.item_ids, b.candidates.item_ids)
                 and np.array_equal(a.candidates.scores, b.candidates.scores)
                 and a.total_size == b.total_size
-                for a, b in zip(mine, served, strict=True)
+                for a, b in zip(mine, theirs, strict=True)
             )
             variants: dict[str, Callable[[], Any]] = {
                 "in_process": lambda: run(local),
                 "grpc": lambda: run(remote),
                 "health": health,
             }
-            here, there = [os.getpid()], [cluster.processes[args.stage].pid]
-            out: dict[str, list[float]] = {}
-            for _ in range(args.rounds):  # alternating, so that the host's load hits all
-                for name, fn in variants.items():
-                    s0, x0, y0 = proc_usage(there)[0], proc_switches(there), proc_switches(here)
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    fn()
-                    figures = {
-                        "wall_ms": 1e3 * (time.perf_counter() - t0),
-                        "client_cpu_ms": 1e3 * (time.process_time() - c0),
-                        "server_cpu_ms": 1e3 * (proc_usage(there)[0] - s0),
-                        "server_switches": float(proc_switches(there) - x0),
-                        "client_switches": float(proc_switches(here) - y0),
-                    }
-                    for key, value in figures.items():
-                        out.setdefault(f"{name}_{key}", []).append(value / len(calls))
+            server = [cluster.processes[args.stage].pid]
+            medians: dict[str, Any] = _alternate(variants, server, args.rounds, len(calls))
         finally:
             remote.close()
             cluster.stop()
-    medians: dict[str, Any] = {k: float(np.median(v)) for k, v in out.items()}
     medians |= {"stage": args.stage, "calls": len(calls), "identical_answers": same}
     print(f"{args.stage}: {len(calls)} calls, answers identical in process and over gRPC: {same}")
     for name in variants:
@@ -461,7 +473,7 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
     import grpc
 
     from sluice.bench.compare import local_gateway
-    from sluice.bench.load import KIND_SEARCH, proc_switches, proc_usage
+    from sluice.bench.load import KIND_SEARCH
     from sluice.launch import Cluster, Ports
     from sluice.v1 import storefront_pb2, storefront_pb2_grpc
 
@@ -503,34 +515,16 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
                 and np.allclose(a.candidates.scores, b.scores, rtol=1e-6, atol=1e-6)
                 for a, b in zip(mine, theirs, strict=True)
             )
-            variants: dict[str, Callable[[Any], Any]] = {"in_process": local, "served": remote}
+            variants: dict[str, Callable[[], Any]] = {
+                "in_process": lambda: [local(spec) for spec in specs],
+                "served": lambda: [remote(spec) for spec in specs],
+            }
             gateway = [cluster.processes["gateway"].pid]
-            out: dict[str, list[float]] = {}
-            for _ in range(args.rounds):  # alternating, so that the host's load hits both
-                for name, fn in variants.items():
-                    s0, x0 = proc_usage(gateway)[0], proc_switches(gateway)
-                    y0, c0, t0 = (
-                        proc_switches([os.getpid()]),
-                        time.process_time(),
-                        time.perf_counter(),
-                    )
-                    for spec in specs:
-                        fn(spec)
-                    client_ms = 1e3 * (time.process_time() - c0)
-                    figures = {
-                        "wall_ms": 1e3 * (time.perf_counter() - t0),
-                        "client_cpu_ms": client_ms,
-                        "gateway_cpu_ms": 1e3 * (proc_usage(gateway)[0] - s0),
-                        "gateway_switches": float(proc_switches(gateway) - x0),
-                        "client_switches": float(proc_switches([os.getpid()]) - y0),
-                    }
-                    for key, value in figures.items():
-                        out.setdefault(f"{name}_{key}", []).append(value / len(specs))
+            medians: dict[str, Any] = _alternate(variants, gateway, args.rounds, len(specs))
         finally:
             channel.close()
             cluster.stop()
             os.sched_setaffinity(0, cores)
-    medians: dict[str, Any] = {k: float(np.median(v)) for k, v in out.items()}
     medians |= {"requests": len(specs), "identical_pages": same, "pinned": args.pin_cpus}
     m = medians
     print(f"{len(specs)} requests, pages identical in process and served: {same}")
@@ -539,9 +533,9 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
         f"ms, wall {m['in_process_wall_ms']:.3f} ms"
     )
     print(
-        f"  served per request (median of rounds): gateway CPU {m['served_gateway_cpu_ms']:.3f} "
+        f"  served per request (median of rounds): gateway CPU {m['served_server_cpu_ms']:.3f} "
         f"ms, client CPU {m['served_client_cpu_ms']:.3f} ms, wall {m['served_wall_ms']:.3f} ms, "
-        f"context switches gateway {m['served_gateway_switches']:.1f} / client "
+        f"context switches gateway {m['served_server_switches']:.1f} / client "
         f"{m['served_client_switches']:.1f}"
     )
     return medians
