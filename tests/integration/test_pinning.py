@@ -4,6 +4,7 @@ python-backend stub on the rest, for every thread, and again after a kill -9."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +18,10 @@ from tests.integration.conftest import running_cluster
 
 CORES = sorted(os.sched_getaffinity(0))
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(len(CORES) < 2, reason="pinning needs two cores"),
-]
+pytestmark = pytest.mark.integration
+CAN_PIN = pytest.mark.skipif(
+    len(CORES) < 2 or shutil.which("taskset") is None, reason="pinning needs two cores and taskset"
+)
 
 
 def _threads_cores(pid: int) -> set[frozenset[int]]:
@@ -50,6 +51,7 @@ def _page_size(cluster: Cluster, user: str) -> int:
     return len(response.page.item_ids)
 
 
+@CAN_PIN
 def test_the_gateway_has_a_core_and_triton_the_rest(
     pinned: Cluster, tiny_artifacts: Artifacts
 ) -> None:
@@ -64,6 +66,7 @@ def test_the_gateway_has_a_core_and_triton_the_rest(
         assert _threads_cores(pid) == {frozenset(CORES[1:])}
 
 
+@CAN_PIN
 def test_a_gateway_restarted_after_kill_9_is_pinned_again(
     pinned: Cluster, tiny_artifacts: Artifacts
 ) -> None:
