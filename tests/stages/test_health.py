@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from sluice.core.health import HealthServicer
 
@@ -83,7 +84,7 @@ def test_an_ended_watch_is_sent_nothing_more() -> None:
 def served() -> Iterator[tuple[HealthServicer, str]]:
     servicer = HealthServicer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    servicer.add_to(server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield servicer, f"127.0.0.1:{port}"
@@ -160,3 +161,34 @@ def test_statuses_change_while_watches_come_and_go(served: tuple[HealthServicer,
         updates: Any = stub.Watch(_request("x"), timeout=10)
         assert next(updates).status == SERVING
         updates.cancel()
+
+
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+@pytest.mark.parametrize(
+    "body",
+    [b"\xff\xff\xff", b"\x0a\x05ab", b"\x0a" + b"\x80" * 12, b"\x0a\x02\xc3\x28"],
+    ids=["garbage", "truncated", "bad-varint", "bad-utf8"],
+)
+def test_bytes_that_are_not_a_request_get_invalid_argument(
+    served: tuple[HealthServicer, str], method: str, body: bytes
+) -> None:
+    """A client we did not write sends raw bytes: INVALID_ARGUMENT with the bootstrap's
+    details, not grpcio's INTERNAL, and the service goes on answering."""
+    _, address = served
+    with grpc.insecure_channel(address) as channel:
+        path = f"/grpc.health.v1.Health/{method}"
+
+        def call() -> object:
+            if method == "Check":
+                return channel.unary_unary(path)(body, timeout=5)
+            return next(iter(channel.unary_stream(path)(body, timeout=5)))
+
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        status = rpc_status.from_call(err.value)
+        assert status is not None
+        kinds = {d.type_url.rsplit("/", 1)[1] for d in status.details}
+        assert kinds == {"google.rpc.ErrorInfo", "google.rpc.BadRequest"}
+        check = health_pb2_grpc.HealthStub(channel).Check
+        assert check(_request(""), timeout=5).status == SERVING

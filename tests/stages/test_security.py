@@ -176,6 +176,9 @@ def test_a_tls_service_answers_plain_health_probes_on_its_health_port(certs: Clu
             svc.set_serving(True)
             status = check(health_pb2.HealthCheckRequest(), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=5)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # and Watch
+            watch.cancel()
             assert _call(ch) == grpc.StatusCode.UNIMPLEMENTED  # only health lives there
     finally:
         svc.stop(0.1)

@@ -51,7 +51,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +408,17 @@ def _alternate(
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
+def _print_variants(medians: dict[str, Any], variants: Iterable[str], per: str) -> None:
+    """One line per variant of :func:`_alternate`'s medians (the server: the served process)."""
+    for name in variants:
+        m = {k.removeprefix(f"{name}_"): v for k, v in medians.items() if k.startswith(name)}
+        print(
+            f"  {name:10s} per {per} (median of rounds): wall {m['wall_ms']:.3f} ms, CPU client "
+            f"{m['client_cpu_ms']:.3f} / server {m['server_cpu_ms']:.3f} ms, context switches "
+            f"client {m['client_switches']:.1f} / server {m['server_switches']:.1f}"
+        )
+
+
 def hop(args: argparse.Namespace) -> dict[str, Any]:
     """One stage in process against the same calls over gRPC to ``sluice serve``, and a health
     check on that server (the bare hop), alternating: where a hop's cost goes."""
@@ -454,13 +465,7 @@ def hop(args: argparse.Namespace) -> dict[str, Any]:
             cluster.stop()
     medians |= {"stage": args.stage, "calls": len(calls), "identical_answers": same}
     print(f"{args.stage}: {len(calls)} calls, answers identical in process and over gRPC: {same}")
-    for name in variants:
-        m = {k.removeprefix(f"{name}_"): v for k, v in medians.items() if k.startswith(name)}
-        print(
-            f"  {name:10s} per call (median of rounds): wall {m['wall_ms']:.3f} ms, CPU client "
-            f"{m['client_cpu_ms']:.3f} / server {m['server_cpu_ms']:.3f} ms, context switches "
-            f"client {m['client_switches']:.1f} / server {m['server_switches']:.1f}"
-        )
+    _print_variants(medians, variants, "call")
     return medians
 
 
@@ -492,8 +497,9 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
         )
         cluster.start(timeout_s=600)
         cores = os.sched_getaffinity(0)
-        if cluster.cpu_plan():  # this process (client, and the in-process side) off its core
-            os.sched_setaffinity(0, cluster.cpu_plan()["*"])
+        plan = cluster.cpu_plan()
+        if plan:  # this process (client, and the in-process side) off the gateway's core
+            os.sched_setaffinity(0, plan["*"])
         channel = grpc.insecure_channel(cluster.gateway_address)
         try:
             stub = storefront_pb2_grpc.StorefrontServiceStub(channel)
@@ -526,18 +532,8 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
             cluster.stop()
             os.sched_setaffinity(0, cores)
     medians |= {"requests": len(specs), "identical_pages": same, "pinned": args.pin_cpus}
-    m = medians
     print(f"{len(specs)} requests, pages identical in process and served: {same}")
-    print(
-        f"  in process per request (median of rounds): CPU {m['in_process_client_cpu_ms']:.3f} "
-        f"ms, wall {m['in_process_wall_ms']:.3f} ms"
-    )
-    print(
-        f"  served per request (median of rounds): gateway CPU {m['served_server_cpu_ms']:.3f} "
-        f"ms, client CPU {m['served_client_cpu_ms']:.3f} ms, wall {m['served_wall_ms']:.3f} ms, "
-        f"context switches gateway {m['served_server_switches']:.1f} / client "
-        f"{m['served_client_switches']:.1f}"
-    )
+    _print_variants(medians, variants, "request")
     return medians
 
 

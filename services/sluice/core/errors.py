@@ -8,6 +8,7 @@ else that escapes a handler is a bug and becomes INTERNAL (and is logged).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -160,3 +161,19 @@ def from_rpc_error(err: grpc.RpcError, dependency: str) -> SluiceError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhausted(f"{dependency} is overloaded: {detail}", metadata=meta)
     return Unavailable(f"{dependency} failed ({code.name}): {detail}", metadata=meta)
+
+
+def decode_request(deserialize: Callable[[bytes], Message], raw: bytes) -> Message:
+    """``raw`` decoded with ``deserialize`` (a message class's ``FromString``); bytes that are
+    not that message, or hold invalid UTF-8 in a string field, are InvalidArgument: the
+    caller's fault, where grpcio's own decoding would answer INTERNAL."""
+    try:
+        return deserialize(raw)
+    except Exception as err:  # DecodeError, UnicodeDecodeError, RuntimeWarning, ...
+        owner = getattr(deserialize, "__self__", None)
+        name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+        raise InvalidArgument(
+            f"the request body is not a valid {name} message "
+            "(or holds invalid UTF-8 in a string field)",
+            reason="UNDECODABLE_REQUEST",
+        ) from err

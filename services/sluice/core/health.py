@@ -11,7 +11,9 @@ CI while the recall front's watches on it came and went).
 
 This one keeps the state lock only to read or change state, never while sending. Sends
 take a second lock, which the clean-up callback never takes, so that a watcher gets its
-first status and every change in order.
+first status and every change in order. It also decodes its own requests: the health
+service bypasses the bootstrap's interceptor (it must answer under overload and without an
+API key), and grpcio would answer bytes that are not a ``HealthCheckRequest`` with INTERNAL.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from grpc_status import rpc_status
+
+from sluice.core.errors import InvalidArgument, decode_request
+
+SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 Send = Callable[[health_pb2.HealthCheckResponse | None], Any]
 """How a non-blocking server-streaming handler sends a message (None ends the call)."""
 
 
-class HealthServicer(health_pb2_grpc.HealthServicer):
+class HealthServicer:
     """``Check`` and ``Watch`` over named statuses; ``""`` is the whole server."""
 
     def __init__(self) -> None:
@@ -65,8 +72,33 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                 return
             send(health_pb2.HealthCheckResponse(status=status))
 
+    def add_to(self, server: grpc.Server) -> None:
+        """Serve ``grpc.health.v1.Health`` on ``server``, decoding its requests here."""
+        respond = health_pb2.HealthCheckResponse.SerializeToString
+        handlers = {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                self._check_bytes, response_serializer=respond
+            ),
+            "Watch": grpc.unary_stream_rpc_method_handler(
+                self._watch_bytes, response_serializer=respond
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+
+    def _check_bytes(
+        self, raw: bytes, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        return self.Check(_decoded(raw, context), context)
+
+    def _watch_bytes(
+        self, raw: bytes, context: grpc.ServicerContext, send_response_callback: Send | None = None
+    ) -> None:
+        self.Watch(_decoded(raw, context), context, send_response_callback)
+
     # run by gRPC without a handler thread of its own (see the module's docstring)
-    Watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+    _watch_bytes.experimental_non_blocking = True  # type: ignore[attr-defined]
 
     def _forget(self, service: str, send: Send) -> None:
         """A watch ended: runs on the server's completion-queue thread, so it never sends."""
@@ -88,3 +120,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             response = health_pb2.HealthCheckResponse(status=status)
             for send in watchers:
                 send(response)  # False, no error, when that call has ended meanwhile
+
+
+def _decoded(raw: bytes, context: grpc.ServicerContext) -> health_pb2.HealthCheckRequest:
+    """The request, or INVALID_ARGUMENT with the bootstrap's details (ErrorInfo, BadRequest)."""
+    try:
+        request = decode_request(health_pb2.HealthCheckRequest.FromString, raw)
+    except InvalidArgument as err:
+        context.abort_with_status(rpc_status.to_status(err.to_status()))
+        raise  # abort_with_status raised already
+    assert isinstance(request, health_pb2.HealthCheckRequest)
+    return request

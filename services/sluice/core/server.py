@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
@@ -33,10 +33,11 @@ from sluice.core.errors import (
     Cancelled,
     DeadlineExceeded,
     DeadlineTooShort,
-    InvalidArgument,
     ResourceExhausted,
     SluiceError,
+    decode_request,
 )
+from sluice.core.health import SERVICE_NAME as HEALTH_SERVICE
 from sluice.core.health import HealthServicer
 from sluice.core.tracing import TracingConfig
 
@@ -70,12 +71,6 @@ class _LogBudget:
             return None
         with self._lock:
             return self._dropped.pop(key, 0)
-
-
-def _message_name(deserialize: Callable[[bytes], Any]) -> str:
-    owner = getattr(deserialize, "__self__", None)
-    descriptor = getattr(owner, "DESCRIPTOR", None)
-    return str(getattr(descriptor, "full_name", "request"))
 
 
 class _Interceptor(grpc.ServerInterceptor):
@@ -190,16 +185,7 @@ class _Interceptor(grpc.ServerInterceptor):
 
 
 def _decode(deserialize: Callable[[bytes], Any] | None, raw: Any) -> Any:
-    if deserialize is None:
-        return raw
-    try:
-        return deserialize(raw)
-    except Exception as err:  # DecodeError, UnicodeDecodeError, RuntimeWarning, ...
-        raise InvalidArgument(
-            f"the request body is not a valid {_message_name(deserialize)} message "
-            "(or holds invalid UTF-8 in a string field)",
-            reason="UNDECODABLE_REQUEST",
-        ) from err
+    return raw if deserialize is None else decode_request(deserialize, raw)
 
 
 # grpcio reports a huge time_remaining() when the caller set no deadline; past this many
@@ -414,11 +400,9 @@ def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
     )
     names = list(spec.register(server))
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.add_to(server)
     if o.reflection:
-        _serve_reflection(
-            server, [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        )
+        _serve_reflection(server, [*names, HEALTH_SERVICE])
     address = f"{o.host}:{o.port}"
     if o.credentials is not None:
         bound = server.add_secure_port(address, o.credentials)
@@ -429,7 +413,7 @@ def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
     probe_server = None
     if o.health_port:
         probe_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
+        health_servicer.add_to(probe_server)
         if probe_server.add_insecure_port(f"{o.host}:{o.health_port}") == 0:
             raise OSError(f"{spec.name}: cannot bind the health port {o.health_port}")
     running = RunningService(spec, server, health_servicer, names, bound, probe_server, telemetry)
