@@ -347,3 +347,37 @@ def test_reflection_serves_v1_and_v1alpha_or_nothing() -> None:
                         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         finally:
             svc.stop(0.1)
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_answers_bytes_that_are_not_a_request_with_invalid_argument(
+    version: str,
+) -> None:
+    """Reflection bypasses the interceptor; grpcio's own decoding answered a garbled frame
+    with INTERNAL. A bad frame first, or after a good one in the same stream, ends the
+    stream with INVALID_ARGUMENT and the interceptor's details, after the good answer."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    good = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+    servicer = StageServicer(BINDING, StageLimits(10, 1.0), LoadedBuilds())
+    svc = bind(ServiceSpec("rerank", servicer.add_to), ServerOptions())
+    path = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+            for bad in (b"\xff\xff\xff", b"\x3a\x02\xc3\x28", b"\x0a" + b"\x80" * 12):
+                for frames in ([bad], [good, bad]):
+                    answers: list[bytes] = []
+                    with pytest.raises(grpc.RpcError) as err:
+                        answers.extend(ch.stream_stream(path)(iter(frames), timeout=5))
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    status = rpc_status.from_call(err.value)
+                    assert status is not None
+                    kinds = {d.type_url.rsplit("/", 1)[1] for d in status.details}
+                    assert kinds == {"google.rpc.ErrorInfo", "google.rpc.BadRequest"}
+                    assert len(answers) == len(frames) - 1
+            # the stream broke, not the service
+            (resp,) = list(ch.stream_stream(path)(iter([good]), timeout=5))
+            parsed = reflection_pb2.ServerReflectionResponse.FromString(resp)
+            assert SERVICE in {s.name for s in parsed.list_services_response.service}
+    finally:
+        svc.stop(0.1)

@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 ERROR_DOMAIN = "sluice.dev"
 
@@ -177,3 +178,16 @@ def decode_request(deserialize: Callable[[bytes], Message], raw: bytes) -> Messa
             "(or holds invalid UTF-8 in a string field)",
             reason="UNDECODABLE_REQUEST",
         ) from err
+
+
+def decode_or_abort(
+    deserialize: Callable[[bytes], Message], raw: bytes, context: grpc.ServicerContext
+) -> Message:
+    """:func:`decode_request` for a handler the interceptor does not wrap (health,
+    reflection): bytes that are not the message end the call with INVALID_ARGUMENT and
+    the interceptor's details (``ErrorInfo``, ``BadRequest``)."""
+    try:
+        return decode_request(deserialize, raw)
+    except InvalidArgument as err:
+        context.abort_with_status(rpc_status.to_status(err.to_status()))
+        raise  # abort_with_status raised already

@@ -24,9 +24,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
-from grpc_status import rpc_status
 
-from sluice.core.errors import InvalidArgument, decode_request
+from sluice.core.errors import decode_or_abort
 
 SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -124,10 +123,6 @@ class HealthServicer:
 
 def _decoded(raw: bytes, context: grpc.ServicerContext) -> health_pb2.HealthCheckRequest:
     """The request, or INVALID_ARGUMENT with the bootstrap's details (ErrorInfo, BadRequest)."""
-    try:
-        request = decode_request(health_pb2.HealthCheckRequest.FromString, raw)
-    except InvalidArgument as err:
-        context.abort_with_status(rpc_status.to_status(err.to_status()))
-        raise  # abort_with_status raised already
+    request = decode_or_abort(health_pb2.HealthCheckRequest.FromString, raw, context)
     assert isinstance(request, health_pb2.HealthCheckRequest)
     return request

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_status import rpc_status
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -35,6 +35,7 @@ from sluice.core.errors import (
     DeadlineTooShort,
     ResourceExhausted,
     SluiceError,
+    decode_or_abort,
     decode_request,
 )
 from sluice.core.health import SERVICE_NAME as HEALTH_SERVICE
@@ -333,17 +334,27 @@ def _serve_reflection(server: grpc.Server, names: list[str]) -> None:
     grpc-js, Postman) and ``v1alpha`` (older tools). grpcio-reflection implements only
     v1alpha; the two protocols are the same messages on the wire, so one servicer serves
     both. The error detail types (``google.rpc.Status``, ``BadRequest``, ``RetryInfo``)
-    are in this process's descriptor pool, so a client can fetch them by symbol too."""
+    are in this process's descriptor pool, so a client can fetch them by symbol too.
+
+    The requests are decoded here, as the interceptor does for the API (reflection bypasses
+    it): a frame that is not a ``ServerReflectionRequest`` ends the stream with
+    INVALID_ARGUMENT, where grpcio's own decoding would answer INTERNAL."""
     listed = [*names, reflection.SERVICE_NAME, REFLECTION_V1]
     servicer = reflection.ReflectionServicer(listed)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    v1 = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    parse = reflection_pb2.ServerReflectionRequest.FromString
+
+    def info(raw_requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+        requests = (decode_or_abort(parse, raw, context) for raw in raw_requests)
+        return servicer.ServerReflectionInfo(requests, context)
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        info, response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString
     )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+        tuple(
+            grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+            for name in (reflection.SERVICE_NAME, REFLECTION_V1)
+        )
     )
 
 
