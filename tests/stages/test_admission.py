@@ -16,7 +16,7 @@ from sluice.builds import LoadedBuilds
 from sluice.client import retry_delay_s
 from sluice.common.v1 import common_pb2
 from sluice.core.admission import SHED_SECONDS, AdaptiveLimit, AdmissionConfig
-from sluice.core.server import ServerOptions, ServiceSpec, bind
+from sluice.core.server import QUEUE_WAIT, ServerOptions, ServiceSpec, bind
 from sluice.core.stage import StageLimits, StageServicer
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.rerank.service import BINDING
@@ -111,6 +111,46 @@ def test_beyond_the_limit_requests_are_refused_at_once_with_retry_info() -> None
         assert retry_delay_s(err.value) == retry.retry_delay.ToMilliseconds() / 1000
         assert refused_in < 5.0  # not queued behind the blocked requests (they wait 30 s)
         assert shed._sum.get() > count_before
+    finally:
+        engine.go.set()
+        svc.stop(0.5)
+
+
+def test_the_time_an_admitted_request_waits_for_its_turn_is_measured() -> None:
+    """One handler's turn at a time: the second request waits while the first is held in
+    the engine, and ``sluice_queue_wait_seconds`` records that wait (the first: none)."""
+    engine = Blocking()
+    servicer = StageServicer(BINDING, StageLimits(100, 10.0), LoadedBuilds.fixed(engine))
+    config = AdmissionConfig(target_ms=1000, initial=2, min_limit=2, max_limit=2)
+    svc = bind(
+        ServiceSpec("queue-wait-test", servicer.add_to), ServerOptions(workers=1, admission=config)
+    )
+    svc.set_serving(True)
+    request = rerank_pb2.RankCandidatesRequest(
+        candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[2, 1], sources=[1, 1]),
+        max_candidates=2,
+    )
+    waited = QUEUE_WAIT.labels("queue-wait-test")
+    held_s = 0.5
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
+            call = ch.unary_unary(
+                BINDING.path,
+                request_serializer=rerank_pb2.RankCandidatesRequest.SerializeToString,
+                response_deserializer=rerank_pb2.RankCandidatesResponse.FromString,
+            )
+            with ThreadPoolExecutor(2) as pool:
+                first = pool.submit(call, request, timeout=30)
+                assert engine.entered.acquire(timeout=30)  # the one turn is taken
+                before = waited._sum.get()
+                second = pool.submit(call, request, timeout=30)
+                # the second cannot enter while the first holds the turn: measure, not sync
+                assert not engine.entered.acquire(timeout=held_s)
+                engine.go.set()
+                assert engine.entered.acquire(timeout=30)  # now it has its turn
+                assert [len(f.result(30).candidates.item_ids) for f in (first, second)] == [2, 2]
+        # the second waited about held_s; generous for a slow host's network and decoding
+        assert waited._sum.get() - before >= held_s / 2
     finally:
         engine.go.set()
         svc.stop(0.5)

@@ -51,6 +51,12 @@ RPC_LATENCY = Histogram(
     ["service", "method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0),
 )
+QUEUE_WAIT = Histogram(
+    "sluice_queue_wait_seconds",
+    "Time an admitted request waited for a handler's turn before its work started",
+    ["service"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.25, 1.0),
+)
 
 
 class _LogBudget:
@@ -206,10 +212,13 @@ class _Gate:
     """Admission control (refuse beyond the adaptive limit) in front of an execution gate
     (at most ``workers`` requests run at once; the admitted rest wait their turn)."""
 
-    def __init__(self, admission: Admission, workers: int, methods: frozenset[str] | None) -> None:
+    def __init__(
+        self, service: str, admission: Admission, workers: int, methods: frozenset[str] | None
+    ) -> None:
         self.admission = admission
         self.methods = methods
         self._running = threading.BoundedSemaphore(workers)
+        self._waited = QUEUE_WAIT.labels(service)
 
     def limit_for(self, method: str) -> AdaptiveLimit | None:
         """The service's one limit, for the methods it governs (all when None)."""
@@ -220,8 +229,10 @@ class _Gate:
     @contextlib.contextmanager
     def run(self, context: grpc.ServicerContext) -> Iterator[None]:
         wait_s = caller_timeout_s(context)
+        queued = time.perf_counter()
         if not self._running.acquire(timeout=wait_s):
             raise DeadlineExceeded("the deadline passed while the request waited its turn")
+        self._waited.observe(time.perf_counter() - queued)
         try:
             left = caller_timeout_s(context)
             if left is not None and left <= 0:
@@ -390,7 +401,7 @@ def bind(spec: ServiceSpec, options: ServerOptions) -> RunningService:
     """Start listening with health NOT_SERVING; :meth:`RunningService.warm` makes it SERVING."""
     o = options
     gate = (
-        _Gate(Admission(spec.name, o.admission), o.workers, spec.admitted_methods)
+        _Gate(spec.name, Admission(spec.name, o.admission), o.workers, spec.admitted_methods)
         if o.admission
         else None
     )
