@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from prometheus_client import REGISTRY
 
 from sluice.builds import LoadedBuilds
 from sluice.client import retry_delay_s
 from sluice.common.v1 import common_pb2
 from sluice.core.admission import SHED_SECONDS, AdaptiveLimit, AdmissionConfig
-from sluice.core.server import QUEUE_WAIT, ServerOptions, ServiceSpec, bind
+from sluice.core.server import ServerOptions, ServiceSpec, bind
 from sluice.core.stage import StageLimits, StageServicer
 from sluice.domain import Budget, Candidates, RankContext
 from sluice.rerank.service import BINDING
@@ -117,11 +118,12 @@ def test_beyond_the_limit_requests_are_refused_at_once_with_retry_info() -> None
 
 
 def test_the_time_an_admitted_request_waits_for_its_turn_is_measured() -> None:
-    """One handler's turn at a time: the second request waits while the first is held in
-    the engine, and ``sluice_queue_wait_seconds`` records that wait (the first: none)."""
+    """One handler's turn at a time: while the first request is held in the engine, a
+    second waits its turn and a third runs out of time waiting. ``sluice_queue_wait_seconds``
+    records both waits (the first's: none)."""
     engine = Blocking()
     servicer = StageServicer(BINDING, StageLimits(100, 10.0), LoadedBuilds.fixed(engine))
-    config = AdmissionConfig(target_ms=1000, initial=2, min_limit=2, max_limit=2)
+    config = AdmissionConfig(target_ms=1000, initial=3, min_limit=3, max_limit=3)
     svc = bind(
         ServiceSpec("queue-wait-test", servicer.add_to), ServerOptions(workers=1, admission=config)
     )
@@ -130,8 +132,14 @@ def test_the_time_an_admitted_request_waits_for_its_turn_is_measured() -> None:
         candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[2, 1], sources=[1, 1]),
         max_candidates=2,
     )
-    waited = QUEUE_WAIT.labels("queue-wait-test")
-    held_s = 0.5
+
+    def waited(part: str) -> float:
+        value = REGISTRY.get_sample_value(
+            f"sluice_queue_wait_seconds_{part}", {"service": "queue-wait-test"}
+        )
+        return value or 0.0
+
+    short_s = 0.5
     try:
         with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
             call = ch.unary_unary(
@@ -142,18 +150,21 @@ def test_the_time_an_admitted_request_waits_for_its_turn_is_measured() -> None:
             with ThreadPoolExecutor(2) as pool:
                 first = pool.submit(call, request, timeout=30)
                 assert engine.entered.acquire(timeout=30)  # the one turn is taken
-                before = waited._sum.get()
+                count, total = waited("count"), waited("sum")
                 second = pool.submit(call, request, timeout=30)
-                # the second cannot enter while the first holds the turn: measure, not sync
-                assert not engine.entered.acquire(timeout=held_s)
+                with pytest.raises(grpc.RpcError) as err:  # waits all its short deadline
+                    call(request, timeout=short_s)
+                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 engine.go.set()
-                assert engine.entered.acquire(timeout=30)  # now it has its turn
+                assert engine.entered.acquire(timeout=30)  # the second's turn
                 assert [len(f.result(30).candidates.item_ids) for f in (first, second)] == [2, 2]
-        # the second waited about held_s; generous for a slow host's network and decoding
-        assert waited._sum.get() - before >= held_s / 2
     finally:
         engine.go.set()
-        svc.stop(0.5)
+        svc.stop(5.0)  # drains: every handler has finished, and recorded its wait
+    assert waited("count") - count == 2
+    # the second waited at least the third's deadline; generous for a slow host
+    assert waited("sum") - total >= short_s
+    assert not engine.entered.acquire(timeout=0)  # the third never reached the engine
 
 
 def test_every_service_runs_with_admission_by_default() -> None:

@@ -230,9 +230,10 @@ class _Gate:
     def run(self, context: grpc.ServicerContext) -> Iterator[None]:
         wait_s = caller_timeout_s(context)
         queued = time.perf_counter()
-        if not self._running.acquire(timeout=wait_s):
+        turn = self._running.acquire(timeout=wait_s)
+        self._waited.observe(time.perf_counter() - queued)  # those that ran out of time too
+        if not turn:
             raise DeadlineExceeded("the deadline passed while the request waited its turn")
-        self._waited.observe(time.perf_counter() - queued)
         try:
             left = caller_timeout_s(context)
             if left is not None and left <= 0:
