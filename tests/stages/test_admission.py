@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import numpy as np
@@ -72,95 +75,89 @@ class Blocking:
         return cands
 
 
-def test_beyond_the_limit_requests_are_refused_at_once_with_retry_info() -> None:
+REQUEST = rerank_pb2.RankCandidatesRequest(
+    candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[2, 1], sources=[1, 1]),
+    max_candidates=2,
+)
+
+
+@contextlib.contextmanager
+def held_service(name: str, workers: int, limit: int) -> Iterator[tuple[Blocking, Any]]:
+    """A served re-ranking stage whose requests wait in the engine until ``engine.go`` is
+    set, with ``workers`` turns and an admission limit fixed at ``limit``; yields the
+    engine and a call. Stopping drains it: every handler has finished afterwards."""
     engine = Blocking()
     servicer = StageServicer(BINDING, StageLimits(100, 10.0), LoadedBuilds.fixed(engine))
-    config = AdmissionConfig(target_ms=1000, initial=2, min_limit=2, max_limit=2)
-    svc = bind(
-        ServiceSpec("admission-test", servicer.add_to), ServerOptions(workers=2, admission=config)
-    )
+    config = AdmissionConfig(target_ms=1000, initial=limit, min_limit=limit, max_limit=limit)
+    svc = bind(ServiceSpec(name, servicer.add_to), ServerOptions(workers=workers, admission=config))
     svc.set_serving(True)
-    request = rerank_pb2.RankCandidatesRequest(
-        candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[2, 1], sources=[1, 1]),
-        max_candidates=2,
-    )
-    shed = SHED_SECONDS.labels("admission-test")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
-            call = ch.unary_unary(
-                BINDING.path,
-                request_serializer=rerank_pb2.RankCandidatesRequest.SerializeToString,
-                response_deserializer=rerank_pb2.RankCandidatesResponse.FromString,
+            yield (
+                engine,
+                ch.unary_unary(
+                    BINDING.path,
+                    request_serializer=rerank_pb2.RankCandidatesRequest.SerializeToString,
+                    response_deserializer=rerank_pb2.RankCandidatesResponse.FromString,
+                ),
             )
-            with ThreadPoolExecutor(2) as pool:
-                admitted = [pool.submit(call, request, timeout=30) for _ in range(2)]
-                for _ in admitted:  # both are in the engine: the limit of 2 is reached
-                    assert engine.entered.acquire(timeout=30)
-                count_before = shed._sum.get()
-                t0 = time.monotonic()
-                with pytest.raises(grpc.RpcError) as err:
-                    call(request, timeout=30)
-                refused_in = time.monotonic() - t0
-                engine.go.set()
-                assert [len(f.result(30).candidates.item_ids) for f in admitted] == [2, 2]
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        status = rpc_status.from_call(err.value)
-        retry = error_details_pb2.RetryInfo()
-        assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
-        assert retry.retry_delay.ToMilliseconds() >= 5
-        # what the project's own client reads to back off before its next attempt
-        assert retry_delay_s(err.value) == retry.retry_delay.ToMilliseconds() / 1000
-        assert refused_in < 5.0  # not queued behind the blocked requests (they wait 30 s)
-        assert shed._sum.get() > count_before
     finally:
         engine.go.set()
-        svc.stop(0.5)
+        svc.stop(5.0)
+
+
+def test_beyond_the_limit_requests_are_refused_at_once_with_retry_info() -> None:
+    shed = SHED_SECONDS.labels("admission-test")
+    with (
+        held_service("admission-test", workers=2, limit=2) as (engine, call),
+        ThreadPoolExecutor(2) as pool,
+    ):
+        admitted = [pool.submit(call, REQUEST, timeout=30) for _ in range(2)]
+        for _ in admitted:  # both are in the engine: the limit of 2 is reached
+            assert engine.entered.acquire(timeout=30)
+        count_before = shed._sum.get()
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            call(REQUEST, timeout=30)
+        refused_in = time.monotonic() - t0
+        engine.go.set()
+        assert [len(f.result(30).candidates.item_ids) for f in admitted] == [2, 2]
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(err.value)
+    retry = error_details_pb2.RetryInfo()
+    assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
+    assert retry.retry_delay.ToMilliseconds() >= 5
+    # what the project's own client reads to back off before its next attempt
+    assert retry_delay_s(err.value) == retry.retry_delay.ToMilliseconds() / 1000
+    assert refused_in < 5.0  # not queued behind the blocked requests (they wait 30 s)
+    assert shed._sum.get() > count_before
 
 
 def test_the_time_an_admitted_request_waits_for_its_turn_is_measured() -> None:
     """One handler's turn at a time: while the first request is held in the engine, a
     second waits its turn and a third runs out of time waiting. ``sluice_queue_wait_seconds``
     records both waits (the first's: none)."""
-    engine = Blocking()
-    servicer = StageServicer(BINDING, StageLimits(100, 10.0), LoadedBuilds.fixed(engine))
-    config = AdmissionConfig(target_ms=1000, initial=3, min_limit=3, max_limit=3)
-    svc = bind(
-        ServiceSpec("queue-wait-test", servicer.add_to), ServerOptions(workers=1, admission=config)
-    )
-    svc.set_serving(True)
-    request = rerank_pb2.RankCandidatesRequest(
-        candidates=common_pb2.Candidates(item_ids=[1, 2], scores=[2, 1], sources=[1, 1]),
-        max_candidates=2,
-    )
 
     def waited(part: str) -> float:
-        value = REGISTRY.get_sample_value(
-            f"sluice_queue_wait_seconds_{part}", {"service": "queue-wait-test"}
-        )
-        return value or 0.0
+        labels = {"service": "queue-wait-test"}
+        return REGISTRY.get_sample_value(f"sluice_queue_wait_seconds_{part}", labels) or 0.0
 
     short_s = 0.5
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{svc.port}") as ch:
-            call = ch.unary_unary(
-                BINDING.path,
-                request_serializer=rerank_pb2.RankCandidatesRequest.SerializeToString,
-                response_deserializer=rerank_pb2.RankCandidatesResponse.FromString,
-            )
-            with ThreadPoolExecutor(2) as pool:
-                first = pool.submit(call, request, timeout=30)
-                assert engine.entered.acquire(timeout=30)  # the one turn is taken
-                count, total = waited("count"), waited("sum")
-                second = pool.submit(call, request, timeout=30)
-                with pytest.raises(grpc.RpcError) as err:  # waits all its short deadline
-                    call(request, timeout=short_s)
-                assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                engine.go.set()
-                assert engine.entered.acquire(timeout=30)  # the second's turn
-                assert [len(f.result(30).candidates.item_ids) for f in (first, second)] == [2, 2]
-    finally:
+    with (
+        held_service("queue-wait-test", workers=1, limit=3) as (engine, call),
+        ThreadPoolExecutor(2) as pool,
+    ):
+        first = pool.submit(call, REQUEST, timeout=30)
+        assert engine.entered.acquire(timeout=30)  # the one turn is taken
+        count, total = waited("count"), waited("sum")
+        second = pool.submit(call, REQUEST, timeout=30)
+        with pytest.raises(grpc.RpcError) as err:  # waits all its short deadline
+            call(REQUEST, timeout=short_s)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         engine.go.set()
-        svc.stop(5.0)  # drains: every handler has finished, and recorded its wait
+        assert engine.entered.acquire(timeout=30)  # the second's turn
+        assert [len(f.result(30).candidates.item_ids) for f in (first, second)] == [2, 2]
+    # the service has drained: every handler has recorded its wait
     assert waited("count") - count == 2
     # the second waited at least the third's deadline; generous for a slow host
     assert waited("sum") - total >= short_s
