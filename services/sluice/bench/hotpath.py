@@ -475,12 +475,9 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
     import os
     import tempfile
 
-    import grpc
-
     from sluice.bench.compare import local_gateway
-    from sluice.bench.load import KIND_SEARCH
+    from sluice.bench.load import KIND_SEARCH, GatewayDriver
     from sluice.launch import Cluster, Ports
-    from sluice.v1 import storefront_pb2, storefront_pb2_grpc
 
     local = _caller(local_gateway(args.artifacts), 10)
     specs = _requests(args.artifacts, args.requests, args.seed)
@@ -500,18 +497,13 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
         plan = cluster.cpu_plan()
         if plan:  # this process (client, and the in-process side) off the gateway's core
             os.sched_setaffinity(0, plan["*"])
-        channel = grpc.insecure_channel(cluster.gateway_address)
+        driver = GatewayDriver(cluster.gateway_address, page_size=10)
         try:
-            stub = storefront_pb2_grpc.StorefrontServiceStub(channel)
 
-            def remote(spec: Any) -> Any:
-                if spec.kind == KIND_SEARCH:
-                    search = storefront_pb2.SearchRequest(
-                        query=spec.query, user_id=spec.user_id, page_size=10
-                    )
-                    return stub.Search(search, timeout=30).page
-                recommend = storefront_pb2.RecommendRequest(user_id=spec.user_id, page_size=10)
-                return stub.Recommend(recommend, timeout=30).page
+            def remote(spec: Any) -> Any:  # blocking, one at a time
+                call = driver.stub.Search if spec.kind == KIND_SEARCH else driver.stub.Recommend
+                request = driver.request((spec.kind, spec.user_id, spec.query))
+                return call(request, timeout=30).page
 
             # the first pass is also the warm-up: both sides start from the same state
             mine = [local(spec) for spec in specs]
@@ -528,7 +520,7 @@ def served(args: argparse.Namespace) -> dict[str, Any]:
             gateway = [cluster.processes["gateway"].pid]
             medians: dict[str, Any] = _alternate(variants, gateway, args.rounds, len(specs))
         finally:
-            channel.close()
+            driver.channel.close()
             cluster.stop()
             os.sched_setaffinity(0, cores)
     medians |= {"requests": len(specs), "identical_pages": same, "pinned": args.pin_cpus}

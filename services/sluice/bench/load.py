@@ -635,16 +635,17 @@ class GatewayDriver:
         self.stub = storefront_pb2_grpc.StorefrontServiceStub(self.channel)
         self.page_size = page_size
 
-    def _request(self, spec: tuple[int, str, str]) -> tuple[Callable[..., Any], Any]:
+    def request(self, spec: tuple[int, str, str]) -> Any:
+        """The SearchRequest or RecommendRequest a workload entry (kind, user, query) sends."""
         kind, user, query = spec
         pb = self._pb
         if kind == KIND_SEARCH:
-            return self.stub.Search.future, pb.SearchRequest(
-                query=query, user_id=user, page_size=self.page_size
-            )
-        return self.stub.Recommend.future, pb.RecommendRequest(
-            user_id=user, surface=pb.SURFACE_HOME, page_size=self.page_size
-        )
+            return pb.SearchRequest(query=query, user_id=user, page_size=self.page_size)
+        return pb.RecommendRequest(user_id=user, surface=pb.SURFACE_HOME, page_size=self.page_size)
+
+    def _request(self, spec: tuple[int, str, str]) -> tuple[Callable[..., Any], Any]:
+        call = self.stub.Search if spec[0] == KIND_SEARCH else self.stub.Recommend
+        return call.future, self.request(spec)
 
     def warm(self, specs: Sequence[tuple[int, str, str]], timeout_s: float) -> None:
         for spec in specs:
