@@ -1,15 +1,16 @@
 """The Kubernetes manifests (deploy/k8s): rendered, validated strictly, held to the rules.
 
-Each overlay (cpu, gpu, podman) is rendered with ``kubectl kustomize``. Every core object
-is validated offline against the Kubernetes 1.30 schema (the oldest release these manifests
-support) and the newest one kubernetes-validate ships, in strict mode (an unknown field is
-an error); the ServiceMonitor against the schema of the CRD that prometheus-operator
-publishes (vendored in deploy/k8s/schemas). Then the rules: pinned images, probes and
-limits, GPUs only with GPU images, NetworkPolicies that admit exactly the intended peers,
-durable state on PVCs, non-root containers, settings that exist. Each rule is a function
-that returns the problems it finds; the last tests feed each one a broken copy of a real
-object to show that it can fail. The podman overlay is checked for what Debian's podman
-(4.3) can run, and for staying the base's pods.
+Each overlay (cpu, gpu, podman, cpu-sharded, cpu-one-machine) is rendered with ``kubectl
+kustomize``. Every core object is validated offline against the Kubernetes 1.30 schema (the
+oldest release these manifests support) and the newest one kubernetes-validate ships, in
+strict mode (an unknown field is an error); the ServiceMonitor against the schema of the CRD
+that prometheus-operator publishes (vendored in deploy/k8s/schemas). Then the rules: pinned
+images, probes and limits, GPUs only with GPU images, NetworkPolicies that admit exactly the
+intended peers, durable state on PVCs, non-root containers, settings that exist. Each rule
+is a function that returns the problems it finds; the last tests feed each one a broken copy
+of a real object to show that it can fail. The podman overlay is checked for what Debian's
+podman (4.3) can run, and for staying the base's pods; the one-machine overlay for giving
+each gateway pod's containers whole cores of their own, with Triton on the pod's loopback.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from sluice.bench.compare import TRITON_METRICS as BENCH_TRITON_METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ("cpu", "gpu", "podman", "cpu-sharded")
-CLUSTER_OVERLAYS = ("cpu", "gpu", "cpu-sharded")
+OVERLAYS = ("cpu", "gpu", "podman", "cpu-sharded", "cpu-one-machine")
+CLUSTER_OVERLAYS = ("cpu", "gpu", "cpu-sharded", "cpu-one-machine")
 SHARDS = 4  # components/recall-shards, as overlays/cpu-sharded uses it
+# The one-machine layout: gateway pods run the four stages, with Triton as a sidecar.
+ONE_MACHINE = "cpu-one-machine"
 PROBE_SCRIPT = K8S / "overlays" / "podman" / "probe.py"
 SERVICEMONITOR_CRD = K8S / "schemas" / "monitoring.coreos.com_servicemonitors.yaml"
 
@@ -108,6 +111,17 @@ def expected_policies(name: str) -> tuple[dict[str, dict[int, set[str]]], dict[s
     """Who may reach each workload, and what each may reach, in overlay ``name``: with a
     sharded catalog, only the recall front reaches the shards, which reach Redis."""
     ingress, egress = dict(EXPECTED_INGRESS), dict(EXPECTED_EGRESS)
+    if name == ONE_MACHINE:  # no stage pods; Triton's metrics are scraped from the gateway's
+        ingress = {
+            "gateway": {**ingress["gateway"], 8002: {"ns:monitoring"}},
+            "redis": {6379: {"gateway"}},
+            "sluice-build": {},
+        }
+        egress = {
+            "gateway": DNS | {"redis TCP/6379"},
+            "redis": egress["redis"],
+            "sluice-build": egress["sluice-build"],
+        }
     if name.endswith("-sharded"):
         shards = [f"recall-shard-{i}" for i in range(SHARDS)]
         for shard in shards:
@@ -189,8 +203,27 @@ def pod_labels(obj: Obj) -> dict[str, str]:
 
 
 def containers(obj: Obj) -> list[Obj]:
+    """Every container of the pod, init containers (sidecars among them) first."""
     spec = pod_spec(obj) or {}
     return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def main_container(obj: Obj) -> Obj:
+    """The workload's own (first, not init) container."""
+    return dict((pod_spec(obj) or {})["containers"][0])
+
+
+def runner(objects: tuple[Obj, ...], service: str) -> Obj:
+    """The container that runs ``service`` (a Sluice service or triton): its workload's own,
+    or in the one-machine layout the gateway pod's (the stages in the gateway's process,
+    Triton in its sidecar)."""
+    loads = workloads(objects)
+    if service in loads:
+        return main_container(loads[service])
+    gateway = loads["gateway"]
+    if service == "triton":
+        return next(c for c in containers(gateway) if c["name"] == "triton")
+    return main_container(gateway)
 
 
 def workloads(objects: tuple[Obj, ...]) -> dict[str, Obj]:
@@ -350,7 +383,7 @@ def durable_state_problems(objects: tuple[Obj, ...]) -> list[str]:
     """The event log and the online state live in Redis (AOF, synced) on a PVC, or on a PVC."""
     loads = workloads(objects)
     problems = []
-    env = container_env(objects, containers(loads["gateway"])[0])
+    env = container_env(objects, main_container(loads["gateway"]))
     if env.get("SLUICE_GATEWAY_STATE") != "redis":
         problems.append("gateway: the online state is not in Redis (each pod would keep its own)")
     if env.get("SLUICE_GATEWAY_EVENT_LOG") != "redis":
@@ -626,15 +659,16 @@ def test_rule_holds_for_every_workload(rule: str) -> None:
 @needs_kustomize
 @pytest.mark.parametrize("name", CLUSTER_OVERLAYS)
 def test_every_server_has_startup_readiness_and_liveness_probes(name: str) -> None:
-    loads = workloads(overlay(name))
+    objects = overlay(name)
+    loads = workloads(objects)
     problems = [p for w in loads.values() for p in probe_problems(w)]
     assert not problems, "\n".join(problems)
-    services = [containers(loads[s])[0] for s in SERVICES]
+    services = [runner(objects, s) for s in SERVICES]
     # the services' probes ask the plaintext health port, the one port without TLS
     assert all(
         c[p]["grpc"]["port"] == 9090 for c in services for p in ("startupProbe", "livenessProbe")
     )
-    triton = containers(loads["triton"])[0]
+    triton = runner(objects, "triton")
     assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert containers(loads["redis"])[0]["livenessProbe"]["exec"]["command"] == [
@@ -734,9 +768,8 @@ def test_secrets_are_the_documented_ones_and_tls_is_mounted(name: str) -> None:
                     used.setdefault(value[1], set()).add(value[2])
     assert set(used) == set(SECRETS)
     assert all(used[s] <= SECRETS[s] for s in used), used
-    loads = workloads(objects)
     for service in (*SERVICES, "triton"):
-        mounts = {m["mountPath"]: m for c in containers(loads[service]) for m in c["volumeMounts"]}
+        mounts = {m["mountPath"]: m for m in runner(objects, service)["volumeMounts"]}
         assert mounts["/etc/sluice/tls"]["readOnly"] is True
 
 
@@ -783,14 +816,14 @@ def test_every_sluice_variable_is_a_real_setting(name: str) -> None:
 
 
 @needs_kustomize
-@pytest.mark.parametrize("name", OVERLAYS)
+@pytest.mark.parametrize("name", [n for n in OVERLAYS if n != ONE_MACHINE])
 def test_addresses_reach_the_right_pods(name: str) -> None:
     """The gateway's stage addresses and the fine stage's Triton URL name a Service (or, under
     podman, a pod) of that workload, on a port it listens on."""
     objects = overlay(name)
     loads = workloads(objects)
-    env = container_env(objects, containers(loads["gateway"])[0])
-    fine_env = container_env(objects, containers(loads["fine"])[0])
+    env = container_env(objects, main_container(loads["gateway"]))
+    fine_env = container_env(objects, main_container(loads["fine"]))
     wanted = {stage: env[f"SLUICE_GATEWAY_{stage.upper()}_ADDR"] for stage in SERVICES[1:]}
     wanted["triton"] = fine_env["SLUICE_FINE_TRITON_URL"]
     services = by_kind(objects, "Service")
@@ -809,7 +842,7 @@ def test_addresses_reach_the_right_pods(name: str) -> None:
             assert int(port) in {p["port"] for p in svc["ports"]}
         assert int(port) in listening, f"{target} does not listen on {port}"
     for service in ("gateway", "recall"):
-        url = container_env(objects, containers(loads[service])[0])[
+        url = container_env(objects, main_container(loads[service]))[
             f"SLUICE_{service.upper()}_REDIS_URL"
         ]
         if name == "podman":  # the development credentials name the Redis pod
@@ -818,11 +851,82 @@ def test_addresses_reach_the_right_pods(name: str) -> None:
             assert url == ("secret", "sluice-redis", "url")
 
 
+def exclusive_cpu_problems(obj: Obj) -> list[str]:
+    """What keeps the kubelet's static CPU manager from giving each container cores of its
+    own: the pod must be Guaranteed (every container, init and sidecar too, with requests =
+    limits for CPU and memory) and each container's CPU a whole number."""
+    problems = []
+    for c in containers(obj):
+        res = c.get("resources", {})
+        requests, limits = res.get("requests", {}), res.get("limits", {})
+        for resource in ("cpu", "memory"):
+            if resource not in limits or requests.get(resource, limits[resource]) != limits.get(
+                resource
+            ):
+                problems.append(f"{c['name']}: {resource} requests != limits (not Guaranteed)")
+        if not re.fullmatch(r"[1-9][0-9]*", str(limits.get("cpu", ""))):
+            problems.append(f"{c['name']}: cpu {limits.get('cpu')!r} is not whole CPUs")
+    return problems
+
+
+@needs_kustomize
+def test_one_machine_overlay_runs_the_stages_and_triton_in_each_gateway_pod() -> None:
+    """`sluice up --stages local --pin-cpus` as Kubernetes runs it: the gateway pods run the
+    stages in their process with Triton as a sidecar on cores of their own, and the Triton
+    URL the fine engine calls is that sidecar, on loopback only, under the name its server
+    certificate carries."""
+    objects = overlay(ONE_MACHINE)
+    loads = workloads(objects)
+    assert set(loads) == {"gateway", "redis", "sluice-build"}
+    gateway = loads["gateway"]
+    assert not exclusive_cpu_problems(gateway), exclusive_cpu_problems(gateway)
+    assert [c["resources"]["limits"]["cpu"] for c in containers(gateway)] == ["1", "1"]
+    env = container_env(objects, main_container(gateway))
+    assert config_value(objects, env["SLUICE_GATEWAY_STAGES"]) == "local"
+    # Triton: a native sidecar (up before the gateway, stopped after it)
+    spec = pod_spec(gateway) or {}
+    (triton,) = spec["initContainers"]
+    assert triton["name"] == "triton" and triton["restartPolicy"] == "Always"
+    assert "startupProbe" in triton  # the gateway starts once the ranker is ready
+    host, _, port = config_value(objects, env["SLUICE_FINE_TRITON_URL"]).rpartition(":")
+    aliases = {h: a["ip"] for a in spec.get("hostAliases", []) for h in a["hostnames"]}
+    assert aliases.get(host) == "127.0.0.1", f"{host} is not the pod's own Triton"
+    args = dict(a.removeprefix("--").split("=", 1) for a in triton["args"])
+    assert args["grpc-port"] == port and args["grpc-address"] == "127.0.0.1"
+    assert args["grpc-use-ssl-mutual"] == "true"  # the same mTLS as the split layout
+    # the fine engine's client certificate reaches the gateway; nothing of a stage is left
+    for key in ("SLUICE_FINE_TRITON_TLS_CERT_FILE", "SLUICE_FINE_TRITON_TLS_KEY_FILE"):
+        path = Path(config_value(objects, env[key]))
+        (tls,) = (v for v in spec["volumes"] if v["name"] == "tls")
+        assert path.name in {i["path"] for i in tls["secret"]["items"]}
+    assert not {"recall", "coarse", "fine", "rerank", "triton"} & set(by_kind(objects, "Service"))
+    # the drain fits the grace period: preStop, the gateway's 5 s drain, then Triton's exit
+    pre_stop = main_container(gateway)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + 5 + 30
+
+
+@needs_kustomize
+def test_exclusive_cpu_rule_flags_a_pod_that_is_not_guaranteed() -> None:
+    pod = _deployment("gateway")
+    spec = pod["spec"]["template"]["spec"]
+    whole = {"cpu": "1", "memory": "1Gi"}
+    spec["containers"][0]["resources"] = {"requests": dict(whole), "limits": dict(whole)}
+    assert not exclusive_cpu_problems(pod)
+    spec["containers"][0]["resources"]["limits"]["cpu"] = "1500m"
+    assert exclusive_cpu_problems(pod) == [
+        "gateway: cpu requests != limits (not Guaranteed)",
+        "gateway: cpu '1500m' is not whole CPUs",
+    ]
+    spec["containers"][0]["resources"] = {"requests": dict(whole), "limits": dict(whole)}
+    spec["initContainers"] = [{"name": "sidecar", "resources": {"limits": {"cpu": "1"}}}]
+    assert exclusive_cpu_problems(pod) == ["sidecar: memory requests != limits (not Guaranteed)"]
+
+
 @needs_kustomize
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_triton_polls_the_shared_model_repository(name: str) -> None:
-    loads = workloads(overlay(name))
-    triton = containers(loads["triton"])[0]
+    objects = overlay(name)
+    triton = runner(objects, "triton")
     args = triton["args"]
     assert "--model-control-mode=poll" in args
     repo = next(a.split("=", 1)[1] for a in args if a.startswith("--model-repository="))
@@ -832,11 +936,11 @@ def test_triton_polls_the_shared_model_repository(name: str) -> None:
         if m["name"] == "sluice"
     )
     for service in SERVICES:
-        c = containers(loads[service])[0]
+        c = runner(objects, service)
         assert {"mountPath": "/var/lib/sluice", "name": "sluice", "readOnly": True} in c[
             "volumeMounts"
         ]
-    expected = {"cpu": None, "gpu": "gpu", "podman": "local", "cpu-sharded": None}[name]
+    expected = {"gpu": "gpu", "podman": "local"}.get(name)
     given = [a.split("=", 1)[1] for a in args if a.startswith("--model-config-name=")]
     assert given == ([expected] if expected else [])
     if expected:
@@ -866,7 +970,7 @@ def test_servicemonitor_scrapes_every_metrics_port(name: str) -> None:
         for name_, w in workloads(objects).items()
         for c in containers(w)
         for p in c.get("ports", [])
-        if p["name"] == "metrics"
+        if p["name"].endswith("metrics")  # triton-metrics: the one-machine pod's sidecar
     }
     assert exported and scraped == exported
     gateway_svc = by_kind(objects, "Service")["gateway"]
@@ -1210,13 +1314,12 @@ def test_every_service_follows_one_catalog_update_log(name: str) -> None:
     reads the same one, or a stage serves pages the gateway's catalog no longer allows until
     the next build; a sharded recall front takes none (its settings refuse them)."""
     objects = overlay(name)
-    loads = workloads(objects)
     sources = {}
     for service in SERVICES:
-        env = container_env(objects, containers(loads[service])[0])
+        env = container_env(objects, runner(objects, service))
         sources[service] = env.get(f"SLUICE_{service.upper()}_CATALOG_UPDATES")
     if name.endswith("-sharded"):
         assert sources.pop("recall") is None
     assert len(set(sources.values())) == 1 and None not in sources.values(), sources
-    gateway = container_env(objects, containers(loads["gateway"])[0])
+    gateway = container_env(objects, runner(objects, "gateway"))
     assert "SLUICE_GATEWAY_CATALOG_API_KEYS" in gateway
