@@ -894,6 +894,13 @@ def test_one_machine_overlay_runs_the_stages_and_triton_in_each_gateway_pod() ->
     args = dict(a.removeprefix("--").split("=", 1) for a in triton["args"])
     assert args["grpc-port"] == port and args["grpc-address"] == "127.0.0.1"
     assert args["grpc-use-ssl-mutual"] == "true"  # the same mTLS as the split layout
+    # otherwise the split layout's Triton: the same image, arguments, probes and mounts
+    cpu_triton = main_container(workloads(overlay("cpu"))["triton"])
+    assert [a for a in triton["args"] if not a.startswith("--grpc-address=")] == cpu_triton["args"]
+    for key in ("image", "command", "startupProbe", "readinessProbe", "livenessProbe"):
+        assert triton[key] == cpu_triton[key], key
+    assert triton["securityContext"] == cpu_triton["securityContext"]
+    assert triton["volumeMounts"] == cpu_triton["volumeMounts"]
     # the fine engine's client certificate reaches the gateway; nothing of a stage is left
     for key in ("SLUICE_FINE_TRITON_TLS_CERT_FILE", "SLUICE_FINE_TRITON_TLS_KEY_FILE"):
         path = Path(config_value(objects, env[key]))
