@@ -860,9 +860,8 @@ def exclusive_cpu_problems(obj: Obj) -> list[str]:
         res = c.get("resources", {})
         requests, limits = res.get("requests", {}), res.get("limits", {})
         for resource in ("cpu", "memory"):
-            if resource not in limits or requests.get(resource, limits[resource]) != limits.get(
-                resource
-            ):
+            limit = limits.get(resource)  # an unset request defaults to the limit
+            if limit is None or requests.get(resource, limit) != limit:
                 problems.append(f"{c['name']}: {resource} requests != limits (not Guaranteed)")
         if not re.fullmatch(r"[1-9][0-9]*", str(limits.get("cpu", ""))):
             problems.append(f"{c['name']}: cpu {limits.get('cpu')!r} is not whole CPUs")
@@ -902,14 +901,16 @@ def test_one_machine_overlay_runs_the_stages_and_triton_in_each_gateway_pod() ->
     assert triton["securityContext"] == cpu_triton["securityContext"]
     assert triton["volumeMounts"] == cpu_triton["volumeMounts"]
     # the fine engine's client certificate reaches the gateway; nothing of a stage is left
+    (tls,) = (v for v in spec["volumes"] if v["name"] == "tls")
     for key in ("SLUICE_FINE_TRITON_TLS_CERT_FILE", "SLUICE_FINE_TRITON_TLS_KEY_FILE"):
         path = Path(config_value(objects, env[key]))
-        (tls,) = (v for v in spec["volumes"] if v["name"] == "tls")
         assert path.name in {i["path"] for i in tls["secret"]["items"]}
     assert not {"recall", "coarse", "fine", "rerank", "triton"} & set(by_kind(objects, "Service"))
-    # the drain fits the grace period: preStop, the gateway's 5 s drain, then Triton's exit
+    # the grace period fits preStop, the gateway's drain (RunningService.stop: 5 s), then
+    # Triton's own exit
     pre_stop = main_container(gateway)["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert spec["terminationGracePeriodSeconds"] >= pre_stop + 5 + 30
+    exit_s = int(args["exit-timeout-secs"])
+    assert spec["terminationGracePeriodSeconds"] >= pre_stop + 5 + exit_s
 
 
 @needs_kustomize
