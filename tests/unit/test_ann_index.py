@@ -10,7 +10,7 @@ import pytest
 
 from sluice.recall.ann_index import (
     AUTO_FLAT_MAX,
-    AUTO_IVF_FLAT_MAX_BYTES,
+    AUTO_IVF_FP16_MAX_BYTES,
     DEFAULT_LARGE_KIND,
     KINDS,
     AnnIndex,
@@ -28,6 +28,8 @@ NPROBE = 8  # of 64 lists
 RECALL_FLOOR = {
     "flat": 0.999,
     "ivf_flat": 0.9,
+    "ivf_fp16": 0.9,
+    "ivf_sq8": 0.88,
     "hnsw": 0.93,
     "ivf_pq_refine": 0.85,
     "ivf_rabitq": 0.87,
@@ -152,23 +154,23 @@ def test_auto_picks_flat_for_small_sets(data: tuple[np.ndarray, np.ndarray]) -> 
     assert isinstance(flat, faiss.IndexFlat)
     assert flat.metric_type == faiss.METRIC_INNER_PRODUCT
     assert resolve_kind("auto", AUTO_FLAT_MAX - 1, 384) == "flat"
-    assert resolve_kind("auto", AUTO_FLAT_MAX, 384) == "ivf_flat"
+    assert resolve_kind("auto", AUTO_FLAT_MAX, 384) == "ivf_fp16"
     with pytest.raises(ValueError, match="unknown index kind"):
         resolve_kind("lsh", 10, 8)
 
 
 def test_auto_trades_memory_for_cpu_by_the_vectors_size() -> None:
-    # IVF-Flat while the float32 vectors fit the bound (a 100k catalog's 384-d text vectors),
-    # RaBitQ beyond it (1M x 64-d behaviour vectors, 1M x 384-d text vectors)
-    assert resolve_kind("auto", 100_000, 64) == "ivf_flat"
-    assert resolve_kind("auto", 100_000, 384) == "ivf_flat"
-    at_bound = AUTO_IVF_FLAT_MAX_BYTES // (4 * 384)
-    assert resolve_kind("auto", at_bound, 384) == "ivf_flat"
+    # IVF over fp16 vectors while the float32 vectors fit the bound (a 100k catalog's 384-d
+    # text vectors), RaBitQ beyond it (1M x 64-d behaviour vectors, 1M x 384-d text vectors)
+    assert resolve_kind("auto", 100_000, 64) == "ivf_fp16"
+    assert resolve_kind("auto", 100_000, 384) == "ivf_fp16"
+    at_bound = AUTO_IVF_FP16_MAX_BYTES // (4 * 384)
+    assert resolve_kind("auto", at_bound, 384) == "ivf_fp16"
     assert resolve_kind("auto", at_bound + 1, 384) == DEFAULT_LARGE_KIND
     assert resolve_kind("auto", 1_000_000, 64) == DEFAULT_LARGE_KIND
     assert resolve_kind("auto", 1_000_000, 384) == DEFAULT_LARGE_KIND
     assert resolve_kind("auto", AUTO_FLAT_MAX - 1, 384) == "flat"
-    assert factory_string("auto", 100_000, 384).endswith(",Flat")
+    assert factory_string("auto", 100_000, 384).endswith(",SQfp16")
     assert "RaBitQ" in factory_string("auto", 1_000_000, 64)
 
 
@@ -177,6 +179,23 @@ def test_compressed_kinds_use_less_memory(indexes: dict[str, AnnIndex]) -> None:
     assert flat >= N * D * 4
     assert indexes["ivf_rabitq"].memory_bytes() < 0.4 * flat  # ~0.21 at 1M rows, d=384
     assert indexes["ivf_pq_refine"].memory_bytes() < 0.4 * flat  # ~0.24 at 1M rows, d=384
+    ivf_flat = indexes["ivf_flat"].memory_bytes()
+    assert indexes["ivf_fp16"].memory_bytes() < 0.55 * ivf_flat  # half the list bytes
+    assert indexes["ivf_sq8"].memory_bytes() < 0.3 * ivf_flat  # a quarter
+
+
+def test_fp16_lists_rank_as_the_float32_lists(
+    data: tuple[np.ndarray, np.ndarray], indexes: dict[str, AnnIndex]
+) -> None:
+    # the same quantizer and lists, vectors rounded to half precision: each score is within
+    # fp16's rounding of the float32 one (each component off by at most 2**-11 of itself, and
+    # sum |x_i q_i| <= 1 for unit vectors), and the top k differ only where two scores are
+    # that close. 8-bit codes miss this bound by 20x.
+    q = data[1]
+    s32, r32 = indexes["ivf_flat"].search(q, K)
+    s16, r16 = indexes["ivf_fp16"].search(q, K)
+    np.testing.assert_allclose(s16, s32, rtol=0, atol=2.0**-11)
+    assert _recall(r16, r32) >= 0.99
 
 
 def test_search_params_are_tunable(
@@ -202,7 +221,7 @@ def test_gpu_results_match_cpu(tmp_path: Path, data: tuple[np.ndarray, np.ndarra
     if faiss.get_num_gpus() == 0:
         pytest.skip("faiss sees no GPU")
     db, q = data
-    for kind in ("flat", "ivf_flat"):
+    for kind in ("flat", "ivf_flat", "ivf_fp16"):
         path = tmp_path / f"{kind}.faiss"
         AnnIndex(build_index(db, kind)).save(path)
         cpu, gpu = AnnIndex.load(path, use_gpu=False), AnnIndex.load(path, use_gpu=True)

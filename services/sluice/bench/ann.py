@@ -40,6 +40,7 @@ import numpy as np
 from sluice import paths
 from sluice.recall.ann_index import (
     DEFAULT_LARGE_KIND,
+    KINDS,
     AnnIndex,
     build_index,
     default_nlist,
@@ -53,7 +54,6 @@ CACHE = paths.var("cache", "beauty_minilm.npy")
 K = 100
 SIGMA = 0.3
 N_NEIGHBOURS = 10
-ALL_KINDS = ("flat", "ivf_flat", "hnsw", "ivf_pq_refine", "ivf_rabitq")
 TARGET_SPEEDUP = 10.0
 TARGET_MEMORY = 0.25
 TARGET_N = 1_000_000
@@ -428,7 +428,7 @@ def plot(
         big = f"synth-{max(synth_sizes)}"
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
         at_big = [r for r in sweeps if r.dataset == big]
-        for i, kind in enumerate(ALL_KINDS):
+        for i, kind in enumerate(KINDS):
             rs = [r for r in at_big if r.kind == kind]
             if not rs:
                 continue
@@ -454,7 +454,7 @@ def plot(
         plt.close(fig)
         files.append(name)
         fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-        for kind in ALL_KINDS:
+        for kind in KINDS:
             rs = sorted(
                 (r for r in points if r.dataset.startswith("synth-") and r.kind == kind),
                 key=lambda r: r.n,
@@ -500,7 +500,7 @@ def cpu_model() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sluice.bench.ann", description=DESCRIPTION)
     ap.add_argument("--sizes", default="10000,100000,1000000", help="synthetic catalog sizes")
-    ap.add_argument("--kinds", default=",".join(ALL_KINDS))
+    ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--out", type=Path, default=Path("var/bench/ann"))
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--latency-queries", type=int, default=300)

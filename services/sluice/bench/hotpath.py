@@ -8,11 +8,12 @@
 ``python -m sluice.bench.hotpath pages ARTIFACTS FILE --requests 600``
     Writes every page (ids and scores) of a fixed request set to ``FILE``, or, when ``FILE``
     exists, compares the pages with it: a rewrite that claims to change nothing must print
-    ``identical pages N/N``.
+    ``identical pages N/N``. For a change that may move results, it also prints how many
+    pages keep the same ids in the same order, and the mean share of a page's ids kept.
 ``python -m sluice.bench.hotpath encoder ARTIFACTS --queries 600``
     The fp32 and int8 query encoders side by side on the same queries: CPU per query and
     the cosine between their vectors.
-``python -m sluice.bench.hotpath ann ARTIFACTS --kinds ivf_flat,ivf_rabitq``
+``python -m sluice.bench.hotpath ann ARTIFACTS --kinds ivf_flat,ivf_fp16,ivf_rabitq``
     The recall stage's two ANN indexes as served (top 1,000, the history excluded) built
     as each kind from the build's vectors: CPU per query, alternating kinds, and recall@1000
     against exact search. Queries are the recall stage's own: users' recency-weighted
@@ -128,9 +129,18 @@ def pages(args: argparse.Namespace) -> dict[str, Any]:
         print(f"wrote {len(got)} pages to {args.file}")
         return {"written": len(got)}
     before = json.loads(args.file.read_text())
-    same = sum(a == b for a, b in zip(before, got, strict=True))
-    print(f"identical pages {same}/{len(got)} (ids and scores to 5 decimals)")
-    return {"identical": same, "pages": len(got)}
+    pairs = list(zip(before, got, strict=True))
+    same = sum(a == b for a, b in pairs)
+    same_ids = sum(a["ids"] == b["ids"] for a, b in pairs)
+    # a change that may move results (an approximate index): how much of each page stays
+    overlap = float(
+        np.mean([len(set(a["ids"]) & set(b["ids"])) / max(1, len(a["ids"])) for a, b in pairs])
+    )
+    print(
+        f"identical pages {same}/{len(got)} (ids and scores to 5 decimals); the same ids in "
+        f"the same order {same_ids}/{len(got)}; mean share of a page's ids kept {overlap:.4f}"
+    )
+    return {"identical": same, "same_ids": same_ids, "overlap": overlap, "pages": len(got)}
 
 
 def encoder(args: argparse.Namespace) -> dict[str, Any]:
@@ -548,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=600)
     p = sub.add_parser("ann", help="the recall indexes as each kind: CPU and recall@1000")
     p.add_argument("artifacts", type=Path)
-    p.add_argument("--kinds", default="ivf_flat,ivf_rabitq")
+    p.add_argument("--kinds", default="ivf_flat,ivf_fp16,ivf_rabitq")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("rtt", help="blocking against future gRPC round trips")

@@ -5,13 +5,16 @@ the structure:
 
 * ``flat``          exact brute force (inner-product ``IndexFlat``).
 * ``ivf_flat``      inverted lists over uncompressed vectors (``IVF{nlist},Flat``).
+* ``ivf_fp16``      inverted lists over half-precision vectors (``IVF{nlist},SQfp16``): half
+  of flat's memory, and half the bytes a probe reads.
+* ``ivf_sq8``       inverted lists over 8-bit scalar codes (``IVF{nlist},SQ8``): a quarter.
 * ``hnsw``          HNSW graph over uncompressed vectors (``HNSW32,Flat``).
 * ``ivf_pq_refine`` inverted lists over 4-bit fast-scan PQ codes, re-ranked with 6-bit scalar
   codes (``IVF{nlist},PQ{d/3}x4fs,Refine(SQ6)``): 0.24 of flat's memory at d=384.
 * ``ivf_rabitq``    inverted lists over 6-bit extended-RaBitQ codes of the residuals
   (``IVF{nlist},RaBitQ6``): 0.21 of flat's memory at d=384.
-* ``auto``          ``flat`` below :data:`AUTO_FLAT_MAX` vectors; ``ivf_flat`` while the vectors
-  take at most :data:`AUTO_IVF_FLAT_MAX_BYTES`; else :data:`DEFAULT_LARGE_KIND`.
+* ``auto``          ``flat`` below :data:`AUTO_FLAT_MAX` vectors; ``ivf_fp16`` while the float32
+  vectors take at most :data:`AUTO_IVF_FP16_MAX_BYTES`; else :data:`DEFAULT_LARGE_KIND`.
 
 The choice and its measurements are in ``docs/benchmarks.md`` (``python -m sluice.bench.ann``).
 Rows are the 0-based positions of the vectors passed to :func:`build_index`; mapping rows to
@@ -34,22 +37,30 @@ log = logging.getLogger(__name__)
 AUTO_FLAT_MAX = 50_000
 """Below this many vectors ``kind="auto"`` builds exact flat search."""
 
-AUTO_IVF_FLAT_MAX_BYTES = 192 * 2**20
-"""Above ``AUTO_FLAT_MAX``, ``kind="auto"`` builds IVF-Flat while the float32 vectors take at
-most this much, and RaBitQ beyond. Scanning the same lists, IVF-Flat costs half to two thirds
-of RaBitQ's CPU per query at equal recall (at 100k items, top 1,000: 0.33 against 0.67 ms at
-64-d, 0.81 against 1.41 ms at 384-d; ``hotpath ann``) for about 4.7 times its memory:
-100k x 384-d (147 MiB) takes IVF-Flat, 1M x 64-d (244 MiB) and anything larger keep RaBitQ
-(docs/benchmarks.md)."""
+AUTO_IVF_FP16_MAX_BYTES = 192 * 2**20
+"""Above ``AUTO_FLAT_MAX``, ``kind="auto"`` builds IVF over half-precision vectors while the
+float32 vectors take at most this much, and RaBitQ beyond. Scanning the same lists, IVF-Flat
+cost half to two thirds of RaBitQ's CPU per query at equal recall (at 100k items, top 1,000:
+0.33 against 0.67 ms at 64-d, 0.81 against 1.41 ms at 384-d; ``hotpath ann``) for about 4.7
+times its memory. Half-precision lists keep IVF-Flat's recall@1000 to three decimals for half
+its memory, and a probe reads half the bytes: 0.59 against 0.76 ms at 384-d, 0.37 against
+0.39 ms at 64-d. 100k x 384-d (147 MiB as float32, 76 MiB as fp16) takes ``ivf_fp16``;
+1M x 64-d (244 MiB) and anything larger keep RaBitQ (docs/benchmarks.md)."""
 
 DEFAULT_LARGE_KIND = "ivf_rabitq"
-KINDS = ("flat", "ivf_flat", "hnsw", "ivf_pq_refine", "ivf_rabitq")
+KINDS = ("flat", "ivf_flat", "ivf_fp16", "ivf_sq8", "hnsw", "ivf_pq_refine", "ivf_rabitq")
 
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 40
 DEFAULT_EF_SEARCH = 128
 DEFAULT_K_FACTOR = 16
-SCAN_TARGET = {"ivf_flat": 8192, "ivf_rabitq": 8192, "ivf_pq_refine": 32768}
+SCAN_TARGET = {
+    "ivf_flat": 8192,
+    "ivf_fp16": 8192,
+    "ivf_sq8": 8192,
+    "ivf_rabitq": 8192,
+    "ivf_pq_refine": 32768,
+}
 """Vectors scanned per query by default (nprobe ~ target / mean list length): recall@100
 reached 0.95 at ~4k scanned vectors for IVF-Flat at both 100k and 1M on the benchmark data."""
 TRAIN_POINTS_PER_LIST = 40
@@ -113,6 +124,10 @@ def factory_string(
         return "Flat"
     if kind == "ivf_flat":
         return f"IVF{nl},Flat"
+    if kind == "ivf_fp16":
+        return f"IVF{nl},SQfp16"
+    if kind == "ivf_sq8":
+        return f"IVF{nl},SQ8"
     if kind == "hnsw":
         return f"HNSW{hnsw_m},Flat"
     if kind == "ivf_rabitq":
@@ -127,8 +142,8 @@ def resolve_kind(kind: str, n: int, d: int) -> str:
     if kind == "auto":
         if n < AUTO_FLAT_MAX:
             return "flat"
-        if 4 * n * d <= AUTO_IVF_FLAT_MAX_BYTES:
-            return "ivf_flat"
+        if 4 * n * d <= AUTO_IVF_FP16_MAX_BYTES:
+            return "ivf_fp16"
         return DEFAULT_LARGE_KIND
     if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; expected 'auto' or one of {KINDS}")
@@ -233,6 +248,12 @@ def _kind_of(index: faiss.Index) -> str:
         return "ivf_flat"
     if isinstance(idx, faiss.IndexIVFRaBitQ):
         return "ivf_rabitq"
+    if isinstance(idx, faiss.IndexIVFScalarQuantizer):
+        qtype = idx.sq.qtype
+        if qtype == faiss.ScalarQuantizer.QT_fp16:
+            return "ivf_fp16"
+        if qtype == faiss.ScalarQuantizer.QT_8bit:
+            return "ivf_sq8"
     if isinstance(idx, faiss.IndexFlat):
         return "flat"
     return type(idx).__name__
@@ -446,8 +467,8 @@ class AnnIndex:
         """Read an index; ``use_gpu=None`` moves it to all GPUs when faiss sees any.
 
         ``use_gpu=True`` raises if there is no GPU or the index type has no faiss GPU version
-        (HNSW, fast-scan PQ, refine and RaBitQ do not; flat and ivf_flat do); with ``None`` such
-        indexes stay on CPU with a warning.
+        (HNSW, fast-scan PQ, refine and RaBitQ do not; flat, ivf_flat, ivf_fp16 and ivf_sq8
+        do); with ``None`` such indexes stay on CPU with a warning.
         """
         cpu = faiss.read_index(str(path))
         ngpu = faiss.get_num_gpus()
