@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import sparse
@@ -224,18 +225,31 @@ def test_the_pages_benchmark_finds_a_changed_page(
     tmp_path: Path, tiny_artifacts: Artifacts
 ) -> None:
     """``sluice.bench.hotpath pages``, the check behind "identical pages" claims: the same
-    code gives the same pages, and one changed score is found."""
+    code gives the same pages, and one changed score is found; so are a page whose ids
+    changed order and a page that lost an id, which is what an approximate change shows."""
     from sluice.bench.hotpath import main
 
     file = tmp_path / "pages.json"
     args = ["pages", str(tiny_artifacts.root), str(file), "--requests", "20"]
     assert main(args) == 0 and len(json.loads(file.read_text())) == 20
     out = tmp_path / "out.json"
-    main([*args, "--json", str(out)])
-    assert json.loads(out.read_text()) == {"identical": 20, "pages": 20}
+
+    def compared() -> dict[str, float]:
+        main([*args, "--json", str(out)])
+        return dict(json.loads(out.read_text()))
+
+    assert compared() == {"identical": 20, "same_ids": 20, "overlap": 1.0, "pages": 20}
     pages = json.loads(file.read_text())
-    changed = next(p for p in pages if p["scores"])
-    changed["scores"][0] += 0.001
+    full = [p for p in pages if len(p["ids"]) >= 2]
+    full[0]["scores"][0] += 0.001
     file.write_text(json.dumps(pages))
-    main([*args, "--json", str(out)])
-    assert json.loads(out.read_text()) == {"identical": 19, "pages": 20}
+    assert compared() == {"identical": 19, "same_ids": 20, "overlap": 1.0, "pages": 20}
+    full[1]["ids"][:2] = full[1]["ids"][1::-1]  # the same ids, two swapped
+    file.write_text(json.dumps(pages))
+    assert compared() == {"identical": 18, "same_ids": 19, "overlap": 1.0, "pages": 20}
+    full[2]["ids"][0] = "not-an-item"
+    file.write_text(json.dumps(pages))
+    got = compared()
+    kept = 1 - 1 / (20 * len(full[2]["ids"]))
+    assert (got["identical"], got["same_ids"]) == (17, 18)
+    assert got["overlap"] == pytest.approx(kept)
