@@ -21,6 +21,7 @@ from sluice.artifacts import Artifacts
 from sluice.coarse.engine import weighted_row_sum
 from sluice.data.catalog import Catalog
 from sluice.domain import RRF_K, Candidates, RankContext, Source
+from sluice.kernels import rows_dot, top_positive
 from sluice.recall.sources import merge
 from sluice.rerank.engine import RerankConfig, RerankEngine, title_key
 
@@ -49,6 +50,103 @@ def test_weighted_row_sum_is_the_dense_product(
     got = weighted_row_sum(matrix, seeds, weights, columns)
     assert got.dtype == np.float32 and got.shape == (n_columns,)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def bincount_row_sum(
+    matrix: sparse.csr_matrix, seeds: np.ndarray, weights: np.ndarray, columns: np.ndarray
+) -> np.ndarray:
+    """The numpy version the compiled kernel replaced: float32 products of the seeds'
+    entries, summed in float64 per column by ``np.bincount`` in entry order."""
+    entries = [np.arange(matrix.indptr[s], matrix.indptr[s + 1]) for s in seeds]
+    entry = np.concatenate(entries) if entries else np.zeros(0, np.int64)
+    lengths = [len(e) for e in entries]
+    values = matrix.data[entry] * np.repeat(np.asarray(weights, np.float32), lengths)
+    sums = np.bincount(matrix.indices[entry], weights=values, minlength=matrix.shape[1])
+    return sums[columns].astype(np.float32)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**31), n_seeds=st.integers(0, 25), n_columns=st.integers(0, 80))
+def test_weighted_row_sum_is_the_bincount_to_the_bit(
+    seed: int, n_seeds: int, n_columns: int
+) -> None:
+    """The kernel adds in the order numpy did, so the coarse features do not move at all;
+    twice in a row, because its scratch row must be left zeroed."""
+    rng = np.random.default_rng(seed)
+    matrix = sparse.random(
+        N_ROWS, N_ROWS, density=0.3, format="csr", random_state=seed, dtype=np.float32
+    )
+    seeds = rng.integers(0, N_ROWS, n_seeds)
+    weights = rng.random(n_seeds).astype(np.float32)
+    columns = rng.integers(0, N_ROWS, n_columns)
+    expected = bincount_row_sum(matrix, seeds, weights, columns)
+    for _ in range(2):
+        np.testing.assert_array_equal(weighted_row_sum(matrix, seeds, weights, columns), expected)
+
+
+def test_weighted_row_sum_refuses_rows_outside_the_matrix() -> None:
+    matrix = sparse.identity(5, dtype=np.float32, format="csr")
+    one = np.ones(1, np.float32)
+    with pytest.raises(IndexError):
+        weighted_row_sum(matrix, np.array([5]), one, np.array([0]))
+    with pytest.raises(IndexError):
+        weighted_row_sum(matrix, np.array([0]), one, np.array([-1]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n_rows=st.integers(0, 50),
+    width=st.integers(1, 70),
+    n_vectors=st.integers(1, 3),
+)
+def test_rows_dot_is_the_gathered_product(
+    seed: int, n_rows: int, width: int, n_vectors: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((N_ROWS, width)).astype(np.float32)
+    rows = rng.integers(0, N_ROWS, n_rows)  # repeats allowed
+    vectors = rng.standard_normal((n_vectors, width)).astype(np.float32)
+    got = rows_dot(table, rows, vectors)
+    assert got.dtype == np.float32 and got.shape == (n_rows, n_vectors)
+    np.testing.assert_allclose(got, table[rows] @ vectors.T, rtol=1e-5, atol=1e-5)
+    # one vector (1-d) gives one column; a float64 table takes numpy's path, same result
+    np.testing.assert_allclose(rows_dot(table, rows, vectors[0])[:, 0], got[:, 0], rtol=1e-6)
+    wide = table.astype(np.float64)
+    np.testing.assert_allclose(rows_dot(wide, rows, vectors), got, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_dot_refuses_a_row_outside_the_table_or_a_vector_of_another_width() -> None:
+    table = np.ones((4, 3), np.float32)
+    with pytest.raises(IndexError):
+        rows_dot(table, np.array([4]), np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="width"):
+        rows_dot(table, np.array([0]), np.ones(5, np.float32))
+
+
+def reference_top_positive(scores: np.ndarray, k: int) -> list[int]:
+    """Rows with a positive score, by score then row, the first ``k``."""
+    positive = [r for r in range(len(scores)) if scores[r] > 0]
+    return sorted(positive, key=lambda r: (-float(scores[r]), r))[: max(k, 0)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 200),
+    levels=st.integers(1, 6),
+    k=st.integers(-1, 220),
+)
+def test_top_positive_keeps_row_order_among_equal_scores_also_at_the_cut(
+    seed: int, n: int, levels: int, k: int
+) -> None:
+    """Few distinct scores make ties at the cut common; zeros, negatives and NaN never pass."""
+    rng = np.random.default_rng(seed)
+    scores = (rng.integers(-1, levels, n) * 0.5).astype(np.float32)
+    scores[rng.random(n) < 0.05] = np.nan
+    got = top_positive(scores, k)
+    assert got.dtype == np.int64
+    assert got.tolist() == reference_top_positive(scores, k)
 
 
 def reference_merge(

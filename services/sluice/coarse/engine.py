@@ -27,6 +27,7 @@ from sluice.artifacts import Artifacts
 from sluice.coarse.fields import TextFields
 from sluice.data.catalog import Catalog
 from sluice.domain import RRF_K, Budget, Candidates, RankContext, Source
+from sluice.kernels import rows_dot, weighted_row_sum
 from sluice.recall.lexical import LexicalIndex
 
 FEATURES = (
@@ -148,10 +149,11 @@ class FeatureTables:
             if ctx.context_item_id and cat.row(ctx.context_item_id) >= 0:
                 hist = np.array([cat.row(ctx.context_item_id)], dtype=np.int64)
         query_sim = ctx.query_embedding is not None and "query_text_sim" in want
-        # one gather of the candidates' text vectors serves both text features (a random gather
-        # from the catalog's table is the expensive part, not the product)
         history_text = len(hist) > 0 and "history_text_sim" in want
-        text = self.text_vectors[rows] if history_text or query_sim else None
+        # the text vectors' products with the history and the query in one pass over the
+        # candidates' rows (the gather itself was the expensive part, not the product)
+        text_vectors: list[np.ndarray] = []
+        text_columns: list[int] = []
         if len(hist):
             ages = np.arange(len(hist))[::-1]
             w = (self.recency_decay**ages).astype(np.float32)
@@ -159,11 +161,12 @@ class FeatureTables:
             if "behaviour_sim" in want:
                 user = w @ self.behaviour_vectors[hist]
                 user /= max(float(np.linalg.norm(user)), 1e-9)
-                x[:, c["behaviour_sim"]] = self.behaviour_vectors[rows] @ user
-            if history_text and text is not None:
+                x[:, c["behaviour_sim"]] = rows_dot(self.behaviour_vectors, rows, user)[:, 0]
+            if history_text:
                 htext = w @ self.text_vectors[hist]
                 htext /= max(float(np.linalg.norm(htext)), 1e-9)
-                x[:, c["history_text_sim"]] = text @ htext
+                text_vectors.append(htext)
+                text_columns.append(c["history_text_sim"])
             if not want.isdisjoint(("cooc", "log_cooc")):
                 cooc = weighted_row_sum(self.cooc, hist, w, rows)
                 if "cooc" in want:
@@ -176,8 +179,11 @@ class FeatureTables:
                 x[:, c["category_affinity"]] = share[cat.category_codes[rows]]
             if "has_history" in want:
                 x[:, c["has_history"]] = 1.0
-        if query_sim and text is not None:
-            x[:, c["query_text_sim"]] = text @ ctx.query_embedding
+        if query_sim and ctx.query_embedding is not None:
+            text_vectors.append(ctx.query_embedding)
+            text_columns.append(c["query_text_sim"])
+        if text_vectors:
+            x[:, text_columns] = rows_dot(self.text_vectors, rows, np.stack(text_vectors))
         if ctx.query and self.lexical is not None and not want.isdisjoint(SEARCH_FIELD_FEATURES):
             self._search_features(self.lexical, ctx.query, rows, x, want)
         if "log_popularity" in want:
@@ -221,34 +227,6 @@ class FeatureTables:
 def weighted_features(weights: np.ndarray) -> frozenset[str]:
     """The features a weight vector over FEATURES reads (its nonzero weights)."""
     return frozenset(name for name, w in zip(FEATURES, weights, strict=True) if w != 0)
-
-
-def weighted_row_sum(
-    matrix: sparse.csr_matrix, seeds: np.ndarray, weights: np.ndarray, columns: np.ndarray
-) -> np.ndarray:
-    """``(weights @ matrix[seeds])[columns]``, reading only the seeds' stored entries.
-
-    The dense product touches every column of the catalog (and scipy's row slicing builds a
-    new matrix): at 100k items that was most of the coarse stage's time. Here the seeds'
-    entries are gathered from the CSR arrays and matched to the wanted columns by a binary
-    search, so the cost is the seeds' row lengths plus ``len(columns)``."""
-    starts, ends = matrix.indptr[seeds], matrix.indptr[seeds + 1]
-    lengths = (ends - starts).astype(np.int64)
-    out = np.zeros(len(columns), np.float32)
-    total = int(lengths.sum())
-    if total == 0 or len(columns) == 0:
-        return out
-    # positions of every stored entry of the seeds' rows, in one vectorized step
-    entry = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    entry += np.repeat(starts.astype(np.int64), lengths)
-    cols = matrix.indices[entry]
-    values = matrix.data[entry] * np.repeat(weights, lengths)
-    wanted, inverse = np.unique(columns, return_inverse=True)
-    pos = np.minimum(np.searchsorted(wanted, cols), len(wanted) - 1)
-    hit = wanted[pos] == cols
-    per_column = np.bincount(pos[hit], weights=values[hit], minlength=len(wanted))
-    out[:] = per_column[inverse]
-    return out
 
 
 def weight_vector(**weights: float) -> np.ndarray:

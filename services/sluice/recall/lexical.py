@@ -20,6 +20,7 @@ import numpy as np
 from scipy import sparse
 
 from sluice.data.tokens import tokenize
+from sluice.kernels import top_positive
 
 TITLE_DIR = "title"
 
@@ -239,13 +240,8 @@ class LexicalIndex:
         s = self.scores(query)
         if mask is not None:
             s = np.where(mask, s, 0.0)
-        hits = np.flatnonzero(s > 0)
-        if len(hits) > k:
-            kth = s[hits[np.argpartition(-s[hits], k - 1)[k - 1]]]
-            above, tied = hits[s[hits] > kth], hits[s[hits] == kth]  # hits is in row order
-            hits = np.concatenate([above, tied[: k - len(above)]])
-        order = hits[np.lexsort((hits, -s[hits]))]
-        return order.astype(np.int64), s[order]
+        order = top_positive(s, k)
+        return order, s[order]
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
