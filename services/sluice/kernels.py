@@ -3,9 +3,9 @@
 Each kernel replaces a few numpy calls that gathered rows into a new array, or scanned the
 whole catalog, only to reduce the result right away (issue 12: the cost per request). They are
 compiled by numba on first use (a few seconds, once per machine), release the GIL, and are
-cached on disk under ``$NUMBA_CACHE_DIR``. That defaults here to ``<tmp>/sluice-numba``: our
-containers have a read-only root and a writable ``/tmp``. A process loads them from the cache
-in under half a second, while it warms up and before its health check says SERVING.
+cached on disk under ``$NUMBA_CACHE_DIR``. That defaults here to ``<tmp>/sluice-numba-<uid>``:
+our containers have a read-only root and a writable ``/tmp``. A process loads them from the
+cache in under half a second, while it warms up and before its health check says SERVING.
 
 ``tests/stages/test_vectorized.py`` holds each kernel to the numpy expression it replaced.
 """
@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 from scipy import sparse
 
-# before numba reads its configuration: a cache it can write in a read-only container
-os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / "sluice-numba"))
+# before numba reads its configuration: a cache it can write in a read-only container, one
+# per user so that two users of a machine do not share a folder only one of them can write
+os.environ.setdefault(
+    "NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"sluice-numba-{os.getuid()}")
+)
 
 import numba
 
