@@ -125,7 +125,7 @@ def weighted_row_sum(
 def _top_positive(scores: np.ndarray, k: int) -> np.ndarray:
     hits = np.empty(len(scores), np.int64)
     m = 0
-    for i in range(len(scores)):  # without a branch: the test is as often true as not
+    for i in range(len(scores)):  # without a branch, which would be hard to predict
         hits[m] = i
         m += scores[i] > 0
     hits = hits[:m]
