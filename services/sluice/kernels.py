@@ -98,11 +98,14 @@ def weighted_row_sum(
 
     The seeds' entries are added into a zeroed float64 row the size of the matrix's width
     (one per thread, kept between calls), the columns are read from it, and the touched
-    entries are zeroed again. The sums are float64 in the order of the entries, as
-    ``np.bincount`` added them before, so the result is the same to the bit."""
+    entries are zeroed again. Each product is taken in the matrix's own dtype (float32
+    served, float64 in the build's fitting view, never a copy of the matrix), and the sums
+    are float64 in the order of the entries, as ``np.bincount`` added them before, so the
+    result is the same to the bit."""
     seeds = np.asarray(seeds, np.int64)
     columns = np.asarray(columns, np.int64)
     width = matrix.shape[1]
+    # checked here, not in the kernel: a bad index there would leave the scratch row dirty
     if len(seeds) and (seeds.min() < 0 or seeds.max() >= matrix.shape[0]):
         raise IndexError("seed row out of range")
     if len(columns) and (columns.min() < 0 or columns.max() >= width):
@@ -113,7 +116,7 @@ def weighted_row_sum(
     return _weighted_row_sum(
         matrix.indptr,
         matrix.indices,
-        np.asarray(matrix.data, np.float32),
+        matrix.data,
         seeds,
         np.asarray(weights, np.float32),
         columns,

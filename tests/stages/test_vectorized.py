@@ -31,8 +31,8 @@ N_ROWS = 60
 def bincount_row_sum(
     matrix: sparse.csr_matrix, seeds: np.ndarray, weights: np.ndarray, columns: np.ndarray
 ) -> np.ndarray:
-    """The numpy version the compiled kernel replaced: float32 products of the seeds'
-    entries, summed in float64 per column by ``np.bincount`` in entry order."""
+    """The numpy version the compiled kernel replaced: products of the seeds' entries in the
+    matrix's dtype, summed in float64 per column by ``np.bincount`` in entry order."""
     entries = [np.arange(matrix.indptr[s], matrix.indptr[s + 1]) for s in seeds]
     entry = np.concatenate(entries) if entries else np.zeros(0, np.int64)
     lengths = [len(e) for e in entries]
@@ -47,13 +47,14 @@ def bincount_row_sum(
     density=st.floats(0.0, 0.5),
     n_seeds=st.integers(0, 25),
     n_columns=st.integers(0, 80),
+    dtype=st.sampled_from([np.float32, np.float64]),  # served / the build's fitting view
 )
 def test_weighted_row_sum_is_the_dense_product(
-    seed: int, density: float, n_seeds: int, n_columns: int
+    seed: int, density: float, n_seeds: int, n_columns: int, dtype: type
 ) -> None:
     rng = np.random.default_rng(seed)
     matrix = sparse.random(
-        N_ROWS, N_ROWS, density=density, format="csr", random_state=seed, dtype=np.float32
+        N_ROWS, N_ROWS, density=density, format="csr", random_state=seed, dtype=dtype
     )
     seeds = rng.integers(0, N_ROWS, n_seeds)  # a history may hold an item twice
     weights = rng.random(n_seeds).astype(np.float32)
