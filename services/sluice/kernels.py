@@ -1,7 +1,8 @@
 """Compiled kernels for the per-request steps that numpy cannot do without temporaries.
 
-Each kernel replaces a few numpy calls that gathered rows into a new array, or scanned the
-whole catalog, only to reduce the result right away (issue 12: the cost per request). They are
+Each kernel replaces numpy calls that gathered rows into a new array, allocated or scanned
+something the catalog's size, only to reduce the result right away, or ran once per step of a
+Python loop (issue 12: the cost per request). They are
 compiled by numba on first use (a few seconds, once per machine), release the GIL, and are
 cached on disk under ``$NUMBA_CACHE_DIR``. That defaults here to ``<tmp>/sluice-numba-<uid>``:
 our containers have a read-only root and a writable ``/tmp``. A process loads them from the
@@ -159,3 +160,218 @@ def top_positive(scores: np.ndarray, k: int) -> np.ndarray:
     if k <= 0:
         return np.zeros(0, np.int64)
     return _top_positive(np.ascontiguousarray(scores, np.float32), int(k))
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _row_dot(table: np.ndarray, a: int, b: int) -> np.float32:
+    x, y = table[a], table[b]
+    acc = np.float32(0.0)
+    for k in range(len(x)):
+        acc += x[k] * y[k]
+    return acc
+
+
+@_jit
+def _mmr_order(
+    relevance: np.ndarray,
+    table: np.ndarray,
+    rows: np.ndarray,
+    brands: np.ndarray,
+    cap: int,
+    lam: float,
+    target: int,
+    tail: np.ndarray,
+    minimums: np.ndarray,
+) -> np.ndarray:
+    limit = len(rows)
+    chosen = np.empty(target, np.int64)
+    bias = np.zeros(limit)  # -10 per capped brand, -inf once chosen
+    max_sim = np.zeros(limit, np.float32)  # to the closest chosen item
+    weight = np.float32(1.0 - lam)
+    tail_count = 0
+    for step in range(target):
+        restrict = False
+        if len(minimums) and tail_count < minimums[step + 1]:
+            for j in range(limit):  # the prefix needs a tail item, if one is left
+                if tail[j] and bias[j] != -np.inf:
+                    restrict = True
+                    break
+        pick = -1
+        best = 0.0
+        for j in range(limit):  # np.argmax: the first maximum, or the first NaN
+            if restrict and not tail[j]:
+                value = -np.inf
+            else:
+                value = relevance[j] - np.float64(weight * max_sim[j]) + bias[j]
+            if np.isnan(value):
+                pick = j
+                break
+            if pick < 0 or value > best:
+                pick, best = j, value
+        chosen[step] = pick
+        bias[pick] = -np.inf
+        brand, count = brands[pick], 0
+        for i in range(step + 1):
+            count += brands[chosen[i]] == brand
+        if cap and count == cap:  # the brand's items go last, not away
+            for j in range(limit):
+                if brands[j] == brand:
+                    bias[j] -= 10.0
+        if len(tail):
+            tail_count += tail[pick]
+        if lam < 1.0:  # at 1.0 similarity has no weight (search pages, by default)
+            for j in range(limit):
+                s = _row_dot(table, rows[j], rows[pick])
+                if step == 0 or np.isnan(s) or s > max_sim[j]:  # np.maximum: NaN stays
+                    max_sim[j] = s
+    return chosen
+
+
+def mmr_order(
+    relevance: np.ndarray,
+    table: np.ndarray,
+    rows: np.ndarray,
+    brands: np.ndarray,
+    *,
+    lam: float,
+    cap: int,
+    target: int,
+    tail: np.ndarray | None = None,
+    minimums: np.ndarray | None = None,
+) -> np.ndarray:
+    """Greedy maximal marginal relevance: the positions of the first ``target`` picks.
+
+    Each step picks the candidate with the highest ``relevance - (1 - lam) * (similarity to
+    the closest chosen candidate, 0 before the first pick)``, where similarity is the
+    product of the candidates' rows of ``table``; a brand that has ``cap`` picks has its
+    candidates 10 lower (0: no cap). While ``tail_count < minimums[len(chosen) + 1]`` (an
+    exposure target; :func:`sluice.rerank.exposure.fair_minimums`), only ``tail``
+    candidates can be picked, if any is left. Ties go to the first candidate, as
+    ``np.argmax`` gives them. One call instead of about ten numpy calls per step, and only
+    the picked rows' products are taken, straight from the table."""
+    rows = np.ascontiguousarray(rows, np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(table)):
+        raise IndexError("row out of range")
+    if table.dtype != np.float32 or not table.flags.c_contiguous:
+        table, rows = np.ascontiguousarray(table[rows], np.float32), np.arange(len(rows))
+    target = max(0, min(int(target), len(rows)))
+    if minimums is not None and tail is not None:
+        if len(minimums) <= target or len(tail) != len(rows):
+            raise ValueError(
+                "an exposure target needs a minimum per prefix and a tail flag per row"
+            )
+        tail_flags, minimum = np.ascontiguousarray(tail, np.bool_), np.asarray(minimums, np.int64)
+    else:
+        tail_flags, minimum = np.zeros(0, np.bool_), np.zeros(0, np.int64)
+    return _mmr_order(
+        np.ascontiguousarray(relevance, np.float64),
+        table,
+        rows,
+        np.ascontiguousarray(brands, np.int64),
+        int(cap),
+        float(lam),
+        target,
+        tail_flags,
+        minimum,
+    )
+
+
+@_jit
+def _merge(
+    rows: np.ndarray,
+    offsets: np.ndarray,
+    takes: np.ndarray,
+    codes: np.ndarray,
+    rrf_order: np.ndarray,
+    budget: int,
+    rrf_k: float,
+    taken: np.ndarray,
+    position: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n_lists = len(offsets) - 1
+    picked = np.empty(len(rows), np.int64)
+    picked_code = np.empty(len(rows), np.int8)
+    fresh = np.empty(len(rows), np.int64)  # each list's rows not taken before it, in place
+    left_end = np.empty(n_lists, np.int64)
+    left_start = np.empty(n_lists, np.int64)
+    n = count = 0
+    for s in range(n_lists):  # each list fills its quota from the rows still free
+        m = offsets[s]
+        for i in range(offsets[s], offsets[s + 1]):
+            if not taken[rows[i]]:
+                fresh[m] = rows[i]
+                m += 1
+        take = min(takes[s], budget - count, m - offsets[s])
+        for j in range(offsets[s], offsets[s] + take):
+            picked[n] = fresh[j]
+            picked_code[n] = codes[s]
+            n += 1
+            if not taken[fresh[j]]:
+                taken[fresh[j]] = True
+                count += 1
+        left_start[s], left_end[s] = offsets[s] + take, m
+    room = budget - count
+    step = 0
+    while room > 0 and step < len(rows):  # the leftovers round-robin: each list's step-th
+        for s in range(n_lists):
+            j = left_start[s] + step
+            if room > 0 and j < left_end[s] and not taken[fresh[j]]:
+                taken[fresh[j]] = True
+                picked[n] = fresh[j]
+                picked_code[n] = codes[s]
+                n += 1
+                room -= 1
+        step += 1
+    for j in range(n):
+        position[picked[j]] = j
+    fused = np.zeros(n)  # reciprocal-rank fusion over every list that found the row
+    for s in rrf_order:
+        for i in range(offsets[s], offsets[s + 1]):
+            p = position[rows[i]]
+            if p >= 0:
+                fused[p] += 1.0 / (rrf_k + (i - offsets[s]))
+    for j in range(n):  # leave the scratch rows as they were
+        taken[picked[j]] = False
+        position[picked[j]] = -1
+    return picked[:n], picked_code[:n], fused
+
+
+def merge_lists(
+    lists: list[np.ndarray],
+    takes: list[int],
+    codes: list[int],
+    rrf_order: list[int],
+    budget: int,
+    rrf_k: float,
+    n_rows: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Recall's merge in one pass (:func:`sluice.recall.sources.merge` has the rules): the
+    picked rows, their lists' codes and their fused scores, in picking order.
+
+    ``lists`` are rows below ``n_rows``, in quota order; list ``s`` takes up to ``takes[s]``
+    rows still free, then the leftovers go round-robin; the fusion adds ``1 / (rrf_k +
+    rank)`` over the lists in ``rrf_order``, in that order, as numpy's ``add.at`` did, so
+    the scores are the same to the bit. Two per-thread scratch rows the catalog's size,
+    kept between calls, stand for the ``taken`` mask and the row-to-place map that were
+    allocated per request before."""
+    offsets = np.zeros(len(lists) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in lists])
+    rows = np.concatenate(lists).astype(np.int64, copy=False) if lists else offsets[:0]
+    # checked here, not in the kernel: a bad row there would leave the scratch dirty
+    if len(rows) and (rows.min() < 0 or rows.max() >= n_rows):
+        raise IndexError("row out of range")
+    if any(t < 0 for t in takes):
+        raise ValueError("a list's quota is negative")
+    scratch = getattr(_scratch, "merge", None)
+    if scratch is None or len(scratch[0]) < n_rows:
+        scratch = _scratch.merge = (np.zeros(n_rows, np.bool_), np.full(n_rows, -1, np.int64))
+    return _merge(
+        rows,
+        offsets,
+        np.asarray(takes, np.int64),
+        np.asarray(codes, np.int8),
+        np.asarray(rrf_order, np.int64),
+        int(budget),
+        float(rrf_k),
+        *scratch,
+    )

@@ -21,9 +21,10 @@ from sluice.artifacts import Artifacts
 from sluice.coarse.engine import weighted_row_sum
 from sluice.data.catalog import Catalog
 from sluice.domain import RRF_K, Candidates, RankContext, Source
-from sluice.kernels import rows_dot, top_positive
+from sluice.kernels import merge_lists, mmr_order, rows_dot, top_positive
 from sluice.recall.sources import merge
 from sluice.rerank.engine import RerankConfig, RerankEngine, title_key
+from sluice.rerank.exposure import fair_minimums
 
 N_ROWS = 60
 
@@ -193,7 +194,21 @@ def test_merge_follows_the_reference_rules(
     expected = reference_merge(lists, quotas, budget, item_ids)
     assert got.item_ids.tolist() == [e[0] for e in expected]
     assert got.sources.tolist() == [e[2] for e in expected]
-    np.testing.assert_allclose(got.scores, [e[1] for e in expected], rtol=1e-6)
+    # the same sums in the same order (lists, then ranks): the same bits
+    assert got.scores.tolist() == [e[1] for e in expected]
+
+
+def test_merge_lists_refuses_a_row_outside_the_catalog_and_leaves_the_scratch_clean() -> None:
+    for bad in (-1, N_ROWS):
+        with pytest.raises(IndexError):
+            merge_lists([np.array([0, bad])], [2], [1], [0], 2, RRF_K, N_ROWS)
+    with pytest.raises(ValueError, match="quota"):
+        merge_lists([np.array([0, 1])], [-1], [1], [0], 2, RRF_K, N_ROWS)
+    rows, codes, fused = merge_lists(
+        [np.array([3, 1]), np.array([1, 2])], [1, 1], [1, 2], [0, 1], 3, RRF_K, N_ROWS
+    )
+    assert rows.tolist() == [3, 1, 2] and codes.tolist() == [1, 2, 2]
+    assert fused.tolist() == [1 / RRF_K, 1 / (RRF_K + 1) + 1 / RRF_K, 1 / (RRF_K + 1)]
 
 
 def reference_dedupe(item_ids: list[int], titles: dict[int, str], keep: list[bool]) -> list[int]:
@@ -245,9 +260,12 @@ def reference_mmr(
     needed: int,
     lam: float,
     cap: int,
+    tail: np.ndarray | None = None,
+    minimums: np.ndarray | None = None,
 ) -> list[int]:
     """Greedy MMR with a brand cap as first written: similarity to the closest chosen item
-    (0 before the first pick), capped brands 10 lower, chosen items out."""
+    (0 before the first pick), capped brands 10 lower, chosen items out; with an exposure
+    target, a prefix short of its minimum takes the best tail item while any is left."""
     limit = len(rel)
     brand_count = np.zeros(n_brands, dtype=np.int64)
     chosen: list[int] = []
@@ -258,7 +276,12 @@ def reference_mmr(
         value = lam * rel - (1.0 - lam) * sim_term
         if cap:
             value = np.where(brand_count[brands] >= cap, value - 10.0, value)
-        pick = int(np.argmax(np.where(free, value, -np.inf)))
+        allowed = free
+        if tail is not None and minimums is not None:
+            short = int(tail[chosen].sum()) < minimums[len(chosen) + 1]
+            if short and (free & tail).any():
+                allowed = free & tail
+        pick = int(np.argmax(np.where(allowed, value, -np.inf)))
         chosen.append(pick)
         free[pick] = False
         brand_count[brands[pick]] += 1
@@ -274,9 +297,10 @@ def reference_mmr(
     lam=st.sampled_from([0.0, 0.5, 0.85, 1.0]),
     cap=st.integers(0, 4),
     ties=st.booleans(),
+    tail_share=st.sampled_from([0.0, 0.3, 0.8]),
 )
 def test_mmr_follows_the_reference_rule(
-    seed: int, n: int, needed: int, lam: float, cap: int, ties: bool
+    seed: int, n: int, needed: int, lam: float, cap: int, ties: bool, tail_share: float
 ) -> None:
     rng = np.random.default_rng(seed)
     ids = list(range(100, 100 + N_ROWS))
@@ -286,8 +310,9 @@ def test_mmr_follows_the_reference_rule(
     )
     vectors = rng.normal(size=(N_ROWS, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    config = RerankConfig(diversity_lambda=lam, max_per_brand=cap, window=10)
-    engine = RerankEngine(catalog, vectors, config)
+    tail = rng.random(N_ROWS) < 0.3  # the long tail's rows, for an exposure target
+    config = RerankConfig(diversity_lambda=lam, max_per_brand=cap, window=10, tail_share=tail_share)
+    engine = RerankEngine(catalog, vectors, config, tail)
     chosen = rng.permutation(N_ROWS)[:n]
     scores = rng.integers(0, 3, n) if ties else rng.random(n)  # ties: argmax takes the first
     cands = Candidates(
@@ -299,11 +324,45 @@ def test_mmr_follows_the_reference_rule(
     span = rel.max() - rel.min()
     rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
     rows = chosen[:limit]
+    minimums = fair_minimums(min(needed, limit), tail_share, config.tail_alpha)
     order = reference_mmr(
-        rel, vectors[rows], catalog.brand_codes[rows], len(catalog.brands), needed, lam, cap
+        rel,
+        vectors[rows],
+        catalog.brand_codes[rows],
+        len(catalog.brands),
+        needed,
+        lam,
+        cap,
+        tail[rows] if tail_share else None,
+        minimums if tail_share else None,
     )
     expected = [ids[rows[i]] for i in order] + [ids[r] for r in chosen[limit:]]
     assert got == expected
+
+
+def test_mmr_order_refuses_a_row_outside_the_table_or_a_short_exposure_target() -> None:
+    table = np.eye(4, dtype=np.float32)
+    relevance, brands = np.ones(3), np.zeros(3, np.int64)
+    with pytest.raises(IndexError):
+        mmr_order(relevance, table, np.array([0, 1, 4]), brands, lam=0.5, cap=0, target=3)
+    rows = np.array([0, 1, 2])
+    with pytest.raises(ValueError, match="exposure"):  # a minimum for prefixes 0 .. 3 needed
+        mmr_order(
+            relevance,
+            table,
+            rows,
+            brands,
+            lam=0.5,
+            cap=0,
+            target=3,
+            tail=np.ones(3, bool),
+            minimums=np.zeros(3, np.int64),
+        )
+    # a float64 table is read through a float32 copy of the rows, not refused
+    picks = mmr_order(
+        np.array([0.0, 1.0, 0.5]), table.astype(np.float64), rows, brands, lam=0.5, cap=0, target=5
+    )
+    assert picks.tolist() == [1, 2, 0]
 
 
 def test_the_pages_benchmark_finds_a_changed_page(

@@ -1,8 +1,9 @@
 """Recall's building blocks that need no index: row masks, seeds, co-occurrence, merging.
 
-Pure numpy over the catalog's rows, shared by :class:`~sluice.recall.engine.RecallEngine`
-and by the gateway's fallback (:mod:`sluice.gateway.fallback`), which serves from them
-while the recall service is down, without FAISS or BM25.
+Numpy over the catalog's rows (the merge: a compiled kernel, :mod:`sluice.kernels`), shared
+by :class:`~sluice.recall.engine.RecallEngine` and by the gateway's fallback
+(:mod:`sluice.gateway.fallback`), which serves from them while the recall service is down,
+without FAISS or BM25.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from sluice.data.catalog import Catalog
 from sluice.data.filters import compile_filters
 from sluice.domain import RRF_K, Candidates, RankContext, Source
+from sluice.kernels import merge_lists
 
 
 def first_allowed(order: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
@@ -141,45 +143,17 @@ def merge(
 ) -> Candidates:
     """The sources' row lists merged into ``budget`` candidates: each source fills its quota,
     the leftovers go round-robin, and the result is ordered by reciprocal-rank fusion over
-    every list that found an item (all vectorized). ``item_ids`` maps rows to ids."""
+    every list that found an item, in one compiled pass (:func:`sluice.kernels.merge_lists`).
+    ``item_ids`` maps rows to ids."""
     ordered = [s for s in quotas if s in lists] + [s for s in lists if s not in quotas]
-    picked_rows: list[np.ndarray] = []
-    picked_src: list[np.ndarray] = []
-    leftovers: list[tuple[Source, np.ndarray]] = []
-    taken = np.zeros(len(item_ids), dtype=bool)  # rows chosen so far (a mask: no sorting)
-    count = 0
-    for source in ordered:
-        rows = lists[source][0]
-        fresh = rows[~taken[rows]]
-        take = min(round(quotas.get(source, 0.0) * budget), budget - count, len(fresh))
-        picked_rows.append(fresh[:take])
-        picked_src.append(np.full(take, int(source), dtype=np.int8))
-        taken[fresh[:take]] = True
-        count = int(np.count_nonzero(taken))
-        leftovers.append((source, fresh[take:]))
-    room = budget - count
-    if room > 0:
-        # round-robin over the sources' remaining lists: round i holds each source's i-th
-        rows = np.concatenate([r for _, r in leftovers])
-        rounds = np.concatenate([np.arange(len(r)) for _, r in leftovers])
-        src = np.concatenate([np.full(len(r), int(s), np.int8) for s, r in leftovers])
-        order = np.lexsort((np.arange(len(rows)), rounds))
-        rows, src = rows[order], src[order]
-        keep = ~taken[rows]
-        rows, src = rows[keep], src[keep]
-        _, first = np.unique(rows, return_index=True)
-        first.sort()
-        picked_rows.append(rows[first][:room])
-        picked_src.append(src[first][:room])
-    rows = np.concatenate(picked_rows)
-    sources = np.concatenate(picked_src)
-
-    fused = np.zeros(len(rows), dtype=np.float64)
-    position = np.full(len(item_ids), -1, dtype=np.int32)  # row -> its place in ``rows``
-    position[rows] = np.arange(len(rows), dtype=np.int32)
-    for source_rows, _ in lists.values():
-        pos = position[source_rows]
-        hit = pos >= 0
-        np.add.at(fused, pos[hit], 1.0 / (RRF_K + np.flatnonzero(hit)))
+    rows, sources, fused = merge_lists(
+        [lists[s][0] for s in ordered],
+        [round(quotas.get(s, 0.0) * budget) for s in ordered],
+        [int(s) for s in ordered],
+        [ordered.index(s) for s in lists],
+        budget,
+        RRF_K,
+        len(item_ids),
+    )
     order = np.argsort(-fused, kind="stable")
     return Candidates(item_ids[rows[order]], fused[order].astype(np.float32), sources[order])

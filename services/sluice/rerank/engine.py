@@ -20,6 +20,7 @@ import numpy as np
 from sluice.core.errors import InvalidArgument
 from sluice.data.catalog import Catalog
 from sluice.domain import Budget, Candidates, RankContext
+from sluice.kernels import mmr_order
 from sluice.rerank.exposure import fair_minimums
 from sluice.rules import apply_boosts, eligible, place_pins
 
@@ -117,47 +118,29 @@ class RerankEngine:
         limit = min(n, max(needed, 0) + config.window)
         head = cands.take(np.arange(limit))
         rows = self.catalog.rows(head.item_ids)
-        vecs = self.vectors[rows]
         rel = head.scores.astype(np.float64)
         span = rel.max() - rel.min()
         rel = (rel - rel.min()) / span if span > 0 else np.ones_like(rel)
-        brands = self.catalog.brand_codes[rows]
-        cap = config.max_per_brand
-        brand_count = np.zeros(len(self.catalog.brands), dtype=np.int64)
-        chosen: list[int] = []
-        # each step: lam * rel - (1 - lam) * (similarity to the closest chosen item, 0 before the
-        # first pick) + bias, where bias is -10 for a capped brand (those go last, not away)
-        # and -inf for a chosen item; only the picked item's similarities are computed
-        relevance = lam * rel
-        penalty = np.zeros(limit)
-        max_sim = np.zeros(limit)
-        bias = np.zeros(limit)
-        free = np.ones(limit, dtype=bool)
         target = min(needed, limit)
-        tail, minimums, tail_count = None, None, 0
+        tail, minimums = None, None
         if self.tail is not None and config.tail_share > 0:
             tail = self.tail[rows]
             minimums = fair_minimums(target, config.tail_share, config.tail_alpha)
-        while len(chosen) < target and free.any():
-            value = relevance - penalty + bias
-            if tail is not None and minimums is not None:
-                short = tail_count < minimums[len(chosen) + 1]
-                if short and (free & tail).any():  # the prefix needs a tail item: the best of them
-                    value = np.where(tail, value, -np.inf)
-            pick = int(np.argmax(value))
-            chosen.append(pick)
-            free[pick] = False
-            bias[pick] = -np.inf
-            brand = brands[pick]
-            brand_count[brand] += 1
-            if cap and brand_count[brand] == cap:
-                bias[brands == brand] -= 10.0
-            if tail is not None:
-                tail_count += int(tail[pick])
-            if lam < 1.0:  # at 1.0 similarity has no weight (search pages, by default)
-                sims = vecs @ vecs[pick]
-                max_sim = sims if len(chosen) == 1 else np.maximum(max_sim, sims)
-                penalty = (1.0 - lam) * max_sim
+        # each step: lam * rel - (1 - lam) * (similarity to the closest chosen item, 0 before
+        # the first pick), 10 lower for a capped brand (those go last, not away)
+        chosen = mmr_order(
+            lam * rel,
+            self.vectors,
+            rows,
+            self.catalog.brand_codes[rows],
+            lam=lam,
+            cap=config.max_per_brand,
+            target=target,
+            tail=tail,
+            minimums=minimums,
+        )
+        free = np.ones(limit, dtype=bool)
+        free[chosen] = False
         rest = np.concatenate([np.flatnonzero(free), np.arange(limit, n)])
         order = np.concatenate([np.asarray(chosen, dtype=np.int64), rest.astype(np.int64)])
         return cands.take(order)
