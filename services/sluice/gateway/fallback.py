@@ -49,8 +49,12 @@ class FallbackRecall:
 
     @classmethod
     def from_artifacts(cls, a: Artifacts) -> FallbackRecall:
+        """The fallback, warmed up: its merge kernel is loaded now (compiled if the machine
+        has no cache yet), not by the first request that finds the recall stage down."""
         _, rows, scores = a.cooc
-        return cls(a.catalog, a.popularity, rows, scores)
+        fallback = cls(a.catalog, a.popularity, rows, scores)
+        fallback.retrieve(RankContext(), Budget(10))
+        return fallback
 
     @property
     def catalog_size(self) -> int:
