@@ -33,6 +33,15 @@ _jit = numba.njit(cache=True, nogil=True)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
+def _dot(x: np.ndarray, y: np.ndarray) -> np.float32:
+    """A float32 product of two rows, summed in whatever order vectorizes."""
+    acc = np.float32(0.0)
+    for k in range(len(x)):
+        acc += x[k] * y[k]
+    return acc
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _rows_dot(table: np.ndarray, rows: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     n, m = len(rows), vectors.shape[0]
     out = np.empty((n, m), np.float32)
@@ -42,11 +51,7 @@ def _rows_dot(table: np.ndarray, rows: np.ndarray, vectors: np.ndarray) -> np.nd
             raise IndexError("row out of range")
         row = table[r]
         for j in range(m):
-            v = vectors[j]
-            acc = np.float32(0.0)
-            for k in range(len(row)):
-                acc += row[k] * v[k]
-            out[i, j] = acc
+            out[i, j] = _dot(row, vectors[j])
     return out
 
 
@@ -162,15 +167,6 @@ def top_positive(scores: np.ndarray, k: int) -> np.ndarray:
     return _top_positive(np.ascontiguousarray(scores, np.float32), int(k))
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
-def _row_dot(table: np.ndarray, a: int, b: int) -> np.float32:
-    x, y = table[a], table[b]
-    acc = np.float32(0.0)
-    for k in range(len(x)):
-        acc += x[k] * y[k]
-    return acc
-
-
 @_jit
 def _mmr_order(
     relevance: np.ndarray,
@@ -221,7 +217,7 @@ def _mmr_order(
             tail_count += tail[pick]
         if lam < 1.0:  # at 1.0 similarity has no weight (search pages, by default)
             for j in range(limit):
-                s = _row_dot(table, rows[j], rows[pick])
+                s = _dot(table[rows[j]], table[rows[pick]])
                 if step == 0 or np.isnan(s) or s > max_sim[j]:  # np.maximum: NaN stays
                     max_sim[j] = s
     return chosen
