@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import sparse
@@ -131,40 +133,100 @@ def weighted_row_sum(
 
 
 @_jit
-def _top_positive(scores: np.ndarray, k: int) -> np.ndarray:
-    hits = np.empty(len(scores), np.int64)
-    m = 0
-    for i in range(len(scores)):  # without a branch, which would be hard to predict
-        hits[m] = i
-        m += scores[i] > 0
-    hits = hits[:m]
+def _top_hits(hits: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` best of the distinct rows ``hits`` (in any order) by
+    ``values``, best first; equal values in row order, also at the cut."""
+    m = len(hits)
+    keep = np.arange(m)
     if m > k:
-        values = scores[hits]
         kth = np.partition(values, m - k)[m - k]
-        above = 0
-        for j in range(m):
-            above += values[j] > kth
-        tied = k - above  # the first tied rows in row order fill the cut
-        kept = np.empty(k, np.int64)
-        c = 0
-        for j in range(m):
-            if values[j] > kth or (values[j] == kth and tied > 0):
-                if values[j] == kth:
-                    tied -= 1
-                kept[c] = hits[j]
-                c += 1
-        hits = kept
-    order = np.argsort(-scores[hits], kind="mergesort")  # stable: equal scores in row order
-    return hits[order]
+        above = np.nonzero(values > kth)[0]
+        tied = np.nonzero(values == kth)[0]  # the first tied rows fill the cut
+        tied = tied[np.argsort(hits[tied], kind="mergesort")][: k - len(above)]
+        keep = np.concatenate((above, tied))
+    by_row = keep[np.argsort(hits[keep], kind="mergesort")]
+    return by_row[np.argsort(-values[by_row], kind="mergesort")]  # stable: ties in row order
 
 
-def top_positive(scores: np.ndarray, k: int) -> np.ndarray:
-    """Rows of the ``k`` best positive scores, best first; equal scores in row order, also
-    at the cut. One pass over the scores instead of numpy's scan, partition and sort of
-    temporaries."""
-    if k <= 0:
-        return np.zeros(0, np.int64)
-    return _top_positive(np.ascontiguousarray(scores, np.float32), int(k))
+@_jit
+def _postings_add(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    terms: np.ndarray,
+    extra_rows: np.ndarray,
+    extra_values: np.ndarray,
+    scratch: np.ndarray,
+) -> int:
+    entries = len(extra_rows)
+    for t in terms:  # term by term, in the order bm25s adds them
+        for e in range(indptr[t], indptr[t + 1]):
+            scratch[indices[e]] += data[e]
+        entries += indptr[t + 1] - indptr[t]
+    for j in range(len(extra_rows)):
+        scratch[extra_rows[j]] += extra_values[j]
+    return entries
+
+
+@_jit
+def _postings_at(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    terms: np.ndarray,
+    extra_rows: np.ndarray,
+    extra_values: np.ndarray,
+    rows: np.ndarray,
+    scratch: np.ndarray,
+) -> tuple[np.ndarray, np.float32]:
+    _postings_add(indptr, indices, data, terms, extra_rows, extra_values, scratch)
+    out = np.empty(len(rows), np.float32)
+    for i in range(len(rows)):
+        out[i] = scratch[rows[i]]
+    top = np.float32(0.0)  # the rows no posting reaches score 0
+    for t in terms:  # the best sum, and the scratch zeroed again for the next call
+        for e in range(indptr[t], indptr[t + 1]):
+            top = max(top, scratch[indices[e]])
+            scratch[indices[e]] = 0.0
+    for r in extra_rows:
+        top = max(top, scratch[r])
+        scratch[r] = 0.0
+    return out, top
+
+
+@_jit
+def _postings_top(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    terms: np.ndarray,
+    extra_rows: np.ndarray,
+    extra_values: np.ndarray,
+    allowed: np.ndarray,
+    k: int,
+    scratch: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    entries = _postings_add(indptr, indices, data, terms, extra_rows, extra_values, scratch)
+    hits = np.empty(entries, np.int64)
+    values = np.empty(entries, np.float32)
+    masked = len(allowed) > 0
+    m = 0
+    for t in terms:  # each touched row once (its sum is zeroed as it is read)
+        for e in range(indptr[t], indptr[t + 1]):
+            r = indices[e]
+            v = scratch[r]
+            scratch[r] = 0.0
+            if v > 0 and (not masked or allowed[r]):
+                hits[m], values[m] = r, v
+                m += 1
+    for r in extra_rows:
+        v = scratch[r]
+        scratch[r] = 0.0
+        if v > 0 and (not masked or allowed[r]):
+            hits[m], values[m] = r, v
+            m += 1
+    best = _top_hits(hits[:m], values[:m], k)
+    return hits[best], values[best]
 
 
 @_jit
@@ -370,4 +432,90 @@ def merge_lists(
         int(budget),
         float(rrf_k),
         *scratch,
+    )
+
+
+# a term-by-row sparse matrix in CSR form (bm25s's precomputed scores): indptr, rows, values
+Postings = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _postings_args(
+    postings: Postings,
+    terms: Sequence[int],
+    extra: tuple[np.ndarray, np.ndarray] | None,
+    n_rows: int,
+) -> tuple[Any, ...]:
+    """The kernels' arguments, checked here, not in the kernel: a bad row there would
+    leave the per-thread scratch row dirty. ``postings``' own rows are the index's and
+    below ``n_rows`` by construction."""
+    indptr, indices, data = postings
+    term_ids = np.asarray(terms, np.int64)
+    if len(term_ids) and (term_ids.min() < 0 or term_ids.max() >= len(indptr) - 1):
+        raise IndexError("term out of range")
+    if extra is None:
+        extra_rows, extra_values = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    else:
+        extra_rows = np.asarray(extra[0], np.int64)
+        extra_values = np.asarray(extra[1], np.float32)
+        if len(extra_rows) != len(extra_values):
+            raise ValueError("extra rows and values differ in length")
+        if len(extra_rows) and (extra_rows.min() < 0 or extra_rows.max() >= n_rows):
+            raise IndexError("extra row out of range")
+    scratch = getattr(_scratch, "postings", None)
+    if scratch is None or len(scratch) < n_rows:
+        scratch = _scratch.postings = np.zeros(n_rows, np.float32)
+    return indptr, indices, data, term_ids, extra_rows, extra_values, scratch
+
+
+def postings_at(
+    postings: Postings,
+    terms: Sequence[int],
+    rows: np.ndarray,
+    n_rows: int,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, float]:
+    """The sums over ``terms``' postings of ``rows`` (float32), and the best sum of any of
+    the ``n_rows`` rows (0 when none is positive).
+
+    What ``bm25s`` computes, and the ``scores[rows]``, ``scores.max()`` a caller reads from
+    it, without the catalog-sized array: the postings are added term by term, in the order
+    ``bm25s`` adds them (float32), into a zeroed row kept per thread, then ``extra`` (rows,
+    values: the documents of items added after the build), so the sums are the same to the
+    bit. Only the touched entries are read for the best sum and zeroed again: the cost is
+    the postings' length, not the catalog's."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n_rows):
+        raise IndexError("row out of range")
+    indptr, indices, data, term_ids, extra_rows, extra_values, scratch = _postings_args(
+        postings, terms, extra, n_rows
+    )
+    out, top = _postings_at(
+        indptr, indices, data, term_ids, extra_rows, extra_values, rows, scratch
+    )
+    return out, float(top)
+
+
+def postings_top(
+    postings: Postings,
+    terms: Sequence[int],
+    k: int,
+    n_rows: int,
+    allowed: np.ndarray | None = None,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows with the best positive sums over ``terms``' postings (and ``extra``, as
+    in :func:`postings_at`) among those ``allowed`` lets through (every row when None), best
+    first, equal sums in row order, also at the cut; and their sums.
+
+    The same rows as a scan of every row's score for the positive ones, a partition and a
+    sort, but only the touched rows are visited."""
+    if allowed is not None and len(allowed) != n_rows:
+        raise ValueError(f"a mask of {len(allowed)} rows for {n_rows}")
+    args = _postings_args(postings, terms, extra, n_rows)
+    if k <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    mask = np.zeros(0, np.bool_) if allowed is None else np.ascontiguousarray(allowed, np.bool_)
+    indptr, indices, data, term_ids, extra_rows, extra_values, scratch = args
+    return _postings_top(
+        indptr, indices, data, term_ids, extra_rows, extra_values, mask, int(k), scratch
     )

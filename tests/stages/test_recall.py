@@ -68,3 +68,35 @@ def test_first_allowed_matches_filtering_the_whole_order(keep_share: float) -> N
         expected = order[allowed[order]][:k]
         np.testing.assert_array_equal(first_allowed(order, k, allowed), expected)
     np.testing.assert_array_equal(first_allowed(order, 10, None), order[:10])
+
+
+def test_lexical_reads_from_postings_agree_with_every_rows_scores(tmp_path) -> None:
+    """``scores_at`` and ``search`` read only the query terms' postings, live items'
+    documents included; they must give what the whole score array gives, to the bit."""
+    from pathlib import Path
+
+    from sluice.recall.lexical import LexicalIndex
+
+    titles = ["red wool scarf", "blue wool hat", "red cotton shirt", "green scarf", "hat"]
+    descs = ["warm red scarf", "", "a shirt, red", "scarf scarf", "wool"]
+    LexicalIndex.build(titles, descs).save(Path(tmp_path))
+    index = LexicalIndex.load(Path(tmp_path), room=3)
+    index.add_rows([5, 6], ["red wool gloves", "scarf"], ["gloves", "red"], lambda: (titles, descs))
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, index.capacity, 40)
+    queries = ["red scarf", "wool wool hat", "gloves", "nothing here", "", "scarves red hat"]
+    for query in queries:
+        for title, full in ((False, index.scores(query)), (True, index.title_scores(query))):
+            at, top = index.scores_at(query, rows, title)
+            np.testing.assert_array_equal(at, full[rows])
+            assert top == max(0.0, float(full.max()))
+        full = index.scores(query)
+        for mask in (None, rng.random(index.capacity) < 0.6):
+            seen = full if mask is None else np.where(mask, full, 0)
+            expected = sorted(np.nonzero(seen > 0)[0].tolist(), key=lambda r: (-seen[r], r))
+            for k in (1, 3, 100):
+                found, scores = index.search(query, k, mask)
+                assert found.tolist() == expected[:k]
+                np.testing.assert_array_equal(scores, full[found])
+    # the live row is found, and the build's statistics count it
+    assert 5 in index.search("gloves", 3)[0].tolist()

@@ -21,7 +21,7 @@ from sluice.artifacts import Artifacts
 from sluice.coarse.engine import weighted_row_sum
 from sluice.data.catalog import Catalog
 from sluice.domain import RRF_K, Candidates, RankContext, Source
-from sluice.kernels import merge_lists, mmr_order, rows_dot, top_positive
+from sluice.kernels import merge_lists, mmr_order, postings_at, postings_top, rows_dot
 from sluice.recall.sources import merge
 from sluice.rerank.engine import RerankConfig, RerankEngine, title_key
 from sluice.rerank.exposure import fair_minimums
@@ -118,23 +118,90 @@ def reference_top_positive(scores: np.ndarray, k: int) -> list[int]:
     return sorted(positive, key=lambda r: (-float(scores[r]), r))[: max(k, 0)]
 
 
+def random_postings(
+    rng: np.random.Generator, n_terms: int, n_rows: int, levels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A term-by-row CSR as bm25s stores its scores; few distinct values make equal sums
+    (ties at the cut) common."""
+    dense = rng.integers(0, levels + 1, (n_terms, n_rows)) * np.float32(0.25)
+    dense[rng.random(dense.shape) < 0.6] = 0
+    m = sparse.csr_matrix(dense.astype(np.float32))
+    return m.indptr.astype(np.int64), m.indices.astype(np.int32), m.data
+
+
+def added_in_order(
+    postings: tuple[np.ndarray, np.ndarray, np.ndarray],
+    terms: np.ndarray,
+    n_rows: int,
+    extra: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """What bm25s computes: every row's float32 sum, term by term with ``np.add.at``, then
+    the live documents' scores."""
+    indptr, indices, data = postings
+    scores = np.zeros(n_rows, np.float32)
+    for t in terms:
+        np.add.at(scores, indices[indptr[t] : indptr[t + 1]], data[indptr[t] : indptr[t + 1]])
+    np.add.at(scores, *extra)
+    return scores
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     seed=st.integers(0, 2**31),
-    n=st.integers(0, 200),
-    levels=st.integers(1, 6),
-    k=st.integers(-1, 220),
+    n_terms=st.integers(1, 8),
+    n_rows=st.integers(1, 120),
+    query=st.lists(st.integers(0, 7), max_size=6),  # terms may repeat, as query words do
+    levels=st.integers(1, 5),
+    k=st.integers(-1, 130),
+    masked=st.booleans(),
+    n_extra=st.integers(0, 10),
 )
-def test_top_positive_keeps_row_order_among_equal_scores_also_at_the_cut(
-    seed: int, n: int, levels: int, k: int
+def test_postings_kernels_are_the_whole_score_array_read_as_before(
+    seed: int,
+    n_terms: int,
+    n_rows: int,
+    query: list[int],
+    levels: int,
+    k: int,
+    masked: bool,
+    n_extra: int,
 ) -> None:
-    """Few distinct scores make ties at the cut common; zeros, negatives and NaN never pass."""
+    """``postings_at`` gives ``scores[rows]`` and ``scores.max()`` to the bit, and
+    ``postings_top`` the rows a scan of every row gives: positive and allowed, best first,
+    equal scores in row order, also at the cut."""
     rng = np.random.default_rng(seed)
-    scores = (rng.integers(-1, levels, n) * 0.5).astype(np.float32)
-    scores[rng.random(n) < 0.05] = np.nan
-    got = top_positive(scores, k)
-    assert got.dtype == np.int64
-    assert got.tolist() == reference_top_positive(scores, k)
+    postings = random_postings(rng, n_terms, n_rows, levels)
+    terms = np.array([t for t in query if t < n_terms], np.int64)
+    extra = (rng.integers(0, n_rows, n_extra), rng.integers(0, 3, n_extra) * np.float32(0.5))
+    allowed = rng.random(n_rows) < 0.7 if masked else None
+    scores = added_in_order(postings, terms, n_rows, extra)
+    rows = rng.integers(0, n_rows, 50)
+    for _ in range(2):  # again: the per-thread scratch row must be left zeroed
+        at, top = postings_at(postings, terms, rows, n_rows, extra)
+        assert at.dtype == np.float32
+        np.testing.assert_array_equal(at, scores[rows])
+        assert top == max(0.0, float(scores.max()))
+        best, values = postings_top(postings, terms, k, n_rows, allowed, extra)
+        assert best.dtype == np.int64
+        seen = scores if allowed is None else np.where(allowed, scores, 0)
+        assert best.tolist() == reference_top_positive(seen, k)
+        np.testing.assert_array_equal(values, scores[best])
+
+
+def test_postings_kernels_refuse_rows_terms_and_masks_that_do_not_fit() -> None:
+    postings = random_postings(np.random.default_rng(0), 3, 10, 2)
+    with pytest.raises(IndexError):
+        postings_at(postings, [0], np.array([10]), 10)
+    with pytest.raises(IndexError, match="term"):
+        postings_at(postings, [3], np.array([0]), 10)
+    with pytest.raises(IndexError, match="extra"):
+        postings_top(postings, [0], 5, 10, None, (np.array([-1]), np.array([1.0])))
+    with pytest.raises(ValueError, match="mask"):
+        postings_top(postings, [0], 5, 10, np.ones(9, bool))
+    # nothing was added before the refusals: a query reads the clean sums
+    at, _ = postings_at(postings, [1], np.arange(10), 10)
+    clean = added_in_order(postings, np.array([1]), 10, (np.zeros(0, np.int64), np.zeros(0)))
+    np.testing.assert_array_equal(at, clean)
 
 
 def reference_merge(

@@ -202,21 +202,16 @@ class FeatureTables:
         share of the query's distinct terms found in the title, the share of its adjacent
         term pairs found adjacent in the title and the description's log length (those of
         them in ``want``)."""
-        if "bm25" in want:
-            bm = lexical.scores(query)
-            top = float(bm.max()) if len(bm) else 0.0
-            if top > 0:
-                x[:, COLUMN["bm25"]] = bm[rows] / top
-        if "bm25_title" in want:
-            title = lexical.title_scores(query)
-            top = float(title.max()) if len(title) else 0.0
-            if top > 0:
-                x[:, COLUMN["bm25_title"]] = title[rows] / top
+        for name, title in (("bm25", False), ("bm25_title", True)):
+            if name in want:
+                at, top = lexical.scores_at(query, rows, title)
+                if top > 0:
+                    x[:, COLUMN[name]] = at / top
         terms = sorted(set(lexical.tokens(query))) if "title_coverage" in want else []
         if terms:
             found = np.zeros(len(rows), np.float32)
             for term in terms:
-                found += lexical.title_scores(term)[rows] > 0
+                found += lexical.scores_at(term, rows, title=True)[0] > 0
             x[:, COLUMN["title_coverage"]] = found / len(terms)
         if "title_bigram" in want:
             x[:, COLUMN["title_bigram"]] = self.fields.title_bigram(query, rows)

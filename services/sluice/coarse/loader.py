@@ -31,7 +31,10 @@ def load(settings: CoarseSettings, closers: list[Callable[[], None]]) -> CoarseE
     follow_updates(settings, artifacts, closers, lexical_listener(tables.lexical), index_fields)
     engine = CoarseEngine(tables, weights)
     ids = artifacts.catalog.item_ids[:50]
-    engine.rank(
-        RankContext(history_item_ids=ids[:3]), Candidates(ids, ids * 0.0, ids * 0), Budget(10)
-    )
+    # a recommendation and a search, so that every kernel they use is loaded before SERVING
+    for ctx in (
+        RankContext(history_item_ids=ids[:3]),
+        RankContext(query=artifacts.catalog.titles[0]),
+    ):
+        engine.rank(ctx, Candidates(ids, ids * 0.0, ids * 0), Budget(10))
     return engine

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import sparse
 
 from sluice.data.tokens import tokenize
-from sluice.kernels import top_positive
+from sluice.kernels import Postings, postings_at, postings_top
 
 TITLE_DIR = "title"
 
@@ -92,10 +92,12 @@ class LiveDocuments:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def scores(self, tokens: list[str], out: np.ndarray) -> None:
-        """Add each live document's BM25 score for ``tokens`` into ``out`` (indexed by row)."""
+    def contributions(self, tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each live document's BM25 score for ``tokens``, term by term: rows and float32
+        scores to add in this order (a row appears once per query term it holds)."""
         postings, n = self._postings, self._docs + len(self._rows)
         k1, b = float(self._bm25.k1), float(self._bm25.b)
+        rows, values = [], []
         for term in tokens:
             found = postings.get(term)
             if found is None:
@@ -104,7 +106,11 @@ class LiveDocuments:
             t = self._vocab.get(term)
             df = len(at) + (int(self._indptr[t + 1] - self._indptr[t]) if t is not None else 0)
             idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
-            out[at] += (idf * tf / (k1 * ((1 - b) + b * dl / self._average) + tf)).astype(out.dtype)
+            rows.append(at)
+            values.append(idf * tf / (k1 * ((1 - b) + b * dl / self._average) + tf))
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(rows), np.concatenate(values).astype(np.float32)
 
 
 class LexicalIndex:
@@ -227,21 +233,45 @@ class LexicalIndex:
             return scores
         out = np.zeros(self.capacity, dtype=np.float32)
         out[: self.size] = scores
-        live = self._live[which] if self._live is not None else None
-        if live is not None:
-            live.scores(tokens, out)
+        rows, values = self._live_scores(tokens, which)
+        np.add.at(out, rows, values)
         return out
+
+    def _live_scores(self, tokens: list[str], which: int) -> tuple[np.ndarray, np.ndarray]:
+        live = self._live[which] if self._live is not None else None
+        if live is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return live.contributions(tokens)
+
+    def _postings_of(
+        self, query: str, title: bool
+    ) -> tuple[Postings, list[int], tuple[np.ndarray, np.ndarray]]:
+        """The index's postings, the query's term ids in it and the live documents' scores."""
+        which = 1 if title and self._title is not None else 0
+        bm25 = self._title if which == 1 and self._title is not None else self._bm25
+        tokens = self.tokens(query)
+        vocab: dict[str, int] = bm25.vocab_dict
+        sc = bm25.scores
+        postings = (sc["indptr"], sc["indices"], sc["data"])
+        return postings, [vocab[t] for t in tokens if t in vocab], self._live_scores(tokens, which)
+
+    def scores_at(
+        self, query: str, rows: np.ndarray, title: bool = False
+    ) -> tuple[np.ndarray, float]:
+        """``scores(query)[rows]`` (``title_scores`` with ``title``) and the best score of any
+        row (0 when none is positive), the same to the bit, from the query terms' postings
+        alone (:func:`sluice.kernels.postings_at`), not an array of every row's score."""
+        postings, terms, live = self._postings_of(query, title)
+        return postings_at(postings, terms, rows, self.capacity, live)
 
     def search(
         self, query: str, k: int, mask: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` rows with a positive score among the rows ``mask`` allows, best first;
-        equal scores in row order (also at the cut, so a slice of the rows agrees)."""
-        s = self.scores(query)
-        if mask is not None:
-            s = np.where(mask, s, 0.0)
-        order = top_positive(s, k)
-        return order, s[order]
+        equal scores in row order (also at the cut, so a slice of the rows agrees). Only the
+        rows the query terms' postings reach are visited (:func:`sluice.kernels.postings_top`)."""
+        postings, terms, live = self._postings_of(query, False)
+        return postings_top(postings, terms, k, self.capacity, mask, live)
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
