@@ -25,7 +25,7 @@ from sluice.eval.search import (
     fit_pairwise,
     ndcg_at_k,
 )
-from sluice.eval.served import biggest_loss, hit_rate
+from sluice.eval.served import biggest_loss, compare_pages, hit_rate, save_pages
 
 
 def test_ndcg_graded_gain_and_unjudged_zero() -> None:
@@ -117,3 +117,32 @@ def test_a_search_run_against_a_baseline_is_compared_query_by_query(tmp_path: Pa
             against_baseline(worse, baseline, queries)
     with pytest.raises(ValueError, match="holds no served out-of-fold rankings"):
         against_baseline(worse, tmp_path / "missing.json", queries)
+
+
+def test_recommend_pages_are_compared_user_by_user(tmp_path: Path) -> None:
+    """``eval recommend --pages``: a second run's pages against the first's, per user."""
+    rng = np.random.default_rng(0)
+    users = np.arange(40)
+    targets = rng.integers(0, 100, 40)
+    # pages without the target; then half the users find it at place 1
+    before = [rng.permutation(np.setdiff1d(np.arange(100), [t]))[:50] for t in targets]
+    for page, t in zip(before[:20], targets[:20], strict=True):
+        page[0] = t
+    path = tmp_path / "pages"
+    save_pages(path, users, targets, before)
+    assert path.exists()  # the name as given, no ".npz" added
+    same = compare_pages(path, users, targets, before)
+    assert (same["same_top10"], same["same_page"]) == (40, 40)
+    assert same["HR@10"]["baseline"] == same["HR@10"]["now"] == 0.5
+    assert same["HR@10"]["difference"] == same["NDCG@10"]["low"] == 0.0
+    after = [p.copy() for p in before]
+    for page in after[:10]:  # ten hits fall from place 1 to place 11: a drop
+        page[[0, 10]] = page[[10, 0]]
+    after[39] = after[39][:49]  # a shorter page, its top 10 unchanged
+    worse = compare_pages(path, users, targets, after)
+    assert (worse["same_top10"], worse["same_page"]) == (30, 29)
+    assert worse["HR@10"]["now"] == 0.25
+    assert worse["HR@10"]["difference"] == -0.25
+    assert worse["HR@10"]["high"] < 0 and worse["NDCG@10"]["high"] < 0
+    with pytest.raises(ValueError, match="other users"):
+        compare_pages(path, users[:39], targets[:39], after[:39])

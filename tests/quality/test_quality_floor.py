@@ -130,34 +130,12 @@ def test_recommend_floor(beauty_build: tuple[Path, Artifacts]) -> None:
     from sluice.eval.baselines import PopularityModel
     from sluice.eval.metrics import evaluate
     from sluice.eval.replay import per_user
-    from sluice.eval.served import (
-        RecordingStages,
-        in_process_gateway,
-        list_metrics,
-        load_split,
-        local_stages,
-        sample_users,
-        stage_candidates,
-    )
+    from sluice.eval.served import in_process_pages, list_metrics, load_split, sample_users
 
     data, a = beauty_build
     split = load_split(data, a)
     users = sample_users(split, EVAL_USERS, seed=0)
-    stages = local_stages(a)
-    recorder = RecordingStages(stages)
-    gateway = in_process_gateway(a, recorder)
-
-    def request(user: str):  # type: ignore[no-untyped-def]
-        return lambda g: g.recommend(user_id=user, page_size=PAGE, deadline_s=30.0)
-
-    run = stage_candidates(
-        gateway,
-        recorder,
-        [request(split.user_ids[int(u)]) for u in users.tolist()],
-        a.catalog,
-        threads=2,
-        progress=False,
-    )
+    run = in_process_pages(split, users, page_size=PAGE, progress=False)
     served = list_metrics(run.page, split, users)
     targets = np.full(len(split.test), -1)
     targets[users] = split.test[users]

@@ -73,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the two arms of --arms to compare (default: the experiment's first two)",
     )
     r.add_argument(
+        "--pages",
+        type=Path,
+        help="also run every user's Recommend through the cascade in this process and write "
+        "the pages to this file; when it exists, compare with it instead: the same top 10s "
+        "and the paired HR@10 and NDCG@10 differences (run it from two checkouts in turn)",
+    )
+    r.add_argument(
         "--train-budget",
         type=float,
         default=None,
@@ -173,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 arms=args.arms,
                 experiment=args.experiment,
                 compare=tuple(args.compare) if args.compare else None,
+                pages=args.pages,
                 seed=args.seed,
                 progress=not args.no_progress,
                 root=args.out,

@@ -31,6 +31,14 @@ Three measurements on the same users:
   co-occurrence, and SASRec (the same transformer with ids only, trained by
   the same code).
 
+With ``--pages FILE``, also **in process**: every user's ``Recommend`` through
+the four stages in this process (the services' wiring, the ranker in process,
+no Triton), its pages written to ``FILE``, or, when ``FILE`` exists, compared
+with it: how many top 10s and pages are the same, and the per-user HR@10 and
+NDCG@10 differences with paired-bootstrap intervals. Run from two checkouts in
+turn on the same build, this is the check that a change which claims to keep
+quality does (issue 12).
+
 Builds are cached under ``var/eval/<dataset>/`` (artifacts and model
 repository) and reused when present; ``--rebuild`` forces a new one.
 """
@@ -529,6 +537,7 @@ class RecommendOptions:
     arms: Path | None = None  # an experiments file: two arms replayed (sluice.eval.arms)
     experiment: str | None = None
     compare: tuple[str, str] | None = None
+    pages: Path | None = None  # in-process pages: written, or compared when the file exists
     seed: int = 0
     progress: bool = True
     root: Path | None = None
@@ -593,6 +602,8 @@ def run_recommend(opts: RecommendOptions) -> dict[str, Any]:
         from sluice.eval.arms import arms_section
 
         report["arms"] = arms_section(split, users, opts.arms, opts.experiment, opts.compare)
+    if opts.pages is not None:
+        report["in_process"] = _in_process_section(split, users, opts, header)
     if opts.served or opts.stages:
         with tempfile.TemporaryDirectory(prefix="sluice-eval-") as tmp:
             cluster = Cluster(
@@ -768,5 +779,104 @@ def _stage_section(
     }
 
 
-def _recommend_request(gateway: Any, user: str, surface: Surface) -> Any:
-    return gateway.recommend(user_id=user, surface=surface, page_size=PAGE_SIZE, deadline_s=30.0)
+def in_process_pages(
+    split: RecommendSplit,
+    users: np.ndarray,
+    *,
+    page_size: int = PAGE_SIZE,
+    threads: int = 2,
+    progress: bool = True,
+) -> StageRun:
+    """Each user's Recommend (the home page) through the cascade in this
+    process, loaded through the services' wiring with the ranker in process
+    (:func:`local_stages`): what a code change that claims to keep quality is compared on."""
+    recorder = RecordingStages(local_stages(split.artifacts))
+    gateway = in_process_gateway(split.artifacts, recorder)
+    requests = [
+        partial(_recommend_request, user=split.user_ids[int(u)], page_size=page_size)
+        for u in users.tolist()
+    ]
+    return stage_candidates(
+        gateway,
+        recorder,
+        requests,
+        split.artifacts.catalog,
+        threads=threads,
+        progress=progress,
+        desc="in process",
+    )
+
+
+def save_pages(path: Path, users: np.ndarray, targets: np.ndarray, pages: list[np.ndarray]) -> None:
+    """The users, their targets and their pages (catalog rows), for :func:`compare_pages`."""
+    lengths = np.array([len(p) for p in pages], np.int64)
+    flat = np.concatenate(pages) if pages else np.zeros(0, np.int64)
+    with path.open("wb") as f:  # np.savez would add ".npz" to a name without it
+        np.savez(f, users=users, targets=targets, lengths=lengths, pages=flat)
+
+
+def compare_pages(
+    baseline: Path, users: np.ndarray, targets: np.ndarray, pages: list[np.ndarray]
+) -> dict[str, Any]:
+    """This run's pages against a file :func:`save_pages` wrote for the same users: how many
+    top 10s and whole pages are the same ids in the same order, and the per-user HR@10 and
+    NDCG@10 differences (this run minus the baseline) with 95% paired-bootstrap intervals."""
+    from sluice.eval.arms import paired_difference
+    from sluice.eval.replay import per_user
+
+    with np.load(baseline) as f:
+        if not (np.array_equal(f["users"], users) and np.array_equal(f["targets"], targets)):
+            raise ValueError(f"{baseline} holds other users or targets than this run")
+        before = np.split(f["pages"], np.cumsum(f["lengths"])[:-1]) if len(users) else []
+    hr0, ndcg0 = per_user(before, targets)
+    hr1, ndcg1 = per_user(pages, targets)
+    pairs = list(zip(before, pages, strict=True))
+    out: dict[str, Any] = {
+        "baseline": str(baseline),
+        "users": len(users),
+        "same_top10": sum(np.array_equal(a[:10], b[:10]) for a, b in pairs),
+        "same_page": sum(np.array_equal(a, b) for a, b in pairs),
+    }
+    for name, old, new in (("HR@10", hr0, hr1), ("NDCG@10", ndcg0, ndcg1)):
+        out[name] = {"baseline": float(old.mean()), "now": float(new.mean())} | (
+            paired_difference(old, new) if len(users) > 1 else {}
+        )
+    return out
+
+
+def _in_process_section(
+    split: RecommendSplit, users: np.ndarray, opts: RecommendOptions, header: str
+) -> dict[str, Any]:
+    assert opts.pages is not None
+    started = time.perf_counter()
+    run = in_process_pages(split, users, threads=2, progress=opts.progress)
+    metrics = list_metrics(run.page, split, users)
+    print(f"\nin process (the services' wiring, the ranker in process, page {PAGE_SIZE})")
+    print(header)
+    _print_row("Sluice in-process cascade", metrics)
+    print(f"{len(users)} users in {time.perf_counter() - started:.0f} s; degraded {run.degraded}")
+    targets = split.test[users]
+    section: dict[str, Any] = {"metrics": metrics, "degraded": run.degraded}
+    if not opts.pages.exists():
+        save_pages(opts.pages, users, targets, run.page)
+        print(f"pages written to {opts.pages}: run again from the other checkout to compare")
+        return section | {"pages": str(opts.pages)}
+    diff = compare_pages(opts.pages, users, targets, run.page)
+    print(
+        f"against {opts.pages}: the same top 10 for {diff['same_top10']} of {len(users)} "
+        f"users, the same page for {diff['same_page']}"
+    )
+    for name in ("HR@10", "NDCG@10"):
+        d = diff[name]
+        interval = f" (95% CI {d['low']:+.4f} to {d['high']:+.4f})" if "low" in d else ""
+        print(
+            f"{name}: {d['baseline']:.4f} -> {d['now']:.4f}, "
+            f"difference {d['now'] - d['baseline']:+.4f}{interval}"
+        )
+    return section | {"against_baseline": diff}
+
+
+def _recommend_request(
+    gateway: Any, user: str, surface: Surface = Surface.HOME, page_size: int = PAGE_SIZE
+) -> Any:
+    return gateway.recommend(user_id=user, surface=surface, page_size=page_size, deadline_s=30.0)
