@@ -146,3 +146,33 @@ def test_recommend_pages_are_compared_user_by_user(tmp_path: Path) -> None:
     assert worse["HR@10"]["high"] < 0 and worse["NDCG@10"]["high"] < 0
     with pytest.raises(ValueError, match="other users"):
         compare_pages(path, users[:39], targets[:39], after[:39])
+
+
+def test_a_cached_eval_build_is_found_however_its_dataset_path_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build recorded with an absolute path is reused when a run names the same folder by
+    a relative one (another checkout): no 20-minute rebuild. Another folder is not reused."""
+    from sluice.eval import served
+
+    data = tmp_path / "data" / "shop"
+    data.mkdir(parents=True)
+    root = tmp_path / "eval"
+    (root / "artifacts").mkdir(parents=True)
+    manifest = {"dataset": str(data.resolve()), "holdout": 1, "text_encoder": "minilm"}
+    (root / "artifacts" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path / "data")
+    found = served.ensure_build(Path("shop"), holdout=1, root=root, progress=False)
+    assert found.root == root / "artifacts"
+    built: list[Path] = []
+
+    def stand_in(options: object) -> str:
+        out: Path = options.out  # type: ignore[attr-defined]
+        out.mkdir(parents=True)
+        built.append(out)
+        return "built"
+
+    monkeypatch.setattr("sluice.build.pipeline.build", stand_in)
+    (tmp_path / "data" / "other").mkdir()
+    assert served.ensure_build(Path("other"), holdout=1, root=root, progress=False) == "built"
+    assert built == [root / "artifacts"]

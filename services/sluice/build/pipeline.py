@@ -97,10 +97,11 @@ def load_dataset(options: BuildOptions) -> tuple[Catalog, Interactions, str]:
             interactions,
             f"synthetic(items={options.shop.num_items}, seed={options.shop.seed})",
         )
+    source = str(options.data.resolve())  # the folder wherever the build is run from
     if is_search_only(options.data):
-        return load_products(options.data), no_interactions(), str(options.data)
+        return load_products(options.data), no_interactions(), source
     catalog, interactions = load_data(options.data)
-    return catalog, interactions, str(options.data)
+    return catalog, interactions, source
 
 
 def no_interactions() -> Interactions:

@@ -91,8 +91,9 @@ def ensure_build(
 ) -> Artifacts:
     """The cached build of ``data`` under ``root`` (default ``var/eval/<name>``), built if needed.
 
-    A cached build is reused when its manifest names the same dataset, text encoder and
-    holdout. ``build_kwargs`` go to :class:`sluice.build.pipeline.BuildOptions`.
+    A cached build is reused when its manifest names the same dataset folder (however the
+    path was written), text encoder and holdout. ``build_kwargs`` go to
+    :class:`sluice.build.pipeline.BuildOptions`.
     """
     from sluice.build.pipeline import BuildOptions, build
 
@@ -101,7 +102,9 @@ def ensure_build(
     manifest = out / "manifest.json"
     if manifest.exists() and not rebuild:
         info = json.loads(manifest.read_text())
-        same = info.get("dataset") == str(data) and int(info.get("holdout", -1)) == holdout
+        # the same folder however it was named (a relative path, from another checkout)
+        built_from = Path(str(info.get("dataset", ""))).resolve()
+        same = built_from == data.resolve() and int(info.get("holdout", -1)) == holdout
         encoder = build_kwargs.get("encoder", "minilm")  # builds before the choice: minilm
         same = same and info.get("text_encoder", "minilm") == encoder
         if same:
