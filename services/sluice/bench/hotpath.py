@@ -26,6 +26,10 @@
     client; the server is the sync bootstrap's kind or ``grpc.aio``. Both sides run with
     the services' grpcio settings (:mod:`sluice.grpc_env`); ``GRPC_EXPERIMENTS= python -m
     sluice.bench.hotpath rtt`` measures grpcio's own defaults.
+``python -m sluice.bench.hotpath stage ARTIFACTS --stage coarse --requests 600``
+    One stage's engine in process, replaying the calls the in-process cascade made to it
+    for a fixed request set (page size 10): CPU per call, best and median of five rounds.
+    Run it from two checkouts in turn to compare one stage's cost.
 ``python -m sluice.bench.hotpath hop ARTIFACTS --stage rerank --requests 300``
     Where one stage hop's cost goes. The calls the in-process cascade makes to the stage for
     a fixed request set are replayed, alternating: to the engine in this process, over gRPC
@@ -429,6 +433,32 @@ def _print_variants(medians: dict[str, Any], variants: Iterable[str], per: str) 
         )
 
 
+def stage(args: argparse.Namespace) -> dict[str, Any]:
+    """One stage's engine in process, replaying the calls the cascade made to it: CPU per
+    call, the best and the median of ``--rounds`` rounds. Run it from two checkouts in turn."""
+    from sluice.domain import Budget
+
+    local, calls = _stage_calls(args.artifacts, args.stage, args.requests, args.seed)
+    budgets = [(c, k, Budget.within(m, 5.0, o)) for c, k, m, o in calls]
+    rounds = []
+    for _ in range(args.rounds):
+        started = time.process_time()
+        for ctx, cands, budget in budgets:
+            local.call(ctx, cands, budget)
+        rounds.append(1e3 * (time.process_time() - started) / max(len(budgets), 1))
+    result = {
+        "stage": args.stage,
+        "calls": len(budgets),
+        "best_cpu_ms": min(rounds),
+        "median_cpu_ms": float(np.median(rounds)),
+    }
+    print(
+        f"{args.name}: {args.stage} {result['best_cpu_ms']:.3f} ms of CPU per call (median round "
+        f"{result['median_cpu_ms']:.3f}; {len(budgets)} calls, {args.rounds} rounds)"
+    )
+    return result
+
+
 def hop(args: argparse.Namespace) -> dict[str, Any]:
     """One stage in process against the same calls over gRPC to ``sluice serve``, and a health
     check on that server (the bare hop), alternating: where a hop's cost goes."""
@@ -567,6 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=3)
+    p = sub.add_parser("stage", help="one stage's engine in process, replaying its calls")
+    p.add_argument("artifacts", type=Path)
+    p.add_argument("--stage", choices=("recall", "coarse", "fine", "rerank"), default="coarse")
+    p.add_argument("--requests", type=int, default=600)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--name", default="this checkout")
     p = sub.add_parser("hop", help="one stage in process against over gRPC")
     p.add_argument("artifacts", type=Path)
     p.add_argument("--stage", choices=("recall", "coarse", "fine", "rerank"), default="rerank")
@@ -591,6 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "encoder": encoder,
         "ann": ann,
         "rtt": rtt,
+        "stage": stage,
         "hop": hop,
         "served": served,
     }
