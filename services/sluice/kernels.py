@@ -157,15 +157,24 @@ def _postings_add(
     extra_rows: np.ndarray,
     extra_values: np.ndarray,
     scratch: np.ndarray,
-) -> int:
+) -> np.ndarray:
+    """Adds the terms' postings, then the extra entries, into ``scratch``; the rows touched,
+    once per entry (the callers read them and zero them again)."""
     entries = len(extra_rows)
+    for t in terms:
+        entries += indptr[t + 1] - indptr[t]
+    touched = np.empty(entries, np.int64)
+    m = 0
     for t in terms:  # term by term, in the order bm25s adds them
         for e in range(indptr[t], indptr[t + 1]):
             scratch[indices[e]] += data[e]
-        entries += indptr[t + 1] - indptr[t]
+            touched[m] = indices[e]
+            m += 1
     for j in range(len(extra_rows)):
         scratch[extra_rows[j]] += extra_values[j]
-    return entries
+        touched[m] = extra_rows[j]
+        m += 1
+    return touched
 
 
 @_jit
@@ -179,16 +188,12 @@ def _postings_at(
     rows: np.ndarray,
     scratch: np.ndarray,
 ) -> tuple[np.ndarray, np.float32]:
-    _postings_add(indptr, indices, data, terms, extra_rows, extra_values, scratch)
+    touched = _postings_add(indptr, indices, data, terms, extra_rows, extra_values, scratch)
     out = np.empty(len(rows), np.float32)
     for i in range(len(rows)):
         out[i] = scratch[rows[i]]
     top = np.float32(0.0)  # the rows no posting reaches score 0
-    for t in terms:  # the best sum, and the scratch zeroed again for the next call
-        for e in range(indptr[t], indptr[t + 1]):
-            top = max(top, scratch[indices[e]])
-            scratch[indices[e]] = 0.0
-    for r in extra_rows:
+    for r in touched:  # the best sum, and the scratch zeroed again for the next call
         top = max(top, scratch[r])
         scratch[r] = 0.0
     return out, top
@@ -206,20 +211,12 @@ def _postings_top(
     k: int,
     scratch: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    entries = _postings_add(indptr, indices, data, terms, extra_rows, extra_values, scratch)
-    hits = np.empty(entries, np.int64)
-    values = np.empty(entries, np.float32)
+    touched = _postings_add(indptr, indices, data, terms, extra_rows, extra_values, scratch)
+    hits = np.empty(len(touched), np.int64)
+    values = np.empty(len(touched), np.float32)
     masked = len(allowed) > 0
     m = 0
-    for t in terms:  # each touched row once (its sum is zeroed as it is read)
-        for e in range(indptr[t], indptr[t + 1]):
-            r = indices[e]
-            v = scratch[r]
-            scratch[r] = 0.0
-            if v > 0 and (not masked or allowed[r]):
-                hits[m], values[m] = r, v
-                m += 1
-    for r in extra_rows:
+    for r in touched:  # each row once: its sum is zeroed as it is read
         v = scratch[r]
         scratch[r] = 0.0
         if v > 0 and (not masked or allowed[r]):
