@@ -159,17 +159,30 @@ def _postings_add(
     scratch: np.ndarray,
 ) -> np.ndarray:
     """Adds the terms' postings, then the extra entries, into ``scratch``; the rows touched,
-    once per entry (the callers read them and zero them again)."""
+    once per posting of each distinct term and per extra entry (the callers read them and
+    zero them again). A term the query repeats is added again, as bm25s does, but not
+    listed again: a query that repeats a common word lists no more than the index holds."""
     entries = len(extra_rows)
-    for t in terms:
-        entries += indptr[t + 1] - indptr[t]
+    first = np.ones(len(terms), np.bool_)
+    for i in range(len(terms)):
+        for j in range(i):
+            if terms[j] == terms[i]:
+                first[i] = False
+                break
+        if first[i]:
+            entries += indptr[terms[i] + 1] - indptr[terms[i]]
     touched = np.empty(entries, np.int64)
     m = 0
-    for t in terms:  # term by term, in the order bm25s adds them
-        for e in range(indptr[t], indptr[t + 1]):
-            scratch[indices[e]] += data[e]
-            touched[m] = indices[e]
-            m += 1
+    for i in range(len(terms)):  # term by term, in the order bm25s adds them
+        t = terms[i]
+        if first[i]:
+            for e in range(indptr[t], indptr[t + 1]):
+                scratch[indices[e]] += data[e]
+                touched[m] = indices[e]
+                m += 1
+        else:
+            for e in range(indptr[t], indptr[t + 1]):
+                scratch[indices[e]] += data[e]
     for j in range(len(extra_rows)):
         scratch[extra_rows[j]] += extra_values[j]
         touched[m] = extra_rows[j]

@@ -172,7 +172,7 @@ def test_postings_kernels_are_the_whole_score_array_read_as_before(
     rng = np.random.default_rng(seed)
     postings = random_postings(rng, n_terms, n_rows, levels)
     terms = np.array([t for t in query if t < n_terms], np.int64)
-    extra = (rng.integers(0, n_rows, n_extra), rng.integers(0, 3, n_extra) * np.float32(0.5))
+    extra = (rng.integers(0, n_rows, n_extra), rng.integers(-2, 3, n_extra) * np.float32(0.5))
     allowed = rng.random(n_rows) < 0.7 if masked else None
     scores = added_in_order(postings, terms, n_rows, extra)
     rows = rng.integers(0, n_rows, 50)
@@ -186,6 +186,21 @@ def test_postings_kernels_are_the_whole_score_array_read_as_before(
         seen = scores if allowed is None else np.where(allowed, scores, 0)
         assert best.tolist() == reference_top_positive(seen, k)
         np.testing.assert_array_equal(values, scores[best])
+
+
+def test_a_query_repeating_a_term_thousands_of_times_is_read_as_before() -> None:
+    """A stranger's query may repeat one common word up to the length limit: each repeat is
+    added again, as bm25s does, and the rows it reaches are listed once, not per repeat."""
+    postings = random_postings(np.random.default_rng(1), 2, 50, 3)
+    terms = np.array([0, 1] * 3000, np.int64)
+    none = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+    scores = added_in_order(postings, terms, 50, none)
+    at, top = postings_at(postings, terms, np.arange(50), 50)
+    np.testing.assert_array_equal(at, scores)
+    assert top == max(0.0, float(scores.max()))
+    best, values = postings_top(postings, terms, 10, 50)
+    assert best.tolist() == reference_top_positive(scores, 10)
+    np.testing.assert_array_equal(values, scores[best])
 
 
 def test_postings_kernels_refuse_rows_terms_and_masks_that_do_not_fit() -> None:
