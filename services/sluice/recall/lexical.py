@@ -247,8 +247,7 @@ class LexicalIndex:
         self, query: str, title: bool
     ) -> tuple[Postings, list[int], tuple[np.ndarray, np.ndarray]]:
         """The index's postings, the query's term ids in it and the live documents' scores."""
-        which = 1 if title and self._title is not None else 0
-        bm25 = self._title if which == 1 and self._title is not None else self._bm25
+        bm25, which = (self._title, 1) if title and self._title is not None else (self._bm25, 0)
         tokens = self.tokens(query)
         vocab: dict[str, int] = bm25.vocab_dict
         sc = bm25.scores
