@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,11 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from sluice.artifacts import Artifacts
 from sluice.common.v1 import common_pb2
 from sluice.gateway.spelling import Speller
-from sluice.launch import Cluster
+from sluice.launch import STAGES, Cluster
 from sluice.v1 import catalog_pb2, catalog_pb2_grpc, storefront_pb2, storefront_pb2_grpc
 from tests.integration.conftest import running_cluster
 from tests.integration.fuzzing import fuzz
@@ -66,6 +68,31 @@ def _until(condition: Callable[[], bool]) -> float:
     return time.monotonic() - start
 
 
+def _read_up_to(c: Cluster, process: str) -> float:
+    """``sluice_catalog_read_up_to_timestamp_seconds`` of one process (0 when absent)."""
+    url = f"http://127.0.0.1:{c.metrics_port_of(process)}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    name = "sluice_catalog_read_up_to_timestamp_seconds"
+    return max([s.value for f in families for s in f.samples if s.name == name] or [0.0])
+
+
+def _every_stage_read(c: Cluster) -> bool:
+    """Whether every stage has read the update log as far as the gateway that took it."""
+    written = _read_up_to(c, "gateway")
+    return written > 0 and all(_read_up_to(c, stage) >= written for stage in STAGES)
+
+
+def _page(
+    response: storefront_pb2.SearchResponse | storefront_pb2.RecommendResponse,
+) -> list[int]:
+    """The page's item ids, from every stage: a degraded page (a stage shed the call, and
+    the gateway recalled popular items itself) says nothing about what the stages read."""
+    degraded = {s.stage: s.degraded_reason for s in response.stages if s.degraded}
+    assert not degraded, f"a stage degraded: {degraded}"
+    return list(response.page.item_ids)
+
+
 def _price_filter(max_cents: int) -> common_pb2.ItemFilter:
     return common_pb2.ItemFilter(price_cents=common_pb2.Int64Range(max=max_cents))
 
@@ -79,11 +106,11 @@ def test_updates_reach_every_process_under_load(
 
     def search(query: str, *filters: common_pb2.ItemFilter) -> list[int]:
         request = storefront_pb2.SearchRequest(query=query, page_size=10, item_filters=filters)
-        return list(shop.Search(request).page.item_ids)
+        return _page(shop.Search(request))
 
     def home(user: str) -> list[int]:
         request = storefront_pb2.RecommendRequest(user_id=user, page_size=20)
-        return list(shop.Recommend(request).page.item_ids)
+        return _page(shop.Recommend(request))
 
     with Load(live.gateway_address, users[:50], rate=20.0, threads=4) as load:
         load.wait_for(20)
@@ -103,7 +130,10 @@ def test_updates_reach_every_process_under_load(
             ),
         )
         assert made.created_count == 1 and 0 < made.room_left_count < 10_000
-        new_visible_s = _until(lambda: new_id in search("quibbleflux teapot"))
+        # searchable once every stage has read the log, as each one's metric tells (polling
+        # the metrics, not Search: a tight loop of searches would overload the stages)
+        new_visible_s = _until(lambda: _every_stage_read(live))
+        assert new_id in search("quibbleflux teapot")
 
         # a price change: the next page from this gateway already follows it
         assert new_id in search("quibbleflux teapot", _price_filter(3_000))
@@ -139,7 +169,8 @@ def test_updates_reach_every_process_under_load(
                 update_mask=field_mask_pb2.FieldMask(paths=["in_stock"]),
             ),
         )
-        _until(lambda: top in home(user))
+        _until(lambda: _every_stage_read(live))
+        assert top in home(user)
         load.wait_for(20, after=time.monotonic())
         ended = time.monotonic()
 

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+from prometheus_client import Gauge
 
 from sluice.data.catalog import Catalog
 
@@ -58,6 +59,13 @@ if TYPE_CHECKING:
     from sluice.config import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+READ_UP_TO = Gauge(
+    "sluice_catalog_read_up_to_timestamp_seconds",
+    "When the gateway accepted the newest catalog change that every catalog of this process "
+    "has read from the update log (0 before the first); a process behind the gateway's value "
+    "serves older prices, stock and items",
+)
 
 FIELDS = ("title", "description", "category", "brand", "color", "price_cents", "in_stock")
 TEXT_FIELDS = ("title", "description")
@@ -250,6 +258,7 @@ class LiveCatalog:
         self.text_vectors = text_vectors
         self.as_of_ms = as_of_ms
         self.position = ""
+        self.read_up_to_ms = 0  # the newest accept time of the changes read so far
         # called with rows whose text is new (items added live), after their columns are
         # written and before their ids are published
         self.listeners: list[Callable[[np.ndarray], None]] = []
@@ -300,6 +309,7 @@ class LiveCatalog:
             for listener in self.listeners:
                 listener(rows)
         cat.publish(end, list(added.values()))
+        self.read_up_to_ms = max([self.read_up_to_ms, *(c.ts_ms for c in changes)])
 
     def _write(self, row: int, values: Mapping[str, Any]) -> None:
         cat = self.catalog
@@ -347,6 +357,7 @@ class CatalogFeed:
         with self._lock:
             self._catch_up(live)
             self._live.append(live)
+            self._report()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="catalog-feed", daemon=True)
                 self._thread.start()
@@ -362,6 +373,10 @@ class CatalogFeed:
         with self._lock:
             for live in self._live:
                 self._catch_up(live)
+            self._report()
+
+    def _report(self) -> None:
+        READ_UP_TO.set(min(live.read_up_to_ms for live in self._live) / 1000 if self._live else 0)
 
     def _catch_up(self, live: LiveCatalog) -> None:
         while True:
