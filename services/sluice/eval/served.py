@@ -852,7 +852,7 @@ def _in_process_section(
 ) -> dict[str, Any]:
     assert opts.pages is not None
     started = time.perf_counter()
-    run = in_process_pages(split, users, threads=2, progress=opts.progress)
+    run = in_process_pages(split, users, progress=opts.progress)
     metrics = list_metrics(run.page, split, users)
     print(f"\nin process (the services' wiring, the ranker in process, page {PAGE_SIZE})")
     print(header)
