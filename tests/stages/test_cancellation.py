@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from sluice.builds import LoadedBuilds
 from sluice.core.admission import AdmissionConfig
@@ -15,7 +16,14 @@ from sluice.core.stage import StageLimits, StageServicer
 from sluice.domain import Budget, Cancellation, Candidates, RankContext
 from sluice.gateway.stages import GrpcStage
 from sluice.rerank.service import BINDING
+from tests.redis_fixture import wait_until
 from tests.stages.test_admission import Blocking
+
+
+def _waiting(service: str) -> float:
+    """Requests the service holds waiting for a turn (``sluice_queue_waiting_requests``)."""
+    labels = {"service": service}
+    return REGISTRY.get_sample_value("sluice_queue_waiting_requests", labels) or 0.0
 
 
 def test_cancelling_reaches_the_stage_call_in_flight_and_the_one_waiting() -> None:
@@ -32,9 +40,12 @@ def test_cancelling_reaches_the_stage_call_in_flight_and_the_one_waiting() -> No
             running = pool.submit(stage.call, RankContext(), cands, Budget(2, None, 0, first))
             assert engine.entered.acquire(timeout=30)  # the first is in the engine
             waiting = pool.submit(stage.call, RankContext(), cands, Budget(2, None, 0, second))
+            wait_until(lambda: _waiting("cancel-test") == 1, "the second waits its turn")
             second.cancel()  # its caller goes away while it waits for the one worker
             with pytest.raises(Cancelled):
                 waiting.result(timeout=30)
+            # the server lets it go at once, while the first still holds the one turn
+            wait_until(lambda: _waiting("cancel-test") == 0, "the cancelled one left its place")
             first.cancel()  # and the first one's caller too, mid-work
             with pytest.raises(Cancelled):
                 running.result(timeout=30)

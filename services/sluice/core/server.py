@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_status import rpc_status
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from sluice.core import heap, tracing
 from sluice.core import logging as slog
@@ -56,6 +56,11 @@ QUEUE_WAIT = Histogram(
     "Time an admitted request waited for a handler's turn before its work started",
     ["service"],
     buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.25, 1.0),
+)
+QUEUE_WAITING = Gauge(
+    "sluice_queue_waiting_requests",
+    "Admitted requests waiting for a handler's turn now",
+    ["service"],
 )
 
 
@@ -210,15 +215,21 @@ def caller_timeout_s(context: grpc.ServicerContext) -> float | None:
 
 class _Gate:
     """Admission control (refuse beyond the adaptive limit) in front of an execution gate
-    (at most ``workers`` requests run at once; the admitted rest wait their turn)."""
+    (at most ``workers`` requests run at once; the admitted rest wait their turn).
+
+    A request that waits leaves its place as soon as its caller goes away (cancelled, or its
+    deadline passed): it does not hold a thread and an admission slot until a turn frees.
+    """
 
     def __init__(
         self, service: str, admission: Admission, workers: int, methods: frozenset[str] | None
     ) -> None:
         self.admission = admission
         self.methods = methods
-        self._running = threading.BoundedSemaphore(workers)
+        self._turns = threading.Condition(threading.Lock())
+        self._free = workers
         self._waited = QUEUE_WAIT.labels(service)
+        self._waiting = QUEUE_WAITING.labels(service)
 
     def limit_for(self, method: str) -> AdaptiveLimit | None:
         """The service's one limit, for the methods it governs (all when None)."""
@@ -228,12 +239,11 @@ class _Gate:
 
     @contextlib.contextmanager
     def run(self, context: grpc.ServicerContext) -> Iterator[None]:
-        wait_s = caller_timeout_s(context)
         queued = time.perf_counter()
-        turn = self._running.acquire(timeout=wait_s)
-        self._waited.observe(time.perf_counter() - queued)  # those that ran out of time too
-        if not turn:
-            raise DeadlineExceeded("the deadline passed while the request waited its turn")
+        try:
+            self._take_turn(context)
+        finally:
+            self._waited.observe(time.perf_counter() - queued)  # those that left too
         try:
             left = caller_timeout_s(context)
             if left is not None and left <= 0:
@@ -242,7 +252,42 @@ class _Gate:
                 raise Cancelled("the caller went away while the request waited its turn")
             yield
         finally:
-            self._running.release()
+            with self._turns:
+                self._free += 1
+                self._turns.notify()
+
+    def _take_turn(self, context: grpc.ServicerContext) -> None:
+        """A turn, waited for while the caller is there. A waiter that a freed turn wakes
+        takes it even if its caller has gone (``run`` then gives it back), so a turn is
+        never left free while others sleep."""
+        with self._turns:
+            if self._free > 0:  # no wait: nothing to watch
+                self._free -= 1
+                return
+        waiting = True
+
+        def ended() -> None:  # the call ended (cancelled, deadline passed): wake its waiter
+            if waiting:
+                with self._turns:
+                    self._turns.notify_all()
+
+        wait_s = caller_timeout_s(context)
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        context.add_callback(ended)
+        self._waiting.inc()
+        try:
+            with self._turns:
+                while self._free == 0:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise DeadlineExceeded("the deadline passed while the request waited")
+                    if not context.is_active():
+                        raise Cancelled("the caller went away while the request waited")
+                    self._turns.wait(left)
+                self._free -= 1
+        finally:
+            waiting = False
+            self._waiting.dec()
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:
